@@ -1,0 +1,1 @@
+"""Benchmark suites, one per module; each registers itself on import (see ``registry``)."""

@@ -1,0 +1,1 @@
+"""Thin Lightning callbacks over :mod:`torchsteer.control` and :mod:`torchsteer.optim`."""

@@ -1,0 +1,1 @@
+"""Controllers as plain objects, usable in any training loop. Never imports Lightning."""
