@@ -1,0 +1,271 @@
+"""The M-FAC window algebra: inverse empirical Fisher over a ring buffer of gradients.
+
+A ring buffer ``G`` (``m x d``) holds the last ``m`` gradients (rows start as zeros) and
+
+.. math::
+
+    F = \\lambda I + \\tfrac{1}{m} G^\\top G, \\qquad
+    F^{-1} v = \\tfrac{1}{\\lambda}\\bigl(v - G^\\top (m\\lambda I + K)^{-1} G v\\bigr),
+    \\qquad K = G G^\\top .
+
+The divisor is the capacity ``m`` even while the window fills. The Gram ``K`` and the inverse
+``M = (m lambda I + K)^{-1}`` are kept in float64. Replacing row ``j`` changes row and column
+``j`` of ``K`` (one pass ``G g``, O(m d)) and ``M`` follows by a bordered-inverse (Schur
+complement) update in O(m^2): remove index ``j``, then add it back with the new column. ``M``
+is recomputed from ``K`` by Cholesky every ``refresh_every`` replacements (default ``m``, so
+O(m^2) amortized), and whenever the update's Schur complement falls below its exact lower
+bound ``m lambda / 2``.
+
+For the gradient just written (row ``j``), ``G g = K e_j`` and ``(mλI + K)^{-1} K e_j =
+e_j - m λ M e_j``, so
+
+.. math::  F^{-1} g = m\\, G^\\top M e_j ,
+
+one more pass over ``G`` and no cancellation between ``g`` and ``G^T c`` (the primal form
+loses ``|g|^2 / (m λ)`` in relative accuracy). A step therefore costs exactly the two passes
+``G g`` and ``G^T x`` plus O(d + m^2).
+
+References:
+    Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of Second-Order
+    Information." NeurIPS 2021. arXiv:2107.03356.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GradientWindow", "NonFiniteGradientError"]
+
+_STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient with NaN/Inf entries (or a squared norm overflowing the window dtype)."""
+
+
+class GradientWindow:
+    """Ring buffer of ``m`` gradients with the inverse empirical Fisher products.
+
+    ``F = damp * I + (1/m) G^T G`` with ``G`` the ``m x d`` window (empty rows are zeros).
+
+    Args:
+        ngrads: window capacity ``m``.
+        dim: gradient length ``d``.
+        damp: ``lambda`` > 0.
+        dtype: dtype of the window ``G`` (the Gram and the m x m inverse are float64).
+        device: device of all buffers.
+        refresh_every: recompute the m x m inverse by Cholesky after this many O(m^2)
+            updates (default ``ngrads``).
+
+    Memory: ``m * d`` numbers of ``dtype`` for ``G`` (``m`` copies of the model) plus two
+    ``m x m`` float64 matrices.
+
+    References:
+        Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of
+        Second-Order Information." NeurIPS 2021. arXiv:2107.03356.
+    """
+
+    def __init__(
+        self,
+        ngrads: int,
+        dim: int,
+        damp: float = 1e-5,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        refresh_every: int | None = None,
+    ) -> None:
+        if not isinstance(ngrads, int) or ngrads < 1:
+            raise ValueError(f"Invalid ngrads: {ngrads}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"Invalid dim: {dim}")
+        if not (float(damp) > 0.0 and float(damp) < float("inf")):
+            raise ValueError(f"Invalid damp: {damp}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"Invalid dtype: {dtype}")
+        refresh_every = ngrads if refresh_every is None else refresh_every
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"Invalid refresh_every: {refresh_every}")
+        self.ngrads, self.dim, self.damp = ngrads, dim, float(damp)
+        self.refresh_every = refresh_every
+        self.grads = torch.zeros(ngrads, dim, dtype=dtype, device=device)
+        self.gram = torch.zeros(ngrads, ngrads, dtype=torch.float64, device=device)
+        self.inverse = torch.eye(ngrads, dtype=torch.float64, device=device) / self._shift
+        self.index = 0  # next row to write
+        self.count = 0  # rows written so far, at most ngrads
+        self.since_refresh = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _shift(self) -> float:
+        return self.ngrads * self.damp
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.grads.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.grads.device
+
+    def _check_vector(self, v: torch.Tensor, name: str) -> None:
+        if v.shape != (self.dim,):
+            raise ValueError(f"Invalid {name} shape: {tuple(v.shape)}, expected ({self.dim},)")
+
+    def check_gradient(self, g: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteGradientError` unless ``g`` can enter the window.
+
+        One pass: ``g . g`` (in the window dtype) is finite iff ``g`` has no NaN/Inf and its
+        squared norm does not overflow that dtype. Host sync (an accept/reject test).
+        """
+        self._check_vector(g, "gradient")
+        gw = g.to(self.dtype)
+        if not bool(torch.isfinite(torch.dot(gw, gw))):
+            raise NonFiniteGradientError(
+                "Invalid gradient: contains NaN/Inf or its squared norm overflows "
+                f"{self.dtype}; the window was left unchanged"
+            )
+
+    def refresh(self) -> None:
+        """Recompute ``M = (m lambda I + K)^{-1}`` from the Gram by Cholesky (O(m^3))."""
+        a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
+        self.inverse.copy_(torch.cholesky_inverse(torch.linalg.cholesky(a)))
+        self.since_refresh = 0
+
+    def _update_inverse(self, j: int, column: torch.Tensor) -> None:
+        """Replace index ``j`` of ``M`` after row/column ``j`` of ``A = m λ I + K`` changed.
+
+        ``column`` is the new column ``A e_j``. Bordered-inverse update, O(m^2).
+        """
+        m_ = self.inverse
+        mcol = m_[:, j].clone()
+        b = column.clone()
+        b[j] = 0.0
+        bb = torch.mv(m_, b) - mcol * (torch.dot(mcol, b) / mcol[j])  # B b, B = A_{-j,-j}^{-1}
+        bb[j] = 0.0
+        s = column[j] - torch.dot(b, bb)  # Schur complement, >= m λ in exact arithmetic
+        if not bool(s > 0.5 * self._shift) or self.since_refresh + 1 >= self.refresh_every:
+            self.refresh()
+            return
+        u = torch.stack((mcol, bb), dim=1)
+        v = torch.stack((mcol / -mcol[j], bb / s), dim=0)
+        m_.addmm_(u, v)
+        col = bb / -s
+        col[j] = 1.0 / s
+        m_[:, j] = col
+        m_[j, :] = col
+        self.since_refresh += 1
+
+    # ------------------------------------------------------------------ dynamic
+    def add(self, g: torch.Tensor) -> int:
+        """Write ``g`` into the next ring slot; update the Gram and inverse. Returns the slot.
+
+        Raises :class:`NonFiniteGradientError` (window unchanged) for NaN/Inf.
+        """
+        self.check_gradient(g)
+        j = self.index
+        row = self.grads[j]
+        row.copy_(g)
+        k = torch.mv(self.grads, row).to(torch.float64)  # G g: one pass over the window
+        self.gram[j, :] = k
+        self.gram[:, j] = k
+        column = k.clone()
+        column[j] += self._shift
+        self._update_inverse(j, column)
+        self.index = (j + 1) % self.ngrads
+        self.count = min(self.count + 1, self.ngrads)
+        return j
+
+    def add_and_solve(self, g: torch.Tensor) -> torch.Tensor:
+        """Write ``g`` into the window, then return ``F^{-1} g`` (dtype of ``g``).
+
+        Uses ``F^{-1} g = m G^T M e_j`` (``j`` the slot just written): two passes over ``G``
+        in all, the Gram row and this product.
+        """
+        j = self.add(g)
+        x = (self.ngrads * self.inverse[:, j]).to(self.dtype)
+        return torch.mv(self.grads.t(), x).to(g.dtype)
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """``F^{-1} v`` for the current window (nothing added), O(m d)."""
+        self._check_vector(v, "vector")
+        gv = torch.mv(self.grads, v.to(self.dtype)).to(torch.float64)
+        c = torch.mv(self.inverse, gv).to(self.dtype)
+        return (v - torch.mv(self.grads.t(), c).to(v.dtype)) / self.damp
+
+    # ------------------------------------------------------------------ static
+    @classmethod
+    def from_gradients(
+        cls, grads: torch.Tensor, damp: float = 1e-5, *, dtype: torch.dtype | None = None
+    ) -> GradientWindow:
+        """A full window built from a fixed ``(m, d)`` set: ``K = G G^T`` (O(d m^2)) and
+        ``M`` by Cholesky (O(m^3)). The divisor is ``m``, the number of rows."""
+        if grads.dim() != 2:
+            raise ValueError(f"Invalid grads shape: {tuple(grads.shape)}, expected (m, d)")
+        if not bool(torch.isfinite(grads).all()):
+            raise NonFiniteGradientError("Invalid grads: contains NaN/Inf")
+        m, d = grads.shape
+        window = cls(m, d, damp, dtype=dtype or grads.dtype, device=grads.device)
+        window.grads.copy_(grads)
+        g64 = window.grads.to(torch.float64)
+        window.gram.copy_(g64 @ g64.t())
+        window.refresh()
+        window.count = m
+        return window
+
+    def _cholesky(self) -> torch.Tensor:
+        a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
+        return torch.linalg.cholesky(a)
+
+    def inverse_diagonal(self, block_size: int | None = None) -> torch.Tensor:
+        """``diag(F^{-1})_q = (1 - |L^{-1} G_{:,q}|^2) / lambda`` with ``L L^T = m λ I + K``.
+
+        O(d m^2) in column blocks of the window (float64 temporaries of ``m x block_size``,
+        default about 4 M numbers); returns float64.
+        """
+        lower = self._cholesky()
+        block = block_size or max(1, (1 << 22) // self.ngrads)
+        out = torch.empty(self.dim, dtype=torch.float64, device=self.device)
+        for start in range(0, self.dim, block):
+            gb = self.grads[:, start : start + block].to(torch.float64)
+            z = torch.linalg.solve_triangular(lower, gb, upper=False)
+            out[start : start + block] = (1.0 - z.square().sum(0)) / self.damp
+        return out
+
+    def obs_saliency(self, weights: torch.Tensor) -> torch.Tensor:
+        """Optimal-brain-surgeon saliency ``w_q^2 / (2 [F^{-1}]_qq)`` (float64)."""
+        self._check_vector(weights, "weights")
+        return weights.to(torch.float64).square() / (2.0 * self.inverse_diagonal())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """References to the buffers (not copies) and the ring position as int64 tensors."""
+        return {
+            "grads": self.grads,
+            "gram": self.gram,
+            "inverse": self.inverse,
+            "index": torch.tensor(self.index, dtype=torch.int64),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "since_refresh": torch.tensor(self.since_refresh, dtype=torch.int64),
+            "damp": torch.tensor(self.damp, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take over the buffers of ``state`` (moved to this window's device, dtypes kept)."""
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"Invalid window state: missing {missing}")
+        m, d = self.ngrads, self.dim
+        if tuple(state["grads"].shape) != (m, d) or tuple(state["gram"].shape) != (m, m):
+            raise ValueError(
+                f"Invalid window state: grads {tuple(state['grads'].shape)}, expected {(m, d)}"
+            )
+        if float(state["damp"]) != self.damp:
+            raise ValueError(f"Invalid window state: damp {float(state['damp'])} != {self.damp}")
+        dev = self.device
+        self.grads = state["grads"].to(device=dev)
+        self.gram = state["gram"].to(device=dev, dtype=torch.float64)
+        self.inverse = state["inverse"].to(device=dev, dtype=torch.float64)
+        self.index = int(state["index"])
+        self.count = int(state["count"])
+        self.since_refresh = int(state["since_refresh"])

@@ -1,0 +1,234 @@
+"""M-FAC: inverse empirical-Fisher preconditioning over a sliding window of gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+
+__all__ = ["MFAC"]
+
+_WINDOW_KEYS = {
+    "window_grads": "grads",
+    "window_gram": "gram",
+    "window_inverse": "inverse",
+    "window_index": "index",
+    "window_count": "count",
+    "window_since_refresh": "since_refresh",
+    "window_damp": "damp",
+}
+
+
+class MFAC(torch.optim.Optimizer):
+    """M-FAC (dynamic algorithm): steps along the inverse empirical Fisher of the last m gradients.
+
+    With ``G`` the window (``m x d``) of the last ``m`` gradients over **all** parameters
+    (of all groups, concatenated; rows start as zeros) and ``lambda = damp``::
+
+        g  = grad + weight_decay * w             (coupled L2: the decayed gradient enters G)
+        write g into the ring buffer G            (before the product)
+        u  = F^{-1} g,   F = lambda I + (1/m) G^T G      (divisor m even while G fills)
+        v  = momentum * v + (1 - momentum) * u    (EMA momentum, not heavy-ball)
+        w  = w - lr * v
+
+    ``F^{-1} g`` is computed matrix-free by Woodbury with the Gram ``K = G G^T`` and
+    ``(m lambda I + K)^{-1}`` kept up to date in float64 (see
+    :class:`~torchsteer.linalg.gradient_window.GradientWindow`): per step two passes over
+    ``G`` (``G g`` and ``G^T x``) plus O(d + m^2). ``lr``, ``momentum`` and ``weight_decay`` may
+    differ per group; ``ngrads``, ``damp`` and the window are global. A parameter whose
+    ``.grad`` is ``None`` contributes zeros and is not updated.
+
+    A plain ``loss.backward(); opt.step()`` loop works; a closure, if given, is re-evaluated
+    under ``torch.enable_grad()`` and must zero the gradients, compute the loss, call
+    ``backward()`` and return the loss.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (official default 1e-3).
+        ngrads: window size ``m`` (official default 1024).
+        damp: dampening ``lambda`` (official default 1e-5).
+        momentum: EMA coefficient in [0, 1).
+        weight_decay: coupled L2 coefficient.
+        window_dtype: dtype of the window; default the first parameter's dtype (float32 for
+            float16/bfloat16 parameters).
+        nonfinite: ``"raise"`` (ValueError, nothing changes) or ``"skip"`` (the step is
+            skipped and counted in ``state["skipped_steps"]`` of the first parameter) when a
+            gradient has NaN/Inf.
+
+    Memory: the window holds ``m * d`` numbers of ``window_dtype`` -- ``m`` copies of the
+    model (m = 1024 float32 for a 1M-parameter model is 4 GB) -- plus two ``m x m`` float64
+    matrices, plus one momentum buffer per parameter when ``momentum > 0``.
+
+    References:
+        Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of
+        Second-Order Information." NeurIPS 2021. arXiv:2107.03356.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        ngrads: int = 1024,
+        damp: float = 1e-5,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        window_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        if not (lr >= 0.0):
+            raise ValueError(f"Invalid lr: {lr}")
+        if isinstance(ngrads, bool) or not isinstance(ngrads, int) or ngrads < 1:
+            raise ValueError(f"Invalid ngrads: {ngrads}")
+        if not (0.0 < damp < float("inf")):
+            raise ValueError(f"Invalid damp: {damp}")
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if not (weight_decay >= 0.0):
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        if window_dtype is not None and not (
+            isinstance(window_dtype, torch.dtype) and window_dtype.is_floating_point
+        ):
+            raise ValueError(f"Invalid window_dtype: {window_dtype}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Invalid nonfinite: {nonfinite}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.ngrads, self.damp = ngrads, float(damp)
+        self.window_dtype, self.nonfinite = window_dtype, nonfinite
+        for p in self._params():
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
+        self._window: GradientWindow | None = None
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _default_window_dtype(self, first: torch.Tensor) -> torch.dtype:
+        if self.window_dtype is not None:
+            return self.window_dtype
+        if first.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return first.dtype
+
+    def _get_window(self) -> GradientWindow:
+        """The window, created lazily; its buffers live in the first parameter's state."""
+        if self._window is not None:
+            return self._window
+        params = self._params()
+        first = params[0]
+        dim = sum(p.numel() for p in params)
+        window = GradientWindow(
+            self.ngrads,
+            dim,
+            self.damp,
+            dtype=self._default_window_dtype(first),
+            device=first.device,
+        )
+        state = self.state[first]
+        if "window_grads" in state:
+            window.load_state_dict({v: state[k] for k, v in _WINDOW_KEYS.items()})
+        else:
+            state["step"] = torch.tensor(0.0)
+            state["skipped_steps"] = torch.tensor(0.0)
+        self._window = window
+        self._sync_state(window)
+        return window
+
+    def _sync_state(self, window: GradientWindow) -> None:
+        state = self.state[self._params()[0]]
+        window_state = window.state_dict()
+        for key, name in _WINDOW_KEYS.items():
+            state[key] = window_state[name]
+
+    def _flat_gradient(self, window: GradientWindow) -> torch.Tensor:
+        """The concatenated gradient ``grad + weight_decay * w`` in the window dtype."""
+        flat = torch.zeros(window.dim, dtype=window.dtype, device=window.device)
+        offset = 0
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                n = p.numel()
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise ValueError("Invalid gradient: MFAC does not support sparse gradients")
+                    part = flat[offset : offset + n]
+                    part.copy_(p.grad.reshape(-1))
+                    if wd != 0.0:
+                        part.add_(p.detach().reshape(-1), alpha=wd)
+                offset += n
+        return flat
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One M-FAC step. ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Raises:
+            ValueError: a gradient with NaN/Inf and ``nonfinite="raise"`` (state unchanged).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        window = self._get_window()
+        state = self.state[self._params()[0]]
+        flat = self._flat_gradient(window)
+        try:
+            update = window.add_and_solve(flat)
+        except NonFiniteGradientError:
+            if self.nonfinite == "raise":
+                raise
+            state["skipped_steps"] += 1
+            return loss
+        state["step"] += 1
+        self._sync_state(window)
+        offset = 0
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                n = p.numel()
+                if p.grad is not None:
+                    u = update[offset : offset + n].view_as(p)
+                    if momentum != 0.0:
+                        pstate = self.state[p]
+                        if "momentum_buffer" not in pstate:
+                            pstate["momentum_buffer"] = torch.zeros_like(
+                                p, memory_format=torch.preserve_format
+                            )
+                        buf = pstate["momentum_buffer"]
+                        buf.mul_(momentum).add_(u, alpha=1.0 - momentum)
+                        u = buf
+                    p.add_(u, alpha=-lr)
+                offset += n
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._window is not None:
+            self._sync_state(self._window)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, but keep the window buffers' dtypes
+        (float64 Gram and inverse, ``window_dtype`` rows) instead of casting them to the
+        parameter dtype."""
+        state_dict = dict(state_dict)
+        saved_state = dict(state_dict["state"])
+        first_id = state_dict["param_groups"][0]["params"][0]
+        kept: dict[str, torch.Tensor] = {}
+        if first_id in saved_state:
+            first_state = dict(saved_state[first_id])
+            for key in _WINDOW_KEYS:
+                if key in first_state:
+                    kept[key] = first_state.pop(key)
+            saved_state[first_id] = first_state
+        state_dict["state"] = saved_state
+        super().load_state_dict(state_dict)
+        first = self._params()[0]
+        for key, value in kept.items():
+            big = key in ("window_grads", "window_gram", "window_inverse")
+            self.state[first][key] = value.to(device=first.device) if big else value.cpu()
+        self._window = None
+        if kept:
+            self._get_window()
