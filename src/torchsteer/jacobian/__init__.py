@@ -1,0 +1,48 @@
+"""The shared core: JVP / VJP / per-sample Jacobian / HVP / GGN products on ``torch.func``.
+
+Two ways in: the **functional** path (:mod:`.functional`, a module plus a per-sample loss
+through ``functional_call``; fastest, needed for forward mode) and the **graph** path
+(:mod:`.graph`, from a closure's live autograd graph). Both give the same numbers. This
+package imports nothing else of torchsteer.
+"""
+
+from torchsteer.jacobian.functional import (
+    ggn_vp,
+    hvp,
+    jacobian,
+    jvp,
+    model_fn,
+    per_sample_jacobian,
+    vjp,
+)
+from torchsteer.jacobian.graph import graph_hvp, graph_jacobian, graph_jvp, graph_vjp
+from torchsteer.jacobian.operator import JacobianOperator
+from torchsteer.jacobian.params import (
+    check_finite,
+    flatten,
+    numel,
+    param_dict,
+    unflatten,
+    unwrap_model,
+)
+
+__all__ = [
+    "JacobianOperator",
+    "check_finite",
+    "flatten",
+    "ggn_vp",
+    "graph_hvp",
+    "graph_jacobian",
+    "graph_jvp",
+    "graph_vjp",
+    "hvp",
+    "jacobian",
+    "jvp",
+    "model_fn",
+    "numel",
+    "param_dict",
+    "per_sample_jacobian",
+    "unflatten",
+    "unwrap_model",
+    "vjp",
+]

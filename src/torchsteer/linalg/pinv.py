@@ -1,0 +1,37 @@
+"""Applying a truncated pseudoinverse from singular triplets."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["truncated_pinv_apply"]
+
+
+def truncated_pinv_apply(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: torch.Tensor, rtol: float = 0.0
+) -> torch.Tensor:
+    """``V diag(1/S) U^T r`` over the kept triplets.
+
+    A triplet is kept when ``S_i > rtol * max(S)`` and ``S_i > 0``; an all-zero spectrum gives
+    a zero result (no division by zero, no host synchronization).
+
+    Args:
+        U: (N, k) left singular vectors.
+        S: (k,) singular values.
+        V: (P, k) right singular vectors.
+        r: (N,) or (N, m) right-hand side(s).
+        rtol: relative cut-off, ``0 <= rtol < 1``.
+
+    Returns:
+        (P,) or (P, m).
+    """
+    if not 0.0 <= rtol < 1.0:
+        raise ValueError(f"Invalid rtol: {rtol}")
+    if S.numel() == 0:
+        shape = (V.shape[0],) if r.dim() == 1 else (V.shape[0], r.shape[1])
+        return torch.zeros(shape, dtype=V.dtype, device=V.device)
+    keep = (S > rtol * S.max()) & (S > 0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+    c = U.mT @ r
+    c = c * inv if r.dim() == 1 else c * inv.unsqueeze(1)
+    return V @ c
