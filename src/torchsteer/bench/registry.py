@@ -111,9 +111,12 @@ class Suite:
         units: ``units(quick, seeds) -> int``, the number of ``ctx.advance()`` calls.
         metric_name: what ``Run.metric`` holds (column title).
         loss_name: what ``Run.loss`` holds.
-        baseline: the method whose step time is the denominator of the step-cost ratio
-            (a method name, or a prefix of one).
+        baseline: the method whose step time is the denominator of the step-cost ratio:
+            a method name, or its first word (``"SGD"`` matches ``"SGD lr=0.1"`` but not
+            ``"SGD+momentum"``); several matches are pooled (median).
         higher_is_better: direction of the metric.
+        target: the metric value that ``Run.time_to_target`` refers to (shown in the table;
+            the runner fills ``time_to_target`` from the curve when a suite leaves it None).
         quick_default: whether ``torchsteer bench`` with no suite named runs it.
         log_loss: plot the loss on a log axis.
     """
@@ -126,6 +129,7 @@ class Suite:
     loss_name: str = "loss"
     baseline: str | None = "SGD"
     higher_is_better: bool = True
+    target: float | None = None
     quick_default: bool = True
     log_loss: bool = True
 
@@ -143,7 +147,9 @@ def register(suite: Suite) -> Suite:
 
 def discover() -> None:
     """Import every module of :mod:`torchsteer.bench.suites` so that they register."""
-    from torchsteer.bench import suites as pkg
+    # not ``from torchsteer.bench import suites``: the package re-exports the function
+    # :func:`suites`, which shadows the subpackage attribute of the same name
+    pkg = importlib.import_module("torchsteer.bench.suites")
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):

@@ -1,0 +1,142 @@
+"""Run benchmark suites under a rich progress bar and write their reports.
+
+:func:`run_suites` resolves the suite names (none given: every suite with ``quick_default``),
+runs each suite with a :class:`~torchsteer.bench.registry.Context` whose ``advance`` moves
+the suite's progress bar, checks what the suite returned, fills ``time_to_target`` from the
+curves where the suite has a target and left it unset, then prints the tables and writes
+``results.json``, ``results.csv``, ``summary.csv`` and the plots into the output folder.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from torchsteer.bench import report
+from torchsteer.bench.registry import Context, Run, Suite, suites
+from torchsteer.bench.training import time_to_target
+
+__all__ = ["resolve", "run_suites"]
+
+
+def resolve(names: Sequence[str] | None) -> list[Suite]:
+    """The suites to run: those named (in order), else all with ``quick_default``."""
+    known = suites()
+    if not names:
+        return [s for _, s in sorted(known.items()) if s.quick_default]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"Invalid suite: {', '.join(map(repr, unknown))}; known suites: "
+            f"{', '.join(sorted(known))}"
+        )
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def _check(suite: Suite, runs) -> list[Run]:
+    if not isinstance(runs, list) or not all(isinstance(r, Run) for r in runs):
+        raise TypeError(f"Suite {suite.name!r} must return a list of Run, got {type(runs)}")
+    for r in runs:
+        if r.suite != suite.name:
+            raise ValueError(f"Invalid Run.suite: {r.suite!r} returned by suite {suite.name!r}")
+        if suite.target is not None and r.time_to_target is None:
+            r.time_to_target = time_to_target(
+                r.cpu_time, r.metric, suite.target, suite.higher_is_better
+            )
+    return runs
+
+
+def run_suites(
+    names: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+    seeds: Sequence[int] = (0,),
+    out: str | Path = "bench-results",
+    console=None,
+    threads: int | None = 1,
+    plots: bool = True,
+) -> dict[str, tuple[Suite, list[Run]]]:
+    """Run suites, print their tables and write the results into ``out``.
+
+    Args:
+        names: suite names; ``None`` or empty runs every suite with ``quick_default``.
+        quick: the small configuration of each suite.
+        seeds: the seeds handed to every suite.
+        out: output folder (created).
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+        threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
+        plots: write the PNG plots.
+
+    Returns:
+        ``{suite name: (suite, runs)}``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    selected = resolve(names)
+    seeds = [int(s) for s in seeds]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    results: dict[str, tuple[Suite, list[Run]]] = {}
+    timing: dict[str, dict[str, float]] = {}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console) as progress:
+            for suite in selected:
+                units = suite.units(quick, seeds)
+                task = progress.add_task(suite.name, total=units)
+                ctx = Context(
+                    quick=quick,
+                    seeds=list(seeds),
+                    advance=lambda task=task: progress.advance(task),
+                    log=progress.console.log,
+                )
+                c, w = time.process_time(), time.perf_counter()
+                results[suite.name] = (suite, _check(suite, suite.run(ctx)))
+                timing[suite.name] = {
+                    "cpu_s": time.process_time() - c,
+                    "wall_s": time.perf_counter() - w,
+                }
+                progress.update(task, completed=units)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+    meta = {
+        "quick": quick,
+        "seeds": seeds,
+        "suites": timing,
+        "total_cpu_s": time.process_time() - cpu0,
+        "total_wall_s": time.perf_counter() - wall0,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+    }
+    rows: list[report.Row] = []
+    for suite, runs in results.values():
+        suite_rows = report.summarize(suite, runs)
+        rows += suite_rows
+        report.print_table(console, suite, suite_rows)
+        if plots:
+            report.plot_suite(out, suite, runs)
+    report.write_json(out / "results.json", results, meta)
+    report.write_csv(out / "results.csv", [r for _, runs in results.values() for r in runs])
+    report.write_summary_csv(out / "summary.csv", rows)
+    console.print(
+        f"total: {meta['total_cpu_s']:.1f} CPU s, {meta['total_wall_s']:.1f} wall s; "
+        f"results in {out}/"
+    )
+    return results
