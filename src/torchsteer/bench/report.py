@@ -209,7 +209,10 @@ def write_csv(path: Path, runs: Sequence[Run]) -> None:
 
 
 def _cell(v) -> str:
-    return "" if v is None else repr(v)
+    """A CSV cell: empty for None, ``repr`` for floats (exact round trip), else ``str``."""
+    if v is None:
+        return ""
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def _opt(s: str, cast):

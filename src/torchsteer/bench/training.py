@@ -126,9 +126,12 @@ def torch_method(name: str, cls: type[torch.optim.Optimizer], **hyper) -> Method
 
 
 def lbfgs_method(
-    steps: int, *, name: str = "L-BFGS", max_iter: int = 20, history_size: int = 10
+    steps: int, *, name: str = "L-BFGS", max_iter: int = 20, history_size: int = 10, **options
 ) -> Method:
-    """Full-batch ``torch.optim.LBFGS`` with the strong-Wolfe line search."""
+    """Full-batch ``torch.optim.LBFGS`` with the strong-Wolfe line search.
+
+    ``options`` go to ``torch.optim.LBFGS`` (``tolerance_grad``, ``tolerance_change``, ...).
+    """
 
     def make(model):
         return torch.optim.LBFGS(
@@ -137,6 +140,7 @@ def lbfgs_method(
             max_iter=max_iter,
             history_size=history_size,
             line_search_fn="strong_wolfe",
+            **options,
         )
 
     return Method(name=name, make=make, step=closure_step, full_batch=True, steps=steps)
@@ -151,22 +155,19 @@ def mlp(
 ) -> nn.Sequential:
     """A multilayer perceptron ``sizes[0] -> ... -> sizes[-1]`` with PyTorch's default init.
 
-    The initialization is drawn from a private generator seeded by ``seed`` (the global RNG
-    is left alone).
+    The initialization is drawn with the global RNG seeded by ``seed`` inside
+    ``torch.random.fork_rng``, so the caller's RNG state is left as it was.
     """
     if len(sizes) < 2:
         raise ValueError(f"Invalid sizes: {list(sizes)}")
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b, dtype=dtype))
-        if i < len(sizes) - 2:
-            layers.append(activation())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            layers.append(nn.Linear(a, b, dtype=dtype))
+            if i < len(sizes) - 2:
+                layers.append(activation())
         model = nn.Sequential(*layers)
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
     return model
 
 

@@ -1,0 +1,119 @@
+"""The runner and the CLI end to end, on a fake suite registered for the test."""
+
+import csv
+import json
+
+import pytest
+
+from torchsteer.bench import registry, report
+from torchsteer.bench.cli import main
+from torchsteer.bench.registry import Run, Suite
+from torchsteer.bench.runner import resolve, run_suites
+
+
+def fake_runs(ctx):
+    runs = []
+    for seed in ctx.seeds:
+        for method, step_time in (("SGD", 0.25), ("Fancy", 1.0)):
+            run = Run(
+                suite="fake",
+                method=method,
+                seed=seed,
+                step_time=step_time + seed,
+                peak_memory=1000 * (seed + 1),
+            )
+            for i, metric in enumerate((0.1, 0.4, 0.8)):
+                run.record(5 * i, 0.5 * i + 0.125 * seed, 2.0**-i, metric)
+            runs.append(run)
+            ctx.advance()
+    return runs
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls = []
+
+    def run(ctx):
+        calls.append(ctx)
+        return fake_runs(ctx)
+
+    suite = Suite(
+        name="fake",
+        description="a fake suite",
+        run=run,
+        units=lambda quick, seeds: 2 * len(seeds),
+        metric_name="acc",
+        target=0.4,
+        quick_default=False,
+    )
+    registry.suites()  # discover the real suites before patching
+    monkeypatch.setitem(registry._SUITES, "fake", suite)
+    suite.calls = calls
+    return suite
+
+
+def test_fake_suite_end_to_end_writes_exactly_its_numbers(fake, tmp_path):
+    out = tmp_path / "out"
+    results = run_suites(["fake"], quick=True, seeds=[0, 1], out=out)
+    expected = fake_runs(registry.Context(quick=True, seeds=[0, 1]))
+    for r in expected:  # the runner fills time to target from the curve: first metric >= 0.4
+        r.time_to_target = r.cpu_time[1]
+    dump = lambda runs: [json.dumps(r.to_dict(), sort_keys=True) for r in runs]  # noqa: E731
+    assert dump(results["fake"][1]) == dump(expected)
+    assert dump(report.read_json(out / "results.json")["fake"]) == dump(expected)
+    assert dump(report.read_csv(out / "results.csv")) == dump(expected)
+    assert fake.calls[0].quick is True and fake.calls[0].seeds == [0, 1]
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["quick"] is True and meta["seeds"] == [0, 1]
+    with open(out / "summary.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    # Fancy: median(1, 2) = 1.5 over SGD: median(0.25, 1.25) = 0.75 -> 2
+    assert float(rows["Fancy"]["step_time_ratio"]) == 2.0
+    assert float(rows["Fancy"]["time_to_target"]) == 0.5625  # median(0.5, 0.625)
+    assert int(rows["Fancy"]["peak_memory"]) == 2000
+    assert sorted(p.name for p in out.glob("*.png")) == ["fake_loss.png", "fake_metric.png"]
+
+
+def test_resolve_defaults_to_the_quick_default_suites(fake):
+    default = [s.name for s in resolve(None)]
+    assert "fake" not in default and {"regression", "digits-mlp"} <= set(default)
+    assert [s.name for s in resolve(["fake", "fake"])] == ["fake"]
+    with pytest.raises(ValueError, match="Invalid suite: 'nope'"):
+        resolve(["fake", "nope"])
+
+
+def test_a_suite_returning_foreign_runs_is_an_error(monkeypatch, tmp_path):
+    bad = Suite(
+        name="bad",
+        description="",
+        units=lambda q, s: 1,
+        run=lambda ctx: [Run(suite="other", method="SGD", seed=0)],
+    )
+    registry.suites()
+    monkeypatch.setitem(registry._SUITES, "bad", bad)
+    with pytest.raises(ValueError, match=r"Invalid Run\.suite: 'other'"):
+        run_suites(["bad"], out=tmp_path, plots=False)
+
+
+def test_cli_list_names_the_registered_suites(fake, capsys):
+    assert main(["bench", "--list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == sorted(registry.suites())
+    assert {"fake", "regression", "digits-mlp"} <= set(names)
+
+
+def test_cli_runs_a_named_suite_with_seeds(fake, tmp_path):
+    assert main(["bench", "fake", "--seeds", "3", "--out", str(tmp_path)]) == 0
+    assert fake.calls[0].quick is False and fake.calls[0].seeds == [0, 1, 2]
+    runs = report.read_json(tmp_path / "results.json")["fake"]
+    assert sorted({r.seed for r in runs}) == [0, 1, 2]
+    assert main(["bench", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    assert fake.calls[1].quick is True and fake.calls[1].seeds == [0]
+
+
+def test_cli_rejects_bad_arguments(fake, capsys, tmp_path):
+    assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
+    assert "Invalid suite: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--seeds", "0"])
+    assert "Invalid seeds: 0" in capsys.readouterr().err
