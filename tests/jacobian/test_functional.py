@@ -58,6 +58,34 @@ def test_per_sample_jacobian_matches_dense(name):
     for chunk in (None, 2):
         Jp = per_sample_jacobian(model, ce, x, y, chunk_size=chunk)
         torch.testing.assert_close(Jp, J, rtol=1e-10, atol=1e-12)
+    Jv = per_sample_jacobian(model, ce, x, y, method="vmap")
+    torch.testing.assert_close(Jv, J, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_linear_outer_product_path_matches_dense(seq):
+    """The nn.Linear fast path, on flat inputs and on sequences (B, T, in), frozen layer too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 4, bias=False),
+        torch.nn.Tanh(), torch.nn.Linear(4, 2),
+    ).double()
+    model[2].weight.requires_grad_(False)
+    x = torch.randn(6, 7, 3, dtype=torch.float64) if seq else torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 2, dtype=torch.float64)
+
+    def sq(out, t):
+        out = out.mean(1) if seq else out
+        return ((out - t) ** 2).sum(1)
+
+    J = dense_jacobian(model, lambda m: sq(m(x), y))
+    Jl = per_sample_jacobian(model, sq, x, y, method="linear")
+    torch.testing.assert_close(Jl, J, rtol=1e-10, atol=1e-12)
+    buf = torch.full_like(J, float("nan"))
+    assert per_sample_jacobian(model, sq, x, y, out=buf) is buf
+    torch.testing.assert_close(buf, J, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="Invalid method"):
+        per_sample_jacobian(make("cnn")[0], ce, *make("cnn")[1:], method="linear")
 
 
 @pytest.mark.parametrize("name", NAMES)

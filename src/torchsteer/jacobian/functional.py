@@ -35,6 +35,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 
 from torchsteer.jacobian.params import unflatten, unwrap_model
+from torchsteer.jacobian.per_sample import linear_per_sample_jacobian
 
 __all__ = [
     "ggn_vp",
@@ -128,6 +129,8 @@ def per_sample_jacobian(
     targets: torch.Tensor,
     params: Params | None = None,
     chunk_size: int | None = None,
+    method: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradients of the B per-sample losses, one row each: a (B, P) matrix.
 
@@ -141,10 +144,24 @@ def per_sample_jacobian(
         inputs, targets: the batch, leading dimension B.
         params: the parameters to differentiate (default: the trainable ones).
         chunk_size: samples per vmap chunk (bounds memory to chunk_size * P).
+        method: ``"vmap"`` (any model), ``"linear"`` (outer products; every trainable
+            parameter must belong to an ``nn.Linear``, see
+            :mod:`torchsteer.jacobian.per_sample`), or ``"auto"``: linear when it applies
+            and no ``chunk_size`` is set, else vmap.
+        out: optional (B, P) buffer the result is written into (reuse it across steps:
+            a fresh B * P allocation costs page faults comparable to the product itself).
     """
+    if method not in ("auto", "vmap", "linear"):
+        raise ValueError(f"Invalid method: {method!r}")
     model = unwrap_model(model)
     if params is None:
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if method == "linear" or (method == "auto" and chunk_size is None):
+        J = linear_per_sample_jacobian(model, loss_fn, inputs, targets, params, out=out)
+        if J is not None:
+            return J
+        if method == "linear":
+            raise ValueError("Invalid method: 'linear' needs every parameter in an nn.Linear")
     p = _detached(params)
     bufs = dict(model.named_buffers())
 
@@ -153,7 +170,11 @@ def per_sample_jacobian(
         return loss_fn(out, y.unsqueeze(0)).sum()
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(p, inputs, targets)
-    return _flatten_rows(grads, params, inputs.shape[0])
+    J = _flatten_rows(grads, params, inputs.shape[0])
+    if out is not None:
+        out.copy_(J)
+        return out
+    return J
 
 
 def hvp(f: Callable[[Params], torch.Tensor], params: Params, v: Params | torch.Tensor):
