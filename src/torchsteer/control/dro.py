@@ -1,0 +1,348 @@
+"""KL-regularized distributionally robust (DRO) instance reweighting.
+
+For per-example losses :math:`l_i` and a temperature :math:`r > 0`,
+
+.. math::
+
+    \\max_{w \\in \\Delta_n} \\sum_i w_i l_i - r\\,\\mathrm{KL}(w \\,\\|\\, \\mathrm{unif})
+    = r \\log \\frac{1}{n} \\sum_i e^{l_i / r},
+    \\qquad w^\\star = \\operatorname{softmax}(l / r).
+
+The gradient of the right-hand side is :math:`\\sum_i w^\\star_i \\nabla l_i`, so training on
+the weighted loss with the weights detached descends the robust objective. As
+:math:`r \\to \\infty` the weights become uniform (plain averaging); as :math:`r \\to 0` the
+largest loss takes all the weight.
+
+References:
+    Sow, Lin, Wang, Liang, "Doubly Robust Instance-Reweighted Adversarial Training",
+    ICLR 2024 (arXiv 2308.00311). Sagawa et al., "Distributionally Robust Neural Networks
+    for Group Shifts", ICLR 2020 (Group DRO). Levy et al., "Large-Scale Methods for
+    Distributionally Robust Optimization", NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from torchsteer import distributed as dist
+
+__all__ = ["DROWeighting", "kl_dro_value", "kl_dro_weights"]
+
+_MODES = ("batch", "streaming")
+
+
+def _check_temperature(temperature: float) -> float:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"Invalid temperature: {temperature}")
+    return float(temperature)
+
+
+def _check_losses(losses: torch.Tensor) -> None:
+    if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.numel() == 0:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses)
+        raise ValueError(f"Invalid losses: expected a non-empty 1-D tensor, got {shape}")
+    if not losses.is_floating_point():
+        raise ValueError(f"Invalid losses: expected a floating dtype, got {losses.dtype}")
+
+
+def kl_dro_weights(losses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The maximizing weights :math:`w^\\star = \\operatorname{softmax}(l / r)` (sum to 1).
+
+    Args:
+        losses: per-example losses ``l``, shape ``(n,)``.
+        temperature: ``r > 0``.
+    """
+    r = _check_temperature(temperature)
+    _check_losses(losses)
+    if not bool(torch.isfinite(losses).all()):
+        raise ValueError("Invalid losses: contain NaN or Inf")
+    return torch.softmax(losses / r, dim=0)
+
+
+def kl_dro_value(losses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The robust objective :math:`r \\log \\frac{1}{n} \\sum_i e^{l_i / r}` (differentiable).
+
+    Its gradient with respect to ``losses`` is :func:`kl_dro_weights`.
+    """
+    r = _check_temperature(temperature)
+    _check_losses(losses)
+    if not bool(torch.isfinite(losses).all()):
+        raise ValueError("Invalid losses: contain NaN or Inf")
+    return r * (torch.logsumexp(losses / r, dim=0) - math.log(losses.numel()))
+
+
+class DROWeighting:
+    """KL-DRO instance weights, optionally times Group-DRO class weights.
+
+    Called on per-example losses ``l`` (shape ``(B,)``, with the autograd graph) it returns
+    the weighted mean loss :math:`\\frac{1}{B}\\sum_i w_i l_i` with the weights detached:
+
+    * ``mode="batch"``: :math:`w = B \\operatorname{softmax}(l_B / r)` (mean weight 1);
+    * ``mode="streaming"``: a running normalizer
+      :math:`u \\leftarrow (1-\\gamma) u + \\gamma \\operatorname{mean}_B e^{l/r}`, kept as
+      :math:`\\log u` (first call: :math:`u = \\operatorname{mean}_B e^{l/r}`), then
+      :math:`w_i = e^{l_i/r} / u`. It removes the bias of the batch softmax as an estimate
+      of the full-data normalizer. ``gamma`` is ``momentum``.
+    * ``class_level=True`` (Group DRO): class weights
+      :math:`q \\leftarrow q\\, e^{\\eta \\bar l_c}` normalized, with :math:`\\bar l_c` the
+      batch mean loss of class ``c`` (0 for classes absent from the batch) and
+      :math:`\\eta` = ``class_step``; instance weights are multiplied by :math:`C q_{y_i}`
+      (batch mode renormalizes them to mean 1, i.e. :math:`w \\propto e^{l_i/r} q_{y_i}`).
+      The update of ``q`` happens before the weights are formed.
+    * ``max_weight`` clips every weight at that value (no renormalization);
+      ``warmup_steps`` calls return the plain mean (the streaming normalizer still
+      tracks the losses so it is warm; class weights stay put).
+
+    Under ``torch.distributed`` every normalizer is global (max, shifted sums, counts and
+    class sums are reduced through :mod:`torchsteer.distributed`), and the returned local
+    loss is scaled by ``world_size / B_global`` so that DDP's gradient average equals one
+    process on the concatenated batch. Non-finite losses or out-of-range labels raise
+    ``ValueError`` on every rank and leave the state unchanged.
+
+    Args:
+        temperature: ``r > 0`` (settable: ``weighting.temperature = ...``).
+        mode: ``"batch"`` or ``"streaming"``.
+        momentum: ``gamma`` in (0, 1] of the streaming normalizer.
+        class_level: multiply in Group-DRO class weights (needs ``labels``).
+        num_classes: ``C``, required with ``class_level``.
+        class_step: ``eta >= 0`` of the exponentiated-gradient class update.
+        max_weight: clip the weights at this value (> 0), or ``None``.
+        warmup_steps: calls of plain averaging before reweighting starts.
+
+    References:
+        Sow et al., ICLR 2024 (arXiv 2308.00311); Sagawa et al., ICLR 2020 (Group DRO).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        mode: str = "batch",
+        momentum: float = 0.1,
+        class_level: bool = False,
+        num_classes: int | None = None,
+        class_step: float = 0.01,
+        max_weight: float | None = None,
+        warmup_steps: int = 0,
+    ):
+        if mode not in _MODES:
+            raise ValueError(f"Invalid mode: {mode!r}; expected one of {_MODES}")
+        if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if class_level and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(f"Invalid num_classes: {num_classes}")
+        if not (isinstance(class_step, (int, float)) and math.isfinite(class_step)) or (
+            class_step < 0
+        ):
+            raise ValueError(f"Invalid class_step: {class_step}")
+        if max_weight is not None and not (
+            isinstance(max_weight, (int, float)) and max_weight > 0 and max_weight == max_weight
+        ):
+            raise ValueError(f"Invalid max_weight: {max_weight}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps: {warmup_steps}")
+        self._temperature = _check_temperature(temperature)
+        self.mode = mode
+        self.momentum = float(momentum)
+        self.class_level = bool(class_level)
+        self.num_classes = num_classes
+        self.class_step = float(class_step)
+        self.max_weight = None if max_weight is None else float(max_weight)
+        self.warmup_steps = warmup_steps
+        self.step = 0
+        self.log_normalizer: torch.Tensor | None = None  # log u, streaming mode
+        self.log_class_weights: torch.Tensor | None = None  # log q, class level
+        if self.class_level:
+            self.log_class_weights = torch.full(
+                (num_classes,), -math.log(num_classes), dtype=torch.float64
+            )
+        self._last_weights: torch.Tensor | None = None
+        self._scale = 1.0
+
+    # -- hyperparameters ---------------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _check_temperature(value)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Group-DRO class weights ``q`` (sum to 1), or ``None`` without class level."""
+        return None if self.log_class_weights is None else self.log_class_weights.exp()
+
+    # -- the step ------------------------------------------------------------------------
+    def __call__(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted mean of ``losses`` (weights detached); updates the state."""
+        weights = self.weights(losses, labels)
+        return (weights * losses).sum() * self._scale
+
+    def weights(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The detached weights ``w`` of this batch (updates the state, as ``__call__``)."""
+        _check_losses(losses)
+        y = self._check_labels(labels, losses) if self.class_level else None
+        z = losses.detach() / self._temperature
+        z_max = self._validate(z, y)  # raises before any state changes
+        n = self._global_count(z)
+        warm = self.step < self.warmup_steps
+        if self.mode == "streaming":
+            self.log_normalizer = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
+        if y is not None and not warm:
+            self.log_class_weights = self._class_update(losses.detach(), y)
+        self.step += 1
+        if warm:
+            w = torch.ones_like(z)
+        elif self.mode == "batch":
+            if y is not None:  # w proportional to exp(l / r) q_y, mean 1
+                z = z + self.log_class_weights.to(z)[y]
+                z_max = dist.all_reduce_max(z.max())
+            w = self._batch_weights(z, z_max, n)
+        else:
+            w = (z - self.log_normalizer.to(z)).exp()
+            if y is not None:
+                w = w * (self.num_classes * self.log_class_weights.to(z)[y].exp())
+        if self.max_weight is not None:
+            w = w.clamp(max=self.max_weight)
+        self._scale = dist.world_size() / n
+        self._last_weights = w
+        return w
+
+    def _validate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The global max of ``z``; raises on every rank on non-finite ``z`` or bad labels."""
+        msg_z = "Invalid losses: contain NaN or Inf (or overflow at this temperature)"
+        msg_y = f"Invalid labels: expected values in [0, {self.num_classes})"
+        if not dist.is_distributed():
+            if not math.isfinite(float(z.sum())):
+                raise ValueError(msg_z)
+            if y is not None and bool(((y < 0) | (y >= self.num_classes)).any()):
+                raise ValueError(msg_y)
+            return z.max()
+        flags = [z.max(), (~torch.isfinite(z.sum())).to(z.dtype)]
+        if y is not None:
+            flags.append(((y < 0) | (y >= self.num_classes)).any().to(z.dtype))
+        glob = dist.all_reduce_max(torch.stack(flags))
+        if bool(glob[1]) or not bool(torch.isfinite(glob[0])):
+            raise ValueError(msg_z)
+        if y is not None and bool(glob[2]):
+            raise ValueError(msg_y)
+        return glob[0]
+
+    @staticmethod
+    def _global_count(z: torch.Tensor) -> int:
+        if not dist.is_distributed():
+            return z.numel()
+        return int(dist.all_reduce_sum(torch.tensor([z.numel()], device=z.device)))
+
+    @staticmethod
+    def _batch_weights(z: torch.Tensor, z_max: torch.Tensor, n: int) -> torch.Tensor:
+        """``n softmax(z)`` over the global batch."""
+        if not dist.is_distributed():
+            return torch.softmax(z, dim=0) * n
+        e = (z - z_max).exp()
+        return e * (n / dist.all_reduce_sum(e.sum()))
+
+    @staticmethod
+    def _log_mean_exp(z: torch.Tensor, z_max: torch.Tensor, n: int) -> torch.Tensor:
+        """``log mean exp(z)`` over the global batch, in float64."""
+        z = z.to(torch.float64)
+        if not dist.is_distributed():
+            return torch.logsumexp(z, dim=0) - math.log(n)
+        s = dist.all_reduce_sum((z - z_max).exp().sum())
+        return z_max.to(torch.float64) + s.log() - math.log(n)
+
+    def _updated_normalizer(self, batch_log_u: torch.Tensor) -> torch.Tensor:
+        """``log u`` after ``u <- (1 - gamma) u + gamma u_batch`` (first call: ``u_batch``)."""
+        if self.log_normalizer is None or self.momentum == 1.0:
+            return batch_log_u
+        prev = self.log_normalizer.to(batch_log_u)
+        return torch.logaddexp(
+            prev + math.log1p(-self.momentum), batch_log_u + math.log(self.momentum)
+        )
+
+    def _check_labels(self, labels: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("Invalid labels: None (class_level=True needs labels)")
+        if not isinstance(labels, torch.Tensor) or labels.shape != losses.shape:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+            raise ValueError(f"Invalid labels: expected shape {tuple(losses.shape)}, got {shape}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"Invalid labels: expected an integer dtype, got {labels.dtype}")
+        return labels.to(losses.device)
+
+    def _class_update(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics)."""
+        c = self.num_classes
+        stats = torch.zeros(2, c, dtype=torch.float64, device=losses.device)
+        stats[0].index_add_(0, labels, losses.to(torch.float64))
+        stats[1].index_add_(0, labels, torch.ones_like(losses, dtype=torch.float64))
+        stats = dist.all_reduce_sum(stats)
+        class_loss = stats[0] / stats[1].clamp(min=1.0)
+        log_q = self.log_class_weights.to(stats) + self.class_step * class_loss
+        return torch.log_softmax(log_q, dim=0)
+
+    # -- signals and state ---------------------------------------------------------------
+    def signals(self) -> dict[str, float]:
+        """Statistics of the last weights over the global batch.
+
+        ``ess`` (effective sample size :math:`(\\sum w)^2 / \\sum w^2`), ``ess_fraction``
+        (``ess / B``), ``max_weight`` (largest weight; uniform is 1 in batch mode),
+        ``weight_entropy`` (entropy in nats of :math:`w / \\sum w`; :math:`\\log B` is
+        uniform), ``temperature``, and with class level ``class_weight_max`` (:math:`C \\max q`).
+        Empty before the first call. Under DDP every rank must call it (it reduces).
+        """
+        w = self._last_weights
+        if w is None:
+            return {}
+        w = w.to(torch.float64)
+        wlogw = torch.where(w > 0, w * w.clamp(min=1e-300).log(), torch.zeros_like(w))
+        sums = torch.stack([w.sum(), (w * w).sum(), wlogw.sum(), w.new_tensor(float(w.numel()))])
+        s, s2, slogs, n = (float(v) for v in dist.all_reduce_sum(sums))
+        out = {
+            "ess": s * s / s2,
+            "ess_fraction": s * s / s2 / n,
+            "max_weight": float(dist.all_reduce_max(w.max())),
+            "weight_entropy": math.log(s) - slogs / s,
+            "temperature": self._temperature,
+        }
+        if self.log_class_weights is not None:
+            out["class_weight_max"] = float(self.num_classes * self.log_class_weights.exp().max())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state: step, temperature, streaming normalizer ``log u``, class ``log q``."""
+        return {
+            "step": self.step,
+            "temperature": self._temperature,
+            "log_normalizer": None
+            if self.log_normalizer is None
+            else self.log_normalizer.detach().cpu().clone(),
+            "log_class_weights": None
+            if self.log_class_weights is None
+            else self.log_class_weights.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; missing keys keep their current values."""
+        if "temperature" in state:
+            self.temperature = state["temperature"]
+        if "step" in state:
+            self.step = int(state["step"])
+        if "log_normalizer" in state:
+            v = state["log_normalizer"]
+            self.log_normalizer = None if v is None else torch.as_tensor(v, dtype=torch.float64)
+        if state.get("log_class_weights") is not None:
+            v = torch.as_tensor(state["log_class_weights"], dtype=torch.float64)
+            if self.class_level and v.shape != (self.num_classes,):
+                raise ValueError(f"Invalid log_class_weights: shape {tuple(v.shape)}")
+            self.log_class_weights = v.clone()

@@ -1,0 +1,332 @@
+"""KL-DRO weights: closed forms, limits, streaming and class-level state, bad input, DDP."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import pytest
+import scipy.stats
+import torch
+
+from torchsteer.control.dro import DROWeighting, kl_dro_value, kl_dro_weights
+
+D = torch.float64
+
+
+# -- the closed forms of the spec ---------------------------------------------------------
+def test_two_point_closed_form():
+    losses = torch.tensor([0.0, math.log(3.0)], dtype=D)
+    torch.testing.assert_close(kl_dro_weights(losses, 1.0), torch.tensor([0.25, 0.75], dtype=D))
+    torch.testing.assert_close(kl_dro_value(losses, 1.0), torch.tensor(math.log(2.0), dtype=D))
+
+
+@pytest.mark.parametrize("r", [0.3, 1.0, 4.0])
+def test_value_gradient_is_softmax(r):
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(7, generator=g, dtype=D).mul(3).requires_grad_(True)
+    (grad,) = torch.autograd.grad(kl_dro_value(losses, r), losses)
+    torch.testing.assert_close(grad, torch.softmax(losses.detach() / r, 0))
+
+
+@pytest.mark.parametrize("r", [0.5, 2.0])
+def test_value_is_the_kl_regularized_maximum(r):
+    """max_w sum w l - r KL(w || uniform): attained at w*, no random w does better."""
+    g = torch.Generator().manual_seed(1)
+    losses = torch.randn(6, generator=g, dtype=D)
+    n = losses.numel()
+
+    def objective(w):
+        return (w * losses).sum() - r * (w * (w * n).log()).sum()
+
+    w_star = kl_dro_weights(losses, r)
+    torch.testing.assert_close(objective(w_star), kl_dro_value(losses, r))
+    for _ in range(50):
+        w = torch.distributions.Dirichlet(torch.ones(n, dtype=D)).sample()
+        assert objective(w) <= kl_dro_value(losses, r) + 1e-12
+
+
+def test_limits():
+    losses = torch.tensor([0.3, 2.0, 1.1, -0.4], dtype=D)
+    torch.testing.assert_close(kl_dro_weights(losses, 1e7), torch.full((4,), 0.25, dtype=D))
+    torch.testing.assert_close(kl_dro_value(losses, 1e7), losses.mean(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(kl_dro_weights(losses, 1e-3), torch.tensor([0, 1, 0, 0.0], dtype=D))
+    # r -> 0: the value tends to the maximum loss (gap r log n)
+    assert abs(float(kl_dro_value(losses, 1e-3)) - 2.0) <= 1e-3 * math.log(4) + 1e-12
+
+
+def test_group_dro_step():
+    dro = DROWeighting(class_level=True, num_classes=2, class_step=0.01)
+    dro(torch.tensor([1.0, 2.0], dtype=D), torch.tensor([0, 1]))
+    expected = torch.tensor([1.0, math.exp(0.01)], dtype=D) / (1 + math.exp(0.01))
+    torch.testing.assert_close(dro.class_weights, expected)
+    torch.testing.assert_close(
+        dro.class_weights, torch.tensor([0.4975, 0.5025], dtype=D), atol=1e-4, rtol=0
+    )
+
+
+# -- DROWeighting in batch mode ---------------------------------------------------------------
+def test_batch_weights_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    losses = torch.rand(9, generator=g, dtype=D).mul(2).requires_grad_(True)
+    dro = DROWeighting(temperature=0.7)
+    loss = dro(losses)
+    w = 9 * torch.softmax(losses.detach() / 0.7, 0)
+    torch.testing.assert_close(dro._last_weights, w)
+    torch.testing.assert_close(loss, (w * losses.detach()).mean())
+    (grad,) = torch.autograd.grad(loss, losses)
+    # the weights are detached: d loss / d l_i = w_i / B = d value / d l_i
+    (grad_value,) = torch.autograd.grad(kl_dro_value(losses, 0.7), losses)
+    torch.testing.assert_close(grad, grad_value)
+
+
+def test_class_level_batch_weights():
+    losses = torch.tensor([0.2, 1.5, 0.7, 2.5, 0.1], dtype=D)
+    labels = torch.tensor([0, 1, 1, 2, 0])
+    dro = DROWeighting(temperature=2.0, class_level=True, num_classes=3, class_step=0.1)
+    w = dro.weights(losses, labels)
+    class_loss = torch.tensor([0.15, 1.1, 2.5], dtype=D)
+    q = torch.softmax(0.1 * class_loss, 0)  # from the uniform q
+    torch.testing.assert_close(dro.class_weights, q)
+    p = (losses / 2.0).exp() * q[labels]
+    torch.testing.assert_close(w, 5 * p / p.sum())
+
+
+def test_clip_and_warmup():
+    losses = torch.tensor([0.0, 0.0, 5.0], dtype=D)
+    dro = DROWeighting(temperature=1.0, max_weight=2.0, warmup_steps=2, mode="streaming")
+    for _ in range(2):
+        torch.testing.assert_close(dro.weights(losses), torch.ones(3, dtype=D))
+    assert dro.log_normalizer is not None  # the normalizer tracked the warm-up
+    w = dro.weights(losses)
+    u = (losses.exp().mean()).item()  # every batch is the same, so u is its mean
+    torch.testing.assert_close(w, (losses.exp() / u).clamp(max=2.0))
+    assert float(w.max()) == 2.0 and dro.step == 3
+
+
+# -- streaming mode ----------------------------------------------------------------------------
+def _stream(seed, n_batches=6, batch=5, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, generator=g, dtype=D) * 3 + shift for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 1.0])
+def test_streaming_against_direct_computation(gamma):
+    r = 0.8
+    dro = DROWeighting(temperature=r, mode="streaming", momentum=gamma)
+    u = None
+    for losses in _stream(3):
+        batch_u = (losses / r).exp().mean().item()
+        u = batch_u if u is None else (1 - gamma) * u + gamma * batch_u
+        torch.testing.assert_close(dro.weights(losses), (losses / r).exp() / u)
+        torch.testing.assert_close(dro.log_normalizer, torch.tensor(math.log(u), dtype=D))
+
+
+def test_streaming_is_stable_in_log_space():
+    """Shifting every loss by c leaves w_i = e^{l_i/r} / u unchanged; e^{1000} overflows."""
+    a = DROWeighting(temperature=1.0, mode="streaming")
+    b = DROWeighting(temperature=1.0, mode="streaming")
+    for small, big in zip(_stream(4), _stream(4, shift=1000.0)):
+        torch.testing.assert_close(a.weights(small), b.weights(big))
+
+
+def test_streaming_class_level():
+    r, gamma, eta = 1.5, 0.3, 0.05
+    dro = DROWeighting(r, "streaming", gamma, class_level=True, num_classes=3, class_step=eta)
+    g = torch.Generator().manual_seed(5)
+    log_q = torch.full((3,), -math.log(3), dtype=D)
+    u = None
+    for losses in _stream(5):
+        y = torch.randint(0, 3, (5,), generator=g)
+        sums = torch.zeros(3, dtype=D).index_add_(0, y, losses)
+        counts = torch.bincount(y, minlength=3).to(D).clamp(min=1)
+        log_q = torch.log_softmax(log_q + eta * sums / counts, 0)
+        batch_u = (losses / r).exp().mean().item()
+        u = batch_u if u is None else (1 - gamma) * u + gamma * batch_u
+        expected = (losses / r).exp() / u * 3 * log_q.exp()[y]
+        torch.testing.assert_close(dro.weights(losses, y), expected)
+
+
+# -- state -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_state_round_trip_continues_identically(mode):
+    kw = dict(temperature=0.9, mode=mode, class_level=True, num_classes=4, class_step=0.2)
+    g = torch.Generator().manual_seed(6)
+    batches = [
+        (torch.rand(8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(8)
+    ]
+    a = DROWeighting(**kw)
+    for losses, y in batches[:4]:
+        a(losses, y)
+    b = DROWeighting(**kw)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.step == a.step == 4
+    for losses, y in batches[4:]:
+        assert torch.equal(a.weights(losses, y), b.weights(losses, y))
+    assert torch.equal(a.log_class_weights, b.log_class_weights)
+
+
+def test_load_state_dict_tolerates_missing_keys():
+    dro = DROWeighting(temperature=2.0, mode="streaming")
+    dro(torch.tensor([1.0, 2.0]))
+    before = dro.state_dict()
+    dro.load_state_dict({"step": 7})
+    assert dro.step == 7 and dro.temperature == 2.0
+    assert torch.equal(dro.log_normalizer, before["log_normalizer"])
+
+
+# -- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "losses, labels, match",
+    [
+        (torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([0, 1, 0]), "losses"),
+        (torch.tensor([1.0, float("inf"), 0.0]), torch.tensor([0, 1, 0]), "losses"),
+        (torch.tensor([1.0, -float("inf"), 0.0]), torch.tensor([0, 1, 0]), "losses"),
+        (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0, 3, 0]), "labels"),
+        (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0, -1, 0]), "labels"),
+        (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), "labels"),
+        (torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0, 1]), "labels"),
+        (torch.tensor([1.0, 2.0, 0.0]), None, "labels"),
+        (torch.ones(2, 2), torch.tensor([0, 1]), "losses"),
+        (torch.tensor([1, 2, 0]), torch.tensor([0, 1, 0]), "losses"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_bad_input_raises_and_keeps_state(losses, labels, match, mode):
+    dro = DROWeighting(mode=mode, class_level=True, num_classes=3, class_step=0.5)
+    dro(torch.tensor([0.5, 2.0, 1.0]), torch.tensor([0, 1, 2]))
+    before = copy.deepcopy(dro.state_dict())
+    with pytest.raises(ValueError, match=match):
+        dro(losses, labels)
+    after = dro.state_dict()
+    assert after["step"] == before["step"] == 1
+    for key in ("log_normalizer", "log_class_weights"):
+        assert (after[key] is None and before[key] is None) or torch.equal(after[key], before[key])
+
+
+def test_overflow_at_small_temperature_raises():
+    dro = DROWeighting(temperature=1e-300)
+    with pytest.raises(ValueError, match="losses"):
+        dro(torch.tensor([1.0, 2.0], dtype=torch.float32))  # l / r overflows float32
+    assert dro.step == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(mode="online"), "mode"),
+        (dict(momentum=0.0), "momentum"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(class_level=True), "num_classes"),
+        (dict(class_level=True, num_classes=0), "num_classes"),
+        (dict(class_step=-0.1), "class_step"),
+        (dict(max_weight=0.0), "max_weight"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        DROWeighting(**kwargs)
+
+
+def test_invalid_temperature_assignment_keeps_old_value():
+    dro = DROWeighting(temperature=2.0)
+    for bad in (0.0, -3.0, float("inf")):
+        with pytest.raises(ValueError, match="Invalid temperature"):
+            dro.temperature = bad
+    assert dro.temperature == 2.0
+    with pytest.raises(ValueError, match="Invalid temperature"):
+        kl_dro_weights(torch.ones(3), 0.0)
+
+
+# -- signals -------------------------------------------------------------------------------
+def test_signals_match_direct_formulas():
+    losses = torch.tensor([0.1, 0.9, 2.3, 1.4, 0.0], dtype=D)
+    dro = DROWeighting(temperature=0.6, class_level=True, num_classes=2)
+    assert dro.signals() == {}
+    dro(losses, torch.tensor([0, 1, 1, 0, 0]))
+    w = dro._last_weights
+    s = dro.signals()
+    assert s["ess"] == pytest.approx(float(w.sum() ** 2 / (w**2).sum()), rel=1e-12)
+    assert s["ess_fraction"] == pytest.approx(s["ess"] / 5, rel=1e-12)
+    assert s["max_weight"] == pytest.approx(float(w.max()), rel=1e-12)
+    assert s["weight_entropy"] == pytest.approx(scipy.stats.entropy(w.numpy()), rel=1e-10)
+    assert s["class_weight_max"] == pytest.approx(2 * float(dro.class_weights.max()), rel=1e-12)
+    assert s["temperature"] == 0.6
+
+
+# -- DDP: two gloo processes against one process on the whole batch ---------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, sizes, out_dir):
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for key, kwargs, batches in _ddp_cases(sizes):
+            dro = DROWeighting(**kwargs)
+            ws, losses_out = [], []
+            for losses, y in batches:
+                lo = sum(sizes[:rank])
+                local_l = losses[lo : lo + sizes[rank]]
+                local_y = y[lo : lo + sizes[rank]]
+                ws.append(dro.weights(local_l, local_y if dro.class_level else None))
+                losses_out.append(dro(local_l, local_y if dro.class_level else None))
+            results[key] = (ws, losses_out, dro.signals())
+        # a NaN on one rank only: both ranks raise
+        dro = DROWeighting()
+        bad = torch.tensor([1.0, float("nan")]) if rank == 1 else torch.tensor([1.0, 2.0])
+        try:
+            dro(bad)
+            results["nan"] = False
+        except ValueError:
+            results["nan"] = True
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def _ddp_cases(sizes):
+    g = torch.Generator().manual_seed(7)
+    n = sum(sizes)
+    batches = [
+        (torch.rand(n, generator=g, dtype=D) * 3, torch.randint(0, 3, (n,), generator=g))
+        for _ in range(3)
+    ]
+    return [
+        ("batch", dict(temperature=0.5), batches),
+        ("streaming", dict(temperature=0.8, mode="streaming"), batches),
+        ("class", dict(temperature=1.0, class_level=True, num_classes=3, class_step=0.3), batches),
+        ("stream-class", dict(mode="streaming", class_level=True, num_classes=3), batches),
+    ]
+
+
+@pytest.mark.distributed
+def test_ddp_weights_equal_one_process(tmp_path):
+    sizes = (3, 5)  # unequal local batches
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), sizes, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, kwargs, batches in _ddp_cases(sizes):
+        single = DROWeighting(**kwargs)
+        for i, (losses, y) in enumerate(batches):
+            labels = y if single.class_level else None
+            w = single.weights(losses, labels)
+            loss = single(losses, labels)
+            torch.testing.assert_close(torch.cat([ranks[0][key][0][i], ranks[1][key][0][i]]), w)
+            # DDP averages gradients (and so the losses) over the 2 ranks
+            torch.testing.assert_close((ranks[0][key][1][i] + ranks[1][key][1][i]) / 2, loss)
+        for r in range(2):
+            for name, value in single.signals().items():
+                assert ranks[r][key][2][name] == pytest.approx(value, rel=1e-9)
+    assert ranks[0]["nan"] and ranks[1]["nan"]
