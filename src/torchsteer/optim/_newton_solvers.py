@@ -1,0 +1,260 @@
+"""Curvature operators and the regularized solves of :class:`RegularizedNewton`.
+
+A curvature object is built once per optimizer step from the live autograd graph of the
+closure's output (the graph path of :mod:`torchsteer.jacobian`) and gives the products of one
+symmetric P x P matrix ``H``:
+
+- :class:`HessianCurvature`: ``H v = d/dtheta <grad f, v>`` (a VJP through the gradient, which
+  was built with ``create_graph=True``); materialized by :func:`graph_jacobian` of the gradient.
+- :class:`GaussNewtonCurvature`: ``G v = J^T H_out J v``, ``J`` the Jacobian of the outputs and
+  ``H_out`` the Hessian of the loss with respect to the outputs (autograd on the output tensor).
+- :class:`EmpiricalFisherCurvature`: ``F v = (1/B) G^T G v``, ``G`` the (B, P) per-sample
+  gradients of the per-sample losses.
+
+A solver then returns ``delta = -(H + lambda I)^{-1} g`` for the ``lambda`` of each try of the
+adaptive search: Cholesky of the materialized matrix (:class:`CholeskySolver`), Woodbury with
+the B x B Gram of the per-sample gradients (:class:`WoodburySolver`, empirical Fisher only, exact)
+or matrix-free conjugate gradients (:class:`CGSolver`). A solve that fails (Cholesky of an
+indefinite matrix, CG meeting non-positive curvature, a non-finite result) says so with
+``ok=False``; the optimizer then rejects the try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
+from torchsteer.linalg import conjugate_gradient
+
+__all__ = [
+    "CGSolver",
+    "CholeskySolver",
+    "EmpiricalFisherCurvature",
+    "GaussNewtonCurvature",
+    "HessianCurvature",
+    "Solution",
+    "WoodburySolver",
+]
+
+
+@dataclasses.dataclass
+class Solution:
+    """One regularized solve: ``delta`` (None on failure), why it failed, CG iterations."""
+
+    delta: torch.Tensor | None
+    ok: bool
+    reason: str = ""
+    cg_iterations: int = 0
+
+
+def _flat_cat(tensors, params, dtype) -> torch.Tensor:
+    """Concatenate per-parameter tensors (None counts as zeros), keeping the graph."""
+    parts = [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, params)]
+    return torch.cat(parts).detach().to(dtype)
+
+
+class _Curvature:
+    """Products with a symmetric P x P matrix; ``products`` counts P-vector products."""
+
+    def __init__(self, params, dtype: torch.dtype) -> None:
+        self.params = list(params)
+        self.dtype = dtype  # the dtype of the flat vectors the solvers work in
+        self.products = 0
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(p.dtype) for t, p in zip(unflatten(v, self.params), self.params)]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class HessianCurvature(_Curvature):
+    """The exact Hessian of ``f`` from its gradient, built with ``create_graph=True``."""
+
+    @torch.enable_grad()
+    def __init__(self, grads, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.flat_grad = torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+        )
+        self.linear = not self.flat_grad.requires_grad  # f is linear: H = 0
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        if self.linear:
+            return torch.zeros_like(v)
+        u = v.to(self.flat_grad.dtype)
+        return _flat_cat(graph_vjp(self.flat_grad, self.params, u), self.params, self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        P = self.flat_grad.numel()
+        self.products += P
+        if self.linear:
+            return torch.zeros(P, P, dtype=self.dtype, device=self.flat_grad.device)
+        H = graph_jacobian(self.flat_grad, self.params).to(self.dtype)
+        return 0.5 * (H + H.T)
+
+
+class GaussNewtonCurvature(_Curvature):
+    """``J^T H_out J`` for ``loss = l(outputs(theta))``.
+
+    Raises:
+        ValueError: if the loss does not depend on the outputs.
+    """
+
+    @torch.enable_grad()
+    def __init__(self, loss, outputs, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.outputs = outputs
+        (g_out,) = torch.autograd.grad(
+            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        if g_out is None:
+            raise ValueError(
+                "Invalid closure output for curvature='gauss_newton': the loss does not depend "
+                "on the returned outputs; return (loss, outputs) with loss computed from outputs"
+            )
+        self.g_out = g_out
+        self.linear = not g_out.requires_grad  # the loss is linear in the outputs: H_out = 0
+
+    @torch.enable_grad()
+    def _hout(self, u: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return torch.zeros_like(u)
+        (h,) = torch.autograd.grad(self.g_out, self.outputs, u, retain_graph=True)
+        return h
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        jv = graph_jvp(self.outputs, self.params, self._split(v))
+        u = self._hout(jv)
+        return _flat_cat(graph_vjp(self.outputs, self.params, u), self.params, self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        J = graph_jacobian(self.outputs, self.params).to(self.dtype)
+        self.products += J.shape[1]
+        if self.linear:
+            return torch.zeros(J.shape[1], J.shape[1], dtype=self.dtype, device=J.device)
+        H_out = graph_jacobian(self.g_out, [self.outputs]).to(self.dtype)
+        G = J.T @ (0.5 * (H_out + H_out.T)) @ J
+        return 0.5 * (G + G.T)
+
+
+class EmpiricalFisherCurvature(_Curvature):
+    """``(1/B) G^T G`` with ``G`` the per-sample gradients of the losses ``(B,)``."""
+
+    @torch.enable_grad()
+    def __init__(self, losses, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.losses = losses
+        self.batch = losses.numel()
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        gv = graph_jvp(self.losses, self.params, self._split(v))
+        out = _flat_cat(graph_vjp(self.losses, self.params, gv), self.params, self.dtype)
+        return out / self.batch
+
+    @torch.enable_grad()
+    def per_sample(self) -> torch.Tensor:
+        """The (B, P) per-sample gradients."""
+        self.products += self.batch
+        return graph_jacobian(self.losses, self.params).to(self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        G = self.per_sample()
+        return G.T @ G / self.batch
+
+
+def _finite(delta: torch.Tensor) -> bool:
+    return bool(torch.isfinite(delta).all())
+
+
+class CholeskySolver:
+    """``delta = -(H + lambda I)^{-1} g`` by Cholesky of the materialized ``H + lambda I``."""
+
+    def __init__(self, curvature: _Curvature, g: torch.Tensor) -> None:
+        self.H = curvature.dense()
+        self.g = g
+        self.eye = torch.eye(g.numel(), dtype=g.dtype, device=g.device)
+
+    def solve(self, lam: float) -> Solution:
+        L, info = torch.linalg.cholesky_ex(self.H + lam * self.eye)
+        if int(info) != 0:
+            return Solution(None, False, "cholesky")
+        delta = -torch.cholesky_solve(self.g.unsqueeze(1), L).squeeze(1)
+        if not _finite(delta):
+            return Solution(None, False, "nonfinite")
+        return Solution(delta, True)
+
+
+class WoodburySolver:
+    """Exact solve with ``F = (1/B) G^T G`` through the B x B Gram ``K = G G^T``::
+
+    (F + lambda I)^{-1} g = (g - G^T (B lambda I + K)^{-1} G g) / lambda
+    """
+
+    def __init__(self, curvature: EmpiricalFisherCurvature, g: torch.Tensor) -> None:
+        self.G = curvature.per_sample()
+        self.K = self.G @ self.G.T
+        self.Gg = self.G @ g
+        self.g = g
+        self.eye = torch.eye(self.K.shape[0], dtype=g.dtype, device=g.device)
+
+    def solve(self, lam: float) -> Solution:
+        if not lam > 0:
+            return Solution(None, False, "lambda")
+        B = self.K.shape[0]
+        L, info = torch.linalg.cholesky_ex(self.K + (B * lam) * self.eye)
+        if int(info) != 0:
+            return Solution(None, False, "cholesky")
+        z = torch.cholesky_solve(self.Gg.unsqueeze(1), L).squeeze(1)
+        delta = -(self.g - self.G.T @ z) / lam
+        if not _finite(delta):
+            return Solution(None, False, "nonfinite")
+        return Solution(delta, True)
+
+
+class CGSolver:
+    """Matrix-free conjugate gradients on ``(H + lambda I) delta = -g``, warm-started.
+
+    Stops at ``|r| <= tol |g|``; non-positive curvature (``p^T (H + lambda I) p <= 0``) is a
+    failed solve. Hitting ``maxiter`` is not: the iterate is still a descent direction, and the
+    accept test of the optimizer judges it.
+    """
+
+    def __init__(self, curvature: _Curvature, g: torch.Tensor, tol: float, maxiter: int | None):
+        self.curvature = curvature
+        self.g = g
+        self.tol = tol
+        self.maxiter = maxiter
+
+    def solve(self, lam: float, x0: torch.Tensor | None = None) -> Solution:
+        def matvec(v):
+            return self.curvature.matvec(v) + lam * v
+
+        if x0 is not None and not _finite(x0):
+            x0 = None
+        res = conjugate_gradient(matvec, -self.g, tol=self.tol, maxiter=self.maxiter, x0=x0)
+        if res.breakdown:
+            return Solution(None, False, "breakdown", res.iterations)
+        if not _finite(res.x):
+            return Solution(None, False, "nonfinite", res.iterations)
+        return Solution(res.x, True, "" if res.converged else "maxiter", res.iterations)
+
+
+def forcing_tolerance(grad_norm: float) -> float:
+    """SciPy Newton-CG's relative CG tolerance ``min(0.5, sqrt(|g|))`` (superlinear)."""
+    return min(0.5, math.sqrt(grad_norm))

@@ -1,0 +1,389 @@
+"""Gradient-normalized regularized Newton: exact, Gauss-Newton or empirical-Fisher curvature."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from torchsteer.jacobian import flatten, unflatten
+from torchsteer.optim._newton_solvers import (
+    CGSolver,
+    CholeskySolver,
+    EmpiricalFisherCurvature,
+    GaussNewtonCurvature,
+    HessianCurvature,
+    WoodburySolver,
+    forcing_tolerance,
+)
+
+__all__ = ["RegularizedNewton"]
+
+CURVATURES = ("hessian", "gauss_newton", "empirical_fisher", "dense")
+REGULARIZATIONS = ("gns", "sqrt")
+SOLVERS = ("auto", "cg", "cholesky", "woodbury")
+_AUTO_SOLVER = {
+    "hessian": "cg",
+    "gauss_newton": "cg",
+    "empirical_fisher": "woodbury",
+    "dense": "cholesky",
+}
+_SCALE_MAX = 2.0**200  # gamma <= _SCALE_MAX and M >= 1 / _SCALE_MAX: lambda never hits 0 or inf
+
+_EXPECTED = {
+    "hessian": "the scalar loss (a tensor with one element)",
+    "dense": "the scalar loss (a tensor with one element)",
+    "gauss_newton": "a tuple (loss, outputs): the scalar loss and the output tensor it is "
+    "computed from",
+    "empirical_fisher": "the per-sample losses, a tensor of shape (B,)",
+}
+
+
+class RegularizedNewton(torch.optim.Optimizer):
+    """Gradient-normalized regularized Newton (Algorithm 1 of Semenov, Jaggi and Doikov).
+
+    With ``H`` the curvature chosen by ``curvature`` at the current point ``x``::
+
+        g = grad f(x)
+        repeat (at most max_tries times):
+            lambda = |g| / gamma                      ("gns")   or   sqrt(M |g|)   ("sqrt")
+            delta  = -(H + lambda I)^{-1} g           (Cholesky, Woodbury or CG)
+            accept if  f(x) - f(x + delta) >= |grad f(x + delta)|^2 / (8 lambda)
+            on reject: gamma <- gamma / 2   (sqrt: M <- 2 M)
+        on accept: x <- x + delta,  gamma <- 2 gamma   (sqrt: M <- M / 2), for the next step
+
+    A failed solve (Cholesky of an indefinite ``H + lambda I``, CG meeting non-positive
+    curvature, a non-finite step) and a trial point with a non-finite loss or gradient are
+    rejections. When every try is rejected the parameters and ``gamma`` / ``M`` stay as they
+    were, a ``RuntimeWarning`` says so and the record has ``accepted=False``. With ``H >= 0``,
+    ``|delta| <= gamma``: gamma is a trust radius in disguise; with ``H = 0`` the step is
+    normalized gradient descent ``x - gamma g / |g|``; as gamma grows it tends to Newton's step.
+    The ``"sqrt"`` rule is the classic gradient regularization ``lambda = sqrt(M |g|)``
+    (gamma = sqrt(|g| / M)), with ``M`` initialized so that the first try has ``gamma0``.
+
+    Curvature (what the closure returns):
+
+    - ``"hessian"``: exact Hessian-vector products (reverse over reverse); the scalar loss.
+    - ``"dense"``: the exact Hessian built as a P x P matrix, Cholesky solves; the scalar loss.
+      Small P only.
+    - ``"gauss_newton"``: ``J^T H_out J``, ``J`` the Jacobian of ``outputs`` and ``H_out`` the
+      Hessian of the loss in output space; ``(loss, outputs)``. The loss must reach the
+      parameters through ``outputs`` only (a penalty on the parameters enters the gradient
+      but not the curvature).
+    - ``"empirical_fisher"``: ``(1/B) sum_i g_i g_i^T`` from the per-sample gradients; the
+      per-sample losses ``(B,)``, and ``f`` is their mean. Woodbury with the B x B Gram is exact.
+      It underweights curvature on separable data and converges only linearly there.
+
+    The closure is called several times per step (once at ``x``, once per try, once more to
+    rebuild the graph after a rejected CG try), under ``torch.enable_grad()``. It must compute
+    the loss from the parameters and return it **without calling** ``backward()``: the
+    optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
+    zeroing it in the closure is harmless). Only one parameter group is supported.
+
+    Args:
+        params: the parameters (one group).
+        curvature: ``"hessian"``, ``"gauss_newton"``, ``"empirical_fisher"`` or ``"dense"``.
+        regularization: ``"gns"`` (``lambda = |g| / gamma``) or ``"sqrt"``
+            (``lambda = sqrt(M |g|)``).
+        gamma0: the first step's gamma (> 0).
+        max_tries: tries of the adaptive search per step (>= 1; the paper uses 40).
+        solver: ``"auto"`` (CG for hessian and gauss_newton, Woodbury for empirical_fisher,
+            Cholesky for dense), ``"cg"``, ``"cholesky"`` or ``"woodbury"`` (empirical_fisher).
+        cg_tol: CG stops at ``|r| <= cg_tol |g|``; ``None`` uses SciPy Newton-CG's forcing
+            term ``min(0.5, sqrt(|g|))`` (superlinear local convergence).
+        cg_maxiter: CG iterations per solve; ``None``: ``10 P``.
+        nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
+            skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
+            NaN/Inf.
+
+    State (on the first parameter, for logging): ``step``; ``gamma`` (or ``M``) for the next
+    step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
+    loss, new_loss, grad_norm, reasons}``; totals ``closure_evals``, ``curvature_products``,
+    ``cg_iterations``, ``failed_steps``, ``skipped_steps``.
+
+    Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
+    ``"hessian"``) and a few P-vectors; ``"dense"``/``"cholesky"`` a P x P matrix; Woodbury the
+    B x P per-sample gradients and a B x B Gram.
+
+    References:
+        Semenov, Jaggi, Doikov. "Gradient-Normalized Smoothness for Optimization with
+        Approximate Hessians." ICLR 2026. arXiv:2506.13710. Mishchenko, "Regularized Newton
+        method with global O(1/k^2) convergence", SIAM J. Optim. 2023; Doikov and Nesterov,
+        "Gradient regularization of Newton method with Bregman distances", 2023.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        curvature: str = "hessian",
+        regularization: str = "gns",
+        gamma0: float = 1.0,
+        max_tries: int = 40,
+        solver: str = "auto",
+        cg_tol: float | None = None,
+        cg_maxiter: int | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURES}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(
+                f"Invalid regularization: {regularization!r}; expected one of {REGULARIZATIONS}"
+            )
+        if not (isinstance(gamma0, int | float) and math.isfinite(gamma0) and gamma0 > 0):
+            raise ValueError(f"Invalid gamma0: {gamma0}")
+        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+            raise ValueError(f"Invalid max_tries: {max_tries}")
+        if solver not in SOLVERS:
+            raise ValueError(f"Invalid solver: {solver!r}; expected one of {SOLVERS}")
+        if solver == "woodbury" and curvature != "empirical_fisher":
+            raise ValueError(
+                f"Invalid solver: 'woodbury' needs curvature='empirical_fisher', got {curvature!r}"
+            )
+        if cg_tol is not None and not (math.isfinite(cg_tol) and 0 < cg_tol < 1):
+            raise ValueError(f"Invalid cg_tol: {cg_tol}")
+        if cg_maxiter is not None and (
+            isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, int) or cg_maxiter < 1
+        ):
+            raise ValueError(f"Invalid cg_maxiter: {cg_maxiter}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}")
+        defaults = dict(
+            curvature=curvature,
+            regularization=regularization,
+            gamma0=float(gamma0),
+            max_tries=max_tries,
+            solver=solver,
+            cg_tol=cg_tol,
+            cg_maxiter=cg_maxiter,
+            nonfinite=nonfinite,
+        )
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(
+                "Invalid params: RegularizedNewton supports one parameter group "
+                f"(got {len(self.param_groups)})"
+            )
+
+    # -- closure evaluation ---------------------------------------------------------------
+
+    @staticmethod
+    def _parse(out, curvature: str):
+        """``(f, aux)`` from what the closure returned; an error says what was expected."""
+        if curvature == "gauss_newton":
+            ok = (
+                isinstance(out, tuple | list)
+                and len(out) == 2
+                and all(isinstance(t, torch.Tensor) for t in out)
+                and out[0].numel() == 1
+            )
+            if ok:
+                return out[0].reshape(()), out[1]
+        elif isinstance(out, torch.Tensor):
+            if curvature == "empirical_fisher" and out.dim() == 1 and out.numel() >= 1:
+                return out.mean(), out
+            if curvature in ("hessian", "dense") and out.numel() == 1:
+                return out.reshape(()), None
+        got = (
+            f"a tensor of shape {tuple(out.shape)}"
+            if isinstance(out, torch.Tensor)
+            else f"a {type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
+        )
+        raise ValueError(
+            f"Invalid closure output for curvature={curvature!r}: expected "
+            f"{_EXPECTED[curvature]}, got {got}"
+        )
+
+    def _evaluate(self, closure, params, curvature: str, graph: bool):
+        """Run the closure; ``(f, aux, grads)`` (grads with their graph when ``graph``)."""
+        with torch.enable_grad():
+            f, aux = self._parse(closure(), curvature)
+            if not f.requires_grad:
+                raise ValueError(
+                    "Invalid closure output: the loss does not require grad; compute it from "
+                    "the parameters with autograd enabled"
+                )
+            create = graph and curvature in ("hessian", "dense")
+            try:
+                grads = torch.autograd.grad(
+                    f, params, create_graph=create, retain_graph=graph, allow_unused=True
+                )
+            except RuntimeError as err:
+                if "second time" not in str(err):
+                    raise
+                raise RuntimeError(
+                    "RegularizedNewton differentiates the closure's loss itself: the closure "
+                    "must return the loss without calling backward()"
+                ) from err
+        return f, aux, grads
+
+    def _curvature(self, curvature, f, aux, grads, params, dtype):
+        if curvature in ("hessian", "dense"):
+            return HessianCurvature(grads, params, dtype)
+        if curvature == "gauss_newton":
+            return GaussNewtonCurvature(f, aux, params, dtype)
+        return EmpiricalFisherCurvature(aux, params, dtype)
+
+    # -- the step -------------------------------------------------------------------------
+
+    @staticmethod
+    def _write(params, flat: torch.Tensor) -> None:
+        for p, v in zip(params, unflatten(flat, params)):
+            p.copy_(v)
+
+    @staticmethod
+    def _init_state(state: dict, group: dict) -> None:
+        if "step" in state:
+            return
+        state["step"] = torch.tensor(0.0)
+        state["gamma"] = group["gamma0"]
+        state["M"] = None
+        state["record"] = {}
+        for key in (
+            "closure_evals",
+            "curvature_products",
+            "cg_iterations",
+            "failed_steps",
+            "skipped_steps",
+        ):
+            state[key] = 0
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
+        """One step of the adaptive search.
+
+        Args:
+            closure: recomputes and returns the loss (see the class docstring for its form
+                per curvature) without calling ``backward()``.
+
+        Returns:
+            The objective ``f(x)`` at the start of the step (detached).
+        """
+        if closure is None:
+            raise ValueError("Invalid closure: RegularizedNewton needs a closure")
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.requires_grad]
+        curvature, gns = group["curvature"], group["regularization"] == "gns"
+        solver_name = group["solver"]
+        solver_name = _AUTO_SOLVER[curvature] if solver_name == "auto" else solver_name
+        f, aux, grads = self._evaluate(closure, params, curvature, graph=True)
+        dtype = params[0].dtype
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        g = torch.cat(
+            [
+                (torch.zeros_like(p) if t is None else t).detach().reshape(-1)
+                for t, p in zip(grads, params)
+            ]
+        ).to(work)
+        finite = bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())
+        if not finite and group["nonfinite"] == "raise":
+            raise ValueError("Invalid loss or gradient: contains NaN or Inf")
+        state = self.state[group["params"][0]]
+        self._init_state(state, group)
+        state["closure_evals"] += 1
+        f0 = f.item()
+        if not finite:
+            state["skipped_steps"] += 1
+            state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": f0}
+            return f.detach()
+        gnorm = g.norm().item()
+        state["step"] += 1
+        if gnorm == 0.0:  # stationary: nothing to do
+            state["record"] = {
+                "accepted": False,
+                "tries": 0,
+                "loss": f0,
+                "grad_norm": 0.0,
+                "reasons": ["stationary"],
+            }
+            return f.detach()
+        gamma, M = state["gamma"], state["M"]
+        if not gns and M is None:
+            M = gnorm / group["gamma0"] ** 2
+        curv = self._curvature(curvature, f, aux, grads, params, work)
+        if solver_name == "cg":
+            tol = forcing_tolerance(gnorm) if group["cg_tol"] is None else group["cg_tol"]
+            solver = CGSolver(curv, g, tol, group["cg_maxiter"])
+        elif solver_name == "woodbury":
+            solver = WoodburySolver(curv, g)
+        else:
+            solver = CholeskySolver(curv, g)
+        x0 = flatten([p.detach() for p in params]).clone()
+        products, cg_iters, warm, stale = 0, 0, None, False
+        accepted, reasons, f_new, tries = False, [], float("nan"), 0
+        lam = gamma_used = float("nan")
+        m_used = None
+        for _ in range(group["max_tries"]):
+            tries += 1
+            lam = gnorm / gamma if gns else math.sqrt(M * gnorm)
+            gamma_used, m_used = (gamma, None) if gns else (gnorm / lam, M)
+            if solver_name == "cg":
+                if stale:  # the trial point's evaluation bumped the parameters' versions
+                    products += curv.products
+                    f_r, aux_r, grads_r = self._evaluate(closure, params, curvature, graph=True)
+                    state["closure_evals"] += 1
+                    curv = self._curvature(curvature, f_r, aux_r, grads_r, params, work)
+                    solver.curvature = curv
+                    stale = False
+                sol = solver.solve(lam, warm)
+            else:
+                sol = solver.solve(lam)
+            cg_iters += sol.cg_iterations
+            x_new = None if not sol.ok else x0 + sol.delta.to(x0.dtype)
+            if x_new is not None and torch.equal(x_new, x0):
+                reasons.append("below resolution")  # smaller steps would not move x either
+                break
+            if sol.ok:
+                self._write(params, x_new)
+                f_t, _, grads_t = self._evaluate(closure, params, curvature, graph=False)
+                state["closure_evals"] += 1
+                stale, warm = True, sol.delta
+                f_new = f_t.item()
+                gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
+                if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
+                    accepted = True
+                    break
+                reasons.append("decrease" if math.isfinite(f_new + gn2) else "nonfinite trial")
+                self._write(params, x0)
+            else:
+                reasons.append(sol.reason)
+                warm = None
+            if gns:
+                gamma = gamma / 2
+            else:
+                M = M * 2
+        products += curv.products
+        state["curvature_products"] += products
+        state["cg_iterations"] += cg_iters
+        state["record"] = {
+            "tries": tries,
+            "accepted": accepted,
+            "gamma": gamma_used,
+            "lambda": lam,
+            "M": m_used,
+            "cg_iterations": cg_iters,
+            "loss": f0,
+            "new_loss": f_new if accepted else f0,
+            "grad_norm": gnorm,
+            "reasons": reasons,
+        }
+        if accepted:
+            if gns:
+                state["gamma"] = min(2 * gamma, _SCALE_MAX)
+            else:
+                state["M"] = max(M / 2, 1 / _SCALE_MAX)
+        else:
+            state["failed_steps"] += 1
+            if not gns and state["M"] is None:
+                state["M"] = gnorm / group["gamma0"] ** 2
+            warnings.warn(
+                f"RegularizedNewton: every try was rejected ({tries} tries, last: "
+                f"{reasons[-1]}); the parameters are unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return f.detach()

@@ -1,0 +1,525 @@
+"""RegularizedNewton against closed forms, dense float64 matrices, SciPy and reductions."""
+
+import copy
+import io
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from torchsteer.jacobian import flatten, unflatten
+from torchsteer.optim._newton_solvers import (
+    EmpiricalFisherCurvature,
+    GaussNewtonCurvature,
+    HessianCurvature,
+)
+from torchsteer.optim.regularized_newton import RegularizedNewton
+
+DT = torch.float64
+
+
+def flat(params):
+    return flatten([p.detach() for p in params]).clone()
+
+
+def one_step(opt, params, closure):
+    """Take one step; return the step delta and the record."""
+    x0 = flat(params)
+    opt.step(closure)
+    return flat(params) - x0, opt.state[params[0]]["record"]
+
+
+def reg_newton(C, g, lam):
+    return -torch.linalg.solve(C + lam * torch.eye(len(g), dtype=C.dtype), g)
+
+
+# -- a quadratic, split over two parameter tensors --------------------------------------------
+
+
+def quadratic(eigs=(0.5, 1.0, 2.0, 3.0, 5.0), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=DT))
+    A = Q @ torch.diag(torch.tensor(eigs, dtype=DT)) @ Q.T
+    b = torch.randn(5, generator=gen, dtype=DT)
+    params = [torch.randn(3, generator=gen, dtype=DT), torch.randn(2, generator=gen, dtype=DT)]
+    params = [p.requires_grad_() for p in params]
+
+    def closure():
+        x = torch.cat(params)
+        return 0.5 * x @ A @ x - b @ x
+
+    return A, b, params, closure
+
+
+SOLVES = [
+    dict(curvature="hessian", solver="cg", cg_tol=1e-13),
+    dict(curvature="hessian", solver="cholesky"),
+    dict(curvature="dense"),
+    dict(curvature="dense", solver="cg", cg_tol=1e-13),
+]
+
+
+@pytest.mark.parametrize("kw", SOLVES)
+def test_quadratic_step_is_closed_form(kw):
+    A, b, params, closure = quadratic()
+    g = A @ flat(params) - b
+    opt = RegularizedNewton(params, gamma0=0.3, **kw)
+    delta, rec = one_step(opt, params, closure)
+    assert rec["accepted"]
+    assert rec["lambda"] == pytest.approx(g.norm().item() / rec["gamma"], rel=1e-14)
+    torch.testing.assert_close(delta, reg_newton(A, g, rec["lambda"]), rtol=1e-10, atol=1e-12)
+    assert delta.norm() <= rec["gamma"] * (1 + 1e-12)  # |delta| <= gamma when H >= 0
+    assert opt.state[params[0]]["gamma"] == 2 * rec["gamma"]
+
+
+@pytest.mark.parametrize("kw", SOLVES[:3])
+def test_step_tends_to_newton_as_gamma_grows(kw):
+    errors = []
+    for gamma0 in (1.0, 1e2, 1e4, 1e8):
+        A, b, params, closure = quadratic()
+        g = A @ flat(params) - b
+        delta, rec = one_step(RegularizedNewton(params, gamma0=gamma0, **kw), params, closure)
+        assert rec["accepted"] and rec["gamma"] == gamma0
+        errors.append((delta + torch.linalg.solve(A, g)).norm().item())
+    assert all(e2 < e1 for e1, e2 in itertools.pairwise(errors))
+    assert errors[-1] < 1e-7 * torch.linalg.solve(A, g).norm().item()
+
+
+def test_sqrt_rule_lambda_and_doubling_search_on_M():
+    A, b, params, closure = quadratic()
+    g = A @ flat(params) - b
+    gn = g.norm().item()
+    calls = [0]
+
+    def bad_first_trials():  # the first two trial points look worse than they are
+        calls[0] += 1
+        return closure() + (1e3 if calls[0] in (2, 3) else 0.0)
+
+    opt = RegularizedNewton(params, regularization="sqrt", gamma0=0.5, solver="cholesky")
+    delta, rec = one_step(opt, params, bad_first_trials)
+    M0 = gn / 0.5**2
+    assert rec["tries"] == 3 and rec["reasons"] == ["decrease", "decrease"]
+    assert rec["M"] == 4 * M0
+    assert rec["lambda"] == pytest.approx(math.sqrt(4 * M0 * gn), rel=1e-14)
+    torch.testing.assert_close(delta, reg_newton(A, g, rec["lambda"]), rtol=1e-10, atol=1e-12)
+    assert opt.state[params[0]]["M"] == 2 * M0  # halved after the accepted try
+
+
+# -- H = 0: normalized gradient descent ------------------------------------------------------
+
+
+def test_zero_curvature_is_normalized_gradient_descent():
+    """Gauss-Newton with a loss linear in the outputs has H = 0: delta = -gamma g / |g|."""
+    a = torch.linspace(-1.0, 2.0, 6, dtype=DT)
+
+    def objective(theta):
+        return torch.log(torch.cosh(theta - a)) + 0.05 * theta**2  # the outputs; loss = sum
+
+    for solver in ("cholesky", "cg"):
+        theta = torch.zeros(6, dtype=DT, requires_grad=True)
+        opt = RegularizedNewton([theta], curvature="gauss_newton", solver=solver, gamma0=0.7)
+
+        def closure(theta=theta):
+            out = objective(theta)
+            return out.sum(), out
+
+        x, gamma = torch.zeros(6, dtype=DT), 0.7  # the hand-written reference
+        for _ in range(15):
+            xr = x.clone().requires_grad_()
+            fx = objective(xr).sum()
+            (gx,) = torch.autograd.grad(fx, xr)
+            for _ in range(40):
+                xt = (x - gamma * gx / gx.norm()).requires_grad_()
+                ft = objective(xt).sum()
+                (gt,) = torch.autograd.grad(ft, xt)
+                if fx - ft >= gt.norm() ** 2 / (8 * gx.norm() / gamma):
+                    x, gamma = xt.detach(), 2 * gamma
+                    break
+                gamma /= 2
+            opt.step(closure)
+            torch.testing.assert_close(theta.detach(), x, rtol=1e-13, atol=1e-14)
+            assert opt.state[theta]["gamma"] == gamma
+
+
+# -- each curvature against the dense float64 matrix -----------------------------------------
+
+
+def small_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(6, 3, dtype=DT)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    return model, x, y
+
+
+def dense_oracles(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    theta0 = flat(params)
+
+    def out_fn(theta):
+        return functional_call(model, dict(zip(names, unflatten(theta, params))), (x,))
+
+    H = hessian(lambda t: F.cross_entropy(out_fn(t), y))(theta0)
+    J = jacrev(lambda t: out_fn(t).reshape(-1))(theta0)
+    out0 = out_fn(theta0).detach()
+    H_out = hessian(lambda o: F.cross_entropy(o.reshape(out0.shape), y))(out0.reshape(-1))
+    G = jacrev(lambda t: F.cross_entropy(out_fn(t), y, reduction="none"))(theta0)
+    g = torch.func.grad(lambda t: F.cross_entropy(out_fn(t), y))(theta0)
+    return {"hessian": H, "gauss_newton": J.T @ H_out @ J, "empirical_fisher": G.T @ G / 6}, g
+
+
+def closures(model, x, y):
+    return {
+        "hessian": lambda: F.cross_entropy(model(x), y),
+        "dense": lambda: F.cross_entropy(model(x), y),
+        "gauss_newton": lambda: (F.cross_entropy(out := model(x), y), out),
+        "empirical_fisher": lambda: F.cross_entropy(model(x), y, reduction="none"),
+    }
+
+
+def test_curvature_products_match_dense_matrices():
+    model, x, y = small_problem()
+    params = list(model.parameters())
+    C, _ = dense_oracles(model, x, y)
+    v = torch.randn(C["hessian"].shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        out = model(x)
+        curvs = {
+            "hessian": HessianCurvature(grads, params, DT),
+            "gauss_newton": GaussNewtonCurvature(F.cross_entropy(out, y), out, params, DT),
+            "empirical_fisher": EmpiricalFisherCurvature(
+                F.cross_entropy(model(x), y, reduction="none"), params, DT
+            ),
+        }
+    for name, curv in curvs.items():
+        torch.testing.assert_close(curv.matvec(v), C[name] @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(curv.dense(), C[name], rtol=1e-10, atol=1e-12)
+
+
+STEP_MODES = [
+    ("hessian", "cg"),
+    ("hessian", "cholesky"),
+    ("dense", "auto"),
+    ("gauss_newton", "cg"),
+    ("gauss_newton", "cholesky"),
+    ("empirical_fisher", "woodbury"),
+    ("empirical_fisher", "cg"),
+    ("empirical_fisher", "cholesky"),
+]
+
+
+@pytest.mark.parametrize("curvature,solver", STEP_MODES)
+def test_step_solves_with_each_curvature(curvature, solver):
+    model, x, y = small_problem(seed=2)
+    params = list(model.parameters())
+    C, g = dense_oracles(model, x, y)
+    C = C["hessian" if curvature == "dense" else curvature]
+    opt = RegularizedNewton(params, curvature=curvature, solver=solver, gamma0=2.0, cg_tol=1e-13)
+    delta, rec = one_step(opt, params, closures(model, x, y)[curvature])
+    assert rec["accepted"]
+    assert rec["lambda"] == pytest.approx(g.norm().item() / rec["gamma"], rel=1e-12)
+    torch.testing.assert_close(delta, reg_newton(C, g, rec["lambda"]), rtol=1e-8, atol=1e-10)
+
+
+# -- logistic regression against SciPy's trust-exact -----------------------------------------
+
+
+def logistic_problem(n=2000, d=100, mu=1e-4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=DT)
+    w_true = torch.randn(d, generator=gen, dtype=DT)
+    y = torch.where(torch.rand(n, generator=gen, dtype=DT) < torch.sigmoid(X @ w_true), 1.0, -1.0)
+
+    def f(w):
+        return F.softplus(-y * (X @ w)).mean() + 0.5 * mu * w.dot(w)
+
+    return X, y, mu, f
+
+
+def scipy_optimum(X, y, mu, f):
+    from scipy.optimize import minimize
+
+    Xn, yn, n, d = X.numpy(), y.numpy(), *X.shape
+
+    def fun(w):
+        t = torch.tensor(w, requires_grad=True)
+        val = f(t)
+        (grad,) = torch.autograd.grad(val, t)
+        return val.item(), grad.numpy()
+
+    def hess(w):
+        s = 1 / (1 + np.exp(-yn * (Xn @ w)))
+        return (Xn.T * (s * (1 - s))) @ Xn / n + mu * np.eye(d)
+
+    res = minimize(
+        fun,
+        np.zeros(d),
+        jac=True,
+        hess=hess,
+        method="trust-exact",
+        options={"gtol": 1e-12, "maxiter": 200},
+    )
+    assert np.linalg.norm(res.jac) < 1e-9
+    return res.fun, res.nit
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "dense"])
+def test_logistic_regression_reaches_target_in_a_dozen_steps(curvature):
+    X, y, mu, f = logistic_problem()
+    f_star, _ = scipy_optimum(X, y, mu, f)
+    w = torch.zeros(X.shape[1], dtype=DT, requires_grad=True)
+    opt = RegularizedNewton([w], curvature=curvature)
+    for _ in range(12):
+        opt.step(lambda: f(w))
+        gap = f(w).item() - f_star
+        if gap <= 1e-8:
+            break
+    assert gap <= 1e-8, gap
+    assert gap >= -1e-13  # never below the optimum
+
+
+# -- rejections, failed solves, non-finite values --------------------------------------------
+
+
+def test_all_tries_rejected_leaves_parameters_intact():
+    _, _, params, closure = quadratic()
+    calls = [0]
+
+    def worse_everywhere():
+        calls[0] += 1
+        return closure() + (0.0 if calls[0] == 1 else 1e6)
+
+    opt = RegularizedNewton(params, solver="cholesky", max_tries=5)
+    before = [p.detach().clone() for p in params]
+    with pytest.warns(RuntimeWarning, match="every try was rejected"):
+        opt.step(worse_everywhere)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    state = opt.state[params[0]]
+    assert state["record"]["accepted"] is False and state["record"]["tries"] == 5
+    assert state["gamma"] == 1.0 and state["failed_steps"] == 1 and calls[0] == 6
+
+
+@pytest.mark.parametrize("solver,reason", [("cholesky", "cholesky"), ("cg", "breakdown")])
+def test_indefinite_solve_is_a_rejection(solver, reason):
+    """f = x^T diag(-1, 2) x / 2 + sum x^4 / 4 at (0.3, 0.02): H = diag(-0.73, 2.0012).
+
+    With gamma0 = 64, lambda is far below 0.73: Cholesky fails / CG meets negative curvature,
+    and gamma halves until the solve succeeds.
+    """
+    x = torch.tensor([0.3, 0.02], dtype=DT, requires_grad=True)
+    D = torch.diag(torch.tensor([-1.0, 2.0], dtype=DT))
+
+    def closure():
+        return 0.5 * x @ D @ x + 0.25 * (x**4).sum()
+
+    x0 = x.detach().clone()
+    H, g = D + torch.diag(3 * x0**2), D @ x0 + x0**3
+    opt = RegularizedNewton([x], solver=solver, gamma0=64.0, cg_tol=1e-13)
+    delta, rec = one_step(opt, [x], closure)
+    assert rec["accepted"] and rec["reasons"][0] == reason and rec["tries"] > 1
+    assert rec["lambda"] > 0.5
+    torch.testing.assert_close(delta, reg_newton(H, g, rec["lambda"]), rtol=1e-9, atol=1e-12)
+    assert closure().item() < 0.5 * x0 @ D @ x0 + 0.25 * (x0**4).sum()
+
+
+def test_nonfinite_trial_point_is_a_rejection():
+    _, _, params, closure = quadratic()
+    start = flat(params)
+
+    def overflowing():
+        x = torch.cat(params)
+        far = (x.detach() - start).norm() > 0.2
+        return closure() + (float("inf") if far else 0.0)
+
+    delta, rec = one_step(RegularizedNewton(params, solver="cholesky"), params, overflowing)
+    assert rec["accepted"] and "nonfinite trial" in rec["reasons"]
+    assert 0 < delta.norm() <= 0.2 and all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_raises_or_skips(bad):
+    _, _, params, closure = quadratic()
+    before = flat(params)
+    opt = RegularizedNewton(params)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step(lambda: closure() * bad)
+    assert torch.equal(flat(params), before) and len(opt.state) == 0
+    opt = RegularizedNewton(params, nonfinite="skip")
+    opt.step(lambda: closure() * bad)
+    assert torch.equal(flat(params), before)
+    assert opt.state[params[0]]["skipped_steps"] == 1
+    assert opt.state[params[0]]["record"]["skipped"] is True
+
+
+# -- argument checking -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(curvature="fisher"), "curvature"),
+        (dict(regularization="cubic"), "regularization"),
+        (dict(gamma0=0.0), "gamma0"),
+        (dict(gamma0=float("inf")), "gamma0"),
+        (dict(max_tries=0), "max_tries"),
+        (dict(max_tries=2.5), "max_tries"),
+        (dict(solver="lu"), "solver"),
+        (dict(solver="woodbury"), "solver"),
+        (dict(cg_tol=0.0), "cg_tol"),
+        (dict(cg_tol=1.5), "cg_tol"),
+        (dict(cg_maxiter=0), "cg_maxiter"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+    ],
+)
+def test_invalid_arguments_raise(kw, name):
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        RegularizedNewton([torch.zeros(2, requires_grad=True)], **kw)
+
+
+def test_two_param_groups_raise():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="one parameter group"):
+        RegularizedNewton([{"params": [a]}, {"params": [b]}])
+
+
+@pytest.mark.parametrize(
+    "curvature,kind",
+    [
+        ("hessian", "per_sample"),
+        ("hessian", "tuple"),
+        ("dense", "per_sample"),
+        ("gauss_newton", "scalar"),
+        ("gauss_newton", "per_sample"),
+        ("empirical_fisher", "scalar"),
+        ("empirical_fisher", "tuple"),
+    ],
+)
+def test_wrong_closure_kind_says_what_is_expected(curvature, kind):
+    model, x, y = small_problem()
+    per_sample = lambda: F.cross_entropy(model(x), y, reduction="none")  # noqa: E731
+    given = {
+        "scalar": lambda: per_sample().mean(),
+        "per_sample": per_sample,
+        "tuple": lambda: (per_sample().mean(), model(x)),
+    }[kind]
+    expected = {
+        "hessian": "the scalar loss",
+        "dense": "the scalar loss",
+        "gauss_newton": r"a tuple \(loss, outputs\)",
+        "empirical_fisher": r"the per-sample losses, a tensor of shape \(B,\)",
+    }[curvature]
+    before = flat(list(model.parameters()))
+    opt = RegularizedNewton(model.parameters(), curvature=curvature)
+    with pytest.raises(ValueError, match=f"curvature='{curvature}': expected {expected}"):
+        opt.step(given)
+    assert torch.equal(flat(list(model.parameters())), before)
+
+
+def test_closure_that_calls_backward_gets_told():
+    model, x, y = small_problem()
+    opt = RegularizedNewton(model.parameters())
+
+    def lbfgs_style():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="without calling backward"):
+        opt.step(lbfgs_style)
+    with pytest.raises(ValueError, match="does not require grad"):
+        opt.step(lambda: F.cross_entropy(model(x), y).detach())
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step(None)
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(curvature="hessian"),
+        dict(curvature="gauss_newton", regularization="sqrt"),
+        dict(curvature="empirical_fisher", solver="woodbury", gamma0=0.1),
+    ],
+)
+def test_state_dict_resume_is_bit_for_bit(kw):
+    model, x, y = small_problem(seed=3)
+    closure_of = lambda m: closures(m, x, y)[kw["curvature"]]  # noqa: E731
+    opt = RegularizedNewton(model.parameters(), **kw)
+    for _ in range(3):
+        opt.step(closure_of(model))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    twin = copy.deepcopy(model)
+    twin_opt = RegularizedNewton(twin.parameters(), **kw)
+    buf.seek(0)
+    twin_opt.load_state_dict(torch.load(buf))
+    for _ in range(4):
+        opt.step(closure_of(model))
+        twin_opt.step(closure_of(twin))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+    s, t = opt.state_dict()["state"][0], twin_opt.state_dict()["state"][0]
+    assert s["record"] == t["record"] and s["gamma"] == t["gamma"] and s["M"] == t["M"]
+    assert torch.equal(s["step"], t["step"]) and s["step"].item() == 7
+
+
+# -- Lightning, manual optimization ----------------------------------------------------------
+
+
+def test_lightning_manual_optimization_matches_plain_loop():
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, dtype=DT)
+    y = torch.sin(x.sum(1, keepdim=True))
+    net0 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = copy.deepcopy(net0)
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            opt = self.optimizers()
+            loss = opt.step(closure=lambda: F.mse_loss(self.net(xb), yb))
+            self.losses.append(loss.item())
+
+        def configure_optimizers(self):
+            return RegularizedNewton(self.parameters(), curvature="hessian")
+
+    module = Module()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's hints about workers and batch counts
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=64))
+
+    net = copy.deepcopy(net0)
+    opt = RegularizedNewton(net.parameters(), curvature="hessian")
+    losses = [opt.step(lambda: F.mse_loss(net(x), y)).item() for _ in range(6)]
+    assert module.losses == losses
+    for p, q in zip(module.net.parameters(), net.parameters()):
+        assert torch.equal(p, q)
+    assert losses[-1] < 0.5 * losses[0]
