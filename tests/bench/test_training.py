@@ -13,6 +13,7 @@ from torchsteer.bench.training import (
     lbfgs_method,
     mlp,
     optimizer_state_bytes,
+    peak_step_memory,
     per_sample_closure_step,
     time_to_target,
     torch_method,
@@ -120,6 +121,7 @@ def test_minibatches_cover_every_sample_once_per_epoch():
         steps=6,
         batch_size=b,
         eval_every=100,
+        measure_memory=False,
     )
     assert [len(s) for s in seen] == [4, 4, 2, 4, 4, 2]
     for epoch in (seen[:3], seen[3:]):
@@ -211,3 +213,26 @@ def test_mlp_is_seeded_privately():
     assert [type(m) for m in a] == [nn.Linear, nn.GELU, nn.Linear]
     with pytest.raises(ValueError, match="Invalid sizes"):
         mlp([3])
+
+
+def test_peak_step_memory_sees_a_transient_buffer_and_leaves_the_model_alone():
+    def step_with_buffer(optimizer, model, loss_fn, x, y):
+        buffer = torch.ones(1_000_000, dtype=torch.float32)  # 4 MB, freed at return
+        torch.randn(3)  # uses the RNG
+        return float(buffer[0])
+
+    x, y = linear_problem(n=8)
+    model = linear_model()
+    before = [p.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    method = Method(
+        name="buf", make=lambda m: torch.optim.SGD(m.parameters(), lr=1.0), step=step_with_buffer
+    )
+    peak = peak_step_memory(method, model, squared_error, x, y)
+    assert 4_000_000 <= peak <= 4_000_000 + 4096
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    sgd = torch_method("SGD", torch.optim.SGD, lr=0.1)
+    # an SGD step on the linear model holds at least its gradients (4 float64)
+    assert peak_step_memory(sgd, model, squared_error, x, y) >= 4 * 8
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

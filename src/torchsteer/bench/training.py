@@ -10,8 +10,12 @@ optimizer from the model, and a *step function* that performs one optimizer step
   metric, both evaluated every ``eval_every`` steps (and at step 0);
 * ``step_time`` is the training CPU time divided by the number of steps taken;
 * ``time_to_target`` is the CPU time of the first recorded point whose metric meets the target;
-* ``peak_memory`` is the bytes of tensors held in the optimizer state (what the method keeps
-  beyond parameters and gradients; on CUDA, the peak allocated bytes during training).
+* ``peak_memory`` is the peak of bytes allocated by torch during training steps, above what
+  was allocated before them: gradients, optimizer state, activations and the temporaries of
+  the step (per-sample Jacobians, line searches). On CUDA it is read from the allocator over
+  the whole run; on CPU it is measured by :func:`peak_step_memory` with the profiler's
+  memory events over two steps on a copy of the fresh model (outside the timed training);
+  ``extra["state_bytes"]`` holds the optimizer state kept at the end of training.
 
 Step functions have the signature ``step(optimizer, model, loss_fn, x, y) -> float`` where
 ``loss_fn(output, y)`` returns the *per-sample* losses, shape ``(B,)``; they return the batch's
@@ -24,9 +28,13 @@ call ``backward``: Sven's contract).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import itertools
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,6 +50,7 @@ __all__ = [
     "lbfgs_method",
     "mlp",
     "optimizer_state_bytes",
+    "peak_step_memory",
     "per_sample_closure_step",
     "time_to_target",
     "torch_method",
@@ -200,6 +209,55 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(size(s) for s in optimizer.state.values())
 
 
+@contextlib.contextmanager
+def _silence_stderr():
+    """Mute file descriptor 2 (the profiler's C++ start/stop lines)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def peak_step_memory(
+    method: Method,
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 2,
+) -> int | None:
+    """Peak CPU bytes torch allocates during ``steps`` steps of ``method`` on ``(x, y)``.
+
+    Runs on a deep copy of ``model`` with a fresh optimizer (the RNG state is restored after),
+    under ``torch.profiler`` with ``profile_memory=True``; the peak of the running sum of the
+    allocation events, above the start. Returns ``None`` when the profiler does not expose
+    its memory events.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    probe = copy.deepcopy(model)
+    optimizer = method.make(probe)
+    try:
+        with torch.random.fork_rng(devices=[]), _silence_stderr():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                for _ in range(steps):
+                    method.step(optimizer, probe, loss_fn, x, y)
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        total = peak = 0
+        for e in events:
+            total += e.nbytes()
+            peak = max(peak, total)
+    except (AttributeError, RuntimeError):
+        return None
+    return peak
+
+
 def _evaluate(model, loss_fn, x, y, metric_fn) -> tuple[float, float]:
     was_training = model.training
     model.eval()
@@ -226,6 +284,7 @@ def train(
     target: float | None = None,
     higher_is_better: bool = True,
     clock: Callable[[], float] = time.process_time,
+    measure_memory: bool = True,
 ) -> Run:
     """Train ``model`` with ``method`` and record the curve as a :class:`Run`.
 
@@ -243,6 +302,8 @@ def train(
         metric_fn: ``metric_fn(model) -> float`` on held-out data (under ``no_grad``).
         target: metric value for ``time_to_target``; direction from ``higher_is_better``.
         clock: CPU clock (tests pass a fake one).
+        measure_memory: set ``Run.peak_memory`` (on CPU: :func:`peak_step_memory` on the
+            first batch, before training).
 
     Training stops early, marking ``extra["diverged"]``, when a loss is NaN or infinite.
     """
@@ -256,6 +317,9 @@ def train(
     if cuda:
         torch.cuda.reset_peak_memory_stats(x.device)
         base_memory = torch.cuda.memory_allocated(x.device)
+    elif measure_memory:
+        probe = (x, y) if method.full_batch else (x[:batch_size], y[:batch_size])
+        run.peak_memory = peak_step_memory(method, model, loss_fn, *probe)
     run.record(0, 0.0, *_evaluate(model, loss_fn, x, y, metric_fn))
     order = torch.empty(0, dtype=torch.long)
     pos, spent, diverged, done = 0, 0.0, False, 0
@@ -282,11 +346,9 @@ def train(
     run.step_time = spent / done if done else None
     if target is not None:
         run.time_to_target = time_to_target(run.cpu_time, run.metric, target, higher_is_better)
-    run.peak_memory = (
-        torch.cuda.max_memory_allocated(x.device) - base_memory
-        if cuda
-        else optimizer_state_bytes(optimizer)
-    )
+    if cuda:
+        run.peak_memory = torch.cuda.max_memory_allocated(x.device) - base_memory
+    run.extra["state_bytes"] = optimizer_state_bytes(optimizer)
     if diverged:
         run.extra["diverged"] = True
     if isinstance(optimizer, torch.optim.LBFGS):
