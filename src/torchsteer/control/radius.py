@@ -290,7 +290,7 @@ class RadiusLimiter:
         return loss
 
     def before_step(self, optimizer: torch.optim.Optimizer, inputs: Any = None) -> None:
-        """Snapshot theta_old (``"update"``) or measure along -g and scale the lr (``"neg_grad"``)."""
+        """Snapshot theta_old (``"update"``), or measure along -g and scale the lr."""
         named = self._named_params(optimizer)
         if self.direction == "update":
             old = [p.detach().clone() for _, p in named]
