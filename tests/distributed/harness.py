@@ -1,0 +1,66 @@
+"""Run a function on R CPU processes with the gloo backend and collect what each returns.
+
+``run_ranks(fn, world_size=2, *args)`` spawns ``world_size`` processes
+(``torch.multiprocessing``), initializes a gloo process group on a free localhost port,
+calls ``fn(rank, world_size, *args)`` in each, and returns the list of results in rank order
+(results travel through a temporary file per rank, via ``torch.save``). ``fn`` must be a
+module-level function (it is pickled). An exception on any rank fails the call with that
+rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["free_port", "run_ranks"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, outdir, fn, args):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, os.path.join(outdir, f"{rank}.pt"))
+    except Exception:
+        torch.save(
+            {"ok": False, "error": traceback.format_exc()}, os.path.join(outdir, f"{rank}.pt")
+        )
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int = 2, *args):
+    """``[fn(0, R, *args), ..., fn(R-1, R, *args)]`` computed on R gloo processes."""
+    with tempfile.TemporaryDirectory() as outdir:
+        try:
+            mp.spawn(_worker, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size)
+        except Exception as exc:  # report the rank's own traceback
+            msgs = []
+            for r in range(world_size):
+                path = os.path.join(outdir, f"{r}.pt")
+                if os.path.exists(path):
+                    rec = torch.load(path, weights_only=False)
+                    if not rec["ok"]:
+                        msgs.append(f"rank {r}:\n{rec['error']}")
+            raise AssertionError("\n".join(msgs) or str(exc)) from exc
+        return [
+            torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False)["result"]
+            for r in range(world_size)
+        ]
