@@ -1,0 +1,388 @@
+"""Sven: singular value descent, a minimum-norm step through a truncated-SVD pseudoinverse."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from torchsteer.jacobian import JacobianOperator, check_finite, graph_jacobian, unwrap_model
+from torchsteer.optim._sven_step import (
+    ResidualOperator,
+    Solution,
+    group_rows,
+    per_sample_values_and_jacobian,
+    residuals,
+    solve_dense,
+    solve_operator,
+)
+
+__all__ = ["Sven"]
+
+_RECORDS = ("kept_rank", "sigma_max", "sigma_min", "linearized_reduction")
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class Sven(torch.optim.Optimizer):
+    r"""Sven (singular value descent): the minimum-norm step that zeroes the linearized residuals.
+
+    With per-sample losses ``l_a(theta)``, ``a = 1..B`` (what the closure returns)::
+
+        R = l^(kappa/2)                       residuals (kappa = 2: the losses themselves)
+        M = dR/dtheta                         (B x P, spanning the parameters of all groups)
+        M ~ U_k diag(S_k) V_k^T               top ``rank`` singular triplets
+        keep S_i > rtol * S_max and S_i > 0
+        d = V_k diag(1/S_k) U_k^T R           = argmin |d| over argmin |R - M d| (in the kept space)
+        b = momentum * b + d                  (b = d when momentum = 0)
+        theta_g <- theta_g - lr_g * b_g       per parameter group g
+
+    No damping: the regularization is spectral (``rank`` and ``rtol``). For squared error
+    with ``kappa = 1`` the residuals are ``|f - y|`` and ``d`` is the Gauss-Newton step; with
+    B = 1 it is the Polyak step ``(2/kappa) l g / |g|^2``. Scaling every loss by ``c > 0``
+    leaves ``d`` unchanged.
+
+    **Two ways in.** The *graph path*: ``step(closure)``, where the closure zeroes the
+    gradients and returns the per-sample loss vector (B,) with its autograd graph (e.g.
+    ``loss_fn(model(x), y)`` with ``reduction="none"``); the dense Jacobian then costs one
+    batched backward (B backward passes through the whole batch: O(B^2) work for an MLP). The
+    *functional path*: build with ``model=`` and ``loss_fn=`` and call ``step(batch=(x, y))``;
+    the Jacobian is formed by ``vmap(grad)`` over single samples (O(B) work, several times
+    faster), and the matrix-free products run in forward mode. ``loss_fn(outputs, targets)``
+    returns per-sample losses; entries beyond the first dimension are summed.
+
+    **Dense or matrix-free** (``jacobian``): ``"dense"`` forms M (B x P) and solves exactly
+    through ``eigh`` of the smaller Gram matrix (``svd="exact"``) or a randomized SVD of M;
+    ``"matrix_free"`` never forms M and runs a randomized SVD on products ``M V`` and
+    ``M^T U`` (about ``(rank + oversample) (2 + 2 power_iters)`` JVPs/VJPs, memory
+    ``O((B + P) (rank + oversample))``); ``svd="exact"`` there sketches all ``min(B, P)``
+    columns, which captures the row space exactly. ``"auto"`` goes matrix-free when
+    ``B * P`` entries would exceed ``memory_budget`` bytes. ``svd="auto"`` is exact on the
+    dense path unless a randomized sketch is much cheaper, randomized on the matrix-free path.
+
+    Per step the first parameter's state records ``kept_rank``, ``sigma_max``, ``sigma_min``
+    (smallest kept), ``linearized_reduction`` (``1 - |R - M d| / |R|``, the share of the
+    residual norm a step with lr = 1 would remove on the linearized problem), ``step`` and
+    ``skipped_steps``, and ``generator_state`` (the random source of sketches and parameter
+    subsets, so a resumed run continues bit-for-bit).
+
+    Args:
+        params: parameters or param groups (``lr`` and ``momentum`` may differ per group).
+        lr: learning rate (authors' default 0.1).
+        rank: number of singular triplets k (authors' default B // 2).
+        rtol: relative cut-off of singular values, ``0 <= rtol < 1`` (default 1e-3).
+        kappa: residual exponent, ``R = l^(kappa/2)`` (losses must be >= 0 unless kappa = 2).
+        svd: ``"auto"``, ``"exact"`` or ``"randomized"``.
+        jacobian: ``"auto"``, ``"dense"`` or ``"matrix_free"``.
+        oversample: extra sketch columns of the randomized SVD.
+        power_iters: subspace iterations of the randomized SVD.
+        param_fraction: fraction of the coordinates, drawn afresh each step, that the step
+            updates (the others' columns of M are dropped).
+        microbatch_size: average the losses over consecutive groups of this many samples
+            before forming residuals (fewer rows: cheaper SVD, coarser fit).
+        momentum: heavy-ball coefficient on the direction, ``0 <= momentum < 1``.
+        nonfinite: ``"raise"`` (ValueError; nothing changes) or ``"skip"`` (nothing changes
+            but ``skipped_steps``) when the losses, the Jacobian or the step hold NaN/Inf.
+        memory_budget: bytes for the dense Jacobian under ``jacobian="auto"`` (256 MB).
+        seed: seed of the sketch generator (default: drawn from torch's global generator).
+        model, loss_fn: enable the functional path (``step(batch=...)``).
+
+    Memory: dense, the Jacobian B x P in the algebra dtype plus one transient copy while it
+    is assembled, plus a B x B Gram (float64 when B * P <= 4M entries, else the algebra dtype;
+    in float32 singular values below ``2 sqrt(eps) S_max ~ 7e-4 S_max`` are Gram noise and
+    dropped). Matrix-free: a few (B + P) x (rank + oversample) blocks. bf16/fp16 parameters
+    use float32 algebra and float32 momentum.
+
+    References:
+        Bright-Thonney, Harvey, Lukas, Thaler, "Sven: Singular Value Descent as a
+        Computationally Efficient Natural Gradient Method", arXiv:2604.01279 (2026).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.1,
+        rank: int = 64,
+        rtol: float = 1e-3,
+        kappa: float = 2.0,
+        svd: str = "auto",
+        jacobian: str = "auto",
+        oversample: int = 10,
+        power_iters: int = 2,
+        param_fraction: float = 1.0,
+        microbatch_size: int | None = None,
+        momentum: float = 0.0,
+        nonfinite: str = "raise",
+        memory_budget: int = 256 * 2**20,
+        seed: int | None = None,
+        model: torch.nn.Module | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = {
+            "lr": math.isfinite(lr) and lr >= 0.0,
+            "rank": is_int(rank) and rank >= 1,
+            "rtol": 0.0 <= rtol < 1.0,
+            "kappa": math.isfinite(kappa) and kappa > 0.0,
+            "svd": svd in ("auto", "exact", "randomized"),
+            "jacobian": jacobian in ("auto", "dense", "matrix_free"),
+            "oversample": is_int(oversample) and oversample >= 0,
+            "power_iters": is_int(power_iters) and power_iters >= 0,
+            "param_fraction": 0.0 < param_fraction <= 1.0,
+            "microbatch_size": microbatch_size is None
+            or (is_int(microbatch_size) and microbatch_size >= 1),
+            "momentum": 0.0 <= momentum < 1.0,
+            "nonfinite": nonfinite in ("raise", "skip"),
+            "memory_budget": is_int(memory_budget) and memory_budget > 0,
+            "seed": seed is None or is_int(seed),
+        }
+        values = dict(locals())
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"Invalid {name}: {values[name]}")
+        if (model is None) != (loss_fn is None) and loss_fn is not None:
+            raise ValueError("Invalid loss_fn: the functional path needs model= as well")
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+        self.rank, self.rtol, self.kappa = rank, float(rtol), float(kappa)
+        self.svd, self.jacobian, self.nonfinite = svd, jacobian, nonfinite
+        self.oversample, self.power_iters = oversample, power_iters
+        self.param_fraction, self.microbatch_size = float(param_fraction), microbatch_size
+        self.memory_budget, self.model, self.loss_fn = memory_budget, model, loss_fn
+        for p in self._params():
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._initial_generator_state = torch.Generator().manual_seed(seed).get_state()
+
+    # ------------------------------------------------------------------ helpers
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _algebra_dtype(self) -> torch.dtype:
+        dtypes = {p.dtype for p in self._params()}
+        return torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def _named_params(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
+        out = {}
+        for p in self._params():
+            if id(p) not in names:
+                raise ValueError("Invalid model: an optimized parameter is not in the model")
+            out[names[id(p)]] = p
+        return out
+
+    def _losses_from_closure(self, closure) -> torch.Tensor:
+        if closure is None:
+            raise ValueError(
+                "Invalid closure: Sven needs a closure returning the per-sample losses (B,), "
+                "or batch=(inputs, targets) with model= and loss_fn= given"
+            )
+        with torch.enable_grad():
+            out = closure()
+        if not isinstance(out, torch.Tensor) or out.dim() != 1:
+            got = (
+                "a scalar"
+                if isinstance(out, torch.Tensor) and out.dim() == 0
+                else (
+                    f"shape {tuple(out.shape)}"
+                    if isinstance(out, torch.Tensor)
+                    else type(out).__name__
+                )
+            )
+            raise ValueError(
+                f"Invalid closure output: Sven needs the per-sample loss vector of shape (B,) "
+                f"(e.g. reduction='none'), got {got}"
+            )
+        if not out.requires_grad:
+            raise ValueError(
+                "Invalid closure output: the per-sample losses carry no autograd graph"
+            )
+        return out
+
+    def _choose_dense(self, rows: int, cols: int, itemsize: int) -> bool:
+        if self.jacobian != "auto":
+            return self.jacobian == "dense"
+        return rows * cols * itemsize <= self.memory_budget
+
+    def _randomized_dense(self, rows: int, cols: int) -> bool:
+        if self.svd != "auto":
+            return self.svd == "randomized"
+        width = min(self.rank + self.oversample, rows, cols)
+        return 2 * (2 + 2 * self.power_iters) * width < min(rows, cols)
+
+    # ------------------------------------------------------------------ the step
+    def _n_params(self) -> int:
+        return sum(p.numel() for p in self._params())
+
+    def _itemsize(self) -> int:
+        return torch.finfo(self._algebra_dtype()).bits // 8
+
+    def _solve(self, losses, source, dense, gen) -> tuple[Solution, torch.Tensor | None]:
+        """The direction on the kept coordinates (and their indices, None for all)."""
+        alg = self._algebra_dtype()
+        params = self._params()
+        n_params = self._n_params()
+        cols = None
+        if self.param_fraction < 1.0:
+            n_keep = max(1, math.ceil(self.param_fraction * n_params))
+            cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
+            cols = cols.to(params[0].device)
+        lg = group_rows(losses.detach().to(alg), self.microbatch_size)
+        if self.kappa != 2.0 and bool((lg < 0).any()):
+            raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
+        R, D = residuals(lg, self.kappa)
+        if dense:
+            J = source("dense")
+            if not bool(torch.isfinite(J).all()):
+                raise _NonFinite("Jacobian")
+            J = group_rows(J.to(alg), self.microbatch_size)
+            if cols is not None:
+                J = J[:, cols]
+            if self.kappa != 2.0:
+                J = J.mul_(D.unsqueeze(1)) if J.dtype == alg else D.unsqueeze(1) * J
+            randomized = self._randomized_dense(*J.shape)
+            sol = solve_dense(
+                J, R, self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen
+            )
+        else:
+            op = ResidualOperator(source("matrix_free"), D, self.microbatch_size, cols, alg)
+            try:
+                sol = solve_operator(
+                    op,
+                    R,
+                    self.rank,
+                    self.rtol,
+                    self.oversample,
+                    self.power_iters,
+                    gen,
+                    exact=self.svd == "exact",
+                )
+            except RuntimeError as err:  # an SVD/QR of NaN input may fail to converge
+                raise _NonFinite("Jacobian") from err
+        if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
+            raise _NonFinite("Jacobian")
+        return sol, cols
+
+    def _graph_source(self, out: torch.Tensor):
+        params = self._params()
+
+        def source(kind):
+            with torch.enable_grad():
+                if kind == "dense":
+                    return graph_jacobian(out, params)
+                return JacobianOperator.from_graph(out, params)
+
+        return source
+
+    def _functional(self, batch) -> tuple[torch.Tensor, Callable]:
+        if self.model is None or self.loss_fn is None:
+            raise ValueError("Invalid batch: the functional path needs model= and loss_fn=")
+        inputs, targets = batch
+        named, model, loss_fn = self._named_params(), self.model, self.loss_fn
+        n = inputs.shape[0]
+        if self._choose_dense(n, self._n_params(), self._itemsize()):
+            values, jac = per_sample_values_and_jacobian(model, loss_fn, inputs, targets, named)
+            return values, lambda kind: jac
+        bufs = dict(unwrap_model(model).named_buffers())
+
+        def f(q):
+            out = torch.func.functional_call(unwrap_model(model), {**q, **bufs}, (inputs,))
+            return loss_fn(out, targets).reshape(n, -1).sum(1)
+
+        values = f({k: v.detach() for k, v in named.items()})
+        return values, lambda kind: JacobianOperator.from_function(f, named)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, batch=None):
+        """One Sven step; returns the mean loss before the step.
+
+        Args:
+            closure: zeroes the gradients and returns the per-sample losses (B,) with their
+                graph (graph path). With ``batch`` it is optional; if given (Lightning passes
+                its own) it is called once and its value ignored.
+            batch: ``(inputs, targets)`` for the functional path (needs ``model=`` and
+                ``loss_fn=``).
+
+        Raises:
+            ValueError: a scalar or graph-less closure output, invalid losses, or NaN/Inf in
+                the losses, Jacobian or step with ``nonfinite="raise"`` (nothing changed).
+        """
+        if batch is not None:
+            if closure is not None:
+                with torch.enable_grad():
+                    closure()
+            losses, source = self._functional(batch)
+        else:
+            losses = self._losses_from_closure(closure)
+            source = self._graph_source(losses)
+        losses = losses.detach()
+        mean_loss = losses.mean()
+        first = self._params()[0]
+        state = self.state[first]
+        gen = torch.Generator()
+        gen.set_state(state.get("generator_state", self._initial_generator_state).to(torch.uint8))
+        try:
+            if not bool(torch.isfinite(losses).all()):
+                raise _NonFinite("per-sample losses")
+            dense = self._choose_dense(losses.numel(), self._n_params(), self._itemsize())
+            sol, cols = self._solve(losses, source, dense, gen)
+        except _NonFinite as err:
+            if self.nonfinite == "raise":
+                raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from None
+            self._init_state(state)
+            state["skipped_steps"] += 1
+            return mean_loss
+        self._apply(sol, cols)
+        self._init_state(state)
+        state["step"] += 1
+        state["generator_state"] = gen.get_state()
+        for key in _RECORDS:
+            state[key] = getattr(sol, key).detach().clone()
+        return mean_loss
+
+    def _init_state(self, state: dict) -> None:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["skipped_steps"] = torch.tensor(0.0)
+            state["generator_state"] = self._initial_generator_state.clone()
+
+    def _apply(self, sol: Solution, cols: torch.Tensor | None) -> None:
+        d = sol.direction
+        if cols is not None:
+            full = d.new_zeros(sum(p.numel() for p in self._params()))
+            full[cols] = d
+            d = full
+        offset = 0
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                n = p.numel()
+                dp = d[offset : offset + n].view_as(p)
+                offset += n
+                if momentum != 0.0:
+                    pstate = self.state[p]
+                    if "momentum_buffer" not in pstate:
+                        pstate["momentum_buffer"] = dp.clone()
+                    else:
+                        pstate["momentum_buffer"].mul_(momentum).add_(dp)
+                    dp = pstate["momentum_buffer"]
+                p.add_(dp.to(p.dtype), alpha=-lr)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``, but every state tensor keeps its saved dtype (the base
+        class casts state to the parameter's dtype: fp32 momentum of bf16 parameters, the
+        uint8 generator state and the counters stay as they were saved)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for index, p in enumerate(self._params()):
+            for key, value in saved.get(index, {}).items():
+                if isinstance(value, torch.Tensor):
+                    device = "cpu" if key == "generator_state" else p.device
+                    self.state[p][key] = value.to(device=device, copy=True)
