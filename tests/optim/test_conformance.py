@@ -181,3 +181,17 @@ def test_identical_runs_are_bitwise_identical(info):
         runs.append(params_of(model))
     for p, q in zip(*runs):
         assert torch.equal(p, q)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("info", INFOS, ids=IDS)
+def test_cuda_follows_cpu(info):
+    """Three float64 steps on CUDA land where the CPU's land (state on the device too)."""
+    cpu_model, x, y = make_problem()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    o_cpu, o_gpu = info.build(cpu_model), info.build(gpu_model)
+    run(info, o_cpu, cpu_model, x, y, 3)
+    run(info, o_gpu, gpu_model, x.cuda(), y.cuda(), 3)
+    for p, q in zip(cpu_model.parameters(), gpu_model.parameters()):
+        assert q.is_cuda
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-7, atol=1e-9)
