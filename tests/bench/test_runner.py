@@ -117,3 +117,22 @@ def test_cli_rejects_bad_arguments(fake, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "--seeds", "0"])
     assert "Invalid seeds: 0" in capsys.readouterr().err
+
+
+def test_the_docs_example_suite_runs_and_lbfgs_solves_it(monkeypatch, capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "bench.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    example = next(b for b in blocks if "run_suites(" in b)
+    registry.suites()
+    monkeypatch.setattr(registry, "_SUITES", dict(registry._SUITES))  # undo the registration
+    scope = {}
+    exec(compile(example, "docs/bench.md", "exec"), scope)
+    _, runs = scope["results"]["least-squares"]
+    assert [(r.method, r.seed) for r in runs] == [
+        (m, s) for s in (0, 1) for m in ("SGD", "Adam", "L-BFGS")
+    ]
+    lbfgs = [r for r in runs if r.method == "L-BFGS"]
+    assert all(r.final_loss < 1e-8 for r in lbfgs)  # y = x w exactly: the optimum is 0
+    assert "least-squares" in capsys.readouterr().out

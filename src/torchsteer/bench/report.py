@@ -119,6 +119,27 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
+def _fmt_loss(r: Row) -> str:
+    return _fmt(r.final_loss)
+
+
+def _fmt_metric(r: Row) -> str:
+    return _fmt(r.final_metric) + (" *" if r.best else "")
+
+
+def _fmt_ttt(r: Row) -> str:
+    text = "-" if r.time_to_target is None else f"{r.time_to_target:.3g}"
+    return text + (f" ({r.reached}/{r.seeds})" if r.seeds > 1 else "")
+
+
+def _fmt_ratio(r: Row) -> str:
+    return _fmt(r.step_time_ratio, ".3g")
+
+
+def _fmt_memory(r: Row) -> str:
+    return _fmt_bytes(r.peak_memory)
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -130,35 +151,28 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
-    """Print the suite's table with rich (``*`` marks the best final metric)."""
+    """Print the suite's table with rich (``*`` marks the best final metric).
+
+    The metric column is left out when no method recorded a metric, the time-to-target
+    column when the suite has no target.
+    """
     from rich.table import Table
 
-    target = (
-        ""
-        if suite.target is None
-        else f" {'>=' if suite.higher_is_better else '<='} {suite.target:g}"
-    )
+    has_metric = any(not math.isnan(r.final_metric) for r in rows)
+    has_target = suite.target is not None
+    columns = [("method", None), (f"final {suite.loss_name}", _fmt_loss)]
+    if has_metric:
+        columns.append((f"final {suite.metric_name}", _fmt_metric))
+    if has_target:
+        sign = ">=" if suite.higher_is_better else "<="
+        columns.append((f"CPU s to {suite.metric_name} {sign} {suite.target:g}", _fmt_ttt))
+    columns += [(f"step time / {suite.baseline}", _fmt_ratio), ("peak memory", _fmt_memory)]
     table = Table(title=f"{suite.name}: {suite.description}")
-    table.add_column("method", no_wrap=True)
-    table.add_column(f"final {suite.loss_name}", justify="right")
-    table.add_column(f"final {suite.metric_name}", justify="right")
-    table.add_column(f"CPU s to {suite.metric_name}{target}", justify="right")
-    table.add_column(f"step time / {suite.baseline}", justify="right")
-    table.add_column("opt. memory", justify="right")
+    for i, (title, _) in enumerate(columns):
+        table.add_column(title, no_wrap=i == 0, justify="left" if i == 0 else "right")
     for r in rows:
-        ttt = "-" if r.time_to_target is None else f"{r.time_to_target:.3g}"
-        if r.seeds > 1:
-            ttt += f" ({r.reached}/{r.seeds})"
         name = r.method + (" (diverged)" if r.diverged else "")
-        metric = _fmt(r.final_metric) + (" *" if r.best else "")
-        table.add_row(
-            name,
-            _fmt(r.final_loss),
-            metric,
-            ttt,
-            _fmt(r.step_time_ratio, ".3g"),
-            _fmt_bytes(r.peak_memory),
-        )
+        table.add_row(name, *(cell(r) for _, cell in columns[1:]))
     console.print(table)
 
 
