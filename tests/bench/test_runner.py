@@ -92,7 +92,7 @@ def test_a_suite_returning_foreign_runs_is_an_error(monkeypatch, tmp_path):
     registry.suites()
     monkeypatch.setitem(registry._SUITES, "bad", bad)
     with pytest.raises(ValueError, match=r"Invalid Run\.suite: 'other'"):
-        run_suites(["bad"], out=tmp_path, plots=False)
+        run_suites(["bad"], out=tmp_path, plots=False, keep_going=False)
 
 
 def test_cli_list_names_the_registered_suites(fake, capsys):
@@ -136,3 +136,19 @@ def test_the_docs_example_suite_runs_and_lbfgs_solves_it(monkeypatch, capsys):
     lbfgs = [r for r in runs if r.method == "L-BFGS"]
     assert all(r.final_loss < 1e-8 for r in lbfgs)  # y = x w exactly: the optimum is 0
     assert "least-squares" in capsys.readouterr().out
+
+
+def test_a_failing_suite_is_reported_and_the_others_still_written(fake, monkeypatch, tmp_path):
+    def explode(ctx):
+        ctx.advance()
+        raise RuntimeError("boom")
+
+    broken = Suite(name="broken", description="", units=lambda q, s: 2, run=explode)
+    monkeypatch.setitem(registry._SUITES, "broken", broken)
+    assert main(["bench", "broken", "fake", "--quick", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["failed"] == {"broken": "RuntimeError: boom"}
+    assert list(data["suites"]) == ["fake"]
+    assert len(data["suites"]["fake"]["runs"]) == 2
+    with pytest.raises(RuntimeError, match="boom"):
+        run_suites(["broken"], out=tmp_path, keep_going=False)

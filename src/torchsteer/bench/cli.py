@@ -4,7 +4,7 @@
 suites (none named: every suite marked ``quick_default``), shows a progress bar, prints a table
 per suite and writes ``results.json``, ``results.csv``, ``summary.csv`` and plots into ``DIR``
 (default ``bench-results/``). ``--seeds N`` runs seeds 0 .. N-1 (default 1 with ``--quick``,
-3 without).
+3 without). A suite that raises is reported and skipped; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -61,17 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             mark = "" if s.quick_default else "  (not in the default set)"
             print(f"{name:20s} {s.description}{mark}")
         return 0
-    from torchsteer.bench.runner import run_suites
+    from torchsteer.bench.runner import resolve, run_suites
 
-    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     try:
-        run_suites(args.suites, quick=args.quick, seeds=range(n_seeds), out=args.out)
+        selected = [s.name for s in resolve(args.suites)]
     except ValueError as e:
-        if str(e).startswith("Invalid suite:"):
-            print(f"torchsteer bench: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+        print(f"torchsteer bench: {e}", file=sys.stderr)
+        return 2
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    results = run_suites(selected, quick=args.quick, seeds=range(n_seeds), out=args.out)
+    return 0 if all(name in results for name in selected) else 1
 
 
 if __name__ == "__main__":

@@ -153,7 +153,11 @@ def discover() -> None:
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+            module = f"{pkg.__name__}.{info.name}"
+            try:
+                importlib.import_module(module)
+            except Exception as e:
+                raise ImportError(f"Invalid suite module {module}: {type(e).__name__}: {e}") from e
 
 
 def suites() -> dict[str, Suite]:

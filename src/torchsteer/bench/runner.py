@@ -59,6 +59,7 @@ def run_suites(
     console=None,
     threads: int | None = 1,
     plots: bool = True,
+    keep_going: bool = True,
 ) -> dict[str, tuple[Suite, list[Run]]]:
     """Run suites, print their tables and write the results into ``out``.
 
@@ -70,9 +71,11 @@ def run_suites(
         console: a ``rich.console.Console`` (default: a new one on stdout).
         threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
         plots: write the PNG plots.
+        keep_going: when a suite raises, print its traceback, list it under
+            ``meta["failed"]`` in results.json and go on with the others (else re-raise).
 
     Returns:
-        ``{suite name: (suite, runs)}``.
+        ``{suite name: (suite, runs)}`` of the suites that finished.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -88,6 +91,7 @@ def run_suites(
     cpu0, wall0 = time.process_time(), time.perf_counter()
     results: dict[str, tuple[Suite, list[Run]]] = {}
     timing: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -106,7 +110,15 @@ def run_suites(
                     log=progress.console.log,
                 )
                 c, w = time.process_time(), time.perf_counter()
-                results[suite.name] = (suite, _check(suite, suite.run(ctx)))
+                try:
+                    results[suite.name] = (suite, _check(suite, suite.run(ctx)))
+                except Exception as e:
+                    if not keep_going:
+                        raise
+                    progress.console.print_exception()
+                    failed[suite.name] = f"{type(e).__name__}: {e}"
+                    progress.update(task, description=f"{suite.name} [red](failed)")
+                    continue
                 timing[suite.name] = {
                     "cpu_s": time.process_time() - c,
                     "wall_s": time.perf_counter() - w,
@@ -119,6 +131,7 @@ def run_suites(
         "quick": quick,
         "seeds": seeds,
         "suites": timing,
+        "failed": failed,
         "total_cpu_s": time.process_time() - cpu0,
         "total_wall_s": time.perf_counter() - wall0,
         "torch": torch.__version__,
@@ -139,4 +152,6 @@ def run_suites(
         f"total: {meta['total_cpu_s']:.1f} CPU s, {meta['total_wall_s']:.1f} wall s; "
         f"results in {out}/"
     )
+    for name, error in failed.items():
+        console.print(f"[red]suite {name} failed: {error}")
     return results
