@@ -138,3 +138,11 @@ def test_plots_are_written_per_suite(tmp_path):
 )
 def test_bytes_format(n, text):
     assert report._fmt_bytes(n) == text
+
+
+def test_log_axis_only_for_positive_values():
+    pos = [make_run("A", 0, 1.0)]
+    neg = [make_run("A", 0, 1.0, metric=(-1.0, 0.5, NAN))]
+    assert report._all_positive(pos, lambda r: r.loss)
+    assert not report._all_positive(neg, lambda r: r.metric)
+    assert not report._all_positive([Run(suite="s", method="A", seed=0)], lambda r: r.loss)

@@ -87,10 +87,8 @@ def summarize(suite: Suite, runs: Sequence[Run]) -> list[Row]:
     for method, rs in by_method.items():
         step_time = _median([r.step_time for r in rs])
         memory = [r.peak_memory for r in rs if r.peak_memory is not None]
-        final_loss, final_metric = (
-            _median([r.final_loss for r in rs]),
-            _median([r.final_metric for r in rs]),
-        )
+        final_loss = _median([r.final_loss for r in rs])
+        final_metric = _median([r.final_metric for r in rs])
         rows.append(
             Row(
                 suite=suite.name,
@@ -285,8 +283,18 @@ def _band(runs: Sequence[Run], x_of, y_of, points: int = 200):
         return grid, np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
 
 
+def _all_positive(runs: Sequence[Run], y_of) -> bool:
+    values = np.concatenate([np.asarray(y_of(r), float) for r in runs] or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    return bool(values.size) and bool((values > 0).all())
+
+
 def plot_suite(out: Path, suite: Suite, runs: Sequence[Run]) -> list[Path]:
-    """Write the suite's plots into ``out``; returns the paths written."""
+    """Write the suite's plots into ``out``; returns the paths written.
+
+    The loss (and a lower-is-better metric) use a log axis when ``suite.log_loss`` is set and
+    every finite value is positive.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,7 +320,7 @@ def plot_suite(out: Path, suite: Suite, runs: Sequence[Run]) -> list[Path]:
                 grid, med, lo, hi = band
                 ax.plot(grid, med, color=colors[m], label=m, lw=1.4)
                 ax.fill_between(grid, lo, hi, color=colors[m], alpha=0.2, lw=0)
-            if log:
+            if log and _all_positive(runs, y_of):
                 ax.set_yscale("log")
             if kind == "metric" and suite.target is not None:
                 ax.axhline(suite.target, color="gray", ls="--", lw=0.8)
