@@ -1,0 +1,137 @@
+"""DROReweighting in short Lightning fits, against a hand-written loop, and resumed."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchsteer.callbacks.dro_reweighting import DROReweighting
+from torchsteer.control.dro import DROWeighting
+
+BATCH, N = 8, 32  # 4 steps per epoch
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    return x, y
+
+
+def _weighting():
+    return DROWeighting(
+        temperature=1.0,
+        mode="streaming",
+        momentum=0.3,
+        class_level=True,
+        num_classes=3,
+        class_step=0.2,
+    )
+
+
+def _schedule(step: int) -> float:
+    return 2.0 / (1.0 + 0.5 * step)
+
+
+class _Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = torch.nn.Linear(5, 3).double()
+        self.dro = _weighting()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.dro(F.cross_entropy(self.net(x), y, reduction="none"), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*_data()), batch_size=BATCH, shuffle=False)
+
+
+def _trainer(max_steps, callback, **kw):
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[callback],
+        **kw,
+    )
+
+
+def _reference(steps):
+    """The same training as a plain loop: schedule, weighting, SGD."""
+    torch.manual_seed(1)
+    net = torch.nn.Linear(5, 3).double()
+    dro = _weighting()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x, y = _data()
+    for step in range(steps):
+        i = (step % (N // BATCH)) * BATCH
+        xb, yb = x[i : i + BATCH], y[i : i + BATCH]
+        dro.temperature = _schedule(step)
+        loss = dro(F.cross_entropy(net(xb), yb, reduction="none"), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, dro
+
+
+def test_fit_matches_plain_loop_and_logs_signals():
+    model = _Module()
+    callback = DROReweighting(model.dro, temperature_schedule=_schedule)
+    trainer = _trainer(6, callback)
+    trainer.fit(model)
+    net, dro = _reference(6)
+    torch.testing.assert_close(model.net.weight, net.weight)
+    torch.testing.assert_close(model.dro.log_normalizer, dro.log_normalizer)
+    torch.testing.assert_close(model.dro.log_class_weights, dro.log_class_weights)
+    metrics = trainer.callback_metrics
+    assert float(metrics["dro/temperature"]) == pytest.approx(_schedule(5))
+    for name, value in dro.signals().items():
+        assert float(metrics[f"dro/{name}"]) == pytest.approx(value, rel=1e-5)
+
+
+def test_resume_from_checkpoint_restores_weighting_state(tmp_path):
+    # stop at an epoch end (a checkpoint taken by max_steps at the last batch of an epoch
+    # makes Lightning replay that epoch's data on resume)
+    model = _Module()
+    trainer = _trainer(-1, DROReweighting(model.dro, temperature_schedule=_schedule), max_epochs=1)
+    trainer.fit(model)
+    assert trainer.global_step == 4
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    resumed = _Module()  # fresh weighting: its state must come from the checkpoint
+    assert resumed.dro.step == 0 and resumed.dro.log_normalizer is None
+    callback = DROReweighting(resumed.dro, temperature_schedule=_schedule)
+    _trainer(-1, callback, max_epochs=2).fit(resumed, ckpt_path=ckpt)
+
+    net, dro = _reference(8)
+    assert resumed.dro.step == dro.step == 8
+    torch.testing.assert_close(resumed.net.weight, net.weight)
+    torch.testing.assert_close(resumed.dro.log_normalizer, dro.log_normalizer)
+    torch.testing.assert_close(resumed.dro.log_class_weights, dro.log_class_weights)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="Invalid weighting"):
+        DROReweighting(object())
+    with pytest.raises(ValueError, match="Invalid temperature_schedule"):
+        DROReweighting(DROWeighting(), temperature_schedule=3.0)
+
+
+def test_bad_schedule_value_raises_and_keeps_temperature():
+    model = _Module()
+    callback = DROReweighting(model.dro, temperature_schedule=lambda step: 0.0)
+    with pytest.raises(ValueError, match="Invalid temperature"):
+        _trainer(2, callback).fit(model)
+    assert model.dro.temperature == 1.0 and model.dro.step == 0
