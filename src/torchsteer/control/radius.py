@@ -398,6 +398,11 @@ class RadiusLimiter:
         }
 
     @property
+    def pending(self) -> bool:
+        """True between :meth:`before_step` and :meth:`after_step`."""
+        return self._pending is not None
+
+    @property
     def signals(self) -> dict[str, float]:
         """The last step's ``r``, ``rho_a``, ``tau`` (|p|), ``scale``, ``limited`` and the
         running ``fraction_limited``."""

@@ -1,0 +1,129 @@
+"""Lightning callback for the softmax step-radius limiter (:class:`~torchsteer.control.radius.RadiusLimiter`).
+
+Every optimizer step is measured by its normalized step ``r = max_x Delta_a(x; p) / pi``
+(``p`` the optimizer's actual update, ``Delta_a`` the spread of the directional logit
+derivatives) and rescaled by ``min(1, r_max / r)``:
+
+.. code-block:: python
+
+    trainer = L.Trainer(callbacks=[RadiusLimit(r_max=1.0)])
+    trainer.fit(model, loader)
+
+Hooks: the parameters are snapshot in ``on_before_optimizer_step`` (after backward, before
+the update) and the update is measured and corrected in ``on_train_batch_end``. The logits
+are ``logits_fn(pl_module, batch)``; by default ``pl_module(batch[0])`` for a tuple/list
+batch, else ``pl_module(batch)``. Logged: ``radius/r``, ``radius/rho_a``, ``radius/scale``,
+``radius/fraction_limited``. Checkpointed: the limiter's counters and last signals. Under DDP
+the spread is reduced with a maximum across ranks (:mod:`torchsteer.distributed`). With
+gradient accumulation the last micro-batch is measured. Cost: one JVP and one copy of the
+parameters per step.
+
+References:
+    P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
+    Cross-Entropy", arXiv:2603.13552 (2026).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from torchsteer.control.radius import RadiusLimiter
+
+__all__ = ["RadiusLimit", "default_logits_fn"]
+
+
+def default_logits_fn(module: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """``module(batch[0])`` for a tuple or list batch, else ``module(batch)``."""
+    if isinstance(batch, tuple | list):
+        return module(batch[0])
+    return module(batch)
+
+
+class RadiusLimit(pl.Callback):
+    """Limit every step to ``r_max`` times the softmax radius (or only monitor it).
+
+    Args:
+        r_max: the allowed normalized step (``mode="rho_set"``: the target).
+        mode: ``"limit"``, ``"rho_set"`` or ``"monitor"`` (a diagnostic: r is logged, the
+            steps are the optimizer's).
+        logits_fn: ``logits_fn(pl_module, batch) -> logits``.
+        log_every_n_steps: log the signals every this many optimizer steps.
+        log_prefix: prefix of the logged names.
+        **limiter_kwargs: ``direction``, ``eval_mode``, ``temperature``, ``method``, ``fd_eps``,
+            ``nonfinite`` of :class:`RadiusLimiter`.
+    """
+
+    def __init__(
+        self,
+        r_max: float = 1.0,
+        mode: str = "limit",
+        logits_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        log_every_n_steps: int = 1,
+        log_prefix: str = "radius/",
+        **limiter_kwargs: Any,
+    ):
+        if not (isinstance(log_every_n_steps, int) and log_every_n_steps >= 1):
+            raise ValueError(f"Invalid log_every_n_steps: {log_every_n_steps}")
+        # validates the hyperparameters now; the real limiter is bound to the module in setup
+        RadiusLimiter(torch.nn.Linear(1, 1), r_max=r_max, mode=mode, **limiter_kwargs)
+        self.r_max, self.mode = r_max, mode
+        self.logits_fn = logits_fn or default_logits_fn
+        self.log_every_n_steps, self.log_prefix = log_every_n_steps, log_prefix
+        self.limiter_kwargs = limiter_kwargs
+        self.limiter: RadiusLimiter | None = None
+        self._state: dict[str, Any] = {}
+        self._batch: Any = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.limiter = RadiusLimiter(
+            pl_module, r_max=self.r_max, mode=self.mode, logits_fn=self.logits_fn,
+            **self.limiter_kwargs,
+        )  # fmt: skip
+        self.limiter.load_state_dict(self._state)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+        self.limiter.before_step(optimizer, self._batch)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.limiter is None or not self.limiter.pending:
+            return
+        signals = self.limiter.after_step(batch)
+        self._batch = None
+        if (self.limiter.steps - 1) % self.log_every_n_steps == 0:
+            for key in ("r", "rho_a", "scale", "fraction_limited"):
+                pl_module.log(self.log_prefix + key, float(signals[key]), on_step=True,
+                              on_epoch=False, batch_size=1)  # fmt: skip
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.limiter.state_dict() if self.limiter is not None else dict(self._state)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = dict(state_dict)
+        if self.limiter is not None:
+            self.limiter.load_state_dict(self._state)
