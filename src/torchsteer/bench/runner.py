@@ -13,12 +13,16 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from torchsteer.bench import report
 from torchsteer.bench.registry import Context, Run, Suite, suites
 from torchsteer.bench.training import time_to_target
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["resolve", "run_suites"]
 
@@ -56,7 +60,7 @@ def run_suites(
     quick: bool = False,
     seeds: Sequence[int] = (0,),
     out: str | Path = "bench-results",
-    console=None,
+    console: Console | None = None,
     threads: int | None = 1,
     plots: bool = True,
     keep_going: bool = True,

@@ -292,8 +292,10 @@ def train(
         method: the arm; ``method.steps`` overrides ``steps``.
         model: the freshly initialized model (trained in place).
         loss_fn: per-sample loss, ``loss_fn(model(x), y)`` of shape ``(B,)``.
-        x, y: the training set.
-        suite, seed: stored in the Run; ``seed`` also seeds the minibatch order.
+        x: the training inputs.
+        y: the training targets.
+        suite: the suite's name, stored in the Run.
+        seed: stored in the Run; also seeds the minibatch order.
         steps: optimizer steps (minibatch arms draw epochs of shuffled batches of
             ``batch_size``, the last smaller batch of an epoch kept).
         eval_every: record the full training loss and metric every this many steps (a
