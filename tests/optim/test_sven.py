@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def sq_closure(X, y, theta, scale=1.0):
 def mlp(seed=0, dtype=F64, widths=(3, 6, 2)):
     torch.manual_seed(seed)
     layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.Tanh()]
     return nn.Sequential(*layers[:-1]).to(dtype)
 
@@ -340,9 +341,11 @@ class NaNGrad(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("where", ["loss", "jacobian"])
-@pytest.mark.parametrize("jac", ["dense", "matrix_free"])
+@pytest.mark.parametrize(
+    "jac,svd", [("dense", "exact"), ("dense", "randomized"), ("matrix_free", "randomized")]
+)
 @pytest.mark.parametrize("mode", ["raise", "skip"])
-def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, mode):
+def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, svd, mode):
     x, y = batch(6, seed=15)
     model = mlp(seed=15)
     opt = Sven(
@@ -350,7 +353,7 @@ def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, mode):
         lr=0.5,
         rank=4,
         jacobian=jac,
-        svd="randomized",
+        svd=svd,
         nonfinite=mode,
         momentum=0.5,
         seed=1,
@@ -377,7 +380,7 @@ def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, mode):
             torch.testing.assert_close(now[i][key], expected, rtol=0, atol=0)
     # and the next good step is the one the run would have taken without the bad batch
     clone = copy.deepcopy(model)
-    opt2 = Sven(clone.parameters(), lr=0.5, rank=4, jacobian=jac, svd="randomized", momentum=0.5)
+    opt2 = Sven(clone.parameters(), lr=0.5, rank=4, jacobian=jac, svd=svd, momentum=0.5)
     opt2.load_state_dict(saved)
     run_steps(model, opt, x, y, 1)
     run_steps(clone, opt2, x, y, 1)
@@ -416,7 +419,7 @@ def test_bad_closures_raise_clear_errors_and_change_nothing():
     model = mlp()
     opt = Sven(model.parameters())
     before = flat(model)
-    with pytest.raises(ValueError, match="per-sample loss vector of shape \\(B,\\).*scalar"):
+    with pytest.raises(ValueError, match=r"per-sample loss vector of shape \(B,\).*scalar"):
         opt.step(lambda: per_sample(model(x), y).mean())
     with pytest.raises(ValueError, match="Invalid closure"):
         opt.step()
@@ -444,3 +447,64 @@ def test_auto_goes_matrix_free_over_the_memory_budget(monkeypatch):
     t0 = flat(model)
     opt.step(lambda: per_sample(model(x), y))
     torch.testing.assert_close(flat(model), t0 - 0.1 * d, rtol=1e-8, atol=1e-11)
+
+
+# ---------------------------------------------------------------- Lightning
+def test_lightning_manual_optimization_fit_matches_a_plain_loop():
+    lightning = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.linspace(-1, 1, 64).unsqueeze(1)
+    y = torch.sin(3 * x)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+    def make_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    class Fit(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = make_net()
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            opt = self.optimizers()
+
+            def closure():
+                opt.zero_grad()
+                return ((self.net(xb) - yb) ** 2).squeeze(1)
+
+            self.losses.append(float(opt.step(closure)))
+
+        def configure_optimizers(self):
+            return Sven(self.parameters(), lr=0.5, rank=8, seed=0)
+
+    module = Fit()
+    with torch.no_grad():
+        start = float(((module.net(x) - y) ** 2).mean())
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_steps=40,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader)
+    with torch.no_grad():
+        end = float(((module.net(x) - y) ** 2).mean())
+    assert end < 0.5 * start
+
+    net = make_net()
+    opt = Sven(net.parameters(), lr=0.5, rank=8, seed=0)
+    losses = []
+    while len(losses) < 40:
+        for xb, yb in loader:
+            losses.append(float(opt.step(lambda xb=xb, yb=yb: ((net(xb) - yb) ** 2).squeeze(1))))
+            if len(losses) == 40:
+                break
+    assert losses == pytest.approx(module.losses, rel=1e-6)
+    torch.testing.assert_close(flat(net), flat(module.net), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from torchsteer.jacobian import JacobianOperator, check_finite, graph_jacobian, unwrap_model
+from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
 from torchsteer.optim._sven_step import (
     ResidualOperator,
     Solution,
@@ -239,33 +239,25 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
         if dense:
-            J = source("dense")
-            if not bool(torch.isfinite(J).all()):
-                raise _NonFinite("Jacobian")
-            J = group_rows(J.to(alg), self.microbatch_size)
+            J = group_rows(source("dense").to(alg), self.microbatch_size)
             if cols is not None:
                 J = J[:, cols]
             if self.kappa != 2.0:
-                J = J.mul_(D.unsqueeze(1)) if J.dtype == alg else D.unsqueeze(1) * J
+                J = J.mul_(D.unsqueeze(1))
             randomized = self._randomized_dense(*J.shape)
-            sol = solve_dense(
-                J, R, self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen
-            )
+            args = (self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen)
+            solve, system = solve_dense, J
         else:
-            op = ResidualOperator(source("matrix_free"), D, self.microbatch_size, cols, alg)
-            try:
-                sol = solve_operator(
-                    op,
-                    R,
-                    self.rank,
-                    self.rtol,
-                    self.oversample,
-                    self.power_iters,
-                    gen,
-                    exact=self.svd == "exact",
-                )
-            except RuntimeError as err:  # an SVD/QR of NaN input may fail to converge
-                raise _NonFinite("Jacobian") from err
+            system = ResidualOperator(source("matrix_free"), D, self.microbatch_size, cols, alg)
+            args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
+            args += (self.svd == "exact",)
+            solve = solve_operator
+        try:
+            sol = solve(system, R, *args)
+        except (RuntimeError, ValueError) as err:
+            # NaN/Inf in M: eigh/QR/SVD may fail to converge, randomized_svd refuses it.
+            # (Otherwise NaN reaches the direction and S_max, checked below.)
+            raise _NonFinite("Jacobian") from err
         if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
             raise _NonFinite("Jacobian")
         return sol, cols
@@ -335,7 +327,7 @@ class Sven(torch.optim.Optimizer):
             sol, cols = self._solve(losses, source, dense, gen)
         except _NonFinite as err:
             if self.nonfinite == "raise":
-                raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from None
+                raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err.__cause__
             self._init_state(state)
             state["skipped_steps"] += 1
             return mean_loss
