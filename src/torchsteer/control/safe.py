@@ -156,7 +156,7 @@ class SAFEController(KLController):
         if not self.differentiable:
             kl = kl.detach()  # the released code: P built from kl.item()
         kl_s = 0.9 * self.kl_short + 0.1 * kl
-        if float(kl_s) <= self.threshold:
+        if float(kl_s.detach()) <= self.threshold:
             return kl_s * 0.0
         return self.penalty_scale * self.gate * (kl_s - self.threshold).square()
 
