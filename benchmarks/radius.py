@@ -1,0 +1,303 @@
+"""Softmax radius limiter: the lr-spike table and the limiter's step cost.
+
+1. ``--spike``: the full ``lr-spike`` experiment (digits, full-batch Adam lr 0.015, 200 steps,
+   one-step spikes 1x..10,000x at step 50; Transformer, MLP+LN, CNN+BN; plain, clip, limiter,
+   limiter -g; seeds 0-4), median final test accuracy per cell. The (model, arm, seed) jobs
+   run in ``--jobs`` processes of one thread each. Figures: accuracy against spike size per
+   arm, and r over the steps around the spike (``benchmarks/results/radius_*.png``; the
+   second also as ``docs/img/radius_r.png``).
+2. ``--overhead``: CPU time of one full training step (forward, backward, Adam, limiter)
+   divided by a plain Adam step, on MLP+LN and CNN+BN (full batch, 1 thread), the arms
+   interleaved step by step in one process, ``time.process_time``, median over repeats.
+   Arms: the limiter with the exact JVP (``method="jvp"``, forward-mode AD over
+   ``functional_call``), the paper's way (``torch.func.jvp`` along the unit update, a
+   second parameter copy), and the finite-difference limiter (``method="fd"``) with the
+   relative error of its r against the exact one.
+
+Results: ``benchmarks/results/radius.{json,md}`` (each part updates its own section).
+
+Run: ``OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src python benchmarks/radius.py --spike --jobs 16``
+and ``... benchmarks/radius.py --overhead``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from torchsteer.bench import data
+from torchsteer.bench.suites import lr_spike
+from torchsteer.control.radius import RadiusLimiter
+
+RESULTS = Path(__file__).parent / "results"
+DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
+
+
+def _job(args):
+    torch.set_num_threads(1)
+    model, arm, seed = args
+    return [r.to_dict() for r in lr_spike.run_branches(model, arm, seed, lr_spike.FULL_SPIKES)]
+
+
+def spike_table(jobs: int, seeds) -> dict:
+    work = [(m, a, s) for m in lr_spike.MODELS for a in lr_spike.ARMS for s in seeds]
+    work.sort(key=lambda w: (w[0] != "CNN+BN", not w[1].startswith("limiter")))  # long first
+    start = time.perf_counter()
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        runs = [r for part in pool.imap_unordered(_job, work) for r in part]
+    cells = {}
+    for r in runs:
+        key = (r["extra"]["model"], r["extra"]["arm"], r["extra"]["spike"])
+        cells.setdefault(key, []).append(r["metric"][-1])
+    table = [
+        {"model": m, "arm": a, "spike": s, "median_acc": statistics.median(v), "accs": v}
+        for (m, a, s), v in sorted(cells.items())
+    ]
+    traces = {}
+    for r in runs:
+        e = r["extra"]
+        if e["arm"].startswith("limiter") and e["spike"] == 10_000 and r["seed"] == seeds[0]:
+            traces[f"{e['model']} | {e['arm']}"] = {"r": e["r"], "scale": e["scale"]}
+    curves = {}
+    for r in runs:
+        e = r["extra"]
+        if e["spike"] == 10_000 and r["seed"] == seeds[0]:
+            curves[f"{e['model']} | {e['arm']}"] = {"steps": r["steps"], "acc": r["metric"]}
+    return {
+        "table": table,
+        "traces": traces,
+        "curves": curves,
+        "seeds": list(seeds),
+        "wall_s": time.perf_counter() - start,
+        "jobs": jobs,
+    }
+
+
+def plot_spike(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(lr_spike.MODELS)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, m in zip(axes, models):
+        for arm in lr_spike.ARMS:
+            rows = [t for t in result["table"] if t["model"] == m and t["arm"] == arm]
+            rows.sort(key=lambda t: t["spike"])
+            ax.plot([t["spike"] for t in rows], [t["median_acc"] for t in rows], "o-", label=arm)
+        ax.set_xscale("log")
+        ax.set_title(m)
+        ax.set_xlabel("lr spike at step 50 (x)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final test accuracy (median of seeds)")
+    axes[-1].legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "radius_accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6), sharex=True)
+    for j, m in enumerate(models):
+        key = f"{m} | limiter"
+        if key not in result["traces"]:
+            continue
+        r = np.asarray(result["traces"][key]["r"])
+        s = np.asarray(result["traces"][key]["scale"])
+        steps = np.arange(1, len(r) + 1)
+        ax = axes[0, j]
+        ax.semilogy(steps, r, lw=1, label="r of the optimizer's update")
+        ax.semilogy(steps, r * s, lw=1, label="r of the applied step")
+        lim = s < 1
+        ax.scatter(steps[lim], r[lim], s=8, color="C3", label="limited steps", zorder=3)
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.axvline(lr_spike.SPIKE_AT + 1, color="k", ls=":", lw=0.8)
+        ax.set_title(f"{m}: 10,000x spike at step {lr_spike.SPIKE_AT}")
+        ax.grid(alpha=0.3)
+        ax = axes[1, j]
+        for arm in lr_spike.ARMS:
+            c = result["curves"].get(f"{m} | {arm}")
+            if c:
+                ax.plot(c["steps"], c["acc"], lw=1, label=arm)
+        ax.axvline(lr_spike.SPIKE_AT + 1, color="k", ls=":", lw=0.8)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("normalized step r")
+    axes[1, 0].set_ylabel("test accuracy")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "radius_r.png", dpi=110)
+    DOCS_IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(DOCS_IMG / "radius_r.png", dpi=90)
+    plt.close(fig)
+
+
+class PaperLimiter:
+    """The paper's way: copy theta_old, step, p = new - old (second copy), torch.func.jvp
+    along p / |p| at theta_old, rescale (a reference for the cost only)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.names = [k for k, _ in model.named_parameters()]
+        self.params = list(model.parameters())
+
+    def step(self, opt, x):
+        old = [p.detach().clone() for p in self.params]
+        opt.step()
+        with torch.no_grad():
+            p = [q.detach() - o for q, o in zip(self.params, old)]
+            norm = torch.sqrt(sum((t * t).sum() for t in p))
+            unit = {k: t / norm for k, t in zip(self.names, p)}
+            self.model.eval()
+            bufs = dict(self.model.named_buffers())
+            _, a = jvp(
+                lambda d: functional_call(self.model, {**d, **bufs}, (x,)),
+                (dict(zip(self.names, old)),),
+                (unit,),
+            )
+            self.model.train()
+            rho = math.pi / float((a.amax(1) - a.amin(1)).max())
+            s = min(1.0, rho / float(norm))
+            if s < 1.0:
+                for q, o, t in zip(self.params, old, p):
+                    q.detach().copy_(o + s * t)
+
+
+def overhead(repeats: int, warmup: int = 3) -> dict:
+    torch.set_num_threads(1)
+    x, y, _, _ = data.digits()
+    out = {}
+    for name in ("MLP+LN", "CNN+BN"):
+        arms = {}
+        for arm in ("plain", "limiter (jvp)", "paper (func.jvp)", "limiter (fd)"):
+            model = lr_spike.make_model(name, 0)
+            opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
+            lim = {
+                "plain": None,
+                "limiter (jvp)": RadiusLimiter(model),
+                "paper (func.jvp)": PaperLimiter(model),
+                "limiter (fd)": RadiusLimiter(model, method="fd"),
+            }[arm]
+            arms[arm] = (model, opt, lim)
+        times = {a: [] for a in arms}
+        for i in range(warmup + repeats):
+            for arm, (model, opt, lim) in arms.items():
+                start = time.process_time()
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                if lim is None:
+                    opt.step()
+                else:
+                    lim.step(opt, x)
+                if i >= warmup:
+                    times[arm].append(time.process_time() - start)
+        med = {a: statistics.median(t) for a, t in times.items()}
+        # finite-difference error: r by fd against the exact r, along real Adam updates
+        model = lr_spike.make_model(name, 0)
+        opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
+        exact = RadiusLimiter(model, mode="monitor")
+        errs = []
+        for _ in range(20):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            old = [p.detach().clone() for p in model.parameters()]
+            exact.step(opt, x)
+            p = {k: q.detach() - o for (k, q), o in zip(model.named_parameters(), old)}
+            from torchsteer.control.radius import normalized_step
+
+            point = dict(zip(p, old))
+            r_fd, _ = normalized_step(model, x, p, params=point, method="fd")
+            errs.append(abs(float(r_fd) - exact.signals["r"]) / exact.signals["r"])
+        out[name] = {
+            "step_ms": {a: 1e3 * v for a, v in med.items()},
+            "ratio": {a: v / med["plain"] for a, v in med.items()},
+            "fd_rel_error_r": {"median": statistics.median(errs), "max": max(errs)},
+            "repeats": repeats,
+        }
+        print(name, {a: round(v, 3) for a, v in out[name]["ratio"].items()}, flush=True)
+    return out
+
+
+def write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "radius.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(results)
+    path.write_text(json.dumps(old, indent=1))
+    lines = ["# Softmax radius limiter", ""]
+    if "spike" in old:
+        s = old["spike"]
+        lines += [
+            f"lr-spike (digits, full-batch Adam lr 0.015, 200 steps, spike at step 50), median "
+            f"final test accuracy over seeds {s['seeds']} ({s['meta']}).",
+            "",
+        ]
+        spikes = sorted({t["spike"] for t in s["table"]})
+        lines += ["| model | arm | " + " | ".join(f"{k:g}x" for k in spikes) + " |"]
+        lines += ["|---|---|" + "---|" * len(spikes)]
+        for m in lr_spike.MODELS:
+            for a in lr_spike.ARMS:
+                row = {
+                    t["spike"]: t["median_acc"]
+                    for t in s["table"]
+                    if t["model"] == m and t["arm"] == a
+                }
+                cells = " | ".join(f"{100 * row[k]:.1f}" for k in spikes)
+                lines.append(f"| {m} | {a} | {cells} |")
+        lines += [""]
+    if "overhead" in old:
+        o = old["overhead"]
+        lines += [
+            f"Step cost: one full training step / a plain Adam step, full batch, 1 thread, CPU "
+            f"time, arms interleaved, median ({o['meta']}).",
+            "",
+            "| model | arm | ms/step | ratio |",
+            "|---|---|---|---|",
+        ]
+        for m, v in o["models"].items():
+            for a in v["ratio"]:
+                lines.append(f"| {m} | {a} | {v['step_ms'][a]:.2f} | {v['ratio'][a]:.2f} |")
+            e = v["fd_rel_error_r"]
+            lines.append(
+                f"| {m} | fd: relative error of r | median {e['median']:.1e} | max {e['max']:.1e} |"
+            )
+        lines += [""]
+    (RESULTS / "radius.md").write_text("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spike", action="store_true")
+    ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    meta = f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cores"
+    meta += f"; {args.note}" if args.note else ""
+    if args.spike:
+        res = spike_table(args.jobs, args.seeds)
+        res["meta"] = meta + f", {args.jobs} processes x 1 thread"
+        write({"spike": res})
+        plot_spike(res)
+    if args.overhead:
+        write({"overhead": {"models": overhead(args.repeats), "meta": meta}})
+
+
+if __name__ == "__main__":
+    main()
