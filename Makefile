@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: test test-all bench docs lint format clean
 

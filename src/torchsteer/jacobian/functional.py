@@ -141,7 +141,8 @@ def per_sample_jacobian(
     Args:
         model: the module (wrappers unwrapped).
         loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (``reduction="none"``).
-        inputs, targets: the batch, leading dimension B.
+        inputs: the batch inputs, leading dimension B.
+        targets: the batch targets, leading dimension B.
         params: the parameters to differentiate (default: the trainable ones).
         chunk_size: samples per vmap chunk (bounds memory to chunk_size * P).
         method: ``"vmap"`` (any model), ``"linear"`` (outer products; every trainable
