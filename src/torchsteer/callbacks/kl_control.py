@@ -1,0 +1,162 @@
+"""Lightning callback that runs a KL controller once per optimizer step.
+
+``training_step`` returns a dict with the step's statistics (``loss`` plus, by default,
+``kl``, ``entropy``, ``reward``, and optionally ``n_steps``); the callback averages them over
+the batches of one optimizer step (gradient accumulation) and over ranks, updates the
+controller, writes ``controller.coef`` to ``pl_module.<coef_attr>`` for the next step, and
+logs every signal of the controller under ``kl_control/<name>``.
+
+Example::
+
+    class Policy(L.LightningModule):
+        def __init__(self, controller):
+            super().__init__()
+            self.kl_controller = controller   # same object as the callback's
+            self.kl_coef = controller.coef
+
+        def training_step(self, batch, batch_idx):
+            ...
+            kl = kl_estimate(logp, logp_ref, mask)
+            loss = pg_loss + self.kl_coef * kl            # or self.kl_controller.penalty(kl)
+            return {"loss": loss, "kl": kl.detach(), "entropy": ent, "reward": r.mean()}
+
+    ctl = PIDKLController(target=0.3)
+    trainer = L.Trainer(callbacks=[KLControl(ctl)])
+
+References:
+    Stooke, Achiam, Abbeel, ICML 2020; Ziegler et al., arXiv 1909.08593 (2019);
+    Maity, arXiv 2602.04651 (2026).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from torchsteer import distributed
+from torchsteer.control.kl_base import KLController, as_statistic
+
+__all__ = ["KLControl"]
+
+
+class KLControl(pl.Callback):
+    """Update a KL controller from ``training_step`` outputs once per optimizer step.
+
+    Args:
+        controller: a :class:`~torchsteer.control.kl_base.KLController`.
+        kl_key, entropy_key, reward_key: keys of the statistics in the ``training_step``
+            output dict; the controller's required ones must be present.
+        coef_attr: attribute of the LightningModule that receives ``controller.coef``.
+        n_steps_key: optional key with the samples of the batch (default: 1 per batch); the
+            value passed to the controller is its sum over accumulated batches and ranks.
+        log: log the controller's signals with ``pl_module.log``.
+    """
+
+    def __init__(
+        self,
+        controller: KLController,
+        kl_key: str = "kl",
+        entropy_key: str = "entropy",
+        reward_key: str = "reward",
+        coef_attr: str = "kl_coef",
+        n_steps_key: str = "n_steps",
+        log: bool = True,
+    ):
+        if not isinstance(controller, KLController):
+            raise ValueError(f"Invalid controller: {controller!r} (not a KLController)")
+        for name, key in (
+            ("kl_key", kl_key),
+            ("entropy_key", entropy_key),
+            ("reward_key", reward_key),
+            ("coef_attr", coef_attr),
+        ):
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"Invalid {name}: {key!r}")
+        self.controller = controller
+        self.keys = {"kl": kl_key, "entropy": entropy_key, "reward": reward_key}
+        self.coef_attr = coef_attr
+        self.n_steps_key = n_steps_key
+        self.log = log
+        self._sums: dict[str, float] = {}
+        self._batches = 0
+        self._n_steps = 0
+        self._last_step = 0
+        self.updates = 0
+
+    def _read(self, outputs) -> tuple[dict[str, float], int]:
+        if not isinstance(outputs, dict):
+            raise ValueError(
+                f"Invalid training_step output: {type(outputs).__name__}; KLControl needs a "
+                f"dict with the keys {sorted(self.keys.values())}"
+            )
+        stats = {}
+        for name, key in self.keys.items():
+            required = name in self.controller.needs
+            if key not in outputs:
+                if required:
+                    raise KeyError(f"KLControl: training_step output has no key {key!r} ({name})")
+                continue
+            stats[name] = as_statistic(
+                name, outputs[key], required=required, nonneg=name == "entropy"
+            )
+        n = outputs.get(self.n_steps_key, 1)
+        n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
+        if n < 1:
+            raise ValueError(f"Invalid n_steps: {n}")
+        return stats, n
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        setattr(pl_module, self.coef_attr, self.controller.coef)
+        self._last_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats, n = self._read(outputs)  # raises before touching any state
+        for k, v in stats.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+        self._batches += 1
+        self._n_steps += n
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients: no optimizer step yet
+        self._last_step = trainer.global_step
+        self._step(pl_module)
+
+    def _step(self, pl_module) -> None:
+        names = sorted(self._sums)
+        local = torch.tensor(
+            [self._sums[k] / self._batches for k in names] + [self._n_steps],
+            dtype=torch.float64,
+            device=pl_module.device,
+        )
+        mean = distributed.all_reduce_mean(local)
+        stats = dict(zip(names, mean[:-1].tolist()))
+        n_steps = int(round(mean[-1].item() * distributed.world_size()))
+        self._sums, self._batches, self._n_steps = {}, 0, 0
+        self.controller.update(**stats, n_steps=n_steps)
+        self.updates += 1
+        setattr(pl_module, self.coef_attr, self.controller.coef)
+        if self.log:
+            for name, value in self.controller.signals().items():
+                pl_module.log(f"kl_control/{name}", float(value), on_step=True, on_epoch=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller.state_dict(),
+            "updates": self.updates,
+            "sums": dict(self._sums),
+            "batches": self._batches,
+            "n_steps": self._n_steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state_dict.get("controller", {}))
+        self.updates = state_dict.get("updates", self.updates)
+        self._sums = dict(state_dict.get("sums", {}))
+        self._batches = state_dict.get("batches", 0)
+        self._n_steps = state_dict.get("n_steps", 0)

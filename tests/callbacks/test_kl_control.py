@@ -1,0 +1,180 @@
+"""KLControl in a Lightning fit: against a hand-written loop, with accumulation, resumed."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from torchsteer.callbacks.kl_control import KLControl
+from torchsteer.control.kl import PIDKLController, SAFEController
+
+V = 5
+REWARD = torch.tensor([0.0, 0.2, 0.1, 1.0, 0.4], dtype=torch.float64)
+REF = torch.log_softmax(torch.tensor([0.5, 0.2, 0.0, -1.0, 0.3], dtype=torch.float64), 0)
+
+
+def stats(logits, scale, coef, controller):
+    """The step of the toy policy: exact expected reward, KL and entropy (no sampling)."""
+    logp = torch.log_softmax(logits, 0)
+    p = logp.exp()
+    reward = (p * REWARD * scale).sum()
+    kl = (p * (logp - REF)).sum()
+    entropy = -(p * logp).sum()
+    if isinstance(controller, SAFEController):
+        loss = -reward + controller.penalty(kl)
+    else:
+        loss = -reward + coef * kl
+    return loss, kl, entropy, reward
+
+
+class Policy(pl.LightningModule):
+    def __init__(self, controller, bad=None):
+        super().__init__()
+        self.logits = torch.nn.Parameter(REF.clone())
+        self.kl_controller = controller
+        self.kl_coef = controller.coef
+        self.bad = bad
+
+    def training_step(self, batch, batch_idx):
+        scale = 1.0 + 0.5 * batch[0].to(torch.float64)  # batches differ: accumulation matters
+        loss, kl, ent, reward = stats(self.logits, scale, self.kl_coef, self.kl_controller)
+        out = {"loss": loss, "kl": kl.detach(), "entropy": ent.detach(), "reward": reward.detach()}
+        if self.bad == "nan" and self.global_step == 2:
+            out["kl"] = torch.tensor(float("nan"))
+        if self.bad == "missing" and self.global_step == 2:
+            del out["reward"]
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=2.0)
+
+    def train_dataloader(self):
+        x = torch.arange(4, dtype=torch.float64)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=1)
+
+
+def _trainer(tmp_path, max_steps, callbacks, accumulate=1, logger=False):
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=100,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+
+
+def hand_loop(controller, steps, accumulate=1):
+    """The same training written by hand: the oracle."""
+    logits = REF.clone().requires_grad_(True)
+    opt = torch.optim.SGD([logits], lr=2.0)
+    coef, coefs, i = controller.coef, [], 0
+    for _ in range(steps):
+        acc = {"kl": 0.0, "entropy": 0.0, "reward": 0.0}
+        for _ in range(accumulate):
+            scale = 1.0 + 0.5 * (i % 4)
+            i += 1
+            loss, kl, ent, reward = stats(logits, scale, coef, controller)
+            (loss / accumulate).backward()
+            for k, v in (("kl", kl), ("entropy", ent), ("reward", reward)):
+                acc[k] += v.item() / accumulate
+        opt.step()
+        opt.zero_grad()
+        coef = controller.update(**acc, n_steps=accumulate)
+        coefs.append(coef)
+    return logits.detach(), coefs
+
+
+def _make(kind):
+    if kind == "pid":
+        return PIDKLController(target=0.05, kp=2.0, ki=0.5, kd=1.0, beta0=0.1, delay=3)
+    return SAFEController(base_threshold=0.02, penalty_scale=50.0, threshold_bounds=(0.01, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["pid", "safe"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fit_matches_hand_loop(tmp_path, kind, accumulate):
+    steps = 6
+    ref_ctl = _make(kind)
+    logits, coefs = hand_loop(ref_ctl, steps, accumulate)
+    ctl = _make(kind)
+    cb = KLControl(ctl)
+    module = Policy(ctl)
+    logger = CSVLogger(tmp_path, name="kl")
+    _trainer(tmp_path, steps, [cb], accumulate, logger=logger).fit(module)
+    assert cb.updates == steps
+    torch.testing.assert_close(module.logits.detach(), logits, rtol=1e-10, atol=1e-12)
+    assert _close(ctl, ref_ctl)
+    assert module.kl_coef == pytest.approx(coefs[-1], rel=1e-10, abs=1e-14)
+    if kind == "pid":
+        assert len(set(coefs)) > 2  # the coefficient really moved
+    # every signal logged, one row per optimizer step, the coefficient sequence as the oracle
+    with open(logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("kl_control/coef")]
+    assert set(ctl.signals()) <= {k.split("/", 1)[1] for k in rows[0] if k.startswith("kl_")}
+    logged = [float(r["kl_control/coef"]) for r in rows]
+    assert logged == pytest.approx(coefs, rel=1e-6, abs=1e-9)
+
+
+def _close(a, b):
+    sa, sb = a.signals(), b.signals()
+    return all(math.isclose(sa[k], sb[k], rel_tol=1e-10, abs_tol=1e-14) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["pid", "safe"])
+def test_resume_from_checkpoint_keeps_controller_state(tmp_path, kind):
+    ctl_full = _make(kind)
+    full = Policy(ctl_full)
+    _trainer(tmp_path / "full", 8, [KLControl(ctl_full)]).fit(full)
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=4)
+    ctl_a = _make(kind)
+    _trainer(tmp_path / "a", 4, [KLControl(ctl_a), ckpt_cb]).fit(Policy(ctl_a))
+    saved = copy.deepcopy(ctl_a.state_dict())
+    ckpt = str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    state = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert any(v.get("controller") == saved for v in state.values() if isinstance(v, dict))
+
+    ctl_b = _make(kind)  # fresh: its state must come from the checkpoint
+    resumed = Policy(ctl_b)
+    cb_b = KLControl(ctl_b)
+    _trainer(tmp_path / "b", 8, [cb_b]).fit(resumed, ckpt_path=ckpt)
+    assert cb_b.updates == 8
+    assert _close(ctl_b, ctl_full)
+    assert resumed.kl_coef == pytest.approx(full.kl_coef, rel=1e-10, abs=1e-14)
+    torch.testing.assert_close(resumed.logits, full.logits, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("bad", "error"), [("nan", ValueError), ("missing", KeyError)])
+def test_bad_statistics_raise_and_keep_state(tmp_path, bad, error):
+    ctl = _make("safe")
+    cb = KLControl(ctl)
+    snapshots = []
+
+    class Snap(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots.append(copy.deepcopy(ctl.state_dict()))
+
+    with pytest.raises(error, match="kl" if bad == "nan" else "reward"):
+        _trainer(tmp_path, 6, [cb, Snap()]).fit(Policy(ctl, bad=bad))
+    assert cb.updates == 2
+    assert ctl.state_dict() == snapshots[-1]  # the failing step changed nothing
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="controller"):
+        KLControl(object())
+    with pytest.raises(ValueError, match="kl_key"):
+        KLControl(PIDKLController(target=1.0), kl_key="")
