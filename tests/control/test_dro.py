@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 
 import pytest
 import scipy.stats
@@ -261,45 +259,12 @@ def test_signals_match_direct_formulas():
 
 
 # -- DDP: two gloo processes against one process on the whole batch ---------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SIZES = (3, 5)  # unequal local batches
 
 
-def _ddp_worker(rank, port, sizes, out_dir):
-    import torch.distributed as tdist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for key, kwargs, batches in _ddp_cases(sizes):
-            dro = DROWeighting(**kwargs)
-            ws, losses_out = [], []
-            for losses, y in batches:
-                lo = sum(sizes[:rank])
-                local_l = losses[lo : lo + sizes[rank]]
-                local_y = y[lo : lo + sizes[rank]]
-                ws.append(dro.weights(local_l, local_y if dro.class_level else None))
-                losses_out.append(dro(local_l, local_y if dro.class_level else None))
-            results[key] = (ws, losses_out, dro.signals())
-        # a NaN on one rank only: both ranks raise
-        dro = DROWeighting()
-        bad = torch.tensor([1.0, float("nan")]) if rank == 1 else torch.tensor([1.0, 2.0])
-        try:
-            dro(bad)
-            results["nan"] = False
-        except ValueError:
-            results["nan"] = True
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        tdist.destroy_process_group()
-
-
-def _ddp_cases(sizes):
+def _ddp_cases():
     g = torch.Generator().manual_seed(7)
-    n = sum(sizes)
+    n = sum(SIZES)
     batches = [
         (torch.rand(n, generator=g, dtype=D) * 3, torch.randint(0, 3, (n,), generator=g))
         for _ in range(3)
@@ -312,21 +277,44 @@ def _ddp_cases(sizes):
     ]
 
 
+def _ddp_worker(rank, world_size):
+    lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
+    results = {}
+    for key, kwargs, batches in _ddp_cases():
+        dro = DROWeighting(**kwargs)
+        out = []
+        for losses, y in batches:
+            labels = y[lo:hi] if dro.class_level else None
+            w = dro.weights(losses[lo:hi], labels)
+            out.append((w, dro(losses[lo:hi], labels)))
+        results[key] = (out, dro.signals())
+    # a NaN on one rank only: both ranks raise, the state stays
+    dro = DROWeighting(mode="streaming")
+    bad = torch.tensor([1.0, float("nan")]) if rank == 1 else torch.tensor([1.0, 2.0])
+    try:
+        dro(bad)
+        results["nan"] = False
+    except ValueError:
+        results["nan"] = dro.step == 0 and dro.log_normalizer is None
+    return results
+
+
 @pytest.mark.distributed
-def test_ddp_weights_equal_one_process(tmp_path):
-    sizes = (3, 5)  # unequal local batches
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), sizes, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for key, kwargs, batches in _ddp_cases(sizes):
+def test_ddp_weights_equal_one_process():
+    from tests.distributed.harness import run_ranks
+
+    ranks = run_ranks(_ddp_worker, 2)
+    for key, kwargs, batches in _ddp_cases():
         single = DROWeighting(**kwargs)
         for i, (losses, y) in enumerate(batches):
             labels = y if single.class_level else None
             w = single.weights(losses, labels)
             loss = single(losses, labels)
-            torch.testing.assert_close(torch.cat([ranks[0][key][0][i], ranks[1][key][0][i]]), w)
-            # DDP averages gradients (and so the losses) over the 2 ranks
-            torch.testing.assert_close((ranks[0][key][1][i] + ranks[1][key][1][i]) / 2, loss)
+            (w0, loss0), (w1, loss1) = ranks[0][key][0][i], ranks[1][key][0][i]
+            torch.testing.assert_close(torch.cat([w0, w1]), w)
+            # DDP averages the gradients (so, in effect, the losses) over the 2 ranks
+            torch.testing.assert_close((loss0 + loss1) / 2, loss)
         for r in range(2):
             for name, value in single.signals().items():
-                assert ranks[r][key][2][name] == pytest.approx(value, rel=1e-9)
+                assert ranks[r][key][1][name] == pytest.approx(value, rel=1e-9)
     assert ranks[0]["nan"] and ranks[1]["nan"]

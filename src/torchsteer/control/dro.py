@@ -206,8 +206,7 @@ class DROWeighting:
         elif self.mode == "batch":
             if y is not None:  # w proportional to exp(l / r) q_y, mean 1
                 z = z + self.log_class_weights.to(z)[y]
-                z_max = dist.all_reduce_max(z.max())
-            w = self._batch_weights(z, z_max, n)
+            w = self._batch_weights(z, n)
         else:
             w = (z - self.log_normalizer.to(z)).exp()
             if y is not None:
@@ -225,8 +224,10 @@ class DROWeighting:
         if not dist.is_distributed():
             if not math.isfinite(float(z.sum())):
                 raise ValueError(msg_z)
-            if y is not None and bool(((y < 0) | (y >= self.num_classes)).any()):
-                raise ValueError(msg_y)
+            if y is not None:
+                lo, hi = torch.aminmax(y)
+                if int(lo) < 0 or int(hi) >= self.num_classes:
+                    raise ValueError(msg_y)
             return z.max()
         flags = [z.max(), (~torch.isfinite(z.sum())).to(z.dtype)]
         if y is not None:
@@ -245,11 +246,11 @@ class DROWeighting:
         return int(dist.all_reduce_sum(torch.tensor([z.numel()], device=z.device)))
 
     @staticmethod
-    def _batch_weights(z: torch.Tensor, z_max: torch.Tensor, n: int) -> torch.Tensor:
+    def _batch_weights(z: torch.Tensor, n: int) -> torch.Tensor:
         """``n softmax(z)`` over the global batch."""
         if not dist.is_distributed():
             return torch.softmax(z, dim=0) * n
-        e = (z - z_max).exp()
+        e = (z - dist.all_reduce_max(z.max())).exp()
         return e * (n / dist.all_reduce_sum(e.sum()))
 
     @staticmethod
@@ -283,12 +284,12 @@ class DROWeighting:
     def _class_update(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics)."""
         c = self.num_classes
-        stats = torch.zeros(2, c, dtype=torch.float64, device=losses.device)
-        stats[0].index_add_(0, labels, losses.to(torch.float64))
-        stats[1].index_add_(0, labels, torch.ones_like(losses, dtype=torch.float64))
-        stats = dist.all_reduce_sum(stats)
-        class_loss = stats[0] / stats[1].clamp(min=1.0)
-        log_q = self.log_class_weights.to(stats) + self.class_step * class_loss
+        sums = torch.bincount(labels, weights=losses.to(torch.float64), minlength=c)
+        counts = torch.bincount(labels, minlength=c)
+        if dist.is_distributed():
+            sums, counts = dist.all_reduce_sum(torch.stack([sums, counts.to(sums)])).unbind()
+        class_loss = sums / counts.clamp(min=1)
+        log_q = self.log_class_weights.to(sums) + self.class_step * class_loss
         return torch.log_softmax(log_q, dim=0)
 
     # -- signals and state ---------------------------------------------------------------
