@@ -18,6 +18,7 @@ from torchsteer.control.kl import PIDKLController, SAFEController
 V = 5
 REWARD = torch.tensor([0.0, 0.2, 0.1, 1.0, 0.4], dtype=torch.float64)
 REF = torch.log_softmax(torch.tensor([0.5, 0.2, 0.0, -1.0, 0.3], dtype=torch.float64), 0)
+START = REF + torch.tensor([0.0, 0.5, -0.5, 1.0, 0.0], dtype=torch.float64)  # KL > 0 at once
 
 
 def stats(logits, scale, coef, controller):
@@ -37,7 +38,7 @@ def stats(logits, scale, coef, controller):
 class Policy(pl.LightningModule):
     def __init__(self, controller, bad=None):
         super().__init__()
-        self.logits = torch.nn.Parameter(REF.clone())
+        self.logits = torch.nn.Parameter(START.clone())
         self.kl_controller = controller
         self.kl_coef = controller.coef
         self.bad = bad
@@ -78,7 +79,7 @@ def _trainer(tmp_path, max_steps, callbacks, accumulate=1, logger=False):
 
 def hand_loop(controller, steps, accumulate=1):
     """The same training written by hand: the oracle."""
-    logits = REF.clone().requires_grad_(True)
+    logits = START.clone().requires_grad_(True)
     opt = torch.optim.SGD([logits], lr=2.0)
     coef, coefs, i = controller.coef, [], 0
     for _ in range(steps):
@@ -100,7 +101,7 @@ def hand_loop(controller, steps, accumulate=1):
 def _make(kind):
     if kind == "pid":
         return PIDKLController(target=0.05, kp=2.0, ki=0.5, kd=1.0, beta0=0.1, delay=3)
-    return SAFEController(base_threshold=0.02, penalty_scale=50.0, threshold_bounds=(0.01, 1.0))
+    return SAFEController(base_threshold=0.005, penalty_scale=50.0, threshold_bounds=(0.001, 1.0))
 
 
 @pytest.mark.parametrize("kind", ["pid", "safe"])
@@ -118,8 +119,8 @@ def test_fit_matches_hand_loop(tmp_path, kind, accumulate):
     torch.testing.assert_close(module.logits.detach(), logits, rtol=1e-10, atol=1e-12)
     assert _close(ctl, ref_ctl)
     assert module.kl_coef == pytest.approx(coefs[-1], rel=1e-10, abs=1e-14)
-    if kind == "pid":
-        assert len(set(coefs)) > 2  # the coefficient really moved
+    assert len(set(coefs)) > 2  # the coefficient really moved
+    assert sum(c > 0 for c in coefs) >= steps // 2  # SAFE: the penalty is active
     # every signal logged, one row per optimizer step, the coefficient sequence as the oracle
     with open(logger.log_dir + "/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("kl_control/coef")]

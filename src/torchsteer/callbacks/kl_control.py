@@ -134,7 +134,7 @@ class KLControl(pl.Callback):
         )
         mean = distributed.all_reduce_mean(local)
         stats = dict(zip(names, mean[:-1].tolist()))
-        n_steps = int(round(mean[-1].item() * distributed.world_size()))
+        n_steps = round(mean[-1].item() * distributed.world_size())
         self._sums, self._batches, self._n_steps = {}, 0, 0
         self.controller.update(**stats, n_steps=n_steps)
         self.updates += 1
