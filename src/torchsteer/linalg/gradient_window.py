@@ -126,10 +126,21 @@ class GradientWindow:
                 f"{self.dtype}; the window was left unchanged"
             )
 
-    def refresh(self) -> None:
-        """Recompute ``M = (m lambda I + K)^{-1}`` from the Gram by Cholesky (O(m^3))."""
+    def refresh(self, robust: bool = False) -> None:
+        """Recompute ``M = (m lambda I + K)^{-1}`` from the Gram by Cholesky (O(m^3)).
+
+        With ``robust`` (or when Cholesky fails) by a symmetric eigendecomposition with the
+        eigenvalues of ``K`` clamped at 0, so that ``||M|| <= 1 / (m lambda)`` even when
+        rounding has made the stored ``K`` indefinite.
+        """
         a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
-        self.inverse.copy_(torch.cholesky_inverse(torch.linalg.cholesky(a)))
+        lower, info = torch.linalg.cholesky_ex(a)
+        if not robust and int(info) == 0:
+            self.inverse.copy_(torch.cholesky_inverse(lower))
+        else:
+            evals, evecs = torch.linalg.eigh(self.gram)
+            scale = 1.0 / (evals.clamp(min=0.0) + self._shift)
+            self.inverse.copy_((evecs * scale) @ evecs.t())
         self.since_refresh = 0
 
     def _update_inverse(self, j: int, column: torch.Tensor) -> None:
@@ -139,21 +150,32 @@ class GradientWindow:
         """
         m_ = self.inverse
         mcol = m_[:, j].clone()
+        mjj = float(mcol[j])
+        if not mjj > 0.0:  # cannot happen in exact arithmetic (M is positive definite)
+            self.refresh(robust=True)
+            return
         b = column.clone()
+        cjj = float(b[j])
         b[j] = 0.0
-        bb = torch.mv(m_, b) - mcol * (torch.dot(mcol, b) / mcol[j])  # B b, B = A_{-j,-j}^{-1}
+        bb = torch.mv(m_, b)  # B b with B = A_{-j,-j}^{-1} = M - M e_j e_j^T M / M_jj
+        bb.add_(mcol, alpha=-float(torch.dot(mcol, b)) / mjj)
         bb[j] = 0.0
-        s = column[j] - torch.dot(b, bb)  # Schur complement, >= m λ in exact arithmetic
-        if not bool(s > 0.5 * self._shift) or self.since_refresh + 1 >= self.refresh_every:
+        s = cjj - float(torch.dot(b, bb))  # Schur complement, >= m λ in exact arithmetic
+        if not s > 0.5 * self._shift:
+            # Rounding dominates: a float32 Gram row of nearly dependent gradients whose
+            # error (~1e-7 |g|^2) exceeds m λ. Fall back to the clamped eigendecomposition.
+            self.refresh(robust=True)
+            return
+        if self.since_refresh + 1 >= self.refresh_every:
             self.refresh()
             return
-        u = torch.stack((mcol, bb), dim=1)
-        v = torch.stack((mcol / -mcol[j], bb / s), dim=0)
-        m_.addmm_(u, v)
-        col = bb / -s
-        col[j] = 1.0 / s
-        m_[:, j] = col
-        m_[j, :] = col
+        s = max(s, self._shift)  # rounding of an exactly dependent row: A_jj raised to fit
+        # M <- B + (B b)(B b)^T / s, then column/row j <- (-B b / s, 1 / s)
+        m_.addmm_(torch.stack((mcol, bb), dim=1), torch.stack((mcol / -mjj, bb / s), dim=0))
+        bb.mul_(-1.0 / s)
+        bb[j] = 1.0 / s
+        m_[:, j] = bb
+        m_[j, :] = bb
         self.since_refresh += 1
 
     # ------------------------------------------------------------------ dynamic
@@ -183,8 +205,17 @@ class GradientWindow:
         in all, the Gram row and this product.
         """
         j = self.add(g)
+        u = self._row_product(j)
+        # ||F^{-1} g|| <= ||g|| / lambda; a violation means rounding broke M: recompute it.
+        bound = float(self.gram[j, j]) * (1.0 + 1e-3) / self.damp**2
+        if not float(torch.dot(u, u)) <= bound:
+            self.refresh(robust=True)
+            u = self._row_product(j)
+        return u.to(g.dtype)
+
+    def _row_product(self, j: int) -> torch.Tensor:
         x = (self.ngrads * self.inverse[:, j]).to(self.dtype)
-        return torch.mv(self.grads.t(), x).to(g.dtype)
+        return torch.mv(self.grads.t(), x)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for the current window (nothing added), O(m d)."""
@@ -207,15 +238,35 @@ class GradientWindow:
         m, d = grads.shape
         window = cls(m, d, damp, dtype=dtype or grads.dtype, device=grads.device)
         window.grads.copy_(grads)
-        g64 = window.grads.to(torch.float64)
-        window.gram.copy_(g64 @ g64.t())
-        window.refresh()
-        window.count = m
+        window.rebuild(count=m)
         return window
+
+    def rebuild(self, count: int | None = None, block_size: int | None = None) -> None:
+        """Recompute the Gram from the stored rows in float64 (O(d m^2), in column blocks of
+        about 4 M numbers) and the inverse by Cholesky; the ring restarts at row 0.
+
+        Use after writing ``self.grads`` directly (``count`` rows are then considered written;
+        default all ``m``).
+        """
+        count = self.ngrads if count is None else count
+        if not 0 <= count <= self.ngrads:
+            raise ValueError(f"Invalid count: {count}")
+        block = block_size or max(1, (1 << 22) // self.ngrads)
+        self.gram.zero_()
+        for start in range(0, self.dim, block):
+            gb = self.grads[:, start : start + block].to(torch.float64)
+            self.gram.addmm_(gb, gb.t())
+        self.refresh()
+        self.count, self.index = count, count % self.ngrads
 
     def _cholesky(self) -> torch.Tensor:
         a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
-        return torch.linalg.cholesky(a)
+        lower, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:  # rounding made K indefinite: factor the clamped version
+            evals, evecs = torch.linalg.eigh(self.gram)
+            a = (evecs * (evals.clamp(min=0.0) + self._shift)) @ evecs.t()
+            lower = torch.linalg.cholesky(a)
+        return lower
 
     def inverse_diagonal(self, block_size: int | None = None) -> torch.Tensor:
         """``diag(F^{-1})_q = (1 - |L^{-1} G_{:,q}|^2) / lambda`` with ``L L^T = m λ I + K``.

@@ -102,6 +102,7 @@ class MFAC(torch.optim.Optimizer):
             if p.is_complex() or not p.is_floating_point():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
         self._window: GradientWindow | None = None
+        self._flat: torch.Tensor | None = None  # reused buffer for the concatenated gradient
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -145,7 +146,9 @@ class MFAC(torch.optim.Optimizer):
 
     def _flat_gradient(self, window: GradientWindow) -> torch.Tensor:
         """The concatenated gradient ``grad + weight_decay * w`` in the window dtype."""
-        flat = torch.zeros(window.dim, dtype=window.dtype, device=window.device)
+        flat = self._flat
+        if flat is None or flat.dtype != window.dtype or flat.device != window.device:
+            flat = self._flat = torch.empty(window.dim, dtype=window.dtype, device=window.device)
         offset = 0
         for group in self.param_groups:
             wd = group["weight_decay"]
@@ -158,6 +161,8 @@ class MFAC(torch.optim.Optimizer):
                     part.copy_(p.grad.reshape(-1))
                     if wd != 0.0:
                         part.add_(p.detach().reshape(-1), alpha=wd)
+                else:
+                    flat[offset : offset + n].zero_()
                 offset += n
         return flat
 
