@@ -1,4 +1,4 @@
-"""Lightning callback for the softmax step-radius limiter (:class:`~torchsteer.control.radius.RadiusLimiter`).
+"""Lightning callback for the softmax step-radius limiter (:class:`RadiusLimiter`).
 
 Every optimizer step is measured by its normalized step ``r = max_x Delta_a(x; p) / pi``
 (``p`` the optimizer's actual update, ``Delta_a`` the spread of the directional logit
