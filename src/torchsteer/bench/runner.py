@@ -127,6 +127,11 @@ def run_suites(
                     "cpu_s": time.process_time() - c,
                     "wall_s": time.perf_counter() - w,
                 }
+                progress.console.log(
+                    f"{suite.name}: {len(results[suite.name][1])} runs, "
+                    f"{timing[suite.name]['cpu_s']:.1f} CPU s, "
+                    f"{timing[suite.name]['wall_s']:.1f} wall s"
+                )
                 progress.update(task, completed=units)
     finally:
         if threads is not None:
@@ -152,6 +157,8 @@ def run_suites(
     report.write_json(out / "results.json", results, meta)
     report.write_csv(out / "results.csv", [r for _, runs in results.values() for r in runs])
     report.write_summary_csv(out / "summary.csv", rows)
+    times = ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in timing.items())
+    console.print(f"CPU s per suite: {times}")
     console.print(
         f"total: {meta['total_cpu_s']:.1f} CPU s, {meta['total_wall_s']:.1f} wall s; "
         f"results in {out}/"
