@@ -159,7 +159,9 @@ def main() -> None:
             "note": "shared 2-core machine loaded by other jobs; CPU time, medians"}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     name = "mfac_step_quick" if args.quick else "mfac_step"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "step": rows, "accuracy": acc}, indent=1))
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"meta": meta, "step": rows, "accuracy": acc}, indent=1)
+    )
     (RESULTS / f"{name}.md").write_text(_markdown(meta, rows, acc))
 
 

@@ -133,7 +133,9 @@ class GradientWindow:
         eigenvalues of ``K`` clamped at 0, so that ``||M|| <= 1 / (m lambda)`` even when
         rounding has made the stored ``K`` indefinite.
         """
-        a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
+        a = self.gram + self._shift * torch.eye(
+            self.ngrads, dtype=torch.float64, device=self.device
+        )
         lower, info = torch.linalg.cholesky_ex(a)
         if not robust and int(info) == 0:
             self.inverse.copy_(torch.cholesky_inverse(lower))
@@ -260,7 +262,9 @@ class GradientWindow:
         self.count, self.index = count, count % self.ngrads
 
     def _cholesky(self) -> torch.Tensor:
-        a = self.gram + self._shift * torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
+        a = self.gram + self._shift * torch.eye(
+            self.ngrads, dtype=torch.float64, device=self.device
+        )
         lower, info = torch.linalg.cholesky_ex(a)
         if int(info) != 0:  # rounding made K indefinite: factor the clamped version
             evals, evecs = torch.linalg.eigh(self.gram)
