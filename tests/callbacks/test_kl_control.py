@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from torchsteer.callbacks.kl_control import KLControl
-from torchsteer.control.kl import PIDKLController, SAFEController
+from torchsteer.control.kl import AdaptiveKLController, PIDKLController, SAFEController
 
 V = 5
 REWARD = torch.tensor([0.0, 0.2, 0.1, 1.0, 0.4], dtype=torch.float64)
@@ -179,3 +179,75 @@ def test_invalid_arguments():
         KLControl(object())
     with pytest.raises(ValueError, match="kl_key"):
         KLControl(PIDKLController(target=1.0), kl_key="")
+
+
+class _FakeTrainer:
+    global_step = 0
+
+
+class _FakeModule:
+    device = torch.device("cpu")
+
+    def log(self, *args, **kwargs):
+        pass
+
+
+def _ddp_worker(rank, world_size):
+    out = {}
+    ctl = _make("pid")
+    cb = KLControl(ctl)
+    adaptive = AdaptiveKLController(beta0=0.1, target=0.5, horizon=20)
+    cb2 = KLControl(adaptive, coef_attr="adaptive_coef")
+    trainer, module = _FakeTrainer(), _FakeModule()
+    cb.on_train_start(trainer, module)
+    cb2.on_train_start(trainer, module)
+    for step in range(1, 5):
+        trainer.global_step = step
+        stats = {
+            "kl": 0.1 * step + rank,
+            "entropy": 1.0 + rank,
+            "reward": 0.5 * rank,
+            "n_steps": 3 + rank,
+        }
+        cb.on_train_batch_end(trainer, module, stats, None, step)
+        cb2.on_train_batch_end(trainer, module, stats, None, step)
+    out["adaptive"] = module.adaptive_coef
+    out["state"] = ctl.state_dict()
+    out["coef"] = module.kl_coef
+    before = copy.deepcopy(ctl.state_dict())
+    trainer.global_step = 5
+    bad = {"kl": float("nan") if rank == 1 else 0.2, "entropy": 1.0, "reward": 0.0}
+    try:
+        cb.on_train_batch_end(trainer, module, bad, None, 5)
+        out["nan_raised"] = False
+    except ValueError as e:
+        out["nan_raised"] = "kl" in str(e) and ctl.state_dict() == before
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two spawned processes importing Lightning: about a minute on 2 cores
+def test_ddp_statistics_are_averaged_over_ranks():
+    from tests.distributed.harness import run_ranks
+
+    ranks = run_ranks(_ddp_worker, 2)
+    single = _make("pid")
+    adaptive = AdaptiveKLController(beta0=0.1, target=0.5, horizon=20)
+    for step in range(1, 5):  # the mean over the 2 ranks; n_steps summed
+        single.update(kl=0.1 * step + 0.5, entropy=1.5, reward=0.25, n_steps=7)
+        adaptive.update(kl=0.1 * step + 0.5, n_steps=7)
+    for r in range(2):
+        assert _state_close(ranks[r]["state"], single.state_dict())
+        assert ranks[r]["adaptive"] == pytest.approx(adaptive.coef, rel=1e-12)
+        assert ranks[r]["coef"] == pytest.approx(single.coef, rel=1e-12)
+        assert ranks[r]["nan_raised"]
+
+
+def _state_close(a, b):
+    for k in b:
+        va, vb = a[k], b[k]
+        if isinstance(vb, list):
+            assert va == pytest.approx(vb, rel=1e-12)
+        else:
+            assert va == pytest.approx(vb, rel=1e-12)
+    return True

@@ -99,9 +99,15 @@ class KLControl(pl.Callback):
                 if required:
                     raise KeyError(f"KLControl: training_step output has no key {key!r} ({name})")
                 continue
-            stats[name] = as_statistic(
-                name, outputs[key], required=required, nonneg=name == "entropy"
-            )
+            value = outputs[key]
+            if distributed.is_distributed():
+                # checked after the rank average (NaN anywhere -> NaN everywhere): every
+                # rank raises together instead of one rank leaving the others in a collective
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.detach().item()
+                stats[name] = float(value)
+            else:
+                stats[name] = as_statistic(name, value, required=required, nonneg=name == "entropy")
         n = outputs.get(self.n_steps_key, 1)
         n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
         if n < 1:
