@@ -212,6 +212,37 @@ def test_functional_path_equals_graph_path(jac):
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
 
 
+class Scale(nn.Module):
+    """A parameterized module expanded weights do not know: the functional path uses vmap."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, n, dtype=F64))
+
+    def forward(self, t):
+        return t * self.w
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_functional_jacobian_rows_are_per_sample_gradients(custom):
+    from torchsteer.optim._sven_step import per_sample_values_and_jacobian
+
+    x, y = batch(5, seed=16)
+    model = mlp(seed=16)
+    if custom:
+        model = nn.Sequential(*model, Scale(2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        losses, M = per_sample_values_and_jacobian(model, per_sample, x, y, named)
+    _, oracle = residual_jacobian(model, x, y, 2.0)
+    torch.testing.assert_close(M, oracle, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(losses, per_sample(model(x), y).detach(), rtol=1e-13, atol=0)
+    for p in model.parameters():  # .grad untouched, no grad_sample left behind
+        assert torch.equal(p.grad, torch.full_like(p, 3.0)) and not hasattr(p, "grad_sample")
+
+
 def test_microbatch_averages_losses_over_groups():
     x, y = batch(12, seed=7)
     a, b = mlp(seed=7), mlp(seed=7)

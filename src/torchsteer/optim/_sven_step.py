@@ -49,6 +49,45 @@ class Solution:
     linearized_reduction: torch.Tensor  # 1 - |R - M d| / |R|
 
 
+# Modules whose parameters torch's expanded weights differentiate per sample in one backward.
+_EXPANDED_WEIGHT_MODULES = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.Embedding,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+)
+
+
+def _expanded_weights_apply(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> bool:
+    """Whether every trainable parameter sits in a supported module and all are optimized."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if trainable != {id(p) for p in params.values()}:
+        return False
+    owners = (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+    return all(type(m) in _EXPANDED_WEIGHT_MODULES for m in owners)
+
+
+def _per_sample_expanded(model, loss_fn, inputs, targets, params):
+    """One forward and one backward with torch's expanded weights (``grad_sample``)."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    n = inputs.shape[0]
+    try:
+        with torch.enable_grad():
+            out = call_for_per_sample_grads(model, batch_size=n, loss_reduction="sum")(inputs)
+            values = loss_fn(out, targets).reshape(n, -1).sum(1)
+            values.sum().backward()
+        jac = torch.cat([p.grad_sample.reshape(n, -1) for p in params.values()], dim=1)
+    finally:
+        for p in params.values():
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+    return values.detach(), jac
+
+
 def per_sample_values_and_jacobian(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -56,12 +95,19 @@ def per_sample_values_and_jacobian(
     targets: torch.Tensor,
     params: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample losses (B,) and their gradients (B, P) by ``vmap(grad_and_value)``.
+    """Per-sample losses (B,) and their gradients (B, P), samples independent.
 
-    Each sample runs as a batch of one, so its cost is B single-sample backward passes (no
-    B^2 term as in a batched backward through the whole batch).
+    When every parameter lives in a module torch's expanded weights support (Linear, Conv,
+    Embedding, LayerNorm, GroupNorm) the rows come from one forward and one backward of the
+    batch (``grad_sample``); otherwise from ``vmap(grad_and_value)`` over single samples. Both
+    cost O(B) single-sample passes, with no B^2 term as in a batched backward.
     """
     model = unwrap_model(model)
+    if _expanded_weights_apply(model, params):
+        try:
+            return _per_sample_expanded(model, loss_fn, inputs, targets, params)
+        except RuntimeError:  # a function expanded weights cannot handle: use vmap
+            pass
     bufs = dict(model.named_buffers())
     p = {k: v.detach() for k, v in params.items()}
 
