@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from torchsteer.control.kl_base import KLController, as_statistic, finite_hparam
+from torchsteer.control.kl_base import KLController, finite_hparam
 from torchsteer.control.safe import SAFEController
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "KLController",
     "PIDKLController",
     "SAFEController",
-    "as_statistic",
 ]
 
 
