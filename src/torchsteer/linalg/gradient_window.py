@@ -133,9 +133,7 @@ class GradientWindow:
         eigenvalues of ``K`` clamped at 0, so that ``||M|| <= 1 / (m lambda)`` even when
         rounding has made the stored ``K`` indefinite.
         """
-        a = self.gram + self._shift * torch.eye(
-            self.ngrads, dtype=torch.float64, device=self.device
-        )
+        a = self._shifted_gram()
         lower, info = torch.linalg.cholesky_ex(a)
         if not robust and int(info) == 0:
             self.inverse.copy_(torch.cholesky_inverse(lower))
@@ -144,6 +142,10 @@ class GradientWindow:
             scale = 1.0 / (evals.clamp(min=0.0) + self._shift)
             self.inverse.copy_((evecs * scale) @ evecs.t())
         self.since_refresh = 0
+
+    def _shifted_gram(self) -> torch.Tensor:
+        eye = torch.eye(self.ngrads, dtype=torch.float64, device=self.device)
+        return self.gram + self._shift * eye
 
     def _update_inverse(self, j: int, column: torch.Tensor) -> None:
         """Replace index ``j`` of ``M`` after row/column ``j`` of ``A = m λ I + K`` changed.
@@ -262,9 +264,7 @@ class GradientWindow:
         self.count, self.index = count, count % self.ngrads
 
     def _cholesky(self) -> torch.Tensor:
-        a = self.gram + self._shift * torch.eye(
-            self.ngrads, dtype=torch.float64, device=self.device
-        )
+        a = self._shifted_gram()
         lower, info = torch.linalg.cholesky_ex(a)
         if int(info) != 0:  # rounding made K indefinite: factor the clamped version
             evals, evecs = torch.linalg.eigh(self.gram)

@@ -1,0 +1,292 @@
+"""MFAC against a hand-written dense loop, SGD, and its own resumed copy (float64)."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from torchsteer.optim.mfac import MFAC
+
+F64 = torch.float64
+
+
+def problem(seed: int = 0, dtype=F64):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 4, generator=gen).to(dtype)
+    y = torch.randn(16, 2, generator=gen).to(dtype)
+    return model, x, y
+
+
+def loss_fn(model, x, y):
+    return 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+
+
+def train(model, opt, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def reference_mfac(model, x, y, steps, groups, ngrads, damp):
+    """The spec's algorithm, written out: dense F from the last m decayed gradients."""
+    params = list(model.parameters())
+    history, bufs = [], [torch.zeros_like(p) for p in params]
+    owner = [g for g in groups for _ in g["params"]]
+    for _ in range(steps):
+        for p in params:
+            p.grad = None
+        loss_fn(model, x, y).backward()
+        with torch.no_grad():
+            flat = torch.cat(
+                [(p.grad + grp["weight_decay"] * p).reshape(-1) for p, grp in zip(params, owner)]
+            )
+            history.append(flat)
+            rows = torch.zeros(ngrads, flat.numel(), dtype=F64)
+            for i, r in enumerate(history[-ngrads:]):
+                rows[i] = r
+            fisher = damp * torch.eye(flat.numel(), dtype=F64) + rows.T @ rows / ngrads
+            u = torch.linalg.solve(fisher, flat)
+            offset = 0
+            for p, buf, grp in zip(params, bufs, owner):
+                n = p.numel()
+                mom = grp["momentum"]
+                buf.mul_(mom).add_(u[offset : offset + n].view_as(p), alpha=1 - mom)
+                p.sub_(grp["lr"] * buf)
+                offset += n
+
+
+def test_matches_hand_written_loop_with_groups_weight_decay_momentum_wraparound():
+    model, x, y = problem()
+    ref_model = copy.deepcopy(model)
+    w1, b1, w2, b2 = model.parameters()
+    spec = [
+        dict(lr=0.05, momentum=0.9, weight_decay=1e-2),
+        dict(lr=0.02, momentum=0.0, weight_decay=0.0),
+    ]
+    opt = MFAC(
+        [dict(params=[w1, b1], **spec[0]), dict(params=[w2, b2], **spec[1])],
+        ngrads=3,
+        damp=1e-2,
+    )
+    train(model, opt, x, y, steps=8)  # the ring of 3 wraps twice
+    ref_groups = [dict(params=[0, 1], **spec[0]), dict(params=[2, 3], **spec[1])]
+    reference_mfac(ref_model, x, y, 8, ref_groups, ngrads=3, damp=1e-2)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_huge_damp_reduces_to_sgd_with_lr_over_damp():
+    model, x, y = problem(1)
+    sgd_model = copy.deepcopy(model)
+    damp, lr = 1e8, 1e7  # F^{-1} g = g / damp up to |g|^2 / (m damp) ~ 1e-9
+    opt = MFAC(model.parameters(), lr=lr, ngrads=4, damp=damp)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=lr / damp)
+    a = train(model, opt, x, y, 10)
+    b = train(sgd_model, sgd, x, y, 10)
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-7, atol=0)
+    for p, q in zip(model.parameters(), sgd_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_state_dict_resume_is_bit_for_bit(dtype):
+    model, x, y = problem(2, dtype)
+    kw = dict(lr=0.03, ngrads=3, damp=1e-3, momentum=0.5, weight_decay=1e-3)
+    opt = MFAC(model.parameters(), **kw)
+    train(model, opt, x, y, 4)
+    twin = copy.deepcopy(model)
+    opt2 = MFAC(twin.parameters(), **kw)
+    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    first = next(twin.parameters())
+    assert opt2.state[first]["window_gram"].dtype == F64  # not cast to the parameter dtype
+    assert opt2.state[first]["window_inverse"].dtype == F64
+    a = train(model, opt, x, y, 5)  # through a wrap-around and the periodic refresh
+    b = train(twin, opt2, x, y, 5)
+    assert a == b
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    for pid in s1:
+        for key in s1[pid]:
+            assert torch.equal(s1[pid][key], s2[pid][key]), key
+
+
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    return params, state
+
+
+def _assert_same(snapshot, model, opt):
+    params, state = snapshot
+    for p, q in zip(params, model.parameters()):
+        assert torch.equal(p, q)
+    now = opt.state_dict()["state"]
+    assert now.keys() == state.keys()
+    for pid in state:
+        for key in state[pid]:
+            assert torch.equal(state[pid][key], now[pid][key]), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_changes_nothing(bad):
+    model, x, y = problem(3)
+    opt = MFAC(model.parameters(), lr=0.1, ngrads=2, damp=1e-2, momentum=0.5)
+    train(model, opt, x, y, 3)
+    snap = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    list(model.parameters())[1].grad[0] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        opt.step()
+    _assert_same(snap, model, opt)
+
+
+def test_nonfinite_gradient_skip_mode_is_as_if_the_step_never_happened():
+    model, x, y = problem(4)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.1, ngrads=2, damp=1e-2, momentum=0.5, nonfinite="skip")
+    opt, opt2 = MFAC(model.parameters(), **kw), MFAC(twin.parameters(), **kw)
+    train(model, opt, x, y, 3)
+    train(twin, opt2, x, y, 3)
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step()  # skipped
+    first = next(model.parameters())
+    assert opt.state[first]["skipped_steps"].item() == 1
+    assert opt.state[first]["step"].item() == 3
+    assert train(model, opt, x, y, 3) == train(twin, opt2, x, y, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(ngrads=0), "ngrads"),
+        (dict(ngrads=2.5), "ngrads"),
+        (dict(damp=0.0), "damp"),
+        (dict(damp=float("inf")), "damp"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(weight_decay=-1e-3), "weight_decay"),
+        (dict(window_dtype=torch.int64), "window_dtype"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs, name):
+    model, _, _ = problem()
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        MFAC(model.parameters(), **kwargs)
+
+
+def test_closure_is_evaluated_with_grad_and_returns_loss():
+    model, x, y = problem(5)
+    twin = copy.deepcopy(model)
+    opt = MFAC(model.parameters(), lr=0.05, ngrads=4, damp=1e-2)
+    opt2 = MFAC(twin.parameters(), lr=0.05, ngrads=4, damp=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        losses = [opt.step(closure).item() for _ in range(3)]
+    assert losses == train(twin, opt2, x, y, 3)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_parameter_without_grad_is_not_updated_and_counts_as_zero():
+    model, x, y = problem(6)
+    frozen = nn.Parameter(torch.randn(3, dtype=F64))
+    ref_model = copy.deepcopy(model)
+    opt = MFAC([*model.parameters(), frozen], lr=0.05, ngrads=3, damp=1e-2)
+    before = frozen.detach().clone()
+    train(model, opt, x, y, 5)
+    assert torch.equal(frozen, before)
+    # Zero gradient entries change nothing in F^{-1} g on the other coordinates.
+    groups = [dict(params=list(range(4)), lr=0.05, momentum=0.0, weight_decay=0.0)]
+    reference_mfac(ref_model, x, y, 5, groups, ngrads=3, damp=1e-2)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_window_dtype_and_low_precision_parameters():
+    model, x, y = problem(7, torch.float32)
+    opt = MFAC(model.parameters(), lr=0.05, ngrads=3, damp=1e-2, window_dtype=F64)
+    ref = copy.deepcopy(model).to(F64)
+    train(model, opt, x, y, 4)
+    groups = [dict(params=list(range(4)), lr=0.05, momentum=0.0, weight_decay=0.0)]
+    reference_mfac(ref, x.double(), y.double(), 4, groups, ngrads=3, damp=1e-2)
+    assert next(iter(opt.state.values()))["window_grads"].dtype == F64
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.double(), q, rtol=1e-4, atol=1e-5)
+    bf16 = nn.Linear(3, 2).to(torch.bfloat16)
+    opt_bf16 = MFAC(bf16.parameters(), ngrads=2)
+    bf16(torch.ones(1, 3, dtype=torch.bfloat16)).sum().backward()
+    opt_bf16.step()
+    assert next(iter(opt_bf16.state.values()))["window_grads"].dtype == torch.float32
+
+
+def test_lightning_automatic_optimization_matches_plain_loop():
+    lightning = pytest.importorskip("lightning.pytorch")
+    model, x, y = problem(8)
+    plain = copy.deepcopy(model)
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, _):
+            return loss_fn(self.net, *batch)
+
+        def configure_optimizers(self):
+            return MFAC(self.parameters(), lr=0.05, ngrads=3, damp=1e-2, momentum=0.5)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = lightning.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), loader)
+    opt = MFAC(plain.parameters(), lr=0.05, ngrads=3, damp=1e-2, momentum=0.5)
+    train(plain, opt, x, y, 5)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    model, x, y = problem(9)
+    gpu = copy.deepcopy(model).cuda()
+    kw = dict(lr=0.05, ngrads=3, damp=1e-2, momentum=0.5, weight_decay=1e-3)
+    train(model, MFAC(model.parameters(), **kw), x, y, 7)
+    train(gpu, MFAC(gpu.parameters(), **kw), x.cuda(), y.cuda(), 7)
+    for p, q in zip(model.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-9, atol=1e-11)
