@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=suite.FULL.epochs)
-    parser.add_argument("--overhead-repeats", type=int, default=21)
+    parser.add_argument("--overhead-repeats", type=int, default=30)
     parser.add_argument("--out", default=str(RESULTS / "dro"))
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -186,7 +186,7 @@ class DROWeighting:
     def __call__(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted mean of ``losses`` (weights detached); updates the state."""
         weights = self.weights(losses, labels)
-        return (weights * losses).sum() * self._scale
+        return torch.dot(weights * self._scale, losses)
 
     def weights(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The detached weights ``w`` of this batch (updates the state, as ``__call__``)."""

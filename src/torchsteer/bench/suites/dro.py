@@ -14,7 +14,7 @@ loss of the epoch (unweighted), ``Run.extra`` holds ``clean_acc``, ``robust_acc`
 ``worst_class_robust_acc``, ``worst_class`` and ``per_class_robust_acc`` at the end.
 :func:`measure_overhead` times one training step of every arm against plain AT, interleaved.
 
-Quick mode: 8 epochs, the first seed (~10 CPU s per arm); full mode: 30 epochs, the seeds
+Quick mode: 10 epochs, the first two seeds (~20 CPU s in all); full mode: 30 epochs, the seeds
 given (``benchmarks/dro.py`` runs 5).
 """
 
@@ -56,7 +56,7 @@ class Config:
     max_seeds: int | None = None  # quick mode runs only the first seeds
 
 
-QUICK = Config(epochs=8, max_seeds=1)
+QUICK = Config(epochs=10, max_seeds=2)
 FULL = Config(epochs=30)
 
 
@@ -163,52 +163,59 @@ def train_arm(arm: Arm, seed: int, config: Config, dataset=None) -> Run:
 
 
 def measure_overhead(
-    config: Config, arms: list[Arm] = ARMS, steps: int = 20, repeats: int = 15, seed: int = 0
+    config: Config, arms: list[Arm] = ARMS, steps: int = 10, repeats: int = 30, seed: int = 0
 ) -> dict[str, dict[str, float]]:
-    """CPU time of one AT step of each arm next to plain AT, interleaved in random order.
+    """CPU time of one AT step of each arm next to plain AT (``arms[0]``), in pairs.
 
-    Every repeat times ``steps`` steps of each arm (its own model and optimizer, the same
-    batch of ``batch_size`` digits) with ``time.process_time``; the figures are medians over
-    the repeats: ``step`` (s per step), ``ratio`` (to uniform AT, the first arm) and
-    ``weighting`` (s per call of the weighting alone, minus a plain ``mean``, on the same
-    losses: the reweighting's own cost, free of the noise of the whole step).
+    Each arm (plain AT included, as an A/A control of the method) is paired with a plain-AT
+    twin of its own. Every repeat visits the pairs in random order and times ``steps``
+    single steps of both, alternating in random order (own model and optimizer each; the
+    same batch of ``batch_size`` digits; ``time.process_time``). Figures are medians over
+    the repeats: ``step`` (s per step), ``ratio`` (paired ratio to the twin: drift of a
+    shared machine cancels in each pair) and ``weighting`` (s per call of the weighting
+    alone minus a plain ``mean`` on the same losses: the reweighting's own cost, free of the
+    noise of the whole step).
     """
     xtr, ytr, _, _ = data.digits()
     x, y = xtr[: config.batch_size], ytr[: config.batch_size]
-    states = []
-    for arm in arms:
+
+    def state(arm: Arm):
         model = mlp([64, config.hidden, NUM_CLASSES], nn.ReLU, seed=seed)
-        states.append(
-            (
-                arm,
-                model,
-                torch.optim.Adam(model.parameters(), lr=config.lr),
-                arm.make(),
-                torch.Generator().manual_seed(seed),
-            )
-        )
-    times: dict[str, list[float]] = {arm.name: [] for arm in arms}
-    own: dict[str, list[float]] = {arm.name: [] for arm in arms}
-    order = list(range(len(arms)))
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        return model, opt, arm.make(), torch.Generator().manual_seed(seed)
+
+    def one_step(st) -> float:
+        model, opt, weighting, gen = st
+        t0 = time.process_time()
+        at_step(model, opt, weighting, x, y, config, gen)
+        return time.process_time() - t0
+
+    pairs = {arm.name: (state(arm), state(arms[0])) for arm in arms}
+    times = {arm.name: [] for arm in arms}
+    ratios = {arm.name: [] for arm in arms}
+    own = {arm.name: [] for arm in arms}
+    losses = F.cross_entropy(pairs[arms[0].name][0][0](x), y, reduction="none").detach()
     shuffler = random.Random(seed)
-    losses = F.cross_entropy(states[0][1](x), y, reduction="none").detach()
+    order = list(arms)
     for _ in range(repeats):
         shuffler.shuffle(order)
-        for k in order:
-            arm, model, opt, weighting, gen = states[k]
-            t0 = time.process_time()
+        for arm in order:
+            t = [0.0, 0.0]  # arm, twin
             for _ in range(steps):
-                at_step(model, opt, weighting, x, y, config, gen)
-            times[arm.name].append((time.process_time() - t0) / steps)
+                sides = [0, 1]
+                shuffler.shuffle(sides)
+                for side in sides:
+                    t[side] += one_step(pairs[arm.name][side]) / steps
+            times[arm.name].append(t[0])
+            ratios[arm.name].append(t[0] / t[1])
             own[arm.name].append(_weighting_cost(arm, losses, y, 20 * steps))
-    base = statistics.median(times[arms[0].name])
     return {
         name: {
-            "step": statistics.median(t),
-            "ratio": statistics.median(t) / base,
+            "step": statistics.median(times[name]),
+            "ratio": statistics.median(ratios[name]),
             "weighting": statistics.median(own[name]),
         }
-        for name, t in times.items()
+        for name in times
     }
 
 
@@ -229,7 +236,7 @@ def _weighting_cost(arm: Arm, losses: torch.Tensor, y: torch.Tensor, calls: int)
 
 
 def run(ctx: Context, config: Config | None = None) -> list[Run]:
-    """Every arm on every seed (quick: the first seed), one progress unit per run."""
+    """Every arm on every seed (quick: the first two), one progress unit per run."""
     config = config or (QUICK if ctx.quick else FULL)
     seeds = ctx.seeds[: config.max_seeds] if config.max_seeds else ctx.seeds
     dataset = data.digits()
