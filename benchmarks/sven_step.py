@@ -12,8 +12,8 @@ with ``time.process_time`` (CPU time), arms interleaved in one process, median o
    libraries): the dense path at P = 66,561 against the size of its Jacobian (goal <= 3x),
    and the matrix-free path on 1-1000-1000-1 (P = 1,004,001), B = 128 (goal <= 2 GB).
 3. Sketch accuracy on the paper's regression task along a Sven run: the relative error of the
-   randomized step against the exact truncated step at rank 8 (the defaults and the
-   reference implementation's oversample 5 / 1 power iteration), and the rank kept by
+   randomized step (float32) against the exact truncated step (float64 Gram) at rank 8 (the
+   defaults and the reference implementation's oversample 5 / 1 power iteration), the rank kept by
    rtol = 1e-3 when up to 128 triplets are allowed.
 
 Usage: ``python benchmarks/sven_step.py [--quick]``.
@@ -186,8 +186,8 @@ def accuracy(seeds, steps, checkpoints):
             if it in checkpoints:
                 named = dict(model.named_parameters())
                 losses, M = per_sample_values_and_jacobian(model, loss_fn, x, y, named)
-                exact = solve_dense(M, losses, 8, 1e-3, False, 0, 0, None)
-                full = solve_dense(M, losses, 128, 1e-3, False, 0, 0, None)
+                exact = solve_dense(M, losses, 8, 1e-3, False, 0, 0, None, torch.float64)
+                full = solve_dense(M, losses, 128, 1e-3, False, 0, 0, None, torch.float64)
                 kept.append(int(full.kept_rank))
                 for name, (p, q) in settings.items():
                     for s in range(3):

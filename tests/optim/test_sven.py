@@ -341,6 +341,18 @@ def test_resume_continues_bit_for_bit(dtype, jac):
             torch.testing.assert_close(st2[i][key], st[i][key], rtol=0, atol=0)
 
 
+def test_float32_parameters_with_a_float64_gram_match_the_float64_oracle():
+    x, y = batch(10, seed=17)
+    model = mlp(seed=17, dtype=torch.float32)
+    ref = copy.deepcopy(model).double()
+    R, M = residual_jacobian(ref, x, y, 2.0)
+    d, _, _ = truncated_step(M, R, 10, 1e-3)
+    t0 = flat(model)
+    opt = Sven(model.parameters(), lr=1.0, rank=10, gram_dtype=F64)
+    opt.step(lambda: per_sample(model(x.float()), y.float()))
+    torch.testing.assert_close((flat(model) - t0).double(), -d, rtol=1e-3, atol=1e-4)
+
+
 def test_bf16_parameters_use_fp32_algebra_and_keep_fp32_state():
     x, y = batch(8, seed=14)
     ref, low = mlp(seed=14), mlp(seed=14).to(torch.bfloat16)
@@ -438,6 +450,7 @@ def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, svd, mode):
         ({"momentum": 1.0}, "momentum"),
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"memory_budget": 0}, "memory_budget"),
+        ({"gram_dtype": torch.int64}, "gram_dtype"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, name):

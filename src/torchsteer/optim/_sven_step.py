@@ -34,9 +34,6 @@ __all__ = [
     "solve_operator",
 ]
 
-# Dense problems up to this many Jacobian entries get their Gram matrix in float64.
-GRAM_FLOAT64_MAX_ENTRIES = 1 << 22
-
 
 @dataclasses.dataclass
 class Solution:
@@ -181,11 +178,11 @@ def _solve_triplets(U, S, V, R, rtol) -> Solution:
     return Solution(d, *_record(S, keep, R, U @ torch.where(keep, c, 0 * c)))
 
 
-def _solve_gram(M: torch.Tensor, R: torch.Tensor, rank: int, rtol: float) -> Solution:
-    """Exact truncated solve through ``eigh`` of the smaller Gram matrix."""
+def _solve_gram(M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None) -> Solution:
+    """Exact truncated solve through ``eigh`` of the smaller Gram matrix (in ``gram_dtype``)."""
     B, P = M.shape
     dtype = M.dtype
-    work = M.double() if B * P <= GRAM_FLOAT64_MAX_ENTRIES else M
+    work = M if gram_dtype is None else M.to(gram_dtype)
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
@@ -218,10 +215,11 @@ def solve_dense(
     oversample: int,
     power_iters: int,
     generator: torch.Generator,
+    gram_dtype: torch.dtype | None = None,
 ) -> Solution:
     """The truncated minimum-norm direction for a dense M (B, P)."""
     if not randomized:
-        return _solve_gram(M, R, rank, rtol)
+        return _solve_gram(M, R, rank, rtol, gram_dtype)
     U, S, V = randomized_svd(M, rank, oversample, power_iters, generator, exact=False)
     return _solve_triplets(U, S, V, R, rtol)
 

@@ -89,13 +89,16 @@ class Sven(torch.optim.Optimizer):
             but ``skipped_steps``) when the losses, the Jacobian or the step hold NaN/Inf.
         memory_budget: bytes for the dense Jacobian under ``jacobian="auto"`` (256 MB).
         seed: seed of the sketch generator (default: drawn from torch's global generator).
+        gram_dtype: dtype of the Gram matrix and ``eigh`` of the dense exact solve (default:
+            the algebra dtype); ``torch.float64`` resolves float32 spectra below
+            ``2 sqrt(eps32) S_max`` at the price of a slower ``eigh``.
         model, loss_fn: enable the functional path (``step(batch=...)``).
 
     Memory: dense, the Jacobian B x P in the algebra dtype plus one transient copy while it
-    is assembled, plus a B x B Gram (float64 when B * P <= 4M entries, else the algebra dtype;
-    in float32 singular values below ``2 sqrt(eps) S_max ~ 7e-4 S_max`` are Gram noise and
-    dropped). Matrix-free: a few (B + P) x (rank + oversample) blocks. bf16/fp16 parameters
-    use float32 algebra and float32 momentum.
+    is assembled, plus a B x B Gram. Singular values below ``2 sqrt(eps) S_max`` of the Gram
+    dtype (``7e-4 S_max`` in float32) are rounding noise of ``M M^T`` and are dropped.
+    Matrix-free: a few (B + P) x (rank + oversample) blocks. bf16/fp16 parameters use
+    float32 algebra and float32 momentum.
 
     References:
         Bright-Thonney, Harvey, Lukas, Thaler, "Sven: Singular Value Descent as a
@@ -119,6 +122,7 @@ class Sven(torch.optim.Optimizer):
         nonfinite: str = "raise",
         memory_budget: int = 256 * 2**20,
         seed: int | None = None,
+        gram_dtype: torch.dtype | None = None,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -141,6 +145,8 @@ class Sven(torch.optim.Optimizer):
             "nonfinite": nonfinite in ("raise", "skip"),
             "memory_budget": is_int(memory_budget) and memory_budget > 0,
             "seed": seed is None or is_int(seed),
+            "gram_dtype": gram_dtype is None
+            or (isinstance(gram_dtype, torch.dtype) and gram_dtype.is_floating_point),
         }
         values = dict(locals())
         for name, ok in checks.items():
@@ -154,6 +160,7 @@ class Sven(torch.optim.Optimizer):
         self.oversample, self.power_iters = oversample, power_iters
         self.param_fraction, self.microbatch_size = float(param_fraction), microbatch_size
         self.memory_budget, self.model, self.loss_fn = memory_budget, model, loss_fn
+        self.gram_dtype = gram_dtype
         for p in self._params():
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
@@ -246,6 +253,7 @@ class Sven(torch.optim.Optimizer):
                 J = J.mul_(D.unsqueeze(1))
             randomized = self._randomized_dense(*J.shape)
             args = (self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen)
+            args += (self.gram_dtype,)
             solve, system = solve_dense, J
         else:
             system = ResidualOperator(source("matrix_free"), D, self.microbatch_size, cols, alg)
