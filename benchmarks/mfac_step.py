@@ -77,7 +77,7 @@ def worker(d: int, m: int, reps: int) -> dict:
     window = opt._window
     for start in range(0, m, 64):  # fill with random rows, then Gram + inverse from them
         window.grads[start : start + 64].normal_().div_(d**0.5)
-    window.rebuild(block_size=max(1, 2**20 // m))  # float64 temporaries of 8 MB
+    window.rebuild(block_size=max(16, 2**16 // m))  # float64 temporaries of 0.5 MB
     rss_filled = _maxrss_bytes()
 
     def limit():

@@ -202,24 +202,30 @@ class GradientWindow:
         self.count = min(self.count + 1, self.ngrads)
         return j
 
+    def add_and_coefficients(self, g: torch.Tensor) -> torch.Tensor:
+        """Write ``g`` into the window; return ``x`` (float64, length m) with
+        ``F^{-1} g = G^T x``, namely ``x = m M e_j`` (``j`` the slot just written).
+
+        Lets a caller fuse the second pass ``G^T x`` with its own update (``addmv``).
+        """
+        j = self.add(g)
+        x = self.ngrads * self.inverse[:, j]
+        # ||F^{-1} g||^2 = x^T K x <= ||g||^2 / lambda^2 = K_jj / lambda^2 (O(m^2) check);
+        # a violation means rounding broke M: recompute it robustly.
+        bound = float(self.gram[j, j]) * (1.0 + 1e-3) / self.damp**2
+        if not float(torch.dot(x, torch.mv(self.gram, x))) <= bound:
+            self.refresh(robust=True)
+            x = self.ngrads * self.inverse[:, j]
+        return x
+
     def add_and_solve(self, g: torch.Tensor) -> torch.Tensor:
         """Write ``g`` into the window, then return ``F^{-1} g`` (dtype of ``g``).
 
-        Uses ``F^{-1} g = m G^T M e_j`` (``j`` the slot just written): two passes over ``G``
-        in all, the Gram row and this product.
+        Uses ``F^{-1} g = m G^T M e_j``: two passes over ``G`` in all, the Gram row and this
+        product.
         """
-        j = self.add(g)
-        u = self._row_product(j)
-        # ||F^{-1} g|| <= ||g|| / lambda; a violation means rounding broke M: recompute it.
-        bound = float(self.gram[j, j]) * (1.0 + 1e-3) / self.damp**2
-        if not float(torch.dot(u, u)) <= bound:
-            self.refresh(robust=True)
-            u = self._row_product(j)
-        return u.to(g.dtype)
-
-    def _row_product(self, j: int) -> torch.Tensor:
-        x = (self.ngrads * self.inverse[:, j]).to(self.dtype)
-        return torch.mv(self.grads.t(), x)
+        x = self.add_and_coefficients(g).to(self.dtype)
+        return torch.mv(self.grads.t(), x).to(g.dtype)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for the current window (nothing added), O(m d)."""

@@ -181,7 +181,7 @@ class MFAC(torch.optim.Optimizer):
         state = self.state[self._params()[0]]
         flat = self._flat_gradient(window)
         try:
-            update = window.add_and_solve(flat)
+            coeffs = window.add_and_coefficients(flat).to(window.dtype)
         except NonFiniteGradientError:
             if self.nonfinite == "raise":
                 raise
@@ -189,23 +189,26 @@ class MFAC(torch.optim.Optimizer):
             return loss
         state["step"] += 1
         self._sync_state(window)
+        # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
+        # the second pass over the window writes straight into the parameter (or its buffer).
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
                 n = p.numel()
                 if p.grad is not None:
-                    u = update[offset : offset + n].view_as(p)
+                    block = window.grads[:, offset : offset + n].t()
                     if momentum != 0.0:
                         pstate = self.state[p]
                         if "momentum_buffer" not in pstate:
                             pstate["momentum_buffer"] = torch.zeros_like(
-                                p, memory_format=torch.preserve_format
+                                p, memory_format=torch.contiguous_format
                             )
                         buf = pstate["momentum_buffer"]
-                        buf.mul_(momentum).add_(u, alpha=1.0 - momentum)
-                        u = buf
-                    p.add_(u, alpha=-lr)
+                        _addmv(buf.mul_(momentum), block, coeffs, 1.0 - momentum)
+                        p.add_(buf, alpha=-lr)
+                    else:
+                        _addmv(p, block, coeffs, -lr)
                 offset += n
         return loss
 
@@ -237,3 +240,12 @@ class MFAC(torch.optim.Optimizer):
         self._window = None
         if kept:
             self._get_window()
+
+
+def _addmv(out: torch.Tensor, block: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """``out += alpha * block @ x`` in place; fused when ``out`` is contiguous in the
+    window dtype, else through a temporary of ``out``'s size."""
+    if out.dtype == block.dtype and out.is_contiguous():
+        out.view(-1).addmv_(block, x, alpha=alpha)
+    else:
+        out.add_(torch.mv(block, x).view_as(out).to(out.dtype), alpha=alpha)
