@@ -4,9 +4,10 @@ Setup: features / 16, the first 20 % of the rows as the test set
 (:func:`torchsteer.bench.data.digits`); MLP 64-64-64-10 with GELU, cross-entropy, minibatches
 of 64. The metric is the test accuracy (higher is better); the target is 0.93.
 
-Arms: SGD (the step-cost baseline), SGD + momentum 0.9 and Adam over small learning-rate grids,
-and full-batch L-BFGS with the strong-Wolfe line search. Quick mode: 40 epochs, seed 0 (a few
-CPU seconds per arm). Full mode: 150 epochs, the seeds given.
+Arms: SGD (the step-cost baseline), SGD + momentum 0.9, Adam and M-FAC (windows of 32 and 128
+gradients, damp 1e-4) over small learning-rate grids, and full-batch L-BFGS with the
+strong-Wolfe line search. Quick mode: 40 epochs, seed 0 (a few CPU seconds per arm). Full
+mode: 150 epochs, the seeds given.
 
 Adding a method: append a :class:`~torchsteer.bench.training.Method` to the list that
 :func:`methods` returns. An optimizer used like ``torch.optim`` (M-FAC) takes one line::
@@ -30,6 +31,7 @@ from torch import nn
 from torchsteer.bench import data
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.training import Method, lbfgs_method, mlp, torch_method, train
+from torchsteer.optim.mfac import MFAC
 
 __all__ = ["Config", "methods", "run"]
 
@@ -60,6 +62,11 @@ def methods(config: Config) -> list[Method]:
         for lr in (1e-2, 3e-2)
     ]
     arms += [torch_method(f"Adam lr={lr:g}", torch.optim.Adam, lr=lr) for lr in (1e-3, 3e-3)]
+    arms += [
+        torch_method(f"M-FAC m={m} lr={lr:g}", MFAC, lr=lr, ngrads=m, damp=1e-4)
+        for m in (32, 128)
+        for lr in (1e-3, 3e-3)
+    ]
     arms.append(lbfgs_method(config.lbfgs_steps))
     return arms
 
