@@ -6,7 +6,8 @@ MLP 1-16-16-16-1 with GELU, mean squared error, minibatches of B = 128. The metr
 validation MSE (lower is better); the target for ``time to target`` is 1e-4.
 
 Arms: SGD, SGD + momentum 0.9 and Adam, each over a small learning-rate grid (every grid point
-is reported; the table marks the best), and full-batch L-BFGS with the strong-Wolfe line search.
+is reported; the table marks the best), full-batch L-BFGS with the strong-Wolfe line search,
+and Sven (lr 0.1, rank 64, its functional path ``step(batch=(x, y))``).
 Quick mode: 2k/2k points, 150 epochs, seed 0 (about half a CPU minute). Full mode: 10k/10k
 points, 200 epochs, the seeds given (``--seeds 3`` = 0, 1, 2).
 
@@ -38,6 +39,7 @@ import torch
 from torchsteer.bench import data
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.training import Method, lbfgs_method, mlp, torch_method, train
+from torchsteer.optim.sven import Sven
 
 __all__ = ["Config", "methods", "run"]
 
@@ -74,7 +76,21 @@ def methods(config: Config) -> list[Method]:
     ]
     arms += [torch_method(f"Adam lr={lr:g}", torch.optim.Adam, lr=lr) for lr in (1e-3, 3e-3, 1e-2)]
     arms.append(lbfgs_method(config.lbfgs_steps))
+    arms.append(
+        Method(
+            name="Sven lr=0.1 rank=64",
+            step=_sven_step,
+            make=lambda model: Sven(
+                model.parameters(), lr=0.1, rank=64, model=model, loss_fn=squared_error
+            ),
+        )
+    )
     return arms
+
+
+def _sven_step(optimizer, model, loss_fn, x, y) -> float:
+    """Sven's functional path: the per-sample Jacobian from the model (see ``Sven.step``)."""
+    return float(optimizer.step(batch=(x, y)))
 
 
 def squared_error(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
