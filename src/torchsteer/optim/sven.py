@@ -152,7 +152,7 @@ class Sven(torch.optim.Optimizer):
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"Invalid {name}: {values[name]}")
-        if (model is None) != (loss_fn is None) and loss_fn is not None:
+        if loss_fn is not None and model is None:
             raise ValueError("Invalid loss_fn: the functional path needs model= as well")
         super().__init__(params, dict(lr=lr, momentum=momentum))
         self.rank, self.rtol, self.kappa = rank, float(rtol), float(kappa)
@@ -194,15 +194,10 @@ class Sven(torch.optim.Optimizer):
         with torch.enable_grad():
             out = closure()
         if not isinstance(out, torch.Tensor) or out.dim() != 1:
-            got = (
-                "a scalar"
-                if isinstance(out, torch.Tensor) and out.dim() == 0
-                else (
-                    f"shape {tuple(out.shape)}"
-                    if isinstance(out, torch.Tensor)
-                    else type(out).__name__
-                )
-            )
+            if not isinstance(out, torch.Tensor):
+                got = type(out).__name__
+            else:
+                got = "a scalar" if out.dim() == 0 else f"shape {tuple(out.shape)}"
             raise ValueError(
                 f"Invalid closure output: Sven needs the per-sample loss vector of shape (B,) "
                 f"(e.g. reduction='none'), got {got}"
