@@ -1,4 +1,4 @@
-"""RegularizedNewton against SciPy and L-BFGS to f - f* <= 1e-8: the full ``convex`` suite + d = 1e5.
+"""RegularizedNewton vs SciPy and L-BFGS to f - f* <= 1e-8: the full ``convex`` suite + d = 1e5.
 
 Runs every arm of :mod:`torchsteer.bench.suites.convex` on its full problem set (logistic
 regression d = 100 and 1000, breast-cancer, digits softmax, the digits MLP) and on a sparse
@@ -174,7 +174,7 @@ def markdown(rows, skipped, meta) -> str:
         )
     lines += ["", "Not run:", ""]
     lines += [f"- {s['problem']} / {s['arm']}: {s['why']}" for s in skipped]
-    lines += ["", "Goals:", ""] + goals(rows) + [""]
+    lines += ["", "Goals:", "", *goals(rows), ""]
     return "\n".join(lines)
 
 

@@ -91,7 +91,9 @@ def test_step_tends_to_newton_as_gamma_grows(kw):
     assert errors[-1] < 1e-7 * torch.linalg.solve(A, g).norm().item()
 
 
-def test_sqrt_rule_lambda_and_doubling_search_on_M():
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_sqrt_rule_lambda_and_doubling_search_on_M(solver):
+    """Two rejected tries (on CG: solved again on the graph taken at x) then an accept."""
     A, b, params, closure = quadratic()
     g = A @ flat(params) - b
     gn = g.norm().item()
@@ -101,7 +103,7 @@ def test_sqrt_rule_lambda_and_doubling_search_on_M():
         calls[0] += 1
         return closure() + (1e3 if calls[0] in (2, 3) else 0.0)
 
-    opt = RegularizedNewton(params, regularization="sqrt", gamma0=0.5, solver="cholesky")
+    opt = RegularizedNewton(params, regularization="sqrt", gamma0=0.5, solver=solver, cg_tol=1e-13)
     delta, rec = one_step(opt, params, bad_first_trials)
     M0 = gn / 0.5**2
     assert rec["tries"] == 3 and rec["reasons"] == ["decrease", "decrease"]
@@ -290,7 +292,8 @@ def test_logistic_regression_reaches_target_in_a_dozen_steps(curvature):
 # -- rejections, failed solves, non-finite values --------------------------------------------
 
 
-def test_all_tries_rejected_leaves_parameters_intact():
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_all_tries_rejected_leaves_parameters_intact(solver):
     _, _, params, closure = quadratic()
     calls = [0]
 
@@ -298,11 +301,13 @@ def test_all_tries_rejected_leaves_parameters_intact():
         calls[0] += 1
         return closure() + (0.0 if calls[0] == 1 else 1e6)
 
-    opt = RegularizedNewton(params, solver="cholesky", max_tries=5)
+    opt = RegularizedNewton(params, solver=solver, max_tries=5)
     before = [p.detach().clone() for p in params]
+    versions = [p._version for p in params]
     with pytest.warns(RuntimeWarning, match="every try was rejected"):
         opt.step(worse_everywhere)
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert [p._version for p in params] == versions  # never written
     state = opt.state[params[0]]
     assert state["record"]["accepted"] is False and state["record"]["tries"] == 5
     assert state["gamma"] == 1.0 and state["failed_steps"] == 1 and calls[0] == 6

@@ -77,8 +77,10 @@ class RegularizedNewton(torch.optim.Optimizer):
       per-sample losses ``(B,)``, and ``f`` is their mean. Woodbury with the B x B Gram is exact.
       It underweights curvature on separable data and converges only linearly there.
 
-    The closure is called several times per step (once at ``x``, once per try, once more to
-    rebuild the graph after a rejected CG try), under ``torch.enable_grad()``. It must compute
+    The closure is called several times per step (once at ``x``, once per try), under
+    ``torch.enable_grad()``; a trial point is evaluated with the parameters' ``.data`` swapped
+    for the trial values and back (the graph at ``x`` stays valid), and the parameters are
+    written in place only once a try is accepted. It must compute
     the loss from the parameters and return it **without calling** ``backward()``: the
     optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
     zeroing it in the closure is harmless). Only one parameter group is supported.
@@ -235,6 +237,24 @@ class RegularizedNewton(torch.optim.Optimizer):
         for p, v in zip(params, unflatten(flat, params)):
             p.copy_(v)
 
+    def _trial(self, closure, params, curvature: str, x_new: torch.Tensor) -> tuple[float, float]:
+        """``f`` and ``|grad f|^2`` at ``x_new``, the parameters' storage swapped in and back.
+
+        Swapping ``.data`` (instead of writing in place) leaves the parameters' version
+        counters alone, so the graph of the evaluation at ``x`` stays valid for more
+        curvature products after a rejection.
+        """
+        saved = [p.data for p in params]
+        try:
+            for p, v in zip(params, unflatten(x_new, params)):
+                p.data = v
+            f_t, _, grads_t = self._evaluate(closure, params, curvature, graph=False)
+        finally:
+            for p, d in zip(params, saved):
+                p.data = d
+        gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
+        return f_t.item(), gn2
+
     @staticmethod
     def _init_state(state: dict, group: dict) -> None:
         if "step" in state:
@@ -313,7 +333,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         else:
             solver = CholeskySolver(curv, g)
         x0 = flatten([p.detach() for p in params]).clone()
-        products, cg_iters, warm, stale = 0, 0, None, False
+        cg_iters, warm = 0, None
         accepted, reasons, f_new, tries = False, [], float("nan"), 0
         lam = gamma_used = float("nan")
         m_used = None
@@ -321,34 +341,21 @@ class RegularizedNewton(torch.optim.Optimizer):
             tries += 1
             lam = gnorm / gamma if gns else math.sqrt(M * gnorm)
             gamma_used, m_used = (gamma, None) if gns else (gnorm / lam, M)
-            if solver_name == "cg":
-                if stale:  # the trial point's evaluation bumped the parameters' versions
-                    products += curv.products
-                    f_r, aux_r, grads_r = self._evaluate(closure, params, curvature, graph=True)
-                    state["closure_evals"] += 1
-                    curv = self._curvature(curvature, f_r, aux_r, grads_r, params, work)
-                    solver.curvature = curv
-                    stale = False
-                sol = solver.solve(lam, warm)
-            else:
-                sol = solver.solve(lam)
+            sol = solver.solve(lam, warm) if solver_name == "cg" else solver.solve(lam)
             cg_iters += sol.cg_iterations
             x_new = None if not sol.ok else x0 + sol.delta.to(x0.dtype)
             if x_new is not None and torch.equal(x_new, x0):
                 reasons.append("below resolution")  # smaller steps would not move x either
                 break
             if sol.ok:
-                self._write(params, x_new)
-                f_t, _, grads_t = self._evaluate(closure, params, curvature, graph=False)
+                warm = sol.delta
+                f_new, gn2 = self._trial(closure, params, curvature, x_new)
                 state["closure_evals"] += 1
-                stale, warm = True, sol.delta
-                f_new = f_t.item()
-                gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
                 if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
                     accepted = True
+                    self._write(params, x_new)
                     break
                 reasons.append("decrease" if math.isfinite(f_new + gn2) else "nonfinite trial")
-                self._write(params, x0)
             else:
                 reasons.append(sol.reason)
                 warm = None
@@ -356,8 +363,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 gamma = gamma / 2
             else:
                 M = M * 2
-        products += curv.products
-        state["curvature_products"] += products
+        state["curvature_products"] += curv.products
         state["cg_iterations"] += cg_iters
         state["record"] = {
             "tries": tries,

@@ -111,6 +111,8 @@ def _logistic(name, X, y, mu, Xn, yn) -> Problem:
         fg=fg,
         hessp=hessp,
         hess=hess,
+        n_samples=n,
+        n_outputs=n,
     )
 
 
@@ -214,6 +216,8 @@ def softmax_digits(mu: float = 1e-4) -> Problem:
         fg=fg,
         hessp=hessp,
         hess=hess,
+        n_samples=n,
+        n_outputs=n * k,
     )
 
 
@@ -257,6 +261,8 @@ def mlp_digits(n: int = 500, hidden: int = 16, mu: float = 1e-4, seed: int = 0) 
         losses=losses,
         outputs=outputs,
         convex=False,
+        n_samples=n,
+        n_outputs=10 * n,
     )
 
 

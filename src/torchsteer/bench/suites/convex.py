@@ -300,30 +300,59 @@ def gradient_descent_arm() -> Arm:
 
 
 def arms(nonconvex: bool = False) -> list[Arm]:
-    """The arms, in table order (the MLP gets the Gauss-Newton, Fisher and first-order ones)."""
+    """The arms, in table order (the MLP gets the Gauss-Newton, Fisher and first-order ones).
+
+    Arms that build dense per-sample or output-space matrices run where those fit (``fits``).
+    """
     if nonconvex:
         return [
             newton_arm("RN gauss_newton/cg", curvature="gauss_newton", cg_maxiter=100),
             newton_arm(
-                "RN gauss_newton/cholesky", dense=True, curvature="gauss_newton", solver="cholesky"
+                "RN gauss_newton/cholesky",
+                dense=True,
+                curvature="gauss_newton",
+                solver="cholesky",
+                fits=lambda p, quick: p.n_outputs <= 3000,
             ),
             newton_arm("RN hessian/cg", curvature="hessian", cg_maxiter=100),
-            newton_arm("RN empirical_fisher/woodbury", kind="linear", curvature="empirical_fisher"),
+            newton_arm(
+                "RN empirical_fisher/woodbury",
+                kind="linear",
+                curvature="empirical_fisher",
+                fits=lambda p, quick: p.n_samples <= 300,
+            ),
             torch_lbfgs_arm(),
         ]
     return [
         newton_arm("RN hessian/cg", curvature="hessian"),
-        newton_arm("RN dense/cholesky", dense=True, curvature="dense"),
+        newton_arm(
+            "RN dense/cholesky",
+            dense=True,
+            curvature="dense",
+            fits=lambda p, quick: not (quick and p.d > 500),
+        ),
         newton_arm("RN gauss_newton/cg", curvature="gauss_newton"),
         newton_arm(
-            "RN gauss_newton/cholesky", dense=True, curvature="gauss_newton", solver="cholesky"
+            "RN gauss_newton/cholesky",
+            dense=True,
+            curvature="gauss_newton",
+            solver="cholesky",
+            fits=lambda p, quick: p.n_outputs <= (600 if quick else 3000),
         ),
         newton_arm("RN sqrt/cg", curvature="hessian", regularization="sqrt"),
         newton_arm(
-            "RN empirical_fisher/woodbury", kind="linear", dense=True, curvature="empirical_fisher"
+            "RN empirical_fisher/woodbury",
+            kind="linear",
+            dense=True,
+            curvature="empirical_fisher",
+            fits=_small_or_quick_cheap(2.5e5),
         ),
         newton_arm(
-            "RN empirical_fisher/cg", kind="linear", curvature="empirical_fisher", solver="cg"
+            "RN empirical_fisher/cg",
+            kind="linear",
+            curvature="empirical_fisher",
+            solver="cg",
+            fits=_small_or_quick_cheap(3e6),
         ),
         scipy_arm("trust-exact", dense=True),
         scipy_arm("trust-krylov"),
