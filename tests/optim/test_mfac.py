@@ -124,6 +124,7 @@ def test_state_dict_resume_is_bit_for_bit(dtype):
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     for pid in s1:
         for key in s1[pid]:
+            assert s1[pid][key].dtype == s2[pid][key].dtype, key
             assert torch.equal(s1[pid][key], s2[pid][key]), key
 
 

@@ -218,16 +218,16 @@ class MFAC(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim.Optimizer`` does, but keep the window buffers' dtypes
-        (float64 Gram and inverse, ``window_dtype`` rows) instead of casting them to the
-        parameter dtype."""
+        """Load as ``torch.optim.Optimizer`` does, but keep the dtypes of the window buffers
+        (float64 Gram and inverse, ``window_dtype`` rows) and of the float32 step counters
+        instead of casting them to the parameter dtype."""
         state_dict = dict(state_dict)
         saved_state = dict(state_dict["state"])
         first_id = state_dict["param_groups"][0]["params"][0]
         kept: dict[str, torch.Tensor] = {}
         if first_id in saved_state:
             first_state = dict(saved_state[first_id])
-            for key in _WINDOW_KEYS:
+            for key in (*_WINDOW_KEYS, "skipped_steps"):
                 if key in first_state:
                     kept[key] = first_state.pop(key)
             saved_state[first_id] = first_state
