@@ -125,9 +125,12 @@ def markdown(config, summary, overhead, goal_row, cpu, n_seeds) -> str:
         f"{goal_row['delta_worst_points']:+.1f} pts (goal >= +3), average robust "
         f"{goal_row['delta_avg_points']:+.1f} pts (goal >= -1): **{verdict}**.",
         "",
-        f"Overhead: plain AT step {1e3 * base_step:.2f} ms (median); `step / plain AT` is the "
-        "whole-step ratio (interleaved, noisy at the percent level), `weighting cost` the "
-        "weighting call alone minus a plain mean, as a share of the plain AT step.",
+        f"Overhead: plain AT step {1e3 * base_step:.2f} ms (median). `step / plain AT`: whole "
+        "AT steps of the arm against a plain-AT twin, single steps alternating in random "
+        "order, median of the paired ratios over the repeats; the uniform AT row is the A/A "
+        "control (plain AT against its twin), a gauge of the noise of that figure. "
+        "`weighting cost`: the weighting call alone minus a plain mean on the same 128 "
+        "losses, as a share of the plain AT step (the reweighting's own cost).",
         "The machine (2 cores) was shared with other jobs during the run: timings are CPU time "
         "(`time.process_time`, 1 thread) but still carry that noise.",
     ]
@@ -140,7 +143,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=suite.FULL.epochs)
     parser.add_argument("--overhead-repeats", type=int, default=30)
     parser.add_argument("--out", default=str(RESULTS / "dro"))
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite the .md from the .json"
+    )
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.markdown_only:
+        p = json.loads(out.with_suffix(".json").read_text())
+        config = suite.Config(**p["config"])
+        text = markdown(
+            config, p["summary"], p["overhead"], p["goal"], p["cpu_seconds"], len(p["seeds"])
+        )
+        out.with_suffix(".md").write_text(text)
+        print(text)
+        return
     torch.set_num_threads(1)
     config = dataclasses.replace(suite.FULL, epochs=args.epochs)
     seeds = list(range(args.seeds))
@@ -157,7 +173,6 @@ def main() -> None:
     cpu = time.process_time() - t0
     summary = summarize(runs)
     goal_row = goal(summary)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": dataclasses.asdict(config),

@@ -159,13 +159,13 @@ class DROWeighting:
         self.max_weight = None if max_weight is None else float(max_weight)
         self.warmup_steps = warmup_steps
         self.step = 0
-        self.log_normalizer: torch.Tensor | None = None  # log u, streaming mode
+        self.log_normalizer: float | None = None  # log u, streaming mode
         self.log_class_weights: torch.Tensor | None = None  # log q, class level
         if self.class_level:
             self.log_class_weights = torch.full(
                 (num_classes,), -math.log(num_classes), dtype=torch.float64
             )
-        self._last_weights: torch.Tensor | None = None
+        self._coeffs: torch.Tensor | None = None  # w * scale of the last batch
         self._scale = 1.0
 
     # -- hyperparameters ---------------------------------------------------------------
@@ -185,59 +185,74 @@ class DROWeighting:
     # -- the step ------------------------------------------------------------------------
     def __call__(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted mean of ``losses`` (weights detached); updates the state."""
-        weights = self.weights(losses, labels)
-        return torch.dot(weights * self._scale, losses)
+        return self._step(losses, labels)
 
     def weights(self, losses: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The detached weights ``w`` of this batch (updates the state, as ``__call__``)."""
+        self._step(losses, labels)
+        return self.last_weights
+
+    @property
+    def last_weights(self) -> torch.Tensor | None:
+        """The detached weights ``w`` of the last batch (``None`` before the first)."""
+        return None if self._coeffs is None else self._coeffs / self._scale
+
+    def _step(self, losses: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Compute the new state and the loss, check them, then commit the state."""
         _check_losses(losses)
         y = self._check_labels(labels, losses) if self.class_level else None
         z = losses.detach() / self._temperature
-        z_max = self._validate(z, y)  # raises before any state changes
+        z_max = self._validate_distributed(z, y) if dist.is_distributed() else None
         n = self._global_count(z)
+        scale = dist.world_size() / n  # local loss = scale * sum_i w_i l_i
         warm = self.step < self.warmup_steps
+        log_u, log_q = self.log_normalizer, self.log_class_weights
         if self.mode == "streaming":
-            self.log_normalizer = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
+            log_u = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
         if y is not None and not warm:
-            self.log_class_weights = self._class_update(losses.detach(), y)
-        self.step += 1
+            log_q = self._class_update(losses.detach(), y)
         if warm:
-            w = torch.ones_like(z)
+            coeffs = torch.full_like(z, scale)
         elif self.mode == "batch":
             if y is not None:  # w proportional to exp(l / r) q_y, mean 1
-                z = z + self.log_class_weights.to(z)[y]
-            w = self._batch_weights(z, n)
+                z = z + log_q.to(z)[y]
+            coeffs = self._batch_coeffs(z)
         else:
-            w = (z - self.log_normalizer.to(z)).exp()
+            coeffs = (z - (log_u - math.log(scale))).exp()  # e^{l/r} / u * scale
             if y is not None:
-                w = w * (self.num_classes * self.log_class_weights.to(z)[y].exp())
+                coeffs = coeffs * (self.num_classes * log_q.to(z)[y].exp())
         if self.max_weight is not None:
-            w = w.clamp(max=self.max_weight)
-        self._scale = dist.world_size() / n
-        self._last_weights = w
-        return w
+            coeffs = coeffs.clamp(max=self.max_weight * scale)
+        loss = torch.dot(coeffs, losses)
+        if not dist.is_distributed() and not math.isfinite(float(loss.detach())):
+            raise ValueError(
+                "Invalid losses: the weighted loss is not finite (NaN or Inf losses, or "
+                "l / r overflowing at this temperature)"
+            )
+        self.log_normalizer, self.log_class_weights = log_u, log_q
+        self._coeffs, self._scale = coeffs, scale
+        self.step += 1
+        return loss
 
-    def _validate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _validate_distributed(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The global max of ``z``; raises on every rank on non-finite ``z`` or bad labels."""
-        msg_z = "Invalid losses: contain NaN or Inf (or overflow at this temperature)"
-        msg_y = f"Invalid labels: expected values in [0, {self.num_classes})"
-        if not dist.is_distributed():
-            if not math.isfinite(float(z.sum())):
-                raise ValueError(msg_z)
-            if y is not None:
-                lo, hi = torch.aminmax(y)
-                if int(lo) < 0 or int(hi) >= self.num_classes:
-                    raise ValueError(msg_y)
-            return z.max()
         flags = [z.max(), (~torch.isfinite(z.sum())).to(z.dtype)]
         if y is not None:
             flags.append(((y < 0) | (y >= self.num_classes)).any().to(z.dtype))
         glob = dist.all_reduce_max(torch.stack(flags))
         if bool(glob[1]) or not bool(torch.isfinite(glob[0])):
-            raise ValueError(msg_z)
+            raise ValueError("Invalid losses: contain NaN or Inf (or overflow at this temperature)")
         if y is not None and bool(glob[2]):
-            raise ValueError(msg_y)
+            raise ValueError(f"Invalid labels: expected values in [0, {self.num_classes})")
         return glob[0]
+
+    @staticmethod
+    def _batch_coeffs(z: torch.Tensor) -> torch.Tensor:
+        """``softmax(z)`` over the global batch, times ``world_size`` (= ``w * scale``)."""
+        if not dist.is_distributed():
+            return torch.softmax(z, dim=0)
+        e = (z - dist.all_reduce_max(z.max())).exp()
+        return e * (dist.world_size() / dist.all_reduce_sum(e.sum()))
 
     @staticmethod
     def _global_count(z: torch.Tensor) -> int:
@@ -246,30 +261,22 @@ class DROWeighting:
         return int(dist.all_reduce_sum(torch.tensor([z.numel()], device=z.device)))
 
     @staticmethod
-    def _batch_weights(z: torch.Tensor, n: int) -> torch.Tensor:
-        """``n softmax(z)`` over the global batch."""
+    def _log_mean_exp(z: torch.Tensor, z_max: torch.Tensor | None, n: int) -> float:
+        """``log mean exp(z)`` over the global batch (one host sync)."""
         if not dist.is_distributed():
-            return torch.softmax(z, dim=0) * n
-        e = (z - dist.all_reduce_max(z.max())).exp()
-        return e * (n / dist.all_reduce_sum(e.sum()))
-
-    @staticmethod
-    def _log_mean_exp(z: torch.Tensor, z_max: torch.Tensor, n: int) -> torch.Tensor:
-        """``log mean exp(z)`` over the global batch, in float64."""
-        z = z.to(torch.float64)
-        if not dist.is_distributed():
-            return torch.logsumexp(z, dim=0) - math.log(n)
+            return float(torch.logsumexp(z, dim=0)) - math.log(n)
         s = dist.all_reduce_sum((z - z_max).exp().sum())
-        return z_max.to(torch.float64) + s.log() - math.log(n)
+        return float(z_max) + math.log(float(s)) - math.log(n)
 
-    def _updated_normalizer(self, batch_log_u: torch.Tensor) -> torch.Tensor:
+    def _updated_normalizer(self, batch_log_u: float) -> float:
         """``log u`` after ``u <- (1 - gamma) u + gamma u_batch`` (first call: ``u_batch``)."""
         if self.log_normalizer is None or self.momentum == 1.0:
             return batch_log_u
-        prev = self.log_normalizer.to(batch_log_u)
-        return torch.logaddexp(
-            prev + math.log1p(-self.momentum), batch_log_u + math.log(self.momentum)
-        )
+        a = self.log_normalizer + math.log1p(-self.momentum)
+        b = batch_log_u + math.log(self.momentum)
+        if a == b:  # also when both are infinite
+            return a + math.log(2.0)
+        return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
     def _check_labels(self, labels: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         if labels is None:
@@ -279,7 +286,12 @@ class DROWeighting:
             raise ValueError(f"Invalid labels: expected shape {tuple(losses.shape)}, got {shape}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"Invalid labels: expected an integer dtype, got {labels.dtype}")
-        return labels.to(losses.device)
+        labels = labels.to(losses.device)
+        if not dist.is_distributed():  # (under DDP: checked on every rank, in one reduction)
+            lo, hi = torch.aminmax(labels)
+            if int(lo) < 0 or int(hi) >= self.num_classes:
+                raise ValueError(f"Invalid labels: expected values in [0, {self.num_classes})")
+        return labels
 
     def _class_update(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics)."""
@@ -302,7 +314,7 @@ class DROWeighting:
         uniform), ``temperature``, and with class level ``class_weight_max`` (:math:`C \\max q`).
         Empty before the first call. Under DDP every rank must call it (it reduces).
         """
-        w = self._last_weights
+        w = self.last_weights
         if w is None:
             return {}
         w = w.to(torch.float64)
@@ -327,7 +339,7 @@ class DROWeighting:
             "temperature": self._temperature,
             "log_normalizer": None
             if self.log_normalizer is None
-            else self.log_normalizer.detach().cpu().clone(),
+            else torch.tensor(self.log_normalizer, dtype=torch.float64),
             "log_class_weights": None
             if self.log_class_weights is None
             else self.log_class_weights.detach().cpu().clone(),
@@ -341,7 +353,7 @@ class DROWeighting:
             self.step = int(state["step"])
         if "log_normalizer" in state:
             v = state["log_normalizer"]
-            self.log_normalizer = None if v is None else torch.as_tensor(v, dtype=torch.float64)
+            self.log_normalizer = None if v is None else float(v)
         if state.get("log_class_weights") is not None:
             v = torch.as_tensor(state["log_class_weights"], dtype=torch.float64)
             if self.class_level and v.shape != (self.num_classes,):
