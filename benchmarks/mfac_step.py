@@ -107,7 +107,49 @@ def worker(d: int, m: int, reps: int) -> dict:
         "peak_beyond_window_bytes": rss_end - rss0 - window_bytes,
         "step_peak_growth_bytes": rss_end - rss_filled,
         "official_ratio": OFFICIAL.get((d, m)),
+        "robust_refreshes": window.robust_refreshes,
     }
+
+
+def _cuda_timed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def cuda_config(d: int, m: int, reps: int = 20) -> dict:
+    """Step / limit on CUDA (float32), timed with CUDA events, arms interleaved, median."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.zeros(d, device="cuda"))
+    grads = [torch.randn(d, device="cuda") / d**0.5 for _ in range(4)]
+    v, c = torch.randn(d, device="cuda"), torch.randn(m, device="cuda")
+    opt = MFAC([param], lr=1e-3, ngrads=m, damp=1e-5)
+    param.grad = grads[0]
+    opt.step()
+    window = opt._window
+    window.grads.normal_().div_(d**0.5)
+    window.rebuild()
+
+    def limit():
+        window.grads @ v
+        window.grads.T @ c
+
+    steps, limits = [], []
+    for r in range(reps + 3):
+        param.grad = grads[r % len(grads)]
+        step_r, limit_r = _cuda_timed(opt.step), _cuda_timed(limit)
+        if r >= 3:  # warm-up
+            steps.append(step_r)
+            limits.append(limit_r)
+    refresh = statistics.median(_cuda_timed(window.refresh) for _ in range(3))
+    step_t, limit_t = statistics.median(steps), statistics.median(limits)
+    return {"d": d, "m": m, "step_s": step_t, "limit_s": limit_t, "ratio": step_t / limit_t,
+            "refresh_s": refresh, "ratio_amortized": (step_t + refresh / m) / limit_t,
+            "device": torch.cuda.get_device_name()}  # fmt: skip
 
 
 def _gradients(kind: str, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -141,7 +183,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d = 1e5 only, fewer repeats")
     parser.add_argument("--worker", nargs=3, type=int, metavar=("D", "M", "REPS"))
+    parser.add_argument("--cuda", action="store_true", help="CUDA step/limit grid only")
     args = parser.parse_args()
+    if args.cuda:
+        rows = []
+        for d, m in [(10**6, 256), (10**6, 1024), (10**7, 256), (10**7, 1024)]:
+            rows.append(cuda_config(d, m))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "mfac_step_cuda.json").write_text(json.dumps(rows, indent=1))
+        return
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return

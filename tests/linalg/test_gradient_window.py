@@ -37,6 +37,7 @@ def test_dynamic_product_equals_dense_solve_through_wraparound(refresh_every):
         v = torch.randn(d, generator=gen, dtype=F64)
         assert rel_err(window.solve(v), torch.linalg.solve(f, v)) < 1e-9
         assert window.count == min(t + 1, m) and window.index == (t + 1) % m
+    assert window.robust_refreshes == 0
     # the ring holds the last m gradients, slot t % m
     for t in range(len(history) - m, len(history)):
         assert torch.equal(window.grads[t % m], history[t])
@@ -233,6 +234,7 @@ def test_nearly_dependent_large_float32_gradients_stay_bounded():
         assert torch.isfinite(u).all()
         assert float(u.norm()) <= float(g.double().norm()) / damp * 1.01
     assert torch.isfinite(window.inverse).all()
+    assert window.robust_refreshes > 0  # the regime this test is about was reached
 
 
 def test_refresh_keeps_products():

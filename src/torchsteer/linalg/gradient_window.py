@@ -94,6 +94,7 @@ class GradientWindow:
         self.index = 0  # next row to write
         self.count = 0  # rows written so far, at most ngrads
         self.since_refresh = 0
+        self.robust_refreshes = 0  # diagnostics: times rounding forced the eigh fallback
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -138,6 +139,7 @@ class GradientWindow:
         if not robust and int(info) == 0:
             self.inverse.copy_(torch.cholesky_inverse(lower))
         else:
+            self.robust_refreshes += 1
             evals, evecs = torch.linalg.eigh(self.gram)
             scale = 1.0 / (evals.clamp(min=0.0) + self._shift)
             self.inverse.copy_((evecs * scale) @ evecs.t())
