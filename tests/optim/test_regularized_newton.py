@@ -274,7 +274,7 @@ def scipy_optimum(X, y, mu, f):
     return res.fun, res.nit
 
 
-@pytest.mark.parametrize("curvature", ["hessian", "dense"])
+@pytest.mark.parametrize("curvature", ["hessian", pytest.param("dense", marks=pytest.mark.slow)])
 def test_logistic_regression_reaches_target_in_a_dozen_steps(curvature):
     X, y, mu, f = logistic_problem()
     f_star, _ = scipy_optimum(X, y, mu, f)

@@ -272,6 +272,53 @@ class RegularizedNewton(torch.optim.Optimizer):
         ):
             state[key] = 0
 
+    @staticmethod
+    def _lambda(gns: bool, scale: float, gnorm: float) -> float:
+        """``|g| / gamma`` (gns, scale = gamma) or ``sqrt(M |g|)`` (sqrt, scale = M)."""
+        return gnorm / scale if gns else math.sqrt(scale * gnorm)
+
+    def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float):
+        name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
+        if name == "cg":
+            tol = forcing_tolerance(gnorm) if group["cg_tol"] is None else group["cg_tol"]
+            return CGSolver(curv, g, tol, group["cg_maxiter"])
+        if name == "woodbury":
+            return WoodburySolver(curv, g)
+        return CholeskySolver(curv, g)
+
+    def _search(self, closure, params, group, solver, f0: float, gnorm: float, scale: float):
+        """The tries of one step; returns the record and the scale of the last try."""
+        gns, curvature = group["regularization"] == "gns", group["curvature"]
+        x0 = flatten([p.detach() for p in params]).clone()
+        rec = {"tries": 0, "accepted": False, "cg_iterations": 0, "evals": 0, "reasons": []}
+        warm, f_new = None, f0
+        for _ in range(group["max_tries"]):
+            rec["tries"] += 1
+            lam = self._lambda(gns, scale, gnorm)
+            rec.update(gamma=scale if gns else gnorm / lam, M=None if gns else scale, lam=lam)
+            sol = solver.solve(lam, warm) if isinstance(solver, CGSolver) else solver.solve(lam)
+            rec["cg_iterations"] += sol.cg_iterations
+            if not sol.ok:
+                rec["reasons"].append(sol.reason)
+                warm = None
+            else:
+                x_new = x0 + sol.delta.to(x0.dtype)
+                if torch.equal(x_new, x0):  # smaller steps would not move x either
+                    rec["reasons"].append("below resolution")
+                    break
+                warm = sol.delta
+                f_new, gn2 = self._trial(closure, params, curvature, x_new)
+                rec["evals"] += 1
+                if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
+                    rec["accepted"] = True
+                    self._write(params, x_new)
+                    break
+                finite = math.isfinite(f_new + gn2)
+                rec["reasons"].append("decrease" if finite else "nonfinite trial")
+            scale = scale / 2 if gns else scale * 2
+        rec["new_loss"] = f_new if rec["accepted"] else f0
+        return rec, scale
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
         """One step of the adaptive search.
@@ -287,18 +334,19 @@ class RegularizedNewton(torch.optim.Optimizer):
             raise ValueError("Invalid closure: RegularizedNewton needs a closure")
         group = self.param_groups[0]
         params = [p for p in group["params"] if p.requires_grad]
-        curvature, gns = group["curvature"], group["regularization"] == "gns"
-        solver_name = group["solver"]
-        solver_name = _AUTO_SOLVER[curvature] if solver_name == "auto" else solver_name
-        f, aux, grads = self._evaluate(closure, params, curvature, graph=True)
+        f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
         dtype = params[0].dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        g = torch.cat(
-            [
-                (torch.zeros_like(p) if t is None else t).detach().reshape(-1)
-                for t, p in zip(grads, params)
-            ]
-        ).to(work)
+        g = (
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if t is None else t).reshape(-1)
+                    for t, p in zip(grads, params)
+                ]
+            )
+            .detach()
+            .to(work)
+        )
         finite = bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())
         if not finite and group["nonfinite"] == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
@@ -310,86 +358,38 @@ class RegularizedNewton(torch.optim.Optimizer):
             state["skipped_steps"] += 1
             state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": f0}
             return f.detach()
-        gnorm = g.norm().item()
         state["step"] += 1
+        gnorm = g.norm().item()
         if gnorm == 0.0:  # stationary: nothing to do
-            state["record"] = {
-                "accepted": False,
-                "tries": 0,
-                "loss": f0,
-                "grad_norm": 0.0,
-                "reasons": ["stationary"],
-            }
+            state["record"] = {"accepted": False, "tries": 0, "loss": f0, "grad_norm": 0.0}
             return f.detach()
-        gamma, M = state["gamma"], state["M"]
-        if not gns and M is None:
-            M = gnorm / group["gamma0"] ** 2
-        curv = self._curvature(curvature, f, aux, grads, params, work)
-        if solver_name == "cg":
-            tol = forcing_tolerance(gnorm) if group["cg_tol"] is None else group["cg_tol"]
-            solver = CGSolver(curv, g, tol, group["cg_maxiter"])
-        elif solver_name == "woodbury":
-            solver = WoodburySolver(curv, g)
-        else:
-            solver = CholeskySolver(curv, g)
-        x0 = flatten([p.detach() for p in params]).clone()
-        cg_iters, warm = 0, None
-        accepted, reasons, f_new, tries = False, [], float("nan"), 0
-        lam = gamma_used = float("nan")
-        m_used = None
-        for _ in range(group["max_tries"]):
-            tries += 1
-            lam = gnorm / gamma if gns else math.sqrt(M * gnorm)
-            gamma_used, m_used = (gamma, None) if gns else (gnorm / lam, M)
-            sol = solver.solve(lam, warm) if solver_name == "cg" else solver.solve(lam)
-            cg_iters += sol.cg_iterations
-            x_new = None if not sol.ok else x0 + sol.delta.to(x0.dtype)
-            if x_new is not None and torch.equal(x_new, x0):
-                reasons.append("below resolution")  # smaller steps would not move x either
-                break
-            if sol.ok:
-                warm = sol.delta
-                f_new, gn2 = self._trial(closure, params, curvature, x_new)
-                state["closure_evals"] += 1
-                if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
-                    accepted = True
-                    self._write(params, x_new)
-                    break
-                reasons.append("decrease" if math.isfinite(f_new + gn2) else "nonfinite trial")
-            else:
-                reasons.append(sol.reason)
-                warm = None
-            if gns:
-                gamma = gamma / 2
-            else:
-                M = M * 2
+        gns = group["regularization"] == "gns"
+        scale = state["gamma"] if gns else state["M"]
+        if scale is None:  # the sqrt rule's M, so that the first try has gamma0
+            scale = gnorm / group["gamma0"] ** 2
+        curv = self._curvature(group["curvature"], f, aux, grads, params, work)
+        solver = self._make_solver(group, curv, g, gnorm)
+        rec, scale = self._search(closure, params, group, solver, f0, gnorm, scale)
+        state["closure_evals"] += rec.pop("evals")
         state["curvature_products"] += curv.products
-        state["cg_iterations"] += cg_iters
-        state["record"] = {
-            "tries": tries,
-            "accepted": accepted,
-            "gamma": gamma_used,
-            "lambda": lam,
-            "M": m_used,
-            "cg_iterations": cg_iters,
-            "loss": f0,
-            "new_loss": f_new if accepted else f0,
-            "grad_norm": gnorm,
-            "reasons": reasons,
-        }
-        if accepted:
-            if gns:
-                state["gamma"] = min(2 * gamma, _SCALE_MAX)
-            else:
-                state["M"] = max(M / 2, 1 / _SCALE_MAX)
-        else:
-            state["failed_steps"] += 1
-            if not gns and state["M"] is None:
-                state["M"] = gnorm / group["gamma0"] ** 2
-            warnings.warn(
-                f"RegularizedNewton: every try was rejected ({tries} tries, last: "
-                f"{reasons[-1]}); the parameters are unchanged",
-                RuntimeWarning,
-                stacklevel=2,
+        state["cg_iterations"] += rec["cg_iterations"]
+        rec["lambda"] = rec.pop("lam", float("nan"))
+        state["record"] = {**rec, "loss": f0, "grad_norm": gnorm}
+        if rec["accepted"]:
+            key, value = (
+                ("gamma", min(2 * scale, _SCALE_MAX))
+                if gns
+                else ("M", max(scale / 2, 1 / _SCALE_MAX))
             )
+            state[key] = value
+            return f.detach()
+        state["failed_steps"] += 1
+        if not gns and state["M"] is None:
+            state["M"] = gnorm / group["gamma0"] ** 2
+        warnings.warn(
+            f"RegularizedNewton: every try was rejected ({rec['tries']} tries, last: "
+            f"{rec['reasons'][-1]}); the parameters are unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return f.detach()

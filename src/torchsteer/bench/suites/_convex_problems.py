@@ -16,6 +16,7 @@ descent, which get the fastest oracle we can write). ``f_star`` comes from :func
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -135,12 +136,14 @@ def logistic_synthetic(
         vals = torch.randn(n * nnz_per_row, generator=gen, dtype=torch.float64)
         Xn = sp.csr_matrix((vals.numpy(), (rows.numpy(), cols.numpy())), shape=(n, d))
         Xn.sum_duplicates()
-        X = torch.sparse_csr_tensor(
-            torch.as_tensor(Xn.indptr, dtype=torch.int64),
-            torch.as_tensor(Xn.indices, dtype=torch.int64),
-            torch.as_tensor(Xn.data),
-            size=(n, d),
-        )
+        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            X = torch.sparse_csr_tensor(
+                torch.as_tensor(Xn.indptr, dtype=torch.int64),
+                torch.as_tensor(Xn.indices, dtype=torch.int64),
+                torch.as_tensor(Xn.data),
+                size=(n, d),
+            )
         z = torch.as_tensor(Xn @ w_true.numpy())
     else:
         X = torch.randn(n, d, generator=gen, dtype=torch.float64)

@@ -40,7 +40,7 @@ __all__ = ["Arm", "arms", "make_problems", "run", "run_arm"]
 
 NAME = "convex"
 TOL = 1e-8  # f - f* at which an arm has reached the target
-MLP_TARGET = 0.05
+MLP_TARGET = 0.02
 LBFGS_INNER = 4  # torch.optim.LBFGS iterations per step() call
 
 
@@ -312,7 +312,7 @@ def arms(nonconvex: bool = False) -> list[Arm]:
                 dense=True,
                 curvature="gauss_newton",
                 solver="cholesky",
-                fits=lambda p, quick: p.n_outputs <= 3000,
+                fits=lambda p, quick: not quick and p.n_outputs <= 5000,
             ),
             newton_arm("RN hessian/cg", curvature="hessian", cg_maxiter=100),
             newton_arm(
@@ -345,7 +345,7 @@ def arms(nonconvex: bool = False) -> list[Arm]:
             kind="linear",
             dense=True,
             curvature="empirical_fisher",
-            fits=_small_or_quick_cheap(2.5e5),
+            fits=_small_or_quick_cheap(1e5),
         ),
         newton_arm(
             "RN empirical_fisher/cg",
