@@ -118,11 +118,11 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def _fmt_loss(r: Row) -> str:
-    return _fmt(r.final_loss)
+    return _fmt(r.final_loss, ".3g")
 
 
 def _fmt_metric(r: Row) -> str:
-    return _fmt(r.final_metric) + (" *" if r.best else "")
+    return _fmt(r.final_metric, ".4g") + (" *" if r.best else "")
 
 
 def _fmt_ttt(r: Row) -> str:
@@ -167,7 +167,7 @@ def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
     columns += [(f"step time / {suite.baseline}", _fmt_ratio), ("peak memory", _fmt_memory)]
     table = Table(title=f"{suite.name}: {suite.description}")
     for i, (title, _) in enumerate(columns):
-        table.add_column(title, no_wrap=i == 0, justify="left" if i == 0 else "right")
+        table.add_column(title, no_wrap=True, justify="left" if i == 0 else "right")
     for r in rows:
         name = r.method + (" (diverged)" if r.diverged else "")
         table.add_row(name, *(cell(r) for _, cell in columns[1:]))

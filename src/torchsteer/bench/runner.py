@@ -84,7 +84,10 @@ def run_suites(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file: no need to squeeze the table into 80 columns
+            console = Console(width=150)
     selected = resolve(names)
     seeds = [int(s) for s in seeds]
     out = Path(out)
