@@ -21,7 +21,7 @@ Step functions have the signature ``step(optimizer, model, loss_fn, x, y) -> flo
 ``loss_fn(output, y)`` returns the *per-sample* losses, shape ``(B,)``; they return the batch's
 mean loss before the step. Three are provided: :func:`gradient_step` (backward, then
 ``optimizer.step()``), :func:`closure_step` (``optimizer.step(closure)`` with a closure that
-returns the scalar loss after ``backward``: L-BFGS, M-FAC-style optimizers) and
+returns the scalar loss after ``backward``: L-BFGS and other line-search methods) and
 :func:`per_sample_closure_step` (the closure returns the per-sample loss vector and does not
 call ``backward``: Sven's contract).
 """
