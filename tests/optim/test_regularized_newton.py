@@ -390,10 +390,10 @@ def test_invalid_arguments_raise(kw, name):
         RegularizedNewton([torch.zeros(2, requires_grad=True)], **kw)
 
 
-def test_two_param_groups_raise():
+def test_param_groups_with_different_hyperparameters_raise():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    with pytest.raises(ValueError, match="one parameter group"):
-        RegularizedNewton([{"params": [a]}, {"params": [b]}])
+    with pytest.raises(ValueError, match=r"Invalid param groups.*gamma0"):
+        RegularizedNewton([{"params": [a]}, {"params": [b], "gamma0": 2.0}])
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,8 @@ class RegularizedNewton(torch.optim.Optimizer):
     written in place only once a try is accepted. It must compute
     the loss from the parameters and return it **without calling** ``backward()``: the
     optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
-    zeroing it in the closure is harmless). Only one parameter group is supported.
+    zeroing it in the closure is harmless). The method is global: the parameters of all groups
+    form one vector, and every group must have the same hyperparameters.
 
     Args:
         params: the parameters (one group).
@@ -161,14 +162,16 @@ class RegularizedNewton(torch.optim.Optimizer):
             solver=solver,
             cg_tol=cg_tol,
             cg_maxiter=cg_maxiter,
-            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
-        if len(self.param_groups) != 1:
-            raise ValueError(
-                "Invalid params: RegularizedNewton supports one parameter group "
-                f"(got {len(self.param_groups)})"
-            )
+        self.nonfinite = nonfinite  # a policy, not a hyperparameter: load_state_dict keeps it
+        for group in self.param_groups[1:]:
+            differ = [k for k in defaults if group[k] != self.param_groups[0][k]]
+            if differ:
+                raise ValueError(
+                    f"Invalid param groups: RegularizedNewton's hyperparameters are global, but "
+                    f"the groups differ in {', '.join(differ)}"
+                )
 
     # -- closure evaluation ---------------------------------------------------------------
 
@@ -333,7 +336,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("Invalid closure: RegularizedNewton needs a closure")
         group = self.param_groups[0]
-        params = [p for p in group["params"] if p.requires_grad]
+        params = [p for grp in self.param_groups for p in grp["params"] if p.requires_grad]
         f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
         dtype = params[0].dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -348,7 +351,7 @@ class RegularizedNewton(torch.optim.Optimizer):
             .to(work)
         )
         finite = bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())
-        if not finite and group["nonfinite"] == "raise":
+        if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         state = self.state[group["params"][0]]
         self._init_state(state, group)
