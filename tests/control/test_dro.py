@@ -329,3 +329,21 @@ def test_streaming_weights_are_bounded_by_batch_over_gamma():
     u = (1 - gamma) * 1.0 + gamma * (3 + math.exp(200.0)) / 4  # direct, in float64
     assert float(w[3]) == pytest.approx(math.exp(200.0) / u, rel=1e-5)
     assert float(w[3]) <= 4 / gamma * (1 + 1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_cuda_matches_cpu(mode):
+    kw = dict(temperature=0.7, mode=mode, class_level=True, num_classes=4, class_step=0.1)
+    cpu, gpu = DROWeighting(**kw), DROWeighting(**kw)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        losses = torch.rand(16, generator=g, dtype=D)
+        y = torch.randint(0, 4, (16,), generator=g)
+        expected = cpu(losses, y)
+        got = gpu(losses.cuda(), y.cuda())
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), expected)
+    state = gpu.state_dict()  # saved on the CPU, loads into a CPU weighting
+    DROWeighting(**kw).load_state_dict(state)
+    torch.testing.assert_close(state["log_class_weights"], cpu.log_class_weights)

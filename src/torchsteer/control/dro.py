@@ -203,6 +203,7 @@ class DROWeighting:
         y = self._check_labels(labels, losses) if self.class_level else None
         z = losses.detach() / self._temperature
         z_max = self._validate_distributed(z, y) if dist.is_distributed() else None
+        counts = None if y is None else self._class_counts(y)
         n = self._global_count(z)
         scale = dist.world_size() / n  # local loss = scale * sum_i w_i l_i
         warm = self.step < self.warmup_steps
@@ -210,7 +211,7 @@ class DROWeighting:
         if self.mode == "streaming":
             log_u = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
         if y is not None and not warm:
-            log_q = self._class_update(losses.detach(), y)
+            log_q = self._class_update(losses.detach(), y, counts)
         if warm:
             coeffs = torch.full_like(z, scale)
         elif self.mode == "batch":
@@ -286,18 +287,24 @@ class DROWeighting:
             raise ValueError(f"Invalid labels: expected shape {tuple(losses.shape)}, got {shape}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"Invalid labels: expected an integer dtype, got {labels.dtype}")
-        labels = labels.to(losses.device)
-        if not dist.is_distributed():  # (under DDP: checked on every rank, in one reduction)
-            lo, hi = torch.aminmax(labels)
-            if int(lo) < 0 or int(hi) >= self.num_classes:
-                raise ValueError(f"Invalid labels: expected values in [0, {self.num_classes})")
-        return labels
+        return labels.to(losses.device)
 
-    def _class_update(self, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _class_counts(self, labels: torch.Tensor) -> torch.Tensor:
+        """Examples per class; checks the label range (under DDP already checked by all)."""
+        msg = f"Invalid labels: expected values in [0, {self.num_classes})"
+        try:
+            counts = torch.bincount(labels, minlength=self.num_classes)
+        except RuntimeError as exc:  # negative labels
+            raise ValueError(msg) from exc
+        if counts.numel() != self.num_classes:
+            raise ValueError(msg)
+        return counts
+
+    def _class_update(
+        self, losses: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
         """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics)."""
-        c = self.num_classes
-        sums = torch.bincount(labels, weights=losses.to(torch.float64), minlength=c)
-        counts = torch.bincount(labels, minlength=c)
+        sums = torch.bincount(labels, weights=losses.to(torch.float64), minlength=self.num_classes)
         if dist.is_distributed():
             sums, counts = dist.all_reduce_sum(torch.stack([sums, counts.to(sums)])).unbind()
         class_loss = sums / counts.clamp(min=1)
