@@ -53,8 +53,9 @@ def _job(args):
     return [r.to_dict() for r in lr_spike.run_branches(model, arm, seed, lr_spike.FULL_SPIKES)]
 
 
-def spike_table(jobs: int, seeds) -> dict:
-    work = [(m, a, s) for m in lr_spike.MODELS for a in lr_spike.ARMS for s in seeds]
+def spike_table(jobs: int, seeds, models=None) -> dict:
+    models = list(lr_spike.MODELS) if models is None else models
+    work = [(m, a, s) for m in models for a in lr_spike.ARMS for s in seeds]
     work.sort(key=lambda w: (w[0] != "CNN+BN", not w[1].startswith("limiter")))  # long first
     start = time.perf_counter()
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -85,6 +86,24 @@ def spike_table(jobs: int, seeds) -> dict:
         "wall_s": time.perf_counter() - start,
         "jobs": jobs,
     }
+
+
+def merge_models(new: dict, models) -> dict:
+    """The old spike result with the rows, traces and curves of ``models`` replaced."""
+    path = RESULTS / "radius.json"
+    old = json.loads(path.read_text()).get("spike") if path.exists() else None
+    if old is None:
+        return new
+    keep = [t for t in old["table"] if t["model"] not in models]
+    out = dict(old)
+    out["table"] = sorted(keep + new["table"], key=lambda t: (t["model"], t["arm"], t["spike"]))
+    for key in ("traces", "curves"):
+        out[key] = {
+            **{k: v for k, v in old[key].items() if k.split(" | ")[0] not in models},
+            **new[key],
+        }
+    out["meta"] = f"{old['meta']}; rerun of {', '.join(models)}: {new['meta']}"
+    return out
 
 
 def plot_spike(result: dict) -> None:
@@ -287,12 +306,21 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--note", default="")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(lr_spike.MODELS),
+        default=None,
+        help="rerun only these models; their rows replace the old ones in radius.json",
+    )
     args = ap.parse_args()
     meta = f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cores"
     meta += f"; {args.note}" if args.note else ""
     if args.spike:
-        res = spike_table(args.jobs, args.seeds)
+        res = spike_table(args.jobs, args.seeds, args.models)
         res["meta"] = meta + f", {args.jobs} processes x 1 thread"
+        if args.models:
+            res = merge_models(res, args.models)
         write({"spike": res})
         plot_spike(res)
     if args.overhead:

@@ -1,1 +1,41 @@
-"""Controllers as plain objects, usable in any training loop. Never imports Lightning."""
+"""Controllers as plain objects, usable in any training loop. Never imports Lightning.
+
+- :mod:`.radius`: the softmax step-radius limiter ("ghosts of softmax").
+- :mod:`.kl`, :mod:`.safe`, :mod:`.kl_estimators`: KL control (fixed, adaptive, PID, SAFE)
+  and the KL estimators.
+- :mod:`.dro`: KL-regularized DRO instance reweighting.
+"""
+
+from torchsteer.control.dro import DROWeighting, kl_dro_value, kl_dro_weights
+from torchsteer.control.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    PIDKLController,
+    SAFEController,
+)
+from torchsteer.control.kl_estimators import double_softmin, kl_estimate, kl_exact
+from torchsteer.control.radius import (
+    RadiusLimiter,
+    logit_derivative,
+    logit_spread,
+    normalized_step,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "DROWeighting",
+    "FixedKLController",
+    "KLController",
+    "PIDKLController",
+    "RadiusLimiter",
+    "SAFEController",
+    "double_softmin",
+    "kl_dro_value",
+    "kl_dro_weights",
+    "kl_estimate",
+    "kl_exact",
+    "logit_derivative",
+    "logit_spread",
+    "normalized_step",
+]

@@ -5,7 +5,7 @@ Setup (the "ghosts of softmax" experiment): scikit-learn digits, features / 16, 
 steps, the learning rate multiplied by ``spike`` for the single step 50. Models: a small
 Transformer (8 row tokens of 8 pixels, d = 32, 4 heads, attention written out by hand: the
 fused eval path of ``nn.MultiheadAttention`` has no forward-mode derivative), an MLP with
-LayerNorm (3 x 64, GELU) and a 1-d CNN with BatchNorm (2 x 32 channels). Arms:
+LayerNorm (3 x 64, GELU) and a CNN with BatchNorm on the 8 x 8 images (16 and 32 channels). Arms:
 
 * ``plain``: Adam;
 * ``clip``: Adam after ``clip_grad_norm_(1.0)``;
@@ -81,18 +81,18 @@ class MLPLN(nn.Module):
 
 
 class CNNBN(nn.Module):
-    """The 64 pixels as a 1-d signal: 2 x (Conv1d 32, BatchNorm, ReLU), average pool, Linear."""
+    """The 8 x 8 image: 2 x (Conv2d 3x3, BatchNorm, ReLU), 2x2 max-pool, flatten, Linear."""
 
-    def __init__(self, d: int = 32):
+    def __init__(self, d: int = 16):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv1d(1, d, 3, padding=1), nn.BatchNorm1d(d)
-        self.conv2, self.bn2 = nn.Conv1d(d, d, 3, padding=1), nn.BatchNorm1d(d)
-        self.head = nn.Linear(d, 10)
+        self.conv1, self.bn1 = nn.Conv2d(1, d, 3, padding=1), nn.BatchNorm2d(d)
+        self.conv2, self.bn2 = nn.Conv2d(d, 2 * d, 3, padding=1), nn.BatchNorm2d(2 * d)
+        self.head = nn.Linear(2 * d * 4 * 4, 10)
 
     def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x.unsqueeze(1))))
-        h = F.relu(self.bn2(self.conv2(h)))
-        return self.head(h.mean(-1))
+        h = F.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
+        return self.head(h.flatten(1))
 
 
 MODELS = {"Transformer": Transformer, "MLP+LN": MLPLN, "CNN+BN": CNNBN}
