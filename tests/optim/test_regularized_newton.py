@@ -528,3 +528,18 @@ def test_lightning_manual_optimization_matches_plain_loop():
     for p, q in zip(module.net.parameters(), net.parameters()):
         assert torch.equal(p, q)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_at_the_floating_point_floor_the_search_stops_early():
+    """At the minimizer (|g| ~ rounding) no try can show a decrease: stop, do not halve 40x."""
+    A, b, params, closure = quadratic()
+    with torch.no_grad():
+        for p, v in zip(params, unflatten(torch.linalg.solve(A, b), params)):
+            p.copy_(v)
+    before = flat(params)
+    opt = RegularizedNewton(params, solver="cholesky", gamma0=1e-3)
+    with pytest.warns(RuntimeWarning, match="below resolution"):
+        opt.step(closure)
+    rec = opt.state[params[0]]["record"]
+    assert rec["tries"] < 5 and rec["reasons"][-1] == "below resolution"
+    assert torch.equal(flat(params), before)

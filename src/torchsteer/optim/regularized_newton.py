@@ -293,6 +293,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         """The tries of one step; returns the record and the scale of the last try."""
         gns, curvature = group["regularization"] == "gns", group["curvature"]
         x0 = flatten([p.detach() for p in params]).clone()
+        eps = torch.finfo(x0.dtype).eps
         rec = {"tries": 0, "accepted": False, "cg_iterations": 0, "evals": 0, "reasons": []}
         warm, f_new = None, f0
         for _ in range(group["max_tries"]):
@@ -318,6 +319,10 @@ class RegularizedNewton(torch.optim.Optimizer):
                     break
                 finite = math.isfinite(f_new + gn2)
                 rec["reasons"].append("decrease" if finite else "nonfinite trial")
+                tiny = float(sol.delta.norm()) <= math.sqrt(eps) * (float(x0.norm()) + 1)
+                if finite and tiny and abs(f0 - f_new) <= 4 * eps * max(abs(f0), 1e-30):
+                    rec["reasons"].append("below resolution")  # f cannot tell the tries apart
+                    break
             scale = scale / 2 if gns else scale * 2
         rec["new_loss"] = f_new if rec["accepted"] else f0
         return rec, scale
