@@ -13,8 +13,10 @@ The divisor is the capacity ``m`` even while the window fills. The Gram ``K`` an
 ``j`` of ``K`` (one pass ``G g``, O(m d)) and ``M`` follows by a bordered-inverse (Schur
 complement) update in O(m^2): remove index ``j``, then add it back with the new column. ``M``
 is recomputed from ``K`` by Cholesky every ``refresh_every`` replacements (default ``m``, so
-O(m^2) amortized), and whenever the update's Schur complement falls below its exact lower
-bound ``m lambda / 2``.
+O(m^2) amortized). When rounding breaks the update (the Schur complement falls below half
+its exact lower bound ``m lambda``, or the product exceeds ``||g|| / lambda``; this happens on
+nearly dependent float32 gradients with ``1e-7 |g|^2 > m lambda``), ``M`` is recomputed by a
+symmetric eigendecomposition with the Gram's eigenvalues clamped at 0.
 
 For the gradient just written (row ``j``), ``G g = K e_j`` and ``(mλI + K)^{-1} K e_j =
 e_j - m λ M e_j``, so
