@@ -146,3 +146,27 @@ def test_log_axis_only_for_positive_values():
     assert report._all_positive(pos, lambda r: r.loss)
     assert not report._all_positive(neg, lambda r: r.metric)
     assert not report._all_positive([Run(suite="s", method="A", seed=0)], lambda r: r.loss)
+
+
+def test_numpy_and_torch_values_in_extra_are_written_as_json(tmp_path):
+    import torch
+
+    run = make_run(
+        "A",
+        0,
+        1.0,
+        extra={
+            "reached": np.bool_(True),
+            "n": np.int64(3),
+            "r": np.array([0.5, 1.5]),
+            "t": torch.tensor([1.0, 2.0]),
+        },
+    )
+    report.write_json(tmp_path / "r.json", {"s": (suite(), [run])})
+    report.write_csv(tmp_path / "r.csv", [run])
+    want = {"reached": True, "n": 3, "r": [0.5, 1.5], "t": [1.0, 2.0]}
+    assert report.read_json(tmp_path / "r.json")["s"][0].extra == want
+    assert report.read_csv(tmp_path / "r.csv")[0].extra == want
+    bad = make_run("A", 0, 1.0, extra={"o": object()})
+    with pytest.raises(TypeError, match=r"Invalid Run\.extra value: object"):
+        report.write_json(tmp_path / "bad.json", {"s": (suite(), [bad])})

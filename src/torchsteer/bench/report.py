@@ -174,6 +174,17 @@ def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
     console.print(table)
 
 
+def _jsonable(obj):
+    """JSON for what suites put into ``Run.extra``: numpy and torch scalars and arrays."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):  # torch.Tensor, without importing torch here
+        return obj.tolist()
+    raise TypeError(f"Invalid Run.extra value: {type(obj).__name__} is not JSON-able")
+
+
 def write_json(
     path: Path, results: dict[str, tuple[Suite, list[Run]]], meta: dict[str, Any] | None = None
 ) -> None:
@@ -190,7 +201,7 @@ def write_json(
             "summary": [dataclasses.asdict(r) for r in summarize(suite, runs)],
             "runs": [r.to_dict() for r in runs],
         }
-    Path(path).write_text(json.dumps(out, indent=1))
+    Path(path).write_text(json.dumps(out, indent=1, default=_jsonable))
 
 
 def read_json(path: Path) -> dict[str, list[Run]]:
@@ -212,7 +223,7 @@ def write_csv(path: Path, runs: Sequence[Run]) -> None:
                 _cell(r.step_time),
                 _cell(r.time_to_target),
                 _cell(r.peak_memory),
-                json.dumps(r.extra, sort_keys=True),
+                json.dumps(r.extra, sort_keys=True, default=_jsonable),
             ]
             for point in zip(r.steps, r.cpu_time, r.loss, r.metric):
                 w.writerow(head + [_cell(v) for v in point])

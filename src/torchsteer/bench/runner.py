@@ -155,11 +155,14 @@ def run_suites(
         suite_rows = report.summarize(suite, runs)
         rows += suite_rows
         report.print_table(console, suite, suite_rows)
-        if plots:
-            report.plot_suite(out, suite, runs)
     report.write_json(out / "results.json", results, meta)
     report.write_csv(out / "results.csv", [r for _, runs in results.values() for r in runs])
     report.write_summary_csv(out / "summary.csv", rows)
+    for suite, runs in results.values() if plots else ():
+        try:
+            report.plot_suite(out, suite, runs)
+        except Exception as e:  # a plot is not worth the numbers: they are written already
+            console.print(f"[red]plots of {suite.name} failed: {type(e).__name__}: {e}")
     times = ", ".join(f"{k} {v['cpu_s']:.1f}" for k, v in timing.items())
     console.print(f"CPU s per suite: {times}")
     console.print(
