@@ -25,6 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchsteer.optim.mfac import MFAC
+from torchsteer.optim.regularized_newton import RegularizedNewton
+from torchsteer.optim.sven import Sven
+
 __all__ = ["INFOS", "OptimInfo", "make_closure", "make_problem"]
 
 
@@ -115,7 +119,65 @@ INFOS: list[OptimInfo] = [
         kwargs={"lr": 0.01},
         invalid=[({"lr": -1.0}, "Invalid learning rate"), ({"betas": (1.0, 0.9)}, "beta")],
     ),
-    # <registry: MFAC>
-    # <registry: Sven>
-    # <registry: RegularizedNewton>
+    OptimInfo(
+        name="MFAC",
+        cls=MFAC,
+        kwargs={"lr": 0.05, "ngrads": 2, "damp": 0.1, "momentum": 0.5, "weight_decay": 0.01},
+        invalid=[
+            ({"lr": -1.0}, "Invalid lr"),
+            ({"ngrads": 0}, "Invalid ngrads"),
+            ({"damp": 0.0}, "Invalid damp"),
+            ({"nonfinite": "x"}, "Invalid nonfinite"),
+        ],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="Sven",
+        cls=Sven,
+        kwargs={"lr": 0.5, "rank": 4, "rtol": 1e-3, "seed": 0},
+        closure_kind="per_sample",
+        invalid=[
+            ({"lr": -1.0}, "Invalid lr"),
+            ({"rank": 0}, "Invalid rank"),
+            ({"kappa": 0.0}, "Invalid kappa"),
+            ({"svd": "x"}, "Invalid svd"),
+        ],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="Sven-matrix-free",
+        cls=Sven,
+        kwargs={"lr": 0.5, "rank": 3, "jacobian": "matrix_free", "svd": "randomized", "seed": 0},
+        closure_kind="per_sample",
+        invalid=[({"oversample": -1}, "Invalid oversample")],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="RegularizedNewton",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "hessian", "solver": "cg"},
+        closure_kind="scalar_graph",
+        invalid=[
+            ({"curvature": "x"}, "Invalid curvature"),
+            ({"gamma0": 0.0}, "Invalid gamma0"),
+            ({"max_tries": 0}, "Invalid max_tries"),
+        ],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="RegularizedNewton-gauss_newton",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "gauss_newton", "solver": "cholesky"},
+        closure_kind="loss_and_outputs",
+        invalid=[({"solver": "x"}, "Invalid solver")],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="RegularizedNewton-empirical_fisher",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "empirical_fisher"},
+        closure_kind="per_sample",
+        invalid=[({"regularization": "x"}, "Invalid regularization")],
+        nonfinite=True,
+    ),
 ]
