@@ -4,20 +4,16 @@ Torch only; nothing here knows an optimizer exists.
 """
 
 from torchsteer.linalg.cg import CGResult, conjugate_gradient
+from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
 from torchsteer.linalg.pinv import truncated_pinv_apply
 from torchsteer.linalg.randomized_svd import randomized_svd, svd_small
 
 __all__ = [
     "CGResult",
+    "GradientWindow",
+    "NonFiniteGradientError",
     "conjugate_gradient",
     "randomized_svd",
     "svd_small",
     "truncated_pinv_apply",
 ]
-
-try:  # the M-FAC window lands in its own module
-    from torchsteer.linalg.gradient_window import GradientWindow  # noqa: F401
-
-    __all__.append("GradientWindow")
-except ImportError:  # pragma: no cover
-    pass
