@@ -249,3 +249,82 @@ def test_refresh_keeps_products():
     assert rel_err(window.solve(v), before) < 1e-10
     window.refresh(robust=True)
     assert rel_err(window.solve(v), before) < 1e-10
+
+
+class _ThreadShards:
+    """``reduce`` for column shards run as threads in one process: sums the shards' tensors."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.barrier = threading.Barrier(n)
+        self.parts: dict[int, torch.Tensor] = {}
+
+    def reducer(self, shard: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            self.parts[shard] = t.clone()
+            self.barrier.wait()
+            total = sum(self.parts[i] for i in sorted(self.parts))
+            self.barrier.wait()  # everyone has read before the next call overwrites
+            return total
+
+        return reduce
+
+
+def test_column_shards_equal_the_whole_window():
+    """Two shards of the columns (3 + 4 of d = 7) with a summing ``reduce``: every product,
+    the rebuild and the inverse diagonal are the whole window's slices; a NaN in one shard's
+    columns is rejected by both and leaves both unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m, d, damp, cut = 3, 7, 1e-2, 3
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(d, generator=gen, dtype=F64) for _ in range(2 * m + 1)]
+    v = torch.randn(d, generator=gen, dtype=F64)
+    bad = grads[0].clone()
+    bad[5] = float("nan")  # in shard 1's columns only
+    shards = _ThreadShards(2)
+
+    def run(shard):
+        cols = slice(0, cut) if shard == 0 else slice(cut, d)
+        window = GradientWindow(
+            m, len(range(d)[cols]), damp, dtype=F64, reduce=shards.reducer(shard)
+        )
+        steps = [window.add_and_solve(g[cols]) for g in grads]
+        before = {k: t.clone() for k, t in window.state_dict().items()}
+        try:
+            window.add(bad[cols])
+            rejected = False
+        except NonFiniteGradientError:
+            rejected = all(torch.equal(before[k], t) for k, t in window.state_dict().items())
+        solved = window.solve(v[cols])
+        window.rebuild()
+        return steps, solved, window.solve(v[cols]), window.inverse_diagonal(), rejected
+
+    with ThreadPoolExecutor(2) as pool:
+        (s0, v0, r0, d0, ok0), (s1, v1, r1, d1, ok1) = pool.map(run, (0, 1))
+    assert ok0 and ok1
+    fisher = dense_fisher(grads[-m:], m, d, damp)
+    for t, g in enumerate(grads):
+        truth = torch.linalg.solve(dense_fisher(grads[max(0, t - m + 1) : t + 1], m, d, damp), g)
+        assert rel_err(torch.cat([s0[t], s1[t]]), truth) < 1e-10
+    truth = torch.linalg.solve(fisher, v)
+    assert rel_err(torch.cat([v0, v1]), truth) < 1e-10
+    assert rel_err(torch.cat([r0, r1]), truth) < 1e-10
+    assert rel_err(torch.cat([d0, d1]), torch.linalg.inv(fisher).diagonal()) < 1e-10
+
+
+def test_identity_reduce_takes_the_shard_path_and_equals_the_plain_window():
+    m, d, damp = 3, 5, 1e-2
+    gen = torch.Generator().manual_seed(10)
+    plain = GradientWindow(m, d, damp, dtype=F64)
+    shard = GradientWindow(m, d, damp, dtype=F64, reduce=lambda t: t)
+    for _ in range(3 * m):
+        g = torch.randn(d, generator=gen, dtype=F64)
+        torch.testing.assert_close(
+            shard.add_and_solve(g), plain.add_and_solve(g), rtol=1e-12, atol=0
+        )
+    with pytest.raises(NonFiniteGradientError):
+        shard.add(torch.full((d,), float("inf"), dtype=F64))
+    with pytest.raises(ValueError, match="gradient shape"):
+        shard.add(torch.zeros(d + 1, dtype=F64))

@@ -191,12 +191,31 @@ def test_nonfinite_gradient_skip_mode_is_as_if_the_step_never_happened():
         (dict(weight_decay=-1e-3), "weight_decay"),
         (dict(window_dtype=torch.int64), "window_dtype"),
         (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(shard="auto"), "shard"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, name):
     model, _, _ = problem()
     with pytest.raises(ValueError, match=f"Invalid {name}"):
         MFAC(model.parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_shard_without_a_process_group_is_the_plain_optimizer(shard):
+    """One process is one shard: bit-identical to the default; consolidation is a no-op and
+    the state dict is the usual one. (Two ranks: tests/distributed/test_mfac_ddp.py.)"""
+    model, x, y = problem(6)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.05, ngrads=3, damp=1e-2, momentum=0.5)
+    opt, opt2 = MFAC(model.parameters(), shard=shard, **kw), MFAC(twin.parameters(), **kw)
+    assert train(model, opt, x, y, 5) == train(twin, opt2, x, y, 5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    opt.consolidate_state_dict()
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    d = sum(p.numel() for p in model.parameters())
+    assert sd["state"][0]["window_grads"].shape == (3, d)
+    assert torch.equal(sd["state"][0]["window_grads"], sd2["state"][0]["window_grads"])
 
 
 def test_closure_is_evaluated_with_grad_and_returns_loss():

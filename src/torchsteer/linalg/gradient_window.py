@@ -27,12 +27,23 @@ one more pass over ``G`` and no cancellation between ``g`` and ``G^T c`` (the pr
 loses ``|g|^2 / (m λ)`` in relative accuracy). A step therefore costs exactly the two passes
 ``G g`` and ``G^T x`` plus O(d + m^2).
 
+**Column shards** (distributed M-FAC): with ``reduce`` given, the window holds only a slice of
+the ``d`` columns (``dim`` is the slice's length) and ``reduce`` sums a float64 tensor over the
+shards (an all-reduce). Every product that contracts over ``d`` -- the Gram row ``G g``, ``G v``
+in :meth:`solve`, the Gram in :meth:`rebuild` -- is a partial product reduced over the shards
+(``m`` numbers a step; ``m^2`` in a rebuild), so ``K`` and ``M`` are the same on every shard and
+the m x m algebra runs replicated. Vectors in and out (``g``, ``v``, ``F^{-1} g``, the inverse
+diagonal) are the shard's slice. The finiteness test of a gradient is the reduced ``|g|^2``, so
+every shard takes the same decision.
+
 References:
     Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of Second-Order
     Information." NeurIPS 2021. arXiv:2107.03356.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -58,6 +69,9 @@ class GradientWindow:
         device: device of all buffers.
         refresh_every: recompute the m x m inverse by Cholesky after this many O(m^2)
             updates (default ``ngrads``).
+        reduce: for a column shard of a larger window, a function summing a float64 tensor
+            over the shards (e.g. ``torchsteer.distributed.all_reduce_sum``); ``None`` for a
+            whole window (one process).
 
     Memory: ``m * d`` numbers of ``dtype`` for ``G`` (``m`` copies of the model) plus two
     ``m x m`` float64 matrices.
@@ -76,6 +90,7 @@ class GradientWindow:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         refresh_every: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(ngrads, int) or ngrads < 1:
             raise ValueError(f"Invalid ngrads: {ngrads}")
@@ -90,6 +105,7 @@ class GradientWindow:
             raise ValueError(f"Invalid refresh_every: {refresh_every}")
         self.ngrads, self.dim, self.damp = ngrads, dim, float(damp)
         self.refresh_every = refresh_every
+        self.reduce = reduce
         self.grads = torch.zeros(ngrads, dim, dtype=dtype, device=device)
         self.gram = torch.zeros(ngrads, ngrads, dtype=torch.float64, device=device)
         self.inverse = torch.eye(ngrads, dtype=torch.float64, device=device) / self._shift
@@ -192,11 +208,15 @@ class GradientWindow:
 
         Raises :class:`NonFiniteGradientError` (window unchanged) for NaN/Inf.
         """
-        self.check_gradient(g)
         j = self.index
-        row = self.grads[j]
-        row.copy_(g)
-        k = torch.mv(self.grads, row).to(torch.float64)  # G g: one pass over the window
+        if self.reduce is None:
+            self.check_gradient(g)
+            row = self.grads[j]
+            row.copy_(g)
+            k = torch.mv(self.grads, row).to(torch.float64)  # G g: one pass over the window
+        else:
+            k = self._reduced_gram_row(g, j)
+            self.grads[j].copy_(g)
         self.gram[j, :] = k
         self.gram[:, j] = k
         column = k.clone()
@@ -205,6 +225,21 @@ class GradientWindow:
         self.index = (j + 1) % self.ngrads
         self.count = min(self.count + 1, self.ngrads)
         return j
+
+    def _reduced_gram_row(self, g: torch.Tensor, j: int) -> torch.Tensor:
+        """``G g`` over all shards, with ``g`` in row ``j`` (not yet written): one all-reduce
+        of ``m`` numbers that carries the finiteness test (entry ``j`` is ``|g|^2``)."""
+        self._check_vector(g, "gradient")
+        gw = g.to(self.dtype)
+        partial = torch.mv(self.grads, gw).to(torch.float64)
+        partial[j] = torch.dot(gw, gw).to(torch.float64)
+        k = self.reduce(partial)
+        if not bool(torch.isfinite(k[j])):  # NaN/Inf anywhere in g makes |g|^2 non-finite
+            raise NonFiniteGradientError(
+                "Invalid gradient: contains NaN/Inf or its squared norm overflows "
+                f"{self.dtype}; the window was left unchanged"
+            )
+        return k
 
     def add_and_coefficients(self, g: torch.Tensor) -> torch.Tensor:
         """Write ``g`` into the window; return ``x`` (float64, length m) with
@@ -232,9 +267,12 @@ class GradientWindow:
         return torch.mv(self.grads.t(), x).to(g.dtype)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
-        """``F^{-1} v`` for the current window (nothing added), O(m d)."""
+        """``F^{-1} v`` for the current window (nothing added), O(m d). (A shard: ``v`` and
+        the result are the shard's slice; one all-reduce of ``m`` numbers.)"""
         self._check_vector(v, "vector")
         gv = torch.mv(self.grads, v.to(self.dtype)).to(torch.float64)
+        if self.reduce is not None:
+            gv = self.reduce(gv)
         c = torch.mv(self.inverse, gv).to(self.dtype)
         return (v - torch.mv(self.grads.t(), c).to(v.dtype)) / self.damp
 
@@ -270,6 +308,8 @@ class GradientWindow:
         for start in range(0, self.dim, block):
             gb = self.grads[:, start : start + block].to(torch.float64)
             self.gram.addmm_(gb, gb.t())
+        if self.reduce is not None:
+            self.gram.copy_(self.reduce(self.gram))
         self.refresh()
         self.count, self.index = count, count % self.ngrads
 

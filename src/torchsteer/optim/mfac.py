@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from torchsteer import distributed
 from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
 
 __all__ = ["MFAC"]
@@ -57,6 +58,26 @@ class MFAC(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (ValueError, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``state["skipped_steps"]`` of the first parameter) when a
             gradient has NaN/Inf.
+        shard: split the window across the ranks of ``torch.distributed`` (see below).
+            ``None`` (default): shard when a process group of more than one process is
+            initialized at the first step; ``False``: every rank keeps the whole window;
+            ``True``: shard (in one process there is one shard, the whole window).
+
+    Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
+    would hold the same window. Sharded, rank ``r`` keeps only columns
+    ``[r s, (r + 1) s)`` of ``G`` (``s = ceil(d / R)``): window memory ``m d / R`` per rank.
+    ``G g`` is a partial product all-reduced over the ranks (``m`` float64 numbers), the
+    ``m x m`` Gram and inverse are replicated, each rank computes its slice of
+    ``u = F^{-1} g`` and the slices are all-gathered (``d`` numbers), so every rank applies
+    the same update and the parameters stay identical. The result equals one process on the
+    whole batch up to float rounding. This assumes what DDP guarantees: identical
+    parameters and gradients on every rank. The single-process path is unchanged.
+
+    Checkpoints under sharding: like ``ZeroRedundancyOptimizer``, call
+    :meth:`consolidate_state_dict` on **every** rank (Lightning does this for you); then
+    ``state_dict()`` on the target rank (default 0) returns the whole window, in the same
+    format as one process. ``load_state_dict`` takes that format on any number of ranks and
+    keeps the rank's own columns, so a checkpoint resumes at any world size.
 
     Memory: the window holds ``m * d`` numbers of ``window_dtype`` -- ``m`` copies of the
     model (m = 1024 float32 for a 1M-parameter model is 4 GB) -- plus two ``m x m`` float64
@@ -77,6 +98,7 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         window_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
+        shard: bool | None = None,
     ) -> None:
         if not (lr >= 0.0):
             raise ValueError(f"Invalid lr: {lr}")
@@ -94,15 +116,20 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError(f"Invalid window_dtype: {window_dtype}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid nonfinite: {nonfinite}")
+        if shard not in (None, True, False):
+            raise ValueError(f"Invalid shard: {shard}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.ngrads, self.damp = ngrads, float(damp)
-        self.window_dtype, self.nonfinite = window_dtype, nonfinite
+        self.window_dtype, self.nonfinite, self.shard = window_dtype, nonfinite, shard
         for p in self._params():
             if p.is_complex() or not p.is_floating_point():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
         self._window: GradientWindow | None = None
         self._flat: torch.Tensor | None = None  # reused buffer for the concatenated gradient
+        self._world = 1  # number of shards of the window
+        self._bounds = (0, 0)  # this rank's columns [lo, hi) of the window
+        self._consolidated: torch.Tensor | None = None  # the whole window, on the target rank
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -121,16 +148,24 @@ class MFAC(torch.optim.Optimizer):
         params = self._params()
         first = params[0]
         dim = sum(p.numel() for p in params)
+        self._world = distributed.world_size() if self.shard is not False else 1
+        size = -(-dim // self._world)  # columns per shard; the last one is zero-padded
+        lo = min(distributed.rank() * size, dim) if self._world > 1 else 0
+        self._bounds = (lo, min(lo + size, dim))
         window = GradientWindow(
             self.ngrads,
-            dim,
+            size,
             self.damp,
             dtype=self._default_window_dtype(first),
             device=first.device,
+            reduce=distributed.all_reduce_sum if self._world > 1 else None,
         )
         state = self.state[first]
         if "window_grads" in state:
-            window.load_state_dict({v: state[k] for k, v in _WINDOW_KEYS.items()})
+            saved = {v: state[k] for k, v in _WINDOW_KEYS.items()}
+            if self._world > 1:  # a whole window (the checkpoint format): keep our columns
+                saved["grads"] = self._own_columns(saved["grads"], size)
+            window.load_state_dict(saved)
         else:
             state["step"] = torch.tensor(0.0)
             state["skipped_steps"] = torch.tensor(0.0)
@@ -144,27 +179,47 @@ class MFAC(torch.optim.Optimizer):
         for key, name in _WINDOW_KEYS.items():
             state[key] = window_state[name]
 
+    def _own_columns(self, grads: torch.Tensor, size: int) -> torch.Tensor:
+        """Columns ``[lo, hi)`` of a whole ``(m, d)`` window, zero-padded to ``size``."""
+        lo, hi = self._bounds
+        if grads.dim() != 2 or grads.shape[1] < hi:
+            raise ValueError(f"Invalid window state: grads {tuple(grads.shape)}")
+        out = grads.new_zeros(grads.shape[0], size)
+        out[:, : hi - lo] = grads[:, lo:hi]
+        return out
+
     def _flat_gradient(self, window: GradientWindow) -> torch.Tensor:
-        """The concatenated gradient ``grad + weight_decay * w`` in the window dtype."""
+        """The concatenated gradient ``grad + weight_decay * w`` in the window dtype (its
+        columns ``[lo, hi)`` when sharded; zeros beyond ``hi``)."""
         flat = self._flat
         if flat is None or flat.dtype != window.dtype or flat.device != window.device:
             flat = self._flat = torch.empty(window.dim, dtype=window.dtype, device=window.device)
+        lo, hi = self._bounds
+        flat[hi - lo :].zero_()
         offset = 0
         for group in self.param_groups:
             wd = group["weight_decay"]
             for p in group["params"]:
                 n = p.numel()
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise ValueError("Invalid gradient: MFAC does not support sparse gradients")
-                    part = flat[offset : offset + n]
-                    part.copy_(p.grad.reshape(-1))
-                    if wd != 0.0:
-                        part.add_(p.detach().reshape(-1), alpha=wd)
-                else:
-                    flat[offset : offset + n].zero_()
+                a, b = max(lo, offset), min(hi, offset + n)  # overlap with our columns
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError("Invalid gradient: MFAC does not support sparse gradients")
+                if a < b:
+                    part = flat[a - lo : b - lo]
+                    if p.grad is not None:
+                        part.copy_(p.grad.reshape(-1)[a - offset : b - offset])
+                        if wd != 0.0:
+                            part.add_(p.detach().reshape(-1)[a - offset : b - offset], alpha=wd)
+                    else:
+                        part.zero_()
                 offset += n
         return flat
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        pstate = self.state[p]
+        if "momentum_buffer" not in pstate:
+            pstate["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return pstate["momentum_buffer"]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -189,6 +244,10 @@ class MFAC(torch.optim.Optimizer):
             return loss
         state["step"] += 1
         self._sync_state(window)
+        self._consolidated = None
+        if self._world > 1:
+            self._apply_gathered(window, coeffs)
+            return loss
         # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
         # the second pass over the window writes straight into the parameter (or its buffer).
         offset = 0
@@ -199,12 +258,7 @@ class MFAC(torch.optim.Optimizer):
                 if p.grad is not None:
                     block = window.grads[:, offset : offset + n].t()
                     if momentum != 0.0:
-                        pstate = self.state[p]
-                        if "momentum_buffer" not in pstate:
-                            pstate["momentum_buffer"] = torch.zeros_like(
-                                p, memory_format=torch.contiguous_format
-                            )
-                        buf = pstate["momentum_buffer"]
+                        buf = self._momentum_buffer(p)
                         _addmv(buf.mul_(momentum), block, coeffs, 1.0 - momentum)
                         p.add_(buf, alpha=-lr)
                     else:
@@ -212,10 +266,62 @@ class MFAC(torch.optim.Optimizer):
                 offset += n
         return loss
 
+    def _apply_gathered(self, window: GradientWindow, coeffs: torch.Tensor) -> None:
+        """Sharded step: our slice of ``u = G^T x``, all-gathered, applied on every rank."""
+        u = torch.cat(distributed.all_gather(torch.mv(window.grads.t(), coeffs)))
+        offset = 0
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                n = p.numel()
+                if p.grad is not None:
+                    piece = u[offset : offset + n].view_as(p)
+                    if momentum != 0.0:
+                        buf = self._momentum_buffer(p).mul_(momentum)
+                        buf.add_(piece.to(buf.dtype), alpha=1.0 - momentum)
+                        p.add_(buf, alpha=-lr)
+                    else:
+                        p.add_(piece.to(p.dtype), alpha=-lr)
+                offset += n
+
+    @torch.no_grad()
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collect the sharded window on rank ``to`` for :meth:`state_dict` (a collective:
+        call it on every rank). A no-op without sharding.
+
+        Sends the window in row blocks of about 4 M numbers per rank (all-gathered; the
+        ranks other than ``to`` drop them), so only rank ``to`` holds the ``m x d`` copy.
+        """
+        window = self._window
+        if window is None or self._world == 1:
+            return
+        dim = sum(p.numel() for p in self._params())
+        keep = distributed.rank() == to
+        full = window.grads.new_empty(window.ngrads, dim) if keep else None
+        rows = max(1, (1 << 22) // window.dim)
+        for start in range(0, window.ngrads, rows):
+            parts = distributed.all_gather(window.grads[start : start + rows])
+            if keep:
+                block = torch.cat(parts, dim=1)
+                full[start : start + rows] = block[:, :dim]
+        self._consolidated = full
+
     def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer``; sharded, the whole window collected by
+        :meth:`consolidate_state_dict` (raises ``RuntimeError`` if it was not called on every
+        rank since the last step)."""
         if self._window is not None:
             self._sync_state(self._window)
-        return super().state_dict()
+        sd = super().state_dict()
+        if self._window is not None and self._world > 1:
+            if self._consolidated is None:
+                raise RuntimeError(
+                    "MFAC's window is sharded across ranks: call consolidate_state_dict() on "
+                    "every rank first, then state_dict() on the target rank (default 0)"
+                )
+            first_id = sd["param_groups"][0]["params"][0]
+            sd["state"][first_id] = dict(sd["state"][first_id], window_grads=self._consolidated)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as ``torch.optim.Optimizer`` does, but keep the dtypes of the window buffers
