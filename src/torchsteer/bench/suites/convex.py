@@ -343,7 +343,6 @@ def arms(nonconvex: bool = False) -> list[Arm]:
         newton_arm(
             "RN empirical_fisher/woodbury",
             kind="linear",
-            dense=True,
             curvature="empirical_fisher",
             fits=_small_or_quick_cheap(1e5),
         ),
