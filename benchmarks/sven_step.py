@@ -263,6 +263,25 @@ def write_markdown(res):
         f"{k['median']}, max {k['max']}.",
         "",
     ]
+    if "regression" in res:  # recorded by hand (see the note), rendered when present
+        r = res["regression"]
+        lines += [
+            "## Regression suite, Adam grid vs Sven (lr 0.1, rank 64)",
+            "",
+            r["note"],
+            "",
+            "| seed | best Adam final | Sven final | fastest Adam to 1e-4 (s) | Sven to 1e-4 (s) "
+            "| fine eval: Adam / Sven (s, steps) |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for row in r["rows"]:
+            lines.append(
+                f"| {row['seed']} | {row['adam_final']:.2e} ({row['adam_final_arm']}) | "
+                f"{row['sven_final']:.2e} | {row['adam_ttt']:.2f} | {row['sven_ttt']:.2f} | "
+                f"{row['fine_adam_ttt']:.2f} ({row['fine_adam_steps']}) / "
+                f"{row['fine_sven_ttt']:.2f} ({row['fine_sven_steps']}) |"
+            )
+        lines.append("")
     (RESULTS / "sven_step.md").write_text("\n".join(lines))
 
 
@@ -280,7 +299,8 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "sven_step.json"
     res = json.loads(path.read_text()) if args.only and path.exists() else {}
-    res.update(quick=args.quick, load_average=os.getloadavg()[0], torch=torch.__version__)
+    res.update(quick=args.quick, torch=torch.__version__)
+    res.setdefault("load_average", os.getloadavg()[0])
     if args.only in (None, "cost"):
         res["step_cost"] = [
             step_cost((1, 16, 16, 16, 1), 10 if args.quick else 40),
