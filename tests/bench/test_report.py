@@ -170,3 +170,22 @@ def test_numpy_and_torch_values_in_extra_are_written_as_json(tmp_path):
     bad = make_run("A", 0, 1.0, extra={"o": object()})
     with pytest.raises(TypeError, match=r"Invalid Run\.extra value: object"):
         report.write_json(tmp_path / "bad.json", {"s": (suite(), [bad])})
+
+
+def test_table_columns_follow_what_the_suite_defines():
+    from rich.console import Console
+
+    def header(s, runs):
+        console = Console(width=200, record=True)
+        report.print_table(console, s, report.summarize(s, runs))
+        return console.export_text()
+
+    runs = [make_run("SGD", 0, 1.0), make_run("Adam", 0, 2.0, metric=(0.2, 0.95))]
+    full = header(suite(baseline="SGD", target=0.5, metric_name="acc"), runs)
+    assert "final acc" in full and "CPU s to acc >= 0.5" in full and "step time / SGD" in full
+    lines = {line.split()[1]: line for line in full.splitlines() if line.startswith("│")}
+    assert "0.95 *" in lines["Adam"] and "*" not in lines["SGD"]  # the best metric is marked
+    assert lines["Adam"].split("│")[5].strip() == "2"  # step time ratio 2.0 / 1.0
+    bare = header(suite(baseline=None), [make_run("A", 0, 1.0, metric=(NAN,))])
+    assert "step time" not in bare and "CPU s to" not in bare and "final metric" not in bare
+    assert "peak memory" in bare

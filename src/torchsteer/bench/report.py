@@ -152,7 +152,7 @@ def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
     """Print the suite's table with rich (``*`` marks the best final metric).
 
     The metric column is left out when no method recorded a metric, the time-to-target
-    column when the suite has no target.
+    column when the suite has no target, the step-time ratio when it has no baseline.
     """
     from rich.table import Table
 
@@ -164,7 +164,9 @@ def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
     if has_target:
         sign = ">=" if suite.higher_is_better else "<="
         columns.append((f"CPU s to {suite.metric_name} {sign} {suite.target:g}", _fmt_ttt))
-    columns += [(f"step time / {suite.baseline}", _fmt_ratio), ("peak memory", _fmt_memory)]
+    if suite.baseline is not None:
+        columns.append((f"step time / {suite.baseline}", _fmt_ratio))
+    columns.append(("peak memory", _fmt_memory))
     table = Table(title=f"{suite.name}: {suite.description}")
     for i, (title, _) in enumerate(columns):
         table.add_column(title, no_wrap=True, justify="left" if i == 0 else "right")
