@@ -173,6 +173,22 @@ INFOS: list[OptimInfo] = [
         nonfinite=True,
     ),
     OptimInfo(
+        name="RegularizedNewton-dense",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "dense"},
+        closure_kind="scalar_graph",
+        invalid=[({"cg_maxiter": 0}, "Invalid cg_maxiter")],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="RegularizedNewton-sqrt",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "hessian", "regularization": "sqrt"},
+        closure_kind="scalar_graph",
+        invalid=[({"regularization": "cubic"}, "Invalid regularization")],
+        nonfinite=True,
+    ),
+    OptimInfo(
         name="RegularizedNewton-empirical_fisher",
         cls=RegularizedNewton,
         kwargs={"curvature": "empirical_fisher"},
