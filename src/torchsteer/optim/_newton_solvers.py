@@ -17,6 +17,14 @@ the B x B Gram of the per-sample gradients (:class:`WoodburySolver`, empirical F
 or matrix-free conjugate gradients (:class:`CGSolver`). A solve that fails (Cholesky of an
 indefinite matrix, CG meeting non-positive curvature, a non-finite result) says so with
 ``ok=False``; the optimizer then rejects the try.
+
+Under a process group (DDP, each rank holding a slice of the batch) every product and every
+materialized matrix is the mean over ranks (:func:`torchsteer.distributed.all_reduce_mean`),
+so the solvers see the curvature of the global batch and compute the same iterates on every
+rank. The Woodbury solver never gathers the per-sample gradients: an all-to-all hands rank r
+the columns of its 1/R slice of the parameters for all B rows, the B x B Gram is an all-reduce
+of the slices' Grams, and each solve all-gathers the slices of the step. Without a process
+group the collectives are no-ops and nothing changes.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed
 
+from torchsteer import distributed as tdist
 from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
 from torchsteer.linalg import conjugate_gradient
 
@@ -67,10 +77,18 @@ class _Curvature:
     def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
         return [t.to(p.dtype) for t, p in zip(unflatten(v, self.params), self.params)]
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v``, the mean over ranks of the local products (the local one in one process)."""
+        return tdist.all_reduce_mean(self._matvec(v))
+
+    def dense(self) -> torch.Tensor:
+        """The P x P matrix ``H``, the mean over ranks of the local ones."""
+        return tdist.all_reduce_mean(self._dense())
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def dense(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def _dense(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -86,7 +104,7 @@ class HessianCurvature(_Curvature):
         self.linear = not self.flat_grad.requires_grad  # f is linear: H = 0
 
     @torch.enable_grad()
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
         if self.linear:
             return torch.zeros_like(v)
@@ -94,7 +112,7 @@ class HessianCurvature(_Curvature):
         return _flat_cat(graph_vjp(self.flat_grad, self.params, u), self.params, self.dtype)
 
     @torch.enable_grad()
-    def dense(self) -> torch.Tensor:
+    def _dense(self) -> torch.Tensor:
         P = self.flat_grad.numel()
         self.products += P
         if self.linear:
@@ -133,14 +151,14 @@ class GaussNewtonCurvature(_Curvature):
         return h
 
     @torch.enable_grad()
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
         jv = graph_jvp(self.outputs, self.params, self._split(v))
         u = self._hout(jv)
         return _flat_cat(graph_vjp(self.outputs, self.params, u), self.params, self.dtype)
 
     @torch.enable_grad()
-    def dense(self) -> torch.Tensor:
+    def _dense(self) -> torch.Tensor:
         J = graph_jacobian(self.outputs, self.params).to(self.dtype)
         self.products += J.shape[1]
         if self.linear:
@@ -160,7 +178,7 @@ class EmpiricalFisherCurvature(_Curvature):
         self.batch = losses.numel()
 
     @torch.enable_grad()
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
         gv = graph_jvp(self.losses, self.params, self._split(v))
         out = _flat_cat(graph_vjp(self.losses, self.params, gv), self.params, self.dtype)
@@ -168,12 +186,12 @@ class EmpiricalFisherCurvature(_Curvature):
 
     @torch.enable_grad()
     def per_sample(self) -> torch.Tensor:
-        """The (B, P) per-sample gradients."""
+        """The (B, P) per-sample gradients of this rank's losses."""
         self.products += self.batch
         return graph_jacobian(self.losses, self.params).to(self.dtype)
 
     @torch.enable_grad()
-    def dense(self) -> torch.Tensor:
+    def _dense(self) -> torch.Tensor:
         G = self.per_sample()
         return G.T @ G / self.batch
 
@@ -200,17 +218,51 @@ class CholeskySolver:
         return Solution(delta, True)
 
 
+def _rows_to_columns(G: torch.Tensor, sizes: list[int], bounds: list[int]) -> torch.Tensor:
+    """All-to-all: rank r's rows ``(B_r, P)`` -> all ``B`` rows of its columns ``bounds[r:r+2]``."""
+    R, r = len(sizes), tdist.rank()
+    widths = [bounds[s + 1] - bounds[s] for s in range(R)]
+    send = torch.cat([G[:, bounds[s] : bounds[s + 1]].reshape(-1) for s in range(R)])
+    out_splits = [sizes[q] * widths[r] for q in range(R)]
+    recv = G.new_empty(sum(out_splits))
+    torch.distributed.all_to_all_single(recv, send, out_splits, [G.shape[0] * w for w in widths])
+    parts = recv.split(out_splits)
+    return torch.cat([part.view(sizes[q], widths[r]) for q, part in enumerate(parts)])
+
+
 class WoodburySolver:
     """Exact solve with ``F = (1/B) G^T G`` through the B x B Gram ``K = G G^T``::
 
     (F + lambda I)^{-1} g = (g - G^T (B lambda I + K)^{-1} G g) / lambda
+
+    Under a process group the rows of ``G`` live on their ranks (``B_r`` each, ``B = sum``).
+    Rank r receives, by one all-to-all, the columns of its 1/R slice of the parameters for all
+    rows (``B x P/R``: no rank holds all of ``G``); ``K`` and ``G g`` are then one all-reduce of
+    ``B (B + 1)`` numbers, and each solve all-gathers the P/R-slices of the step. With unequal
+    ``B_r`` the rows are weighted by ``sqrt(B / (R B_r))``, so that ``F`` is the mean over
+    ranks of the ranks' own Fishers, as the gradient is the mean of the ranks' gradients.
     """
 
     def __init__(self, curvature: EmpiricalFisherCurvature, g: torch.Tensor) -> None:
-        self.G = curvature.per_sample()
-        self.K = self.G @ self.G.T
-        self.Gg = self.G @ g
+        G = curvature.per_sample()
         self.g = g
+        self.sharded = tdist.is_distributed()
+        if self.sharded:
+            sizes = [int(n) for n in tdist.all_gather(torch.tensor([G.shape[0]], device=g.device))]
+            R, P = len(sizes), g.numel()
+            if len(set(sizes)) > 1:
+                G = G * math.sqrt(sum(sizes) / (R * G.shape[0]))
+            bounds = [P * s // R for s in range(R + 1)]
+            lo, hi = bounds[tdist.rank()], bounds[tdist.rank() + 1]
+            G = _rows_to_columns(G, sizes, bounds)  # (B, hi - lo): this rank's columns
+            self.g = g[lo:hi]
+            B = G.shape[0]
+            KG = tdist.all_reduce_sum(torch.cat([G @ G.T, (G @ self.g).unsqueeze(1)], dim=1))
+            self.K, self.Gg = KG[:, :B], KG[:, B]
+        else:
+            self.K = G @ G.T
+            self.Gg = G @ g
+        self.G = G
         self.eye = torch.eye(self.K.shape[0], dtype=g.dtype, device=g.device)
 
     def solve(self, lam: float) -> Solution:
@@ -222,6 +274,8 @@ class WoodburySolver:
             return Solution(None, False, "cholesky")
         z = torch.cholesky_solve(self.Gg.unsqueeze(1), L).squeeze(1)
         delta = -(self.g - self.G.T @ z) / lam
+        if self.sharded:
+            delta = tdist.all_gather_cat(delta)
         if not _finite(delta):
             return Solution(None, False, "nonfinite")
         return Solution(delta, True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, unflatten
 from torchsteer.optim._newton_solvers import (
     CGSolver,
@@ -255,6 +256,16 @@ class RegularizedNewton(torch.optim.Optimizer):
         finally:
             for p, d in zip(params, saved):
                 p.data = d
+        if tdist.is_distributed():  # the global f and gradient: one all-reduce of P + 1 numbers
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if t is None else t).detach().double().reshape(-1)
+                    for t, p in zip(grads_t, params)
+                ]
+            )
+            packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
+            gn2 = sum(float((t**2).sum()) for t in unflatten(packed[:-1], params))
+            return float(packed[-1]), gn2
         gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
         return f_t.item(), gn2
 
@@ -355,22 +366,26 @@ class RegularizedNewton(torch.optim.Optimizer):
             .detach()
             .to(work)
         )
-        finite = bool(torch.isfinite(f).all()) and bool(torch.isfinite(g).all())
+        loss = f.detach()  # what the step reports: the global mean under a process group
+        if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
+            packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
+            g, loss = packed[:-1], packed[-1].to(loss.dtype)
+        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         state = self.state[group["params"][0]]
         self._init_state(state, group)
         state["closure_evals"] += 1
-        f0 = f.item()
+        f0 = loss.item()
         if not finite:
             state["skipped_steps"] += 1
             state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": f0}
-            return f.detach()
+            return loss
         state["step"] += 1
         gnorm = g.norm().item()
         if gnorm == 0.0:  # stationary: nothing to do
             state["record"] = {"accepted": False, "tries": 0, "loss": f0, "grad_norm": 0.0}
-            return f.detach()
+            return loss
         gns = group["regularization"] == "gns"
         scale = state["gamma"] if gns else state["M"]
         if scale is None:  # the sqrt rule's M, so that the first try has gamma0
@@ -390,7 +405,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 else ("M", max(scale / 2, 1 / _SCALE_MAX))
             )
             state[key] = value
-            return f.detach()
+            return loss
         state["failed_steps"] += 1
         if not gns and state["M"] is None:
             state["M"] = gnorm / group["gamma0"] ** 2
@@ -400,4 +415,4 @@ class RegularizedNewton(torch.optim.Optimizer):
             RuntimeWarning,
             stacklevel=2,
         )
-        return f.detach()
+        return loss
