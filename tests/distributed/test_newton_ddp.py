@@ -2,10 +2,15 @@
 
 One spawn runs every case: hessian (CG), gauss_newton (CG), empirical_fisher (sharded Woodbury),
 dense (Cholesky) under real DDP; a closure that also calls ``backward()`` (DDP's hooks fire and
-reduce ``.grad``, which the optimizer never reads: no double reduction); and unequal shards
-without DDP, checked against the mean of the ranks' Fishers and gradients built here.
+reduce ``.grad``, which the optimizer never reads: no double reduction); unequal shards
+without DDP, checked against the mean of the ranks' Fishers and gradients built here; and
+Lightning's ``strategy="ddp"`` with manual optimization (the processes started as torchrun
+would, so Lightning launches nothing).
 """
 
+import os
+
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,8 +88,51 @@ def fisher_and_grad(model, x, y):
     return G.T @ G / x.shape[0], G.mean(0)
 
 
+LIGHTNING_STEPS = 3
+
+
+class NewtonModule(pl.LightningModule):
+    """Manual optimization, one batch (this rank's half) per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net, self.x, self.y = problem()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.optimizers().step(closure=lambda: F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return RegularizedNewton(self.parameters(), **CASES["hessian"][0])
+
+    def train_dataloader(self):
+        half = N // self.trainer.world_size
+        sl = slice(self.trainer.global_rank * half, (self.trainer.global_rank + 1) * half)
+        dataset = torch.utils.data.TensorDataset(self.x[sl], self.y[sl])
+        return torch.utils.data.DataLoader(dataset, batch_size=half)
+
+
+def lightning_fit(rank):
+    os.environ["LOCAL_RANK"] = str(rank)  # as torchrun: the process group exists already
+    os.environ["NODE_RANK"] = "0"
+    module = NewtonModule()
+    pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=LIGHTNING_STEPS,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    ).fit(module)
+    return flatten([p.detach() for p in module.net.parameters()]).clone()
+
+
 def _worker(rank, world_size):
-    out = {}
+    out = {"lightning": lightning_fit(rank)}
     half = N // world_size
     for name, (kw, backward) in CASES.items():
         model, x, y = problem()
@@ -136,6 +184,12 @@ def test_regularized_newton_under_ddp_equals_one_process():
         for out in ranks:
             assert_same_run(out[name], single, exact=False)
         assert_same_run(ranks[0][name], ranks[1][name], exact=True)  # identical on the ranks
+    # Lightning ddp, manual optimization: the plain run's parameters after as many steps
+    for out in ranks:
+        torch.testing.assert_close(
+            out["lightning"], singles["hessian"][LIGHTNING_STEPS - 1][1], rtol=1e-10, atol=1e-13
+        )
+    assert torch.equal(ranks[0]["lightning"], ranks[1]["lightning"])
     # a closure that also calls backward() changes nothing (no double reduction)
     assert_same_run(ranks[0]["hessian_backward"], ranks[0]["hessian"], exact=True)
 

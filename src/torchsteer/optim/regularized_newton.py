@@ -18,6 +18,7 @@ from torchsteer.optim._newton_solvers import (
     GaussNewtonCurvature,
     HessianCurvature,
     WoodburySolver,
+    _flat_cat,
     forcing_tolerance,
 )
 
@@ -86,6 +87,16 @@ class RegularizedNewton(torch.optim.Optimizer):
     optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
     zeroing it in the closure is harmless). The method is global: the parameters of all groups
     form one vector, and every group must have the same hyperparameters.
+
+    Under DDP (a process group of R ranks, each closure evaluating its rank's slice of the
+    batch) the loss, the gradient and every curvature product are means over the ranks
+    (:mod:`torchsteer.distributed`), so every host-side decision (accept, reject, CG) is the
+    same on every rank and the step is that of one process on the whole batch. The
+    gradients come from ``torch.autograd.grad``, which DDP's hooks never see, and are reduced
+    here exactly once, even if the closure also calls ``backward(retain_graph=True)`` (DDP then
+    all-reduces ``.grad``, which is not read). The parameters must
+    start equal on every rank (DDP's constructor broadcasts them). Without a process group
+    nothing is communicated and nothing changes.
 
     Args:
         params: the parameters (one group).
@@ -257,12 +268,7 @@ class RegularizedNewton(torch.optim.Optimizer):
             for p, d in zip(params, saved):
                 p.data = d
         if tdist.is_distributed():  # the global f and gradient: one all-reduce of P + 1 numbers
-            flat = torch.cat(
-                [
-                    (torch.zeros_like(p) if t is None else t).detach().double().reshape(-1)
-                    for t, p in zip(grads_t, params)
-                ]
-            )
+            flat = _flat_cat(grads_t, params, torch.float64)
             packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
             gn2 = sum(float((t**2).sum()) for t in unflatten(packed[:-1], params))
             return float(packed[-1]), gn2
@@ -356,16 +362,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
         dtype = params[0].dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        g = (
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if t is None else t).reshape(-1)
-                    for t, p in zip(grads, params)
-                ]
-            )
-            .detach()
-            .to(work)
-        )
+        g = _flat_cat(grads, params, work)
         loss = f.detach()  # what the step reports: the global mean under a process group
         if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
             packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
