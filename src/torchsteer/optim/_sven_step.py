@@ -27,6 +27,7 @@ from torchsteer.linalg import randomized_svd
 __all__ = [
     "ResidualOperator",
     "Solution",
+    "gram_spectrum",
     "group_rows",
     "per_sample_values_and_jacobian",
     "residuals",
@@ -178,6 +179,19 @@ def _solve_triplets(U, S, V, R, rtol) -> Solution:
     return Solution(d, *_record(S, keep, R, U @ torch.where(keep, c, 0 * c)))
 
 
+def gram_spectrum(G: torch.Tensor, r: int, rtol: float):
+    """Top ``r`` eigenvectors of a Gram matrix, ``S = sqrt(eigenvalues)``, the kept mask and
+    ``1 / S^2`` on the kept ones (0 elsewhere)."""
+    evals, vecs = torch.linalg.eigh(G)
+    evals, vecs = evals.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
+    S = evals.sqrt()
+    # Gram eigenvalues carry an absolute error ~ eps * S_max^2: below 2 sqrt(eps) S_max, noise.
+    floor = 2.0 * torch.finfo(G.dtype).eps ** 0.5
+    keep = _keep(S, max(rtol, floor))
+    inv2 = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0 * evals)
+    return vecs, S, keep, inv2
+
+
 def _solve_gram(M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None) -> Solution:
     """Exact truncated solve through ``eigh`` of the smaller Gram matrix (in ``gram_dtype``)."""
     B, P = M.shape
@@ -186,14 +200,7 @@ def _solve_gram(M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None) ->
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
-    evals, vecs = torch.linalg.eigh(G)
-    r = min(rank, B, P)
-    evals, vecs = evals.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
-    S = evals.sqrt()
-    # Gram eigenvalues carry an absolute error ~ eps * S_max^2: below 2 sqrt(eps) S_max, noise.
-    floor = 2.0 * torch.finfo(work.dtype).eps ** 0.5
-    keep = _keep(S, max(rtol, floor))
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0 * evals)
+    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol)
     if wide:  # vecs = U:  d = M^T U S^-2 U^T R,  U^T R projected
         c = vecs.mT @ Rw
         d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from torchsteer import distributed as dist
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
+from torchsteer.optim._sven_ddp import RowShardedOperator, Shard, solve_gram_sharded
 from torchsteer.optim._sven_step import (
     ResidualOperator,
     Solution,
@@ -226,8 +228,10 @@ class Sven(torch.optim.Optimizer):
     def _itemsize(self) -> int:
         return torch.finfo(self._algebra_dtype()).bits // 8
 
-    def _solve(self, losses, source, dense, gen) -> tuple[Solution, torch.Tensor | None]:
-        """The direction on the kept coordinates (and their indices, None for all)."""
+    def _solve(self, losses, source, dense, gen, shard) -> tuple[Solution, torch.Tensor | None]:
+        """The direction on the kept coordinates (and their indices, None for all).
+
+        Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows."""
         alg = self._algebra_dtype()
         params = self._params()
         n_params = self._n_params()
@@ -236,24 +240,35 @@ class Sven(torch.optim.Optimizer):
             n_keep = max(1, math.ceil(self.param_fraction * n_params))
             cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
             cols = cols.to(params[0].device)
-        lg = group_rows(losses.detach().to(alg), self.microbatch_size)
+        mb = self.microbatch_size
+        lg = group_rows(losses.to(alg), mb) if shard is None else shard.group(losses.to(alg), mb)
         if self.kappa != 2.0 and bool((lg < 0).any()):
             raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
+        shard = shard and shard.grouped(mb)  # rows after the micro-batch means
+        D_local = D if shard is None else shard.local(D)
+        operator_args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
         if dense:
-            J = group_rows(source("dense").to(alg), self.microbatch_size)
+            J = group_rows(source("dense").to(alg), mb)
             if cols is not None:
                 J = J[:, cols]
             if self.kappa != 2.0:
-                J = J.mul_(D.unsqueeze(1))
-            randomized = self._randomized_dense(*J.shape)
+                J = J.mul_(D_local.unsqueeze(1))
+            rows = J.shape[0] if shard is None else shard.total
+            randomized = self._randomized_dense(rows, J.shape[1])
             args = (self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen)
             args += (self.gram_dtype,)
             solve, system = solve_dense, J
+            if shard is not None and randomized:
+                solve, system = solve_operator, RowShardedOperator(J, shard)
+                args = (*operator_args, False)
+            elif shard is not None:
+                solve, args = solve_gram_sharded, (self.rank, self.rtol, self.gram_dtype, shard)
         else:
-            system = ResidualOperator(source("matrix_free"), D, self.microbatch_size, cols, alg)
-            args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
-            args += (self.svd == "exact",)
+            system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
+            if shard is not None:
+                system = RowShardedOperator(system, shard)
+            args = (*operator_args, self.svd == "exact")
             solve = solve_operator
         try:
             sol = solve(system, R, *args)
@@ -264,6 +279,11 @@ class Sven(torch.optim.Optimizer):
         if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
             raise _NonFinite("Jacobian")
         return sol, cols
+
+    @staticmethod
+    def _rows(n: int, shard: Shard | None) -> int:
+        """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
+        return n if shard is None else max(shard.rows)
 
     def _graph_source(self, out: torch.Tensor):
         params = self._params()
@@ -276,13 +296,13 @@ class Sven(torch.optim.Optimizer):
 
         return source
 
-    def _functional(self, batch) -> tuple[torch.Tensor, Callable]:
+    def _functional(self, batch, shard) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
             raise ValueError("Invalid batch: the functional path needs model= and loss_fn=")
         inputs, targets = batch
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
-        if self._choose_dense(n, self._n_params(), self._itemsize()):
+        if self._choose_dense(self._rows(n, shard), self._n_params(), self._itemsize()):
             values, jac = per_sample_values_and_jacobian(model, loss_fn, inputs, targets, named)
             return values, lambda kind: jac
         bufs = dict(unwrap_model(model).named_buffers())
@@ -309,25 +329,34 @@ class Sven(torch.optim.Optimizer):
             ValueError: a scalar or graph-less closure output, invalid losses, or NaN/Inf in
                 the losses, Jacobian or step with ``nonfinite="raise"`` (nothing changed).
         """
+        first = self._params()[0]
         if batch is not None:
             if closure is not None:
                 with torch.enable_grad():
                     closure()
-            losses, source = self._functional(batch)
+            shard = Shard.create(int(batch[0].shape[0]), first.device)
+            losses, source = self._functional(batch, shard)
         else:
             losses = self._losses_from_closure(closure)
             source = self._graph_source(losses)
+            shard = Shard.create(losses.numel(), first.device)
         losses = losses.detach()
+        n_local = losses.numel()
+        if shard is not None:  # the losses of every rank: global mean, checks and residuals
+            losses = shard.gather(losses)
         mean_loss = losses.mean()
-        first = self._params()[0]
         state = self.state[first]
+        if shard is not None and "generator_state" not in state:  # rank 0's sketches for all
+            synced = dist.broadcast(self._initial_generator_state.to(first.device, copy=True))
+            self._initial_generator_state = synced.cpu()
         gen = torch.Generator()
         gen.set_state(state.get("generator_state", self._initial_generator_state).to(torch.uint8))
         try:
             if not bool(torch.isfinite(losses).all()):
                 raise _NonFinite("per-sample losses")
-            dense = self._choose_dense(losses.numel(), self._n_params(), self._itemsize())
-            sol, cols = self._solve(losses, source, dense, gen)
+            rows = self._rows(n_local, shard)
+            dense = self._choose_dense(rows, self._n_params(), self._itemsize())
+            sol, cols = self._solve(losses, source, dense, gen, shard)
         except _NonFinite as err:
             if self.nonfinite == "raise":
                 raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err.__cause__
