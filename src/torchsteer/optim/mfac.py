@@ -343,7 +343,7 @@ class MFAC(torch.optim.Optimizer):
         for key, value in kept.items():
             big = key in ("window_grads", "window_gram", "window_inverse")
             self.state[first][key] = value.to(device=first.device) if big else value.cpu()
-        self._window = None
+        self._window, self._consolidated = None, None
         if kept:
             self._get_window()
 
