@@ -253,6 +253,7 @@ class WoodburySolver:
             if len(set(sizes)) > 1:
                 G = G * math.sqrt(sum(sizes) / (R * G.shape[0]))
             bounds = [P * s // R for s in range(R + 1)]
+            self.widths = [bounds[s + 1] - bounds[s] for s in range(R)]
             lo, hi = bounds[tdist.rank()], bounds[tdist.rank() + 1]
             G = _rows_to_columns(G, sizes, bounds)  # (B, hi - lo): this rank's columns
             self.g = g[lo:hi]
@@ -274,8 +275,11 @@ class WoodburySolver:
             return Solution(None, False, "cholesky")
         z = torch.cholesky_solve(self.Gg.unsqueeze(1), L).squeeze(1)
         delta = -(self.g - self.G.T @ z) / lam
-        if self.sharded:
-            delta = tdist.all_gather_cat(delta)
+        if self.sharded:  # the slices, padded to the widest, in one all-gather
+            buf = delta.new_zeros(max(self.widths))
+            buf[: delta.numel()] = delta
+            parts = tdist.all_gather(buf)
+            delta = torch.cat([part[:w] for part, w in zip(parts, self.widths)])
         if not _finite(delta):
             return Solution(None, False, "nonfinite")
         return Solution(delta, True)
