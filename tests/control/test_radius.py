@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.jacobian import models
 from torch import nn
 from torch.func import functional_call
 
+from tests.jacobian import models
 from torchsteer.control.radius import (
     RadiusLimiter,
     logit_derivative,

@@ -67,8 +67,11 @@ def test_linear_outer_product_path_matches_dense(seq):
     """The nn.Linear fast path, on flat inputs and on sequences (B, T, in), frozen layer too."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 4, bias=False),
-        torch.nn.Tanh(), torch.nn.Linear(4, 2),
+        torch.nn.Linear(3, 5),
+        torch.nn.GELU(),
+        torch.nn.Linear(5, 4, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 2),
     ).double()
     model[2].weight.requires_grad_(False)
     x = torch.randn(6, 7, 3, dtype=torch.float64) if seq else torch.randn(6, 3, dtype=torch.float64)

@@ -13,8 +13,9 @@ import torch
 __all__ = ["breast_cancer", "digits", "regression_1d"]
 
 
-def regression_1d(n_train: int = 10_000, n_val: int = 10_000, seed: int = 0,
-                  dtype: torch.dtype = torch.float32):
+def regression_1d(
+    n_train: int = 10_000, n_val: int = 10_000, seed: int = 0, dtype: torch.dtype = torch.float32
+):
     """The Sven paper's toy regression: f(x) = exp(-10 x^2) sin(2 x), x ~ U[-1, 1].
 
     Inputs and targets are standardized with the training statistics.
@@ -28,7 +29,10 @@ def regression_1d(n_train: int = 10_000, n_val: int = 10_000, seed: int = 0,
     xt, yt = x[:n_train], y[:n_train]
     x = (x - xt.mean()) / xt.std()
     y = (y - yt.mean()) / yt.std()
-    t = [torch.as_tensor(a, dtype=dtype) for a in (x[:n_train], y[:n_train], x[n_train:], y[n_train:])]
+    t = [
+        torch.as_tensor(a, dtype=dtype)
+        for a in (x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    ]
     return tuple(t)
 
 
@@ -43,7 +47,7 @@ def digits(test_fraction: float = 0.2, dtype: torch.dtype = torch.float32):
     d = load_digits()
     x = torch.as_tensor(d.data / 16.0, dtype=dtype)
     y = torch.as_tensor(d.target, dtype=torch.int64)
-    n_test = int(math.floor(test_fraction * len(y)))
+    n_test = math.floor(test_fraction * len(y))
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
