@@ -131,6 +131,30 @@ def lightning_fit(rank):
     return flatten([p.detach() for p in module.net.parameters()]).clone()
 
 
+def count_collectives(kw, x, y):
+    """One step on a plain model (no DDP); ``(record, products, [(collective, numel), ...])``."""
+    model, _, _ = problem()
+    params = list(model.parameters())
+    opt = RegularizedNewton(params, **kw)
+    calls, saved = [], {}
+    for name in ("all_reduce", "all_gather", "all_to_all_single", "broadcast"):
+        saved[name] = fn = getattr(torch.distributed, name)
+
+        def counted(*args, _name=name, _fn=fn, **kwargs):
+            numel = args[1].numel() if _name in ("all_gather", "all_to_all_single") else None
+            calls.append((_name, args[0].numel() if numel is None else numel))
+            return _fn(*args, **kwargs)
+
+        setattr(torch.distributed, name, counted)
+    try:
+        opt.step(make_closure(model, kw["curvature"], x, y))
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.distributed, name, fn)
+    state = opt.state[params[0]]
+    return state["record"], state["curvature_products"], calls
+
+
 def _worker(rank, world_size):
     out = {"lightning": lightning_fit(rank)}
     half = N // world_size
@@ -144,6 +168,11 @@ def _worker(rank, world_size):
         model, x, y = problem()
         kw = dict(curvature="empirical_fisher", solver=solver, gamma0=0.5)
         out[f"unequal_{solver}"] = train(model, model, kw, x[sl], y[sl], steps=1)
+    # what one step communicates (the table of docs/regularized_newton.md)
+    half = N // world_size
+    xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    for name in ("hessian", "empirical_fisher"):
+        out[f"calls_{name}"] = count_collectives(CASES[name][0], xs, ys)
     # the sharded Woodbury solver holds all rows of its slice of the columns, not all of G
     model, x, y = problem()
     losses = F.cross_entropy(model(x[sl]), y[sl], reduction="none")
@@ -184,6 +213,23 @@ def test_regularized_newton_under_ddp_equals_one_process():
         for out in ranks:
             assert_same_run(out[name], single, exact=False)
         assert_same_run(ranks[0][name], ranks[1][name], exact=True)  # identical on the ranks
+    # collectives per step: the loss and gradient at x and at each trial point (P + 1 numbers),
+    # one P-vector per curvature product; Woodbury: the sizes, one all-to-all of this rank's
+    # rows, the Gram and G g, the step's (padded) slices once per try
+    P = 51
+    rec, products, calls = ranks[0]["calls_hessian"]
+    assert rec["tries"] > 1 and products >= rec["cg_iterations"] > 0
+    assert sorted(calls) == sorted(
+        [("all_reduce", P + 1)] * (1 + rec["tries"] - rec["reasons"].count("breakdown"))
+        + [("all_reduce", P)] * products
+    )
+    rec, _, calls = ranks[0]["calls_empirical_fisher"]
+    tries = rec["tries"]
+    assert sorted(calls) == sorted(
+        [("all_reduce", P + 1)] * (1 + tries)
+        + [("all_gather", 1), ("all_to_all_single", (N // 2) * P), ("all_reduce", N * (N + 1))]
+        + [("all_gather", 26)] * tries
+    )
     # Lightning ddp, manual optimization: the plain run's parameters after as many steps
     for out in ranks:
         torch.testing.assert_close(
