@@ -66,6 +66,12 @@ class Sven(torch.optim.Optimizer):
     ``B * P`` entries would exceed ``memory_budget`` bytes. ``svd="auto"`` is exact on the
     dense path unless a randomized sketch is much cheaper, randomized on the matrix-free path.
 
+    **DDP**: with a process group each rank passes its own samples and the step is that of
+    the concatenated batch; the Jacobian's rows stay on their ranks (gathered sketches and
+    all-reduced products, or a column all-to-all and a B x B Gram all-reduce on the dense
+    exact path), the mean loss and the records are global, rank 0's generator state is
+    broadcast at the first step.
+
     Per step the first parameter's state records ``kept_rank``, ``sigma_max``, ``sigma_min``
     (smallest kept), ``linearized_reduction`` (``1 - |R - M d| / |R|``, the share of the
     residual norm a step with lr = 1 would remove on the linearized problem), ``step`` and
