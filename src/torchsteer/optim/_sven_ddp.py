@@ -104,8 +104,10 @@ def _column_sizes(P: int, world: int) -> tuple[int, ...]:
 
 def _to_columns(M: torch.Tensor, shard: Shard, cols: tuple[int, ...]) -> torch.Tensor:
     """All-to-all: this rank's rows (B_r, P) -> every rank's rows of its columns (B, P_r)."""
-    send = torch.cat([block.reshape(-1) for block in torch.split(M, list(cols), dim=1)])
     in_splits = [M.shape[0] * p for p in cols]
+    send = M.new_empty(M.numel())  # one copy: each column block row-major, in rank order
+    for chunk, block in zip(torch.split(send, in_splits), torch.split(M, list(cols), dim=1)):
+        chunk.view_as(block).copy_(block)
     out_splits = [n * cols[shard.rank] for n in shard.rows]
     recv = send.new_empty(sum(out_splits))
     tdist.all_to_all_single(recv, send, out_splits, in_splits)
