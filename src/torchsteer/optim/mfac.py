@@ -81,7 +81,8 @@ class MFAC(torch.optim.Optimizer):
 
     Memory: the window holds ``m * d`` numbers of ``window_dtype`` -- ``m`` copies of the
     model (m = 1024 float32 for a 1M-parameter model is 4 GB) -- plus two ``m x m`` float64
-    matrices, plus one momentum buffer per parameter when ``momentum > 0``.
+    matrices, plus one momentum buffer per parameter when ``momentum > 0``; sharded, the
+    window is ``m d / R`` numbers per rank.
 
     References:
         Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of
@@ -195,7 +196,8 @@ class MFAC(torch.optim.Optimizer):
         if flat is None or flat.dtype != window.dtype or flat.device != window.device:
             flat = self._flat = torch.empty(window.dim, dtype=window.dtype, device=window.device)
         lo, hi = self._bounds
-        flat[hi - lo :].zero_()
+        if hi - lo < window.dim:
+            flat[hi - lo :].zero_()  # the last shard's padding
         offset = 0
         for group in self.param_groups:
             wd = group["weight_decay"]
@@ -207,9 +209,12 @@ class MFAC(torch.optim.Optimizer):
                 if a < b:
                     part = flat[a - lo : b - lo]
                     if p.grad is not None:
-                        part.copy_(p.grad.reshape(-1)[a - offset : b - offset])
+                        cut = b - a != n  # a parameter split by the shard boundary
+                        grad = p.grad.reshape(-1)
+                        part.copy_(grad[a - offset : b - offset] if cut else grad)
                         if wd != 0.0:
-                            part.add_(p.detach().reshape(-1)[a - offset : b - offset], alpha=wd)
+                            w = p.detach().reshape(-1)
+                            part.add_(w[a - offset : b - offset] if cut else w, alpha=wd)
                     else:
                         part.zero_()
                 offset += n
