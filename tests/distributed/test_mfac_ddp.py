@@ -77,6 +77,13 @@ def _worker(rank, world_size, tmpdir):
     twin_opt.load_state_dict(torch.load(path, weights_only=True))
     out["history"] += train(ddp, opt, xs, ys, MORE)
     out["resumed"] = train(DDP(twin), twin_opt, xs, ys, MORE)
+    # a one-process checkpoint (shard=False on the whole batch, no DDP) resumed sharded
+    solo, _, _ = problem()
+    solo_opt = make_opt(solo, shard=False)
+    train(solo, solo_opt, x, y, STEPS)
+    sharded_opt = make_opt(solo)
+    sharded_opt.load_state_dict(solo_opt.state_dict())
+    out["from_one_process"] = train(DDP(solo), sharded_opt, xs, ys, MORE)
     # shard=False keeps the whole window on each rank
     whole = make_opt(model, shard=False)
     train(ddp, whole, xs, ys, 1)
@@ -123,6 +130,9 @@ def test_sharded_mfac_equals_one_process_and_resumes(tmp_path):
         assert out["unsharded_numel"] == NGRADS * d
         assert out["unconsolidated_raises"]
         for got, want in zip(out["history"], reference, strict=True):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for got, want in zip(out["from_one_process"], reference[STEPS:], strict=True):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         # resumed from the consolidated checkpoint: the same run, bit for bit
