@@ -10,6 +10,7 @@ rank's traceback.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -31,8 +32,13 @@ def free_port() -> int:
 def _worker(rank, world_size, port, outdir, fn, args):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(1)
+    # a bounded timeout: ranks that disagree on a collective fail the test instead of hanging
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
     )
     try:
         result = fn(rank, world_size, *args)
