@@ -18,42 +18,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
+from _timing import clock, interleaved
 from torch import nn
 
 from torchsteer.jacobian import graph_jacobian, jvp, model_fn, param_dict, per_sample_jacobian
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def timer(device):
-    if device == "cuda":
-
-        def now():
-            torch.cuda.synchronize()
-            return time.perf_counter()
-
-        return now
-    return time.process_time
-
-
-def interleaved(arms: dict, repeats: int, now) -> dict:
-    times = {k: [] for k in arms}
-    for fn in arms.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in arms.items():
-            t0 = now()
-            fn()
-            times[name].append(now() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -108,7 +84,7 @@ def main():
     def logit_jvp():
         jvp(model_fn(model, x), params, v)
 
-    now = timer(dev)
+    now = clock(dev)
     t = interleaved(
         {
             "backward": backward,

@@ -18,42 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import clock, interleaved
 from torch import nn
 
 from torchsteer.optim.mfac import MFAC
 from torchsteer.optim.regularized_newton import RegularizedNewton
 from torchsteer.optim.sven import Sven
-
-
-def clock(dev):
-    if dev.startswith("cuda"):
-
-        def now():
-            torch.cuda.synchronize()
-            return time.perf_counter()
-
-        return now
-    return time.process_time
-
-
-def interleaved(arms, repeats, now):
-    out = {k: [] for k in arms}
-    for fn in arms.values():
-        fn()
-        fn()
-    for _ in range(repeats):
-        for k, fn in arms.items():
-            t0 = now()
-            fn()
-            out[k].append(now() - t0)
-    return {k: statistics.median(v) for k, v in out.items()}
 
 
 def sven_arms(dev, width=256, B=128):
@@ -171,7 +146,7 @@ def main():
     }
     for name, make in groups.items():
         try:
-            t = interleaved(make(), 3 if args.quick else args.repeats, now)
+            t = interleaved(make(), 3 if args.quick else args.repeats, now, warmup=2)
             base = next(iter(t.values()))
             res["groups"][name] = {k: {"seconds": v, "ratio": v / base} for k, v in t.items()}
         except Exception:
