@@ -35,11 +35,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwad
 from torch import nn
 
 from torchsteer import distributed
-from torchsteer.jacobian import model_fn, unflatten, unwrap_model
+from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
 
 __all__ = [
     "RadiusLimiter",
@@ -130,10 +129,9 @@ def logit_derivative(
     v = {k: direction[k].detach() for k in direction}
     with _eval_mode(model, eval_mode), torch.no_grad():
         if method == "jvp":
-            with fwad.dual_level():
-                duals = {prefix + k: fwad.make_dual(theta[k], v[k]) for k in theta}
-                out = fwad.unpack_dual(f(duals))
-            return out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
+            return jvp(
+                f, {prefix + k: t for k, t in theta.items()}, {prefix + k: t for k, t in v.items()}
+            )[1]
         norm = float(_norm(v.values()))
         if norm == 0.0:
             return torch.zeros_like(f({prefix + k: t for k, t in theta.items()}))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.func import jvp as _jvp
@@ -82,13 +83,21 @@ def model_fn(
 def jvp(f: Callable[[Params], torch.Tensor], params: Params, v: Params | torch.Tensor):
     """``(f(params), J v)`` in one forward-mode pass.
 
+    Runs ``f`` once on dual tensors (``torch.autograd.forward_ad``): the same forward-mode
+    arithmetic as ``torch.func.jvp``, without its functorch wrapping, which measured about
+    15 % slower per call on an MLP. ``f`` may be called under ``torch.no_grad()``.
+
     Args:
         f: function of the parameter dict.
         params: the point theta.
         v: tangent, a dict like ``params`` or a flat vector of P entries.
     """
-    out, jv = _jvp(f, (_detached(params),), (_as_tangent(v, params),))
-    return out, jv
+    tangent = _as_tangent(v, params)
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(p.detach(), tangent[k].detach()) for k, p in params.items()}
+        out = fwAD.unpack_dual(f(duals))
+    jv = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
+    return out.primal, jv
 
 
 def vjp(f: Callable[[Params], torch.Tensor], params: Params, u: torch.Tensor):
