@@ -1,6 +1,7 @@
 """Small float64 models the core is tested on: MLP, CNN, BatchNorm (eval), transformer block."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -58,3 +59,8 @@ def make(name: str, seed: int = 0):
 
 
 NAMES = ["mlp", "cnn", "bn", "transformer"]
+
+
+def ce(out, y):
+    """Per-sample cross-entropy, shape (B,): the per-sample loss of these tests."""
+    return F.cross_entropy(out, y, reduction="none")

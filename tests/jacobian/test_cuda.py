@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from torchsteer.jacobian import (
     JacobianOperator,
@@ -17,13 +16,9 @@ from torchsteer.jacobian import (
 )
 from torchsteer.linalg import conjugate_gradient, randomized_svd
 
-from .models import NAMES, make
+from .models import NAMES, ce, make
 
 pytestmark = pytest.mark.cuda
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from torchsteer.jacobian import (
     JacobianOperator,
@@ -16,12 +15,8 @@ from torchsteer.jacobian import (
     unflatten,
 )
 
-from .models import NAMES, make
+from .models import NAMES, ce, make
 from .reference import dense_hessian, dense_jacobian
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
 
 
 @pytest.mark.parametrize("name", NAMES)
