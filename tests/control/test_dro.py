@@ -147,10 +147,59 @@ def test_streaming_class_level():
         torch.testing.assert_close(dro.weights(losses, y), expected)
 
 
+def _running_class_reference(stream, num_classes, eta, beta):
+    """Slow reference of the running class losses and the EG step on them."""
+    run = [None] * num_classes
+    log_q = [-math.log(num_classes)] * num_classes
+    out = []
+    for losses, y in stream:
+        step = [0.0] * num_classes
+        for c in range(num_classes):
+            members = [float(v) for v, k in zip(losses, y) if int(k) == c]
+            if not members:  # absent: the running loss stays, no step for this class
+                continue
+            m = sum(members) / len(members)
+            run[c] = m if run[c] is None else (1 - beta) * run[c] + beta * m
+            step[c] = run[c]
+        z = [a + eta * b for a, b in zip(log_q, step)]
+        lse = math.log(sum(math.exp(v) for v in z))
+        log_q = [v - lse for v in z]
+        out.append(([math.nan if v is None else v for v in run], [math.exp(v) for v in log_q]))
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.25, 1.0])
+def test_running_class_losses_against_reference(beta):
+    """class_momentum: EMA of the class means of the classes present; beta = 1: batch rule."""
+    g = torch.Generator().manual_seed(9)
+    stream = [(torch.rand(4, generator=g, dtype=D) * 2, torch.randint(0, 3, (4,), generator=g))]
+    stream.append((torch.tensor([0.3, 1.7, 0.9, 0.2], dtype=D), torch.tensor([0, 0, 0, 0])))
+    stream += [
+        (torch.rand(4, generator=g, dtype=D) * 2, torch.randint(0, 3, (4,), generator=g))
+        for _ in range(5)
+    ]
+    r, eta = 1.3, 0.4
+    dro = DROWeighting(r, class_level=True, num_classes=3, class_step=eta, class_momentum=beta)
+    plain = DROWeighting(r, class_level=True, num_classes=3, class_step=eta)
+    ref = _running_class_reference(stream, 3, eta, beta)
+    for (losses, y), (run, q) in zip(stream, ref):
+        w = dro.weights(losses, y)
+        torch.testing.assert_close(dro.class_losses, torch.tensor(run, dtype=D), equal_nan=True)
+        torch.testing.assert_close(dro.class_weights, torch.tensor(q, dtype=D))
+        p = (losses / r).exp() * torch.tensor(q, dtype=D)[y]
+        torch.testing.assert_close(w, 4 * p / p.sum())
+        w_plain = plain.weights(losses, y)
+        if beta == 1.0:
+            torch.testing.assert_close(w, w_plain)
+    if beta < 1.0:  # the running losses differ from the batch rule
+        assert not torch.allclose(dro.class_weights, plain.class_weights)
+
+
 # -- state -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["batch", "streaming"])
 def test_state_round_trip_continues_identically(mode):
     kw = dict(temperature=0.9, mode=mode, class_level=True, num_classes=4, class_step=0.2)
+    kw["class_momentum"] = 0.3
     g = torch.Generator().manual_seed(6)
     batches = [
         (torch.rand(8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(8)
@@ -164,6 +213,7 @@ def test_state_round_trip_continues_identically(mode):
     for losses, y in batches[4:]:
         assert torch.equal(a.weights(losses, y), b.weights(losses, y))
     assert torch.equal(a.log_class_weights, b.log_class_weights)
+    assert torch.equal(a.class_losses, b.class_losses)
 
 
 def test_load_state_dict_tolerates_missing_keys():
@@ -194,13 +244,14 @@ def test_load_state_dict_tolerates_missing_keys():
 @pytest.mark.parametrize("mode", ["batch", "streaming"])
 def test_bad_input_raises_and_keeps_state(losses, labels, match, mode):
     dro = DROWeighting(mode=mode, class_level=True, num_classes=3, class_step=0.5)
+    dro.class_momentum = 0.5
     dro(torch.tensor([0.5, 2.0, 1.0]), torch.tensor([0, 1, 2]))
     before = copy.deepcopy(dro.state_dict())
     with pytest.raises(ValueError, match=match):
         dro(losses, labels)
     after = dro.state_dict()
     assert after["step"] == before["step"] == 1
-    for key in ("log_normalizer", "log_class_weights"):
+    for key in ("log_normalizer", "log_class_weights", "class_losses"):
         assert (after[key] is None and before[key] is None) or torch.equal(after[key], before[key])
 
 
@@ -223,6 +274,9 @@ def test_overflow_at_small_temperature_raises():
         (dict(class_level=True), "num_classes"),
         (dict(class_level=True, num_classes=0), "num_classes"),
         (dict(class_step=-0.1), "class_step"),
+        (dict(class_momentum=0.0), "class_momentum"),
+        (dict(class_momentum=1.5), "class_momentum"),
+        (dict(class_momentum=True), "class_momentum"),
         (dict(max_weight=0.0), "max_weight"),
         (dict(warmup_steps=-1), "warmup_steps"),
     ],
@@ -274,6 +328,7 @@ def _ddp_cases():
         ("streaming", dict(temperature=0.8, mode="streaming"), batches),
         ("class", dict(temperature=1.0, class_level=True, num_classes=3, class_step=0.3), batches),
         ("stream-class", dict(mode="streaming", class_level=True, num_classes=3), batches),
+        ("class-ema", dict(class_level=True, num_classes=3, class_momentum=0.4), batches),
     ]
 
 

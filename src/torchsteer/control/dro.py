@@ -96,7 +96,13 @@ class DROWeighting:
       batch mean loss of class ``c`` (0 for classes absent from the batch) and
       :math:`\\eta` = ``class_step``; instance weights are multiplied by :math:`C q_{y_i}`
       (batch mode renormalizes them to mean 1, i.e. :math:`w \\propto e^{l_i/r} q_{y_i}`).
-      The update of ``q`` happens before the weights are formed.
+      The update of ``q`` happens before the weights are formed. With
+      ``class_momentum`` :math:`\\beta < 1` the step uses a running class loss instead
+      of the batch's: :math:`\\hat l_c \\leftarrow (1-\\beta)\\hat l_c + \\beta \\bar l_c`
+      for the classes in the batch (first sight: :math:`\\hat l_c = \\bar l_c`), and
+      :math:`q \\leftarrow q\\, e^{\\eta \\hat l_c}` over those classes (absent ones: 0,
+      as above); :math:`\\beta = 1` is the batch rule. With ~B / C examples per class the
+      batch means are noisy; the running mean trades that noise for lag.
     * ``max_weight`` clips every weight at that value (no renormalization);
       ``warmup_steps`` calls return the plain mean (the streaming normalizer still
       tracks the losses so it is warm; class weights stay put).
@@ -114,6 +120,7 @@ class DROWeighting:
         class_level: multiply in Group-DRO class weights (needs ``labels``).
         num_classes: ``C``, required with ``class_level``.
         class_step: ``eta >= 0`` of the exponentiated-gradient class update.
+        class_momentum: ``beta`` in (0, 1] of the running class losses (1: batch means).
         max_weight: clip the weights at this value (> 0), or ``None``.
         warmup_steps: calls of plain averaging before reweighting starts.
 
@@ -129,6 +136,7 @@ class DROWeighting:
         class_level: bool = False,
         num_classes: int | None = None,
         class_step: float = 0.01,
+        class_momentum: float = 1.0,
         max_weight: float | None = None,
         warmup_steps: int = 0,
     ):
@@ -144,6 +152,10 @@ class DROWeighting:
             class_step < 0
         ):
             raise ValueError(f"Invalid class_step: {class_step}")
+        if isinstance(class_momentum, bool) or not (
+            isinstance(class_momentum, (int, float)) and 0.0 < class_momentum <= 1.0
+        ):
+            raise ValueError(f"Invalid class_momentum: {class_momentum}")
         if max_weight is not None and not (
             isinstance(max_weight, (int, float)) and max_weight > 0 and max_weight == max_weight
         ):
@@ -156,15 +168,18 @@ class DROWeighting:
         self.class_level = bool(class_level)
         self.num_classes = num_classes
         self.class_step = float(class_step)
+        self.class_momentum = float(class_momentum)
         self.max_weight = None if max_weight is None else float(max_weight)
         self.warmup_steps = warmup_steps
         self.step = 0
         self.log_normalizer: float | None = None  # log u, streaming mode
         self.log_class_weights: torch.Tensor | None = None  # log q, class level
+        self.class_losses: torch.Tensor | None = None  # running class losses (NaN: unseen)
         if self.class_level:
             self.log_class_weights = torch.full(
                 (num_classes,), -math.log(num_classes), dtype=torch.float64
             )
+            self.class_losses = torch.full((num_classes,), math.nan, dtype=torch.float64)
         self._coeffs: torch.Tensor | None = None  # w * scale of the last batch
         self._scale = 1.0
 
@@ -207,11 +222,11 @@ class DROWeighting:
         n = self._global_count(z)
         scale = dist.world_size() / n  # local loss = scale * sum_i w_i l_i
         warm = self.step < self.warmup_steps
-        log_u, log_q = self.log_normalizer, self.log_class_weights
+        log_u, log_q, run_l = self.log_normalizer, self.log_class_weights, self.class_losses
         if self.mode == "streaming":
             log_u = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
         if y is not None and not warm:
-            log_q = self._class_update(losses.detach(), y, counts)
+            log_q, run_l = self._class_update(losses.detach(), y, counts)
         if warm:
             coeffs = torch.full_like(z, scale)
         elif self.mode == "batch":
@@ -230,7 +245,7 @@ class DROWeighting:
                 "Invalid losses: the weighted loss is not finite (NaN or Inf losses, or "
                 "l / r overflowing at this temperature)"
             )
-        self.log_normalizer, self.log_class_weights = log_u, log_q
+        self.log_normalizer, self.log_class_weights, self.class_losses = log_u, log_q, run_l
         self._coeffs, self._scale = coeffs, scale
         self.step += 1
         return loss
@@ -302,14 +317,23 @@ class DROWeighting:
 
     def _class_update(
         self, losses: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor
-    ) -> torch.Tensor:
-        """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group-DRO exponentiated-gradient step on ``log q`` (global class statistics).
+
+        Returns the new ``log q`` and running class losses (the state is not touched).
+        """
         sums = torch.bincount(labels, weights=losses.to(torch.float64), minlength=self.num_classes)
         if dist.is_distributed():
             sums, counts = dist.all_reduce_sum(torch.stack([sums, counts.to(sums)])).unbind()
-        class_loss = sums / counts.clamp(min=1)
-        log_q = self.log_class_weights.to(sums) + self.class_step * class_loss
-        return torch.log_softmax(log_q, dim=0)
+        present = counts > 0
+        batch_loss = sums / counts.clamp(min=1)
+        old = self.class_losses.to(sums)
+        b = self.class_momentum
+        run_l = torch.where(old.isnan(), batch_loss, (1 - b) * old + b * batch_loss)
+        run_l = torch.where(present, run_l, old)
+        step = torch.where(present, run_l, torch.zeros_like(run_l))
+        log_q = self.log_class_weights.to(sums) + self.class_step * step
+        return torch.log_softmax(log_q, dim=0), run_l
 
     # -- signals and state ---------------------------------------------------------------
     def signals(self) -> dict[str, float]:
@@ -340,7 +364,7 @@ class DROWeighting:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The state: step, temperature, streaming normalizer ``log u``, class ``log q``."""
+        """The state: step, temperature, normalizer ``log u``, class ``log q`` and losses."""
         return {
             "step": self.step,
             "temperature": self._temperature,
@@ -350,6 +374,9 @@ class DROWeighting:
             "log_class_weights": None
             if self.log_class_weights is None
             else self.log_class_weights.detach().cpu().clone(),
+            "class_losses": None
+            if self.class_losses is None
+            else self.class_losses.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,3 +393,8 @@ class DROWeighting:
             if self.class_level and v.shape != (self.num_classes,):
                 raise ValueError(f"Invalid log_class_weights: shape {tuple(v.shape)}")
             self.log_class_weights = v.clone()
+        if state.get("class_losses") is not None:
+            v = torch.as_tensor(state["class_losses"], dtype=torch.float64)
+            if self.class_level and v.shape != (self.num_classes,):
+                raise ValueError(f"Invalid class_losses: shape {tuple(v.shape)}")
+            self.class_losses = v.clone()
