@@ -41,7 +41,15 @@ from torch.func import functional_call, jvp
 
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control.radius import RadiusLimiter
+from torchsteer.control import radius as radius_module
+from torchsteer.control.radius import (
+    RadiusLimiter,
+    _eval_mode,
+    _norm,
+    _spread,
+    logit_derivative,
+    normalized_step,
+)
 
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
@@ -196,25 +204,59 @@ class PaperLimiter:
                     q.detach().copy_(o + s * t)
 
 
+OVERHEAD_ARMS = (
+    "plain",
+    "limiter (jvp)",
+    "limiter (jvp, no reuse)",
+    "limiter (jvp, no reuse, no channels-last)",
+    "paper (func.jvp)",
+    "limiter (fd)",
+)
+
+
+def _limiter(arm, model):
+    return {
+        "plain": None,
+        "limiter (jvp)": RadiusLimiter(model),
+        "limiter (jvp, no reuse)": RadiusLimiter(model, reuse_forward=False),
+        "limiter (jvp, no reuse, no channels-last)": RadiusLimiter(model, reuse_forward=False),
+        "paper (func.jvp)": PaperLimiter(model),
+        "limiter (fd)": RadiusLimiter(model, method="fd"),
+    }[arm]
+
+
+def _fd_error(name, x, y, steps=20):
+    """Relative error of r by central finite differences against the exact r, along real
+    Adam updates of the training run."""
+    model = lr_spike.make_model(name, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
+    exact = RadiusLimiter(model, mode="monitor")
+    errs = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        old = [p.detach().clone() for p in model.parameters()]
+        exact.step(opt, x)
+        p = {k: q.detach() - o for (k, q), o in zip(model.named_parameters(), old)}
+        r_fd, _ = normalized_step(model, x, p, params=dict(zip(p, old)), method="fd")
+        errs.append(abs(float(r_fd) - exact.signals["r"]) / exact.signals["r"])
+    return {"median": statistics.median(errs), "max": max(errs)}
+
+
 def overhead(repeats: int, warmup: int = 3) -> dict:
     torch.set_num_threads(1)
     x, y, _, _ = data.digits()
     out = {}
     for name in ("MLP+LN", "CNN+BN"):
         arms = {}
-        for arm in ("plain", "limiter (jvp)", "paper (func.jvp)", "limiter (fd)"):
+        for arm in OVERHEAD_ARMS:
             model = lr_spike.make_model(name, 0)
             opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
-            lim = {
-                "plain": None,
-                "limiter (jvp)": RadiusLimiter(model),
-                "paper (func.jvp)": PaperLimiter(model),
-                "limiter (fd)": RadiusLimiter(model, method="fd"),
-            }[arm]
-            arms[arm] = (model, opt, lim)
+            arms[arm] = (model, opt, _limiter(arm, model))
         times = {a: [] for a in arms}
         for i in range(warmup + repeats):
             for arm, (model, opt, lim) in arms.items():
+                radius_module._CHANNELS_LAST = "channels-last" not in arm
                 start = time.process_time()
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
@@ -224,31 +266,108 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
                     lim.step(opt, x)
                 if i >= warmup:
                     times[arm].append(time.process_time() - start)
+                radius_module._CHANNELS_LAST = True
         med = {a: statistics.median(t) for a, t in times.items()}
-        # finite-difference error: r by fd against the exact r, along real Adam updates
-        model = lr_spike.make_model(name, 0)
-        opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
-        exact = RadiusLimiter(model, mode="monitor")
-        errs = []
-        for _ in range(20):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            old = [p.detach().clone() for p in model.parameters()]
-            exact.step(opt, x)
-            p = {k: q.detach() - o for (k, q), o in zip(model.named_parameters(), old)}
-            from torchsteer.control.radius import normalized_step
-
-            point = dict(zip(p, old))
-            r_fd, _ = normalized_step(model, x, p, params=point, method="fd")
-            errs.append(abs(float(r_fd) - exact.signals["r"]) / exact.signals["r"])
+        reused = {
+            a: lim.reused / lim.steps
+            for a, (_, _, lim) in arms.items()
+            if isinstance(lim, RadiusLimiter)
+        }
         out[name] = {
             "step_ms": {a: 1e3 * v for a, v in med.items()},
             "ratio": {a: v / med["plain"] for a, v in med.items()},
-            "fd_rel_error_r": {"median": statistics.median(errs), "max": max(errs)},
+            "reused_fraction": reused,
+            "fd_rel_error_r": _fd_error(name, x, y),
+            "breakdown_ms": breakdown(name, x, y, repeats),
             "repeats": repeats,
         }
         print(name, {a: round(v, 3) for a, v in out[name]["ratio"].items()}, flush=True)
+        print(name, {a: round(v, 3) for a, v in out[name]["breakdown_ms"].items()}, flush=True)
     return out
+
+
+def breakdown(name, x, y, repeats: int) -> dict:
+    """CPU time of each piece of a limiter step, timed alone, pieces interleaved (ms)."""
+    model = lr_spike.make_model(name, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
+    lim = RadiusLimiter(model)
+    rec, prefix = lim._recorder, lim._prefix
+    params = [p for p in model.parameters()]
+    names = [k for k, _ in model.named_parameters()]
+    state = {}
+
+    def train_fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    def snapshot():
+        state["old"] = [p.detach().clone() for p in params]
+
+    def adam():
+        opt.step()
+
+    def update():
+        with torch.no_grad():
+            state["p"] = torch._foreach_sub([p.detach() for p in params], state["old"])
+
+    def eval_switch():
+        with _eval_mode(model, True):
+            pass
+
+    def nograd_forward():  # the primal part of a JVP, alone
+        with _eval_mode(model, True), torch.no_grad():
+            model(x)
+
+    def general_jvp():
+        d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
+        state["a"] = logit_derivative(model, x, d, params=pt)
+
+    def tangent_only():
+        d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
+        with torch.no_grad():
+            a = rec.tangent(x, pt, d, prefix, check_params=False)
+        state["reuse"] = a is not None
+
+    def spread_norm_sync():
+        worst = _spread(state["a"]).max()
+        torch.stack([worst.double() / math.pi, _norm(state["p"])]).tolist()
+
+    def rescale():  # only on limited steps: theta = old + s p
+        with torch.no_grad():
+            u = torch._foreach_mul(state["p"], 0.5)
+            torch._foreach_add_(u, state["old"])
+            torch._foreach_copy_([p.detach() for p in params], u)
+            torch._foreach_copy_(
+                [p.detach() for p in params], torch._foreach_add(state["old"], state["p"])
+            )  # back to the optimizer's point
+
+    pieces = {
+        "forward+backward": train_fwd_bwd,
+        "snapshot copy": snapshot,
+        "Adam step": adam,
+        "update p = new - old": update,
+        "eval-mode switch": eval_switch,
+        "no-grad eval forward (a JVP's primal part)": nograd_forward,
+        "general JVP (dual tensors, functional_call)": general_jvp,
+        "spread, max, |p|, sync": spread_norm_sync,
+        "rescale (limited steps only)": rescale,
+    }
+    times = {k: [] for k in pieces}
+    times["tangent only (reusing the training forward)"] = []
+    for i in range(3 + repeats):
+        for key, fn in pieces.items():
+            start = time.process_time()
+            fn()
+            if i >= 3:
+                times[key].append(time.process_time() - start)
+            if key == "forward+backward" and "p" in state:  # the record is fresh now
+                start = time.process_time()
+                tangent_only()
+                if i >= 3 and state["reuse"]:
+                    times["tangent only (reusing the training forward)"].append(
+                        time.process_time() - start
+                    )
+    return {k: 1e3 * statistics.median(v) for k, v in times.items() if v}
 
 
 def write(results: dict) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
+from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
 
 __all__ = [
@@ -51,6 +52,7 @@ LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
 _MODES = ("limit", "rho_set", "monitor")
 _DIRECTIONS = ("update", "neg_grad")
 _METHODS = ("jvp", "fd")
+_CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
 
 
 class _LogitsModule(nn.Module):
@@ -84,6 +86,11 @@ def _forward(model: nn.Module, inputs: Any, logits_fn: LogitsFn | None):
     if logits_fn is None:
         return model_fn(model, inputs), ""
     return model_fn(_LogitsModule(model, logits_fn), inputs), "model."
+
+
+def _channels_last(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cl = torch.channels_last
+    return {k: t.contiguous(memory_format=cl) if t.dim() == 4 else t for k, t in tensors.items()}
 
 
 def logit_derivative(
@@ -127,6 +134,14 @@ def logit_derivative(
     f, prefix = _forward(model, inputs, logits_fn)
     theta = {k: params[k].detach() for k in direction}
     v = {k: direction[k].detach() for k in direction}
+    if (
+        method == "jvp"
+        and _CHANNELS_LAST
+        and any(t.dim() == 4 and t.device.type == "cpu" for t in theta.values())
+    ):
+        # CPU convolutions, BatchNorm and pooling run several times faster in channels-last
+        # (measured: benchmarks/radius.py); 4-d weights in that format carry it through
+        theta, v = _channels_last(theta), _channels_last(v)
     with _eval_mode(model, eval_mode), torch.no_grad():
         if method == "jvp":
             return jvp(
@@ -151,14 +166,21 @@ def logit_spread(
     Leading logit dimensions are flattened (a sequence model's tokens are samples). Keyword
     arguments as in :func:`logit_derivative`.
     """
-    a = logit_derivative(model, inputs, direction, logits_fn=logits_fn, **kwargs)
+    return _spread(logit_derivative(model, inputs, direction, logits_fn=logits_fn, **kwargs))
+
+
+def _spread(a: torch.Tensor) -> torch.Tensor:
     a = a.reshape(-1, a.shape[-1])
     return a.amax(dim=1) - a.amin(dim=1)
 
 
-def _worst_spread(model, inputs, direction, **kwargs) -> torch.Tensor:
-    """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor)."""
-    spread = logit_spread(model, inputs, direction, **kwargs)
+def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
+    """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor);
+    ``tangent`` is ``J_z v`` when already known."""
+    if tangent is None:
+        spread = logit_spread(model, inputs, direction, **kwargs)
+    else:
+        spread = _spread(tangent)
     worst = spread.max() if spread.numel() else spread.new_zeros(())
     return distributed.all_reduce_max(worst)
 
@@ -225,6 +247,13 @@ class RadiusLimiter:
         nonfinite: when r or the update is NaN/Inf: ``"raise"`` (restore theta_old, then
             ValueError) or ``"skip"`` (restore theta_old and count the step as skipped). With
             ``"neg_grad"`` a non-finite gradient always raises, before the optimizer steps.
+        reuse_forward: with ``method="jvp"`` and no ``logits_fn``, keep (by forward hooks) the
+            activations of the model's latest forward and, when that forward is exactly the
+            measured one (same batch object, same parameters, a chain of Linear, LayerNorm
+            and elementwise modules; see :mod:`torchsteer.control._radius_tangent`), compute
+            only the tangent from them: the same exact ``J_z p`` without the primal pass.
+            Otherwise (BatchNorm, functional operations between modules, another batch) the
+            general JVP runs. The attribute ``reused`` counts the steps that took this path.
 
     Memory: one copy of the optimized parameters (P numbers) between snapshot and correction.
     Parameters the model does not hold are rescaled with the rest but not measured; frozen
@@ -243,6 +272,7 @@ class RadiusLimiter:
         method: str = "jvp",
         fd_eps: float | None = None,
         nonfinite: str = "raise",
+        reuse_forward: bool = True,
     ):
         if not (isinstance(r_max, int | float) and math.isfinite(r_max) and r_max > 0):
             raise ValueError(f"Invalid r_max: {r_max}")
@@ -266,10 +296,16 @@ class RadiusLimiter:
             fd_eps,
             nonfinite,
         )
-        self.steps, self.limited, self.skipped = 0, 0, 0
+        self.steps, self.limited, self.skipped, self.reused = 0, 0, 0, 0
         self.last: dict[str, float] = {}
         self._names: dict[torch.Tensor, str] = {}
         self._pending: tuple | None = None
+        self._recorder: ActivationRecorder | None = None
+        self._reuse_ok = False
+        if reuse_forward and method == "jvp" and logits_fn is None:
+            root = unwrap_model(model)
+            self._recorder = ActivationRecorder(root)
+            self._prefix = {m: (n + "." if n else "") for n, m in root.named_modules()}
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, optimizer: torch.optim.Optimizer, inputs: Any, closure=None):
@@ -290,6 +326,8 @@ class RadiusLimiter:
     def before_step(self, optimizer: torch.optim.Optimizer, inputs: Any = None) -> None:
         """Snapshot theta_old (``"update"``), or measure along -g and scale the lr."""
         named = self._named_params(optimizer)
+        rec = self._recorder
+        self._reuse_ok = rec is not None and inputs is not None and rec.usable(inputs)
         if self.direction == "update":
             old = [p.detach().clone() for _, p in named]
             self._pending = ("update", optimizer, named, old)
@@ -356,10 +394,20 @@ class RadiusLimiter:
     def _measure(self, inputs, d, point=None) -> tuple[float, float, float]:
         if not d:
             return 0.0, math.inf, 0.0
+        tangent = None
+        if self._reuse_ok:
+            self._reuse_ok = False
+            with torch.no_grad():
+                tangent = self._recorder.tangent(
+                    inputs, point or {}, d, self._prefix, check_params=False
+                )
+            self._recorder.clear()  # the activations are not needed any more
+            self.reused += int(tangent is not None)
         worst = _worst_spread(
             self.model,
             inputs,
             d,
+            tangent=tangent,
             params=point,
             logits_fn=self.logits_fn,
             eval_mode=self.eval_mode,
@@ -411,6 +459,7 @@ class RadiusLimiter:
             "steps": self.steps,
             "limited": self.limited,
             "skipped": self.skipped,
+            "reused": self.reused,
             "last": dict(self.last),
         }
 
@@ -418,4 +467,5 @@ class RadiusLimiter:
         self.steps = int(state.get("steps", 0))
         self.limited = int(state.get("limited", 0))
         self.skipped = int(state.get("skipped", 0))
+        self.reused = int(state.get("reused", 0))
         self.last = dict(state.get("last", {}))

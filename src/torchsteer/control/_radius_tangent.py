@@ -1,0 +1,231 @@
+"""Tangent-only JVP that reuses the activations of the training forward.
+
+The radius limiter takes its JVP ``a = J_z(theta_old) p`` at the pre-step parameters, the
+point where the training forward has just run. For a chain of modules whose output does not
+depend on the training flag (Linear, LayerNorm, elementwise activations), that forward
+already computed every primal quantity the JVP needs; only the tangent remains:
+
+    Linear       dz = a dW^T + db + da W^T            (a: the recorded input)
+    LayerNorm    dy = gamma * J_n du + dgamma * xhat + dbeta,
+                 J_n = (I - 1 1^T / n - xhat xhat^T / n) / sigma   (symmetric: J_n du is
+                 the normalization's backward applied to du)
+    GELU/ReLU/Tanh/Sigmoid   dy = f'(u) du   (PyTorch's own derivative kernels)
+
+Forward hooks on the leaf modules keep (module, input, output) of the latest forward of the
+model; the tangent pass walks them in call order, linking a module's input to an earlier
+module's output by identity (``is``). It applies only when the recorded forward is exactly
+the forward the measurement would run, and :meth:`ActivationRecorder.tangent` returns
+``None`` (the caller falls back to the general dual-tensor JVP) otherwise:
+
+- every leaf module called in that forward has a rule here (no BatchNorm, no unknown module);
+  Dropout only when it was the identity (eval mode or ``p = 0``);
+- each module input is the root input, an earlier module's output, or a tensor that did not
+  require grad in a forward under grad mode (so its tangent is 0);
+- the root module ran once on exactly the measured ``inputs`` (the same tensor object) and its
+  output is a recorded module's output;
+- no trainable parameter and no recorded tensor changed in place since (``_version``);
+- the modules were in the same training mode as the measurement (``eval_mode`` only matters
+  for modules that behave differently, which are not accepted anyway).
+
+Cost: the tangent only, about two thirds of a forward-mode JVP's arithmetic on an MLP (no
+primal matmuls). Memory: references to the recorded activations until the measurement
+(autograd holds them until the backward anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ActivationRecorder"]
+
+_ELEMENTWISE = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.Flatten)
+_SUPPORTED = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE)
+
+
+def _linear(module, a, da, theta, dtheta):
+    w, dw, db = theta["weight"], dtheta.get("weight"), dtheta.get("bias")
+    out = None if dw is None else F.linear(a, dw, db)
+    if da is not None:
+        if out is not None and out.dim() == 2:
+            out.addmm_(da, w.t())
+        else:
+            term = F.linear(da, w)
+            out = term if out is None else out.add_(term)
+    if db is not None and dw is None:
+        out = db.expand(*a.shape[:-1], db.shape[0]).clone() if out is None else out.add_(db)
+    return out
+
+
+def _layer_norm(module, u, du, theta, dtheta):
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    mean = u.mean(dims, keepdim=True)  # two passes, as native_layer_norm, but cheaper here
+    xhat = u - mean
+    rstd = xhat.square().mean(dims, keepdim=True).add_(module.eps).rsqrt_()
+    xhat.mul_(rstd)
+    out = None
+    if du is not None:  # J_n is symmetric: J_n du = (the normalization's backward)(du)
+        out = torch.ops.aten.native_layer_norm_backward(
+            du, u, module.normalized_shape, mean, rstd, None, None, [True, False, False]
+        )[0]
+        gamma = theta.get("weight")
+        if gamma is not None:
+            out = out.mul_(gamma)
+    dgamma, dbeta = dtheta.get("weight"), dtheta.get("bias")
+    if dgamma is not None:
+        out = xhat.mul_(dgamma) if out is None else out.addcmul_(xhat, dgamma)
+    if dbeta is not None:
+        out = dbeta.expand_as(u).clone() if out is None else out.add_(dbeta)
+    return out
+
+
+def _elementwise(module, u, du, y):
+    if isinstance(module, nn.GELU):
+        return torch.ops.aten.gelu_backward(du, u, approximate=module.approximate)
+    if isinstance(module, nn.ReLU):
+        return torch.ops.aten.threshold_backward(du, y, 0)
+    if isinstance(module, nn.Tanh):
+        return torch.ops.aten.tanh_backward(du, y)
+    if isinstance(module, nn.Sigmoid):
+        return torch.ops.aten.sigmoid_backward(du, y)
+    if isinstance(module, nn.Flatten):
+        return du.flatten(module.start_dim, module.end_dim)
+    return du  # Identity, Dropout as the identity
+
+
+class ActivationRecorder:
+    """Keeps each leaf module's input and output of the model's latest forward.
+
+    Args:
+        model: the (unwrapped) module whose ``forward(inputs)`` gives the logits.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, int]] = []
+        self.valid = False
+        self._root_input: Any = None
+        self._root_output: Any = None
+        self._versions: list[tuple[torch.Tensor, int]] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._start, with_kwargs=True),
+            model.register_forward_hook(self._end, always_call=True),
+        ]
+        for m in model.modules():
+            if m is not model and not any(True for _ in m.children()):
+                self._handles.append(m.register_forward_hook(self._record))
+        self._depth = 0
+
+    def __getstate__(self):
+        # copies (deepcopy of the model, pickling) start without a record: the activations
+        # are non-leaf tensors, and a copy's forward records its own
+        state = dict(self.__dict__)
+        state.update(records=[], valid=False, _root_input=None, _root_output=None)
+        state.update(_versions=[], _handles=[], _depth=0)
+        return state
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.records, self.valid = [], False
+        self._root_input = self._root_output = None
+        self._versions = []
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _start(self, module, args, kwargs):
+        self._depth += 1
+        if self._depth > 1:  # a re-entrant call of the root: not a plain forward
+            self.valid = False
+            return
+        self.clear()
+        ok = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+        self.valid = ok and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if self.valid:
+            self._root_input = args[0]
+            self._versions = [
+                (p, p._version) for p in module.parameters() if p.requires_grad
+            ]  # fmt: skip
+
+    def _record(self, module, args, output):
+        if not self.valid or self._depth != 1:
+            return
+        if not isinstance(module, _SUPPORTED) or len(args) != 1:
+            self.valid = False
+            return
+        if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+            self.valid = False
+            return
+        u = args[0]
+        if not (isinstance(u, torch.Tensor) and isinstance(output, torch.Tensor)):
+            self.valid = False
+            return
+        self.records.append((module, u, output, u._version, output._version))
+
+    def _end(self, module, args, output):
+        self._depth -= 1
+        if self._depth == 0 and self.valid:
+            self._root_output = output if isinstance(output, torch.Tensor) else None
+            self.valid = self._root_output is not None and bool(self.records)
+
+    # -- the tangent pass ---------------------------------------------------------------------
+    def usable(self, inputs: Any, check_params: bool = True) -> bool:
+        """Whether the record is the forward on ``inputs`` (at the current parameters: call
+        this before the optimizer steps; afterwards pass ``check_params=False``)."""
+        if not self.valid or inputs is not self._root_input:
+            return False
+        if check_params and any(p._version != v for p, v in self._versions):
+            return False
+        return all(u._version == vu and y._version == vy for _, u, y, vu, vy in self.records)
+
+    def tangent(
+        self,
+        inputs: Any,
+        theta: Mapping[str, torch.Tensor],
+        direction: Mapping[str, torch.Tensor],
+        prefix_of: Mapping[nn.Module, str],
+        check_params: bool = True,
+    ) -> torch.Tensor | None:
+        """``J_z v`` at the recorded point from the recorded activations, or ``None``.
+
+        Args:
+            inputs: the batch of the measurement (must be the recorded root input).
+            theta: the point's parameters by full name (needed: the recorded modules').
+            direction: the tangent by full name; missing names have tangent 0.
+            prefix_of: module -> its name prefix (``"body.0."``).
+            check_params: see :meth:`usable`.
+        """
+        if not self.usable(inputs, check_params):
+            return None
+        tangents: dict[int, torch.Tensor | None] = {}
+        for module, u, y, _, _ in self.records:
+            if u is self._root_input:
+                du = None
+            elif id(u) in tangents:
+                du = tangents[id(u)]
+            elif not u.requires_grad:
+                du = None
+            else:
+                return None  # the input came from an operation outside the recorded modules
+            prefix = prefix_of[module]
+            names = [k for k, _ in module.named_parameters(recurse=False)]
+            th = {k: theta.get(prefix + k, getattr(module, k)) for k in names}
+            dth = {k: direction[prefix + k] for k in names if prefix + k in direction}
+            if isinstance(module, nn.Linear):
+                dy = _linear(module, u, du, th, dth)
+            elif isinstance(module, nn.LayerNorm):
+                dy = _layer_norm(module, u, du, th, dth)
+            else:
+                dy = None if du is None else _elementwise(module, u, du, y)
+            tangents[id(y)] = dy
+        if id(self._root_output) not in tangents:
+            return None
+        out = tangents[id(self._root_output)]
+        return torch.zeros_like(self._root_output) if out is None else out
