@@ -326,12 +326,14 @@ class DROWeighting:
         if dist.is_distributed():
             sums, counts = dist.all_reduce_sum(torch.stack([sums, counts.to(sums)])).unbind()
         present = counts > 0
-        batch_loss = sums / counts.clamp(min=1)
+        batch_loss = sums / counts.clamp(min=1)  # 0 for absent classes
         old = self.class_losses.to(sums)
-        b = self.class_momentum
-        run_l = torch.where(old.isnan(), batch_loss, (1 - b) * old + b * batch_loss)
+        if self.class_momentum == 1.0:  # the batch rule
+            run_l = step = batch_loss
+        else:  # first sight: the batch mean; then (1 - beta) old + beta batch
+            run_l = torch.where(old.isnan(), batch_loss, old).lerp(batch_loss, self.class_momentum)
+            step = run_l * present
         run_l = torch.where(present, run_l, old)
-        step = torch.where(present, run_l, torch.zeros_like(run_l))
         log_q = self.log_class_weights.to(sums) + self.class_step * step
         return torch.log_softmax(log_q, dim=0), run_l
 

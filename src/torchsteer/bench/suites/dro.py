@@ -14,8 +14,17 @@ loss of the epoch (unweighted), ``Run.extra`` holds ``clean_acc``, ``robust_acc`
 ``worst_class_robust_acc``, ``worst_class`` and ``per_class_robust_acc`` at the end.
 :func:`measure_overhead` times one training step of every arm against plain AT, interleaved.
 
+Splits (``Config.split``): ``"legacy"``, the data loader's (the first 359 rows are the test
+set, ~36 digits per class; the rows are not exchangeable: a classifier tells the first 359
+from the rest with cross-validated AUC 0.57, and its hard classes differ from the training
+set's), and ``"cv5"``: seed ``s`` tests on fold ``s mod 5`` of a stratified 5-fold partition
+(:func:`stratified_folds`) and trains on the rest, so five seeds test every digit once.
+Hyperparameters of a "selected" arm are chosen on a validation split carved from the training
+part only (:func:`carve_validation`, :func:`select`), never on the test set.
+
 Quick mode: 10 epochs, the first two seeds (~20 CPU s in all); full mode: 30 epochs, the seeds
-given (``benchmarks/dro.py`` runs 5).
+given (``benchmarks/dro.py`` runs 5), evaluating every 5th epoch and each of the last 5, whose
+average is kept as the ``tail_*`` metrics (less epoch-to-epoch noise than the last epoch).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +46,20 @@ from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.training import mlp
 from torchsteer.control.dro import DROWeighting
 
-__all__ = ["ARMS", "Arm", "Config", "evaluate", "measure_overhead", "run", "train_arm"]
+__all__ = [
+    "ARMS",
+    "CANDIDATES",
+    "Arm",
+    "Config",
+    "carve_validation",
+    "evaluate",
+    "load_split",
+    "measure_overhead",
+    "run",
+    "select",
+    "stratified_folds",
+    "train_arm",
+]
 
 NAME = "dro"
 NUM_CLASSES = 10
@@ -54,10 +77,15 @@ class Config:
     eval_steps: int = 20
     hidden: int = 128
     max_seeds: int | None = None  # quick mode runs only the first seeds
+    split: str = "legacy"  # "legacy" (first 359 rows) or "cv5" (stratified fold seed % 5)
+    eval_every: int = 1  # evaluate every k-th epoch, and each of the last `tail`
+    tail: int = 1  # the last epochs averaged into the tail_* metrics
+    diagnose: bool = False  # also: PGD robust accuracy per class on the training set, ESS
 
 
 QUICK = Config(epochs=10, max_seeds=2)
-FULL = Config(epochs=30)
+FULL = Config(epochs=30, eval_every=5, tail=5)
+SPLITS = ("legacy", "cv5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +111,74 @@ ARMS: list[Arm] = [
         _dro(temperature=2.0, class_level=True, num_classes=NUM_CLASSES, class_step=0.002),
     ),
 ]
+
+
+def _cls(r: float, eta: float, **kwargs) -> Arm:
+    extra = "".join(f" {k}={v:g}" for k, v in kwargs.items())
+    name = f"class level r={r:g} eta={eta:g}{extra}"
+    return Arm(
+        name,
+        _dro(temperature=r, class_level=True, num_classes=NUM_CLASSES, class_step=eta, **kwargs),
+    )
+
+
+# The grid :func:`select` chooses from (with the spec's DRO arms).
+CANDIDATES: list[Arm] = [
+    _cls(2.0, 0.005),
+    _cls(2.0, 0.01),
+    _cls(2.0, 0.02),
+    _cls(2.0, 0.01, class_momentum=0.1),
+    _cls(2.0, 0.02, class_momentum=0.1),
+    _cls(8.0, 0.01),
+    _cls(8.0, 0.02),
+    _cls(1.0, 0.01),
+    _cls(2.0, 0.02, warmup_steps=60, max_weight=3.0),
+]
+
+
+ARMS_BY_NAME = {a.name: a for a in ARMS}
+
+
+def arm_by_name(name: str) -> Arm:
+    """The arm of ``ARMS`` or ``CANDIDATES`` with this name."""
+    return next(a for a in ARMS + CANDIDATES if a.name == name)
+
+
+# -- data splits ------------------------------------------------------------------------------
+def stratified_folds(y: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Fold id in ``[0, k)`` per row: each class shuffled (NumPy ``seed``), dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(y), dtype=np.int64)
+    labels = y.numpy()
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        folds[rows] = np.arange(len(rows)) % k
+    return torch.as_tensor(folds)
+
+
+def carve_validation(x, y, fraction: float = 0.25, seed: int = 0):
+    """A stratified validation split of a training set: ``(x_fit, y_fit, x_val, y_val)``."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(y), dtype=bool)
+    labels = y.numpy()
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rng.shuffle(rows)
+        val[rows[: round(fraction * len(rows))]] = True
+    v = torch.as_tensor(val)
+    return x[~v], y[~v], x[v], y[v]
+
+
+def load_split(config: Config, seed: int):
+    """``(x_train, y_train, x_test, y_test)`` of ``config.split`` for this seed."""
+    if config.split == "legacy":
+        return data.digits()
+    if config.split == "cv5":
+        x, y, _, _ = data.digits(test_fraction=0.0)
+        test = stratified_folds(y, 5) == seed % 5
+        return x[~test], y[~test], x[test], y[test]
+    raise ValueError(f"Invalid split: {config.split!r}; expected one of {SPLITS}")
 
 
 def _attack(model, x, y, config: Config, steps: int, generator=None) -> torch.Tensor:
@@ -120,9 +216,12 @@ def evaluate(model: nn.Module, x, y, config: Config) -> dict:
     x_adv = _attack(model, x, y, config, config.eval_steps)
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).double()
-        robust = (model(x_adv).argmax(1) == y).double()
+        logits = model(x_adv)
+        robust = (logits.argmax(1) == y).double()
+        loss = F.cross_entropy(logits, y, reduction="none").double()
     model.train()
     per_class = [float(robust[y == c].mean()) for c in range(NUM_CLASSES)]
+    per_class_loss = [float(loss[y == c].mean()) for c in range(NUM_CLASSES)]
     worst = min(range(NUM_CLASSES), key=per_class.__getitem__)
     return {
         "clean_acc": float(clean.mean()),
@@ -130,19 +229,22 @@ def evaluate(model: nn.Module, x, y, config: Config) -> dict:
         "worst_class_robust_acc": per_class[worst],
         "worst_class": worst,
         "per_class_robust_acc": per_class,
+        "per_class_robust_loss": per_class_loss,
     }
 
 
 def train_arm(arm: Arm, seed: int, config: Config, dataset=None) -> Run:
-    """Adversarially train one arm on one seed; evaluate after every epoch."""
-    xtr, ytr, xte, yte = dataset if dataset is not None else data.digits()
+    """Adversarially train one arm on one seed; evaluate on the test part (see :class:`Config`)."""
+    xtr, ytr, xte, yte = dataset if dataset is not None else load_split(config, seed)
     model = mlp([64, config.hidden, NUM_CLASSES], nn.ReLU, seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     weighting = arm.make()
     generator = torch.Generator().manual_seed(seed)
     run = Run(suite=NAME, method=arm.name, seed=seed)
     cpu, steps = 0.0, 0
-    for _ in range(config.epochs):
+    tail: list[dict] = []
+    ess: list[float] = []
+    for epoch in range(config.epochs):
         perm = torch.randperm(len(ytr), generator=generator)
         epoch_loss = 0.0
         t0 = time.process_time()
@@ -152,14 +254,69 @@ def train_arm(arm: Arm, seed: int, config: Config, dataset=None) -> Run:
                 at_step(model, optimizer, weighting, xtr[idx], ytr[idx], config, generator)
             ) * len(idx)
             steps += 1
+            if config.diagnose and weighting is not None:
+                ess.append(weighting.signals()["ess_fraction"])
         cpu += time.process_time() - t0
-        metrics = evaluate(model, xte, yte, config)
-        run.record(steps, cpu, epoch_loss / len(ytr), metrics["robust_acc"])
+        if (epoch + 1) % config.eval_every == 0 or epoch >= config.epochs - config.tail:
+            metrics = evaluate(model, xte, yte, config)
+            run.record(steps, cpu, epoch_loss / len(ytr), metrics["robust_acc"])
+            if epoch >= config.epochs - config.tail:
+                tail.append(metrics)
     run.step_time = cpu / max(steps, 1)
     run.extra.update(metrics)
+    per_class = np.mean([m["per_class_robust_acc"] for m in tail], axis=0).tolist()
+    run.extra["tail_per_class_robust_acc"] = per_class
+    run.extra["tail_robust_acc"] = float(np.mean([m["robust_acc"] for m in tail]))
+    run.extra["tail_worst_class_robust_acc"] = min(per_class)
+    run.extra["per_class_count"] = torch.bincount(yte, minlength=NUM_CLASSES).tolist()
     if weighting is not None:
         run.extra["signals"] = weighting.signals()
+        if weighting.class_level:
+            run.extra["class_weights"] = weighting.class_weights.tolist()
+    if config.diagnose:  # are the test set's hard classes hard on the training set?
+        on_train = evaluate(model, xtr, ytr, config)
+        run.extra["train_per_class_robust_acc"] = on_train["per_class_robust_acc"]
+        run.extra["train_robust_acc"] = on_train["robust_acc"]
+        run.extra["train_per_class_robust_loss"] = on_train["per_class_robust_loss"]
+        run.extra["mean_ess_fraction"] = float(np.mean(ess)) if ess else 1.0
     return run
+
+
+def select(
+    candidates: list[Arm],
+    dataset,
+    config: Config,
+    seeds: list[int],
+    val_fraction: float = 0.25,
+    max_drop: float = 0.01,
+) -> dict:
+    """Choose the arm with the best validation worst-class robust accuracy.
+
+    Carves a stratified validation split (``val_fraction``) from the training part of
+    ``dataset`` (the test part is not touched), trains uniform AT and every candidate on the
+    rest for each seed, and scores them by the ``tail_*`` validation metrics. Among the
+    candidates whose mean robust accuracy is within ``max_drop`` of uniform AT's (paired over
+    the seeds) it picks the largest mean worst-class gain (all candidates if none qualifies).
+    """
+    xtr, ytr, _, _ = dataset
+    fit_val = carve_validation(xtr, ytr, val_fraction)
+    results: dict[str, list[dict]] = {}
+    for arm in [ARMS[0], *candidates]:
+        results[arm.name] = [train_arm(arm, s, config, fit_val).extra for s in seeds]
+    base = results[ARMS[0].name]
+    table = {}
+    for name, rows in results.items():
+        table[name] = {
+            key: float(np.mean([r["tail_" + key] - b["tail_" + key] for r, b in zip(rows, base)]))
+            for key in ("robust_acc", "worst_class_robust_acc")
+        }
+        table[name]["val_worst_class_robust_acc"] = float(
+            np.mean([r["tail_worst_class_robust_acc"] for r in rows])
+        )
+    names = [a.name for a in candidates]
+    eligible = [n for n in names if table[n]["robust_acc"] >= -max_drop] or names
+    best = max(eligible, key=lambda n: table[n]["worst_class_robust_acc"])
+    return {"selected": best, "eligible": eligible, "deltas": table, "seeds": seeds}
 
 
 def measure_overhead(
@@ -239,9 +396,9 @@ def run(ctx: Context, config: Config | None = None) -> list[Run]:
     """Every arm on every seed (quick: the first two), one progress unit per run."""
     config = config or (QUICK if ctx.quick else FULL)
     seeds = ctx.seeds[: config.max_seeds] if config.max_seeds else ctx.seeds
-    dataset = data.digits()
     runs = []
     for seed in seeds:
+        dataset = load_split(config, seed)
         for arm in ARMS:
             runs.append(train_arm(arm, seed, config, dataset))
             ctx.advance()
