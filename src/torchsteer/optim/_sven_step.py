@@ -8,6 +8,10 @@ matrix or a matrix-free operator), this module forms the residual system and sol
     M   = diag(D) J_g[:, S]                                         (S: the kept coordinates)
     d   = V_k diag(1/S_k) U_k^T R   over the triplets with S_i > rtol * S_max and S_i > 0
 
+With ``damping = mu > 0`` (Levenberg-Marquardt, relative to the top of the spectrum) the
+filter ``1/S_i`` becomes ``S_i / (S_i^2 + mu S_max^2)``: ``d = M^T (M M^T + lam I)^-1 R``
+restricted to the kept triplets, ``lam = mu S_max^2``; ``mu = 0`` is the step above.
+
 ``d`` is the step before the learning rate. The dense exact solve uses the smaller Gram
 matrix (``M M^T`` or ``M^T M``) and ``eigh``; the randomized one uses
 :func:`torchsteer.linalg.randomized_svd` on the matrix or the operator.
@@ -22,6 +26,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from torchsteer.jacobian import unwrap_model
+from torchsteer.jacobian.per_sample import linear_per_sample_jacobian
 from torchsteer.linalg import randomized_svd
 
 __all__ = [
@@ -86,21 +91,45 @@ def _per_sample_expanded(model, loss_fn, inputs, targets, params):
     return values.detach(), jac
 
 
+def _per_sample_linear(model, loss_fn, inputs, targets, params, out):
+    """The core's outer-product path (every parameter in an ``nn.Linear``), or None."""
+    n = inputs.shape[0]
+    seen: list[torch.Tensor] = []
+
+    def summed(output, target):
+        values = loss_fn(output, target).reshape(n, -1).sum(1)
+        seen.append(values)
+        return values
+
+    jac = linear_per_sample_jacobian(model, summed, inputs, targets, params, out=out)
+    if jac is None or len(seen) != 1:
+        return None
+    return seen[0].detach(), jac
+
+
 def per_sample_values_and_jacobian(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
     targets: torch.Tensor,
     params: dict[str, torch.Tensor],
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample losses (B,) and their gradients (B, P), samples independent.
 
-    When every parameter lives in a module torch's expanded weights support (Linear, Conv,
-    Embedding, LayerNorm, GroupNorm) the rows come from one forward and one backward of the
-    batch (``grad_sample``); otherwise from ``vmap(grad_and_value)`` over single samples. Both
-    cost O(B) single-sample passes, with no B^2 term as in a batched backward.
+    Networks whose parameters are all weights and biases of ``nn.Linear`` layers get the
+    rows as outer products from one forward and one backward of the batch
+    (:func:`torchsteer.jacobian.per_sample.linear_per_sample_jacobian`, written into ``out``
+    when given, a (B, P) buffer of the parameters' dtype). Otherwise, when every parameter
+    lives in a module torch's expanded weights support (Linear, Conv, Embedding, LayerNorm,
+    GroupNorm) they come from one forward and backward with ``grad_sample``; otherwise from
+    ``vmap(grad_and_value)`` over single samples. All cost O(B) single-sample passes, with no
+    B^2 term as in a batched backward.
     """
     model = unwrap_model(model)
+    found = _per_sample_linear(model, loss_fn, inputs, targets, params, out)
+    if found is not None:
+        return found
     if _expanded_weights_apply(model, params):
         try:
             return _per_sample_expanded(model, loss_fn, inputs, targets, params)
@@ -171,28 +200,37 @@ def _record(S, keep, R, fitted) -> tuple[torch.Tensor, ...]:
     return kept_rank, smax, smin, red
 
 
-def _solve_triplets(U, S, V, R, rtol) -> Solution:
+def _solve_triplets(U, S, V, R, rtol, damping: float = 0.0) -> Solution:
     keep = _keep(S, rtol)
-    inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
     c = U.mT @ R
+    if damping == 0.0:
+        inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), 0 * S)
+        fitted = U @ torch.where(keep, c, 0 * c)
+    else:  # S / (S^2 + lam); M d = U diag(S^2 / (S^2 + lam)) U^T R
+        lam = damping * S.max().square()
+        inv = torch.where(keep, S / (S.square() + lam), 0 * S)
+        fitted = U @ (inv * S * c)
     d = V @ (inv * c)
-    return Solution(d, *_record(S, keep, R, U @ torch.where(keep, c, 0 * c)))
+    return Solution(d, *_record(S, keep, R, fitted))
 
 
-def gram_spectrum(G: torch.Tensor, r: int, rtol: float):
+def gram_spectrum(G: torch.Tensor, r: int, rtol: float, damping: float = 0.0):
     """Top ``r`` eigenvectors of a Gram matrix, ``S = sqrt(eigenvalues)``, the kept mask and
-    ``1 / S^2`` on the kept ones (0 elsewhere)."""
+    ``1 / (S^2 + lam)`` on the kept ones (0 elsewhere), ``lam = damping * S_max^2``."""
     evals, vecs = torch.linalg.eigh(G)
     evals, vecs = evals.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
     S = evals.sqrt()
     # Gram eigenvalues carry an absolute error ~ eps * S_max^2: below 2 sqrt(eps) S_max, noise.
     floor = 2.0 * torch.finfo(G.dtype).eps ** 0.5
     keep = _keep(S, max(rtol, floor))
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0 * evals)
+    shifted = evals if damping == 0.0 else evals + damping * evals.max()
+    inv2 = torch.where(keep, 1.0 / torch.where(keep, shifted, torch.ones_like(evals)), 0 * evals)
     return vecs, S, keep, inv2
 
 
-def _solve_gram(M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None) -> Solution:
+def _solve_gram(
+    M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None, damping: float = 0.0
+) -> Solution:
     """Exact truncated solve through ``eigh`` of the smaller Gram matrix (in ``gram_dtype``)."""
     B, P = M.shape
     dtype = M.dtype
@@ -200,11 +238,14 @@ def _solve_gram(M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None) ->
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
-    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol)
+    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
     if wide:  # vecs = U:  d = M^T U S^-2 U^T R,  U^T R projected
         c = vecs.mT @ Rw
         d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)
-        fitted = vecs @ torch.where(keep, c, 0 * c)
+        if damping == 0.0:
+            fitted = vecs @ torch.where(keep, c, 0 * c)
+        else:
+            fitted = vecs @ (inv2 * S.square() * c)
     else:  # vecs = V:  d = V S^-2 V^T M^T R,  U^T R = S^-1 V^T M^T R
         w = vecs.mT @ (work.mT @ Rw)
         dw = vecs @ (inv2 * w)
@@ -223,15 +264,18 @@ def solve_dense(
     power_iters: int,
     generator: torch.Generator,
     gram_dtype: torch.dtype | None = None,
+    damping: float = 0.0,
 ) -> Solution:
     """The truncated minimum-norm direction for a dense M (B, P)."""
     if not randomized:
-        return _solve_gram(M, R, rank, rtol, gram_dtype)
+        return _solve_gram(M, R, rank, rtol, gram_dtype, damping)
     U, S, V = randomized_svd(M, rank, oversample, power_iters, generator, exact=False)
-    return _solve_triplets(U, S, V, R, rtol)
+    return _solve_triplets(U, S, V, R, rtol, damping)
 
 
-def solve_operator(op, R, rank, rtol, oversample, power_iters, generator, exact) -> Solution:
+def solve_operator(
+    op, R, rank, rtol, oversample, power_iters, generator, exact, damping: float = 0.0
+) -> Solution:
     """The truncated direction from a matrix-free M; ``exact`` sketches all min(B, P) columns.
 
     With a sketch as wide as the row space (l >= rank M) the range is captured exactly, so
@@ -243,7 +287,7 @@ def solve_operator(op, R, rank, rtol, oversample, power_iters, generator, exact)
         U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     else:
         U, S, V = randomized_svd(op, rank, oversample, power_iters, generator)
-    return _solve_triplets(U, S, V, R, rtol)
+    return _solve_triplets(U, S, V, R, rtol, damping)
 
 
 @dataclasses.dataclass

@@ -131,6 +131,8 @@ class Sven(torch.optim.Optimizer):
         memory_budget: int = 256 * 2**20,
         seed: int | None = None,
         gram_dtype: torch.dtype | None = None,
+        damping: float = 0.0,
+        max_step_norm: float | None = None,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
@@ -155,6 +157,9 @@ class Sven(torch.optim.Optimizer):
             "seed": seed is None or is_int(seed),
             "gram_dtype": gram_dtype is None
             or (isinstance(gram_dtype, torch.dtype) and gram_dtype.is_floating_point),
+            "damping": math.isfinite(damping) and damping >= 0.0,
+            "max_step_norm": max_step_norm is None
+            or (math.isfinite(max_step_norm) and max_step_norm > 0.0),
         }
         values = dict(locals())
         for name, ok in checks.items():
@@ -169,6 +174,8 @@ class Sven(torch.optim.Optimizer):
         self.param_fraction, self.microbatch_size = float(param_fraction), microbatch_size
         self.memory_budget, self.model, self.loss_fn = memory_budget, model, loss_fn
         self.gram_dtype = gram_dtype
+        self.damping = float(damping)
+        self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
         for p in self._params():
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
@@ -254,6 +261,7 @@ class Sven(torch.optim.Optimizer):
         shard = shard and shard.grouped(mb)  # rows after the micro-batch means
         D_local = D if shard is None else shard.local(D)
         operator_args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
+        damped = {"damping": self.damping} if self.damping else {}
         if dense:
             J = group_rows(source("dense").to(alg), mb)
             if cols is not None:
@@ -269,6 +277,11 @@ class Sven(torch.optim.Optimizer):
                 solve, system = solve_operator, RowShardedOperator(J, shard)
                 args = (*operator_args, False)
             elif shard is not None:
+                if damped:
+                    raise ValueError(
+                        "Invalid damping: not supported on the DDP dense exact path "
+                        "(use svd='randomized' or jacobian='matrix_free')"
+                    )
                 solve, args = solve_gram_sharded, (self.rank, self.rtol, self.gram_dtype, shard)
         else:
             system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
@@ -277,7 +290,7 @@ class Sven(torch.optim.Optimizer):
             args = (*operator_args, self.svd == "exact")
             solve = solve_operator
         try:
-            sol = solve(system, R, *args)
+            sol = solve(system, R, *args, **damped)
         except (RuntimeError, ValueError) as err:
             # NaN/Inf in M: eigh/QR/SVD may fail to converge, randomized_svd refuses it.
             # (Otherwise NaN reaches the direction and S_max, checked below.)
@@ -302,6 +315,23 @@ class Sven(torch.optim.Optimizer):
 
         return source
 
+    def _jacobian_buffer(self, rows: int) -> torch.Tensor:
+        """A reused (rows, P) buffer for the dense functional Jacobian (no page faults of a
+        fresh B x P allocation every step); grows to the largest batch seen."""
+        first = self._params()[0]
+        buf = getattr(self, "_jac_buf", None)
+        shape = (rows, self._n_params())
+        if (
+            buf is None
+            or buf.shape[0] < rows
+            or buf.shape[1] != shape[1]
+            or buf.dtype != first.dtype
+            or buf.device != first.device
+        ):
+            buf = torch.empty(shape, dtype=first.dtype, device=first.device)
+            self._jac_buf = buf
+        return buf[:rows]
+
     def _functional(self, batch, shard) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
             raise ValueError("Invalid batch: the functional path needs model= and loss_fn=")
@@ -309,7 +339,9 @@ class Sven(torch.optim.Optimizer):
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
         if self._choose_dense(self._rows(n, shard), self._n_params(), self._itemsize()):
-            values, jac = per_sample_values_and_jacobian(model, loss_fn, inputs, targets, named)
+            values, jac = per_sample_values_and_jacobian(
+                model, loss_fn, inputs, targets, named, out=self._jacobian_buffer(n)
+            )
             return values, lambda kind: jac
         bufs = dict(unwrap_model(model).named_buffers())
 
@@ -389,6 +421,16 @@ class Sven(torch.optim.Optimizer):
             full = d.new_zeros(sum(p.numel() for p in self._params()))
             full[cols] = d
             d = full
+        if self.max_step_norm is not None:  # trust region on the step lr_g d_g (no momentum)
+            lrs = torch.cat(
+                [
+                    d.new_full((p.numel(),), group["lr"])
+                    for group in self.param_groups
+                    for p in group["params"]
+                ]
+            )
+            norm = (lrs * d).norm()
+            d = d * torch.clamp(self.max_step_norm / norm, max=1.0).nan_to_num(1.0)
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
