@@ -549,3 +549,135 @@ def test_at_the_floating_point_floor_the_search_stops_early():
     rec = opt.state[params[0]]["record"]
     assert rec["tries"] < 5 and rec["reasons"][-1] == "below resolution"
     assert torch.equal(flat(params), before)
+
+
+# -- one closure call per try: the accepted trial point's evaluation is the next step's -------
+
+
+def counting(closure):
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        return closure()
+
+    return counted, calls
+
+
+@pytest.mark.parametrize("curvature,solver", STEP_MODES)
+def test_reuse_gives_identical_iterates_with_one_call_per_try(curvature, solver):
+    """The same closure object on every step: 1 + (tries) calls instead of (steps) + (tries),
+    and the same iterates, bit for bit, as fresh evaluations (float64)."""
+    runs = {}
+    for reuse in (True, False):
+        model, x, y = small_problem(seed=2)
+        params = list(model.parameters())
+        opt = RegularizedNewton(
+            params, curvature=curvature, solver=solver, gamma0=8.0, reuse_trial=reuse
+        )
+        closure, calls = counting(closures(model, x, y)[curvature])
+        recs, xs = [], []
+        for _ in range(6):
+            opt.step(closure)
+            recs.append(dict(opt.state[params[0]]["record"]))
+            xs.append(flat(params))
+        runs[reuse] = recs, xs, calls[0], opt.state[params[0]]
+    (recs, xs, calls, state), (recs0, xs0, calls0, state0) = runs[True], runs[False]
+    assert any(r["tries"] > 1 for r in recs) and all(r["accepted"] for r in recs)
+    assert state["tries"] == sum(r["tries"] for r in recs)
+    # a try evaluates the closure unless its solve failed (indefinite: CG breakdown, Cholesky)
+    evaluated = sum(1 + r["reasons"].count("decrease") for r in recs)
+    assert calls == 1 + evaluated == state["closure_evals"]
+    assert calls0 == 6 + evaluated == state0["closure_evals"]
+    assert [r["reused"] for r in recs] == [False] + [True] * 5
+    assert not any(r["reused"] for r in recs0)
+    for a, b in zip(recs, recs0):
+        assert {**a, "reused": None} == {**b, "reused": None}
+    assert all(torch.equal(a, b) for a, b in zip(xs, xs0))
+
+
+@pytest.mark.parametrize(
+    "curvature,solver",
+    [
+        ("hessian", "cg"),
+        ("dense", "auto"),
+        ("gauss_newton", "cholesky"),
+        ("empirical_fisher", "woodbury"),
+    ],
+)
+def test_reused_graph_is_the_curvature_at_the_new_point(curvature, solver):
+    """Step 2 on the reused graph equals -(C(x1) + lambda I)^{-1} g(x1), C from torch.func."""
+    model, x, y = small_problem(seed=4)
+    params = list(model.parameters())
+    opt = RegularizedNewton(params, curvature=curvature, solver=solver, gamma0=2.0, cg_tol=1e-13)
+    closure = closures(model, x, y)[curvature]
+    opt.step(closure)
+    assert opt.state[params[0]]["record"]["accepted"]
+    C, g = dense_oracles(model, x, y)  # at x1
+    C = C["hessian" if curvature == "dense" else curvature]
+    delta, rec = one_step(opt, params, closure)
+    assert rec["reused"] and rec["accepted"]
+    assert rec["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-12)
+    torch.testing.assert_close(delta, reg_newton(C, g, rec["lambda"]), rtol=1e-8, atol=1e-10)
+
+
+def test_reuse_only_for_the_same_closure_and_untouched_parameters():
+    A, b, params, closure = quadratic()
+    counted, calls = counting(closure)
+    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3)
+    opt.step(counted)
+    assert calls[0] == 2  # x and one accepted try
+    opt.step(counted)
+    assert calls[0] == 3 and opt.state[params[0]]["record"]["reused"]
+    with torch.no_grad():  # the user writes the parameters: the cached point is stale
+        params[0].add_(0.01)
+    g = A @ flat(params) - b
+    delta, rec = one_step(opt, params, counted)
+    assert calls[0] == 5 and not rec["reused"]  # a fresh evaluation at the new point
+    torch.testing.assert_close(delta, reg_newton(A, g, rec["lambda"]), rtol=1e-10, atol=1e-12)
+    other, other_calls = counting(closure)  # another closure object: evaluated afresh
+    opt.step(other)
+    assert other_calls[0] == 2 and not opt.state[params[0]]["record"]["reused"]
+    opt.step(other)  # the same object again: its trial graph is kept from now on...
+    assert other_calls[0] == 4 and not opt.state[params[0]]["record"]["reused"]
+    opt.step(other)  # ...and reused
+    assert other_calls[0] == 5 and opt.state[params[0]]["record"]["reused"]
+
+
+def test_new_closure_each_step_keeps_no_graph_after_the_first():
+    """A closure object per step (minibatches, Lightning): no trial graph is built to no use."""
+    _, _, params, closure = quadratic()
+    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3)
+    opt.step(lambda: closure())
+    assert opt._cache is not None  # the first step cannot know
+    opt.step(lambda: closure())
+    assert opt._cache is None and not opt.state[params[0]]["record"]["reused"]
+
+
+def test_cg_warm_start_costs_no_product():
+    """Re-solving with another lambda from the last solution: r0 from the kept H x."""
+    from torchsteer.optim._newton_solvers import CGSolver
+
+    A, b, params, closure = quadratic()
+    with torch.enable_grad():
+        grads = torch.autograd.grad(closure(), params, create_graph=True)
+    curv = HessianCurvature(grads, params, DT)
+    g = A @ flat(params) - b
+    solver = CGSolver(curv, g, tol=1e-13, maxiter=None)
+    first = solver.solve(0.5)
+    assert first.ok and curv.products == first.cg_iterations
+    second = solver.solve(2.0, first.delta)  # warm
+    assert second.ok and curv.products == first.cg_iterations + second.cg_iterations
+    torch.testing.assert_close(second.delta, reg_newton(A, g, 2.0), rtol=1e-10, atol=1e-12)
+    third = solver.solve(1.0, second.delta.clone())  # any other vector: one product for r0
+    assert curv.products == first.cg_iterations + second.cg_iterations + third.cg_iterations + 1
+    torch.testing.assert_close(third.delta, reg_newton(A, g, 1.0), rtol=1e-10, atol=1e-12)
+
+
+def test_reuse_trial_false_and_invalid():
+    with pytest.raises(ValueError, match="Invalid reuse_trial"):
+        RegularizedNewton([torch.zeros(2, requires_grad=True)], reuse_trial=1)
+    _, _, params, closure = quadratic()
+    opt = RegularizedNewton(params, reuse_trial=False)
+    opt.step(closure)
+    assert opt._cache is None and opt._last_closure is None

@@ -37,7 +37,6 @@ import torch.distributed
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
-from torchsteer.linalg import conjugate_gradient
 
 __all__ = [
     "CGSolver",
@@ -291,26 +290,52 @@ class CGSolver:
     Stops at ``|r| <= tol |g|``; non-positive curvature (``p^T (H + lambda I) p <= 0``) is a
     failed solve. Hitting ``maxiter`` is not: the iterate is still a descent direction, and the
     accept test of the optimizer judges it.
+
+    The solver keeps ``H x`` of its last solution ``x`` (accumulated along the CG recurrence,
+    ``H x_{k+1} = H x_k + alpha_k H p_k``), so a warm start from that ``x`` with another
+    ``lambda`` costs no product: ``r_0 = -g - H x - lambda x``. A warm start from any other
+    vector costs one.
     """
 
     def __init__(self, curvature: _Curvature, g: torch.Tensor, tol: float, maxiter: int | None):
         self.curvature = curvature
         self.g = g
         self.tol = tol
-        self.maxiter = maxiter
+        self.maxiter = 10 * g.numel() if maxiter is None else maxiter
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, H x)
 
     def solve(self, lam: float, x0: torch.Tensor | None = None) -> Solution:
-        def matvec(v):
-            return self.curvature.matvec(v) + lam * v
-
+        g, matvec = self.g, self.curvature.matvec
         if x0 is not None and not _finite(x0):
             x0 = None
-        res = conjugate_gradient(matvec, -self.g, tol=self.tol, maxiter=self.maxiter, x0=x0)
-        if res.breakdown:
-            return Solution(None, False, "breakdown", res.iterations)
-        if not _finite(res.x):
-            return Solution(None, False, "nonfinite", res.iterations)
-        return Solution(res.x, True, "" if res.converged else "maxiter", res.iterations)
+        if x0 is None:
+            x, Hx = torch.zeros_like(g), torch.zeros_like(g)
+        elif self._last is not None and x0 is self._last[0]:
+            x, Hx = self._last
+        else:
+            x, Hx = x0.to(g.dtype), matvec(x0.to(g.dtype))
+        r = -g - Hx - lam * x
+        threshold = self.tol * float(g.norm())
+        p, rs = r, float(r @ r)
+        it = 0
+        while math.sqrt(rs) > threshold and it < self.maxiter:
+            Hp = matvec(p)
+            Ap = Hp + lam * p
+            pap = float(p @ Ap)
+            if not pap > 0:  # non-positive (or NaN) curvature along p
+                self._last = None
+                return Solution(None, False, "breakdown", it)
+            alpha = rs / pap
+            x, Hx, r = x + alpha * p, Hx + alpha * Hp, r - alpha * Ap
+            rs, rs_old = float(r @ r), rs
+            p = r + (rs / rs_old) * p
+            it += 1
+        if not _finite(x):
+            self._last = None
+            return Solution(None, False, "nonfinite", it)
+        self._last = (x, Hx)
+        converged = math.sqrt(rs) <= threshold
+        return Solution(x, True, "" if converged else "maxiter", it)
 
 
 def forcing_tolerance(grad_norm: float) -> float:

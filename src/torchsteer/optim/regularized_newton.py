@@ -141,6 +141,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
         nonfinite: str = "raise",
+        reuse_trial: bool = True,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURES}")
@@ -166,6 +167,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             raise ValueError(f"Invalid cg_maxiter: {cg_maxiter}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid nonfinite: {nonfinite!r}")
+        if not isinstance(reuse_trial, bool):
+            raise ValueError(f"Invalid reuse_trial: {reuse_trial!r}")
         defaults = dict(
             curvature=curvature,
             regularization=regularization,
@@ -177,6 +180,9 @@ class RegularizedNewton(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.nonfinite = nonfinite  # a policy, not a hyperparameter: load_state_dict keeps it
+        self.reuse_trial = reuse_trial  # a policy too: it changes the cost, not the iterates
+        self._cache: dict | None = None  # the accepted trial's evaluation (never serialized)
+        self._last_closure = None
         for group in self.param_groups[1:]:
             differ = [k for k in defaults if group[k] != self.param_groups[0][k]]
             if differ:
@@ -252,18 +258,25 @@ class RegularizedNewton(torch.optim.Optimizer):
         for p, v in zip(params, unflatten(flat, params)):
             p.copy_(v)
 
-    def _trial(self, closure, params, curvature: str, x_new: torch.Tensor) -> tuple[float, float]:
-        """``f`` and ``|grad f|^2`` at ``x_new``, the parameters' storage swapped in and back.
+    def _trial(self, closure, params, curvature: str, x_new: torch.Tensor, keep: bool, work):
+        """``f``, ``|grad f|^2`` at ``x_new`` and, when ``keep``, the whole evaluation there.
 
-        Swapping ``.data`` (instead of writing in place) leaves the parameters' version
-        counters alone, so the graph of the evaluation at ``x`` stays valid for more
-        curvature products after a rejection.
+        The parameters' ``.data`` is swapped for the trial values and back (instead of writing
+        in place): their version counters stay as they were, so the graph of the evaluation at
+        ``x`` stays valid for more curvature products after a rejection. With ``keep`` the
+        evaluation keeps its graph (``create_graph`` for the Hessian) and is returned as
+        ``(f, aux, grads, g, loss)``, ``g`` and ``loss`` reduced over ranks as in :meth:`step`;
+        the trial values get their own storage, which the graph's views of the parameters
+        refer to after the swap back.
         """
         saved = [p.data for p in params]
+        values = unflatten(x_new, params)
+        if keep:
+            values = [v.clone() for v in values]
         try:
-            for p, v in zip(params, unflatten(x_new, params)):
+            for p, v in zip(params, values):
                 p.data = v
-            f_t, _, grads_t = self._evaluate(closure, params, curvature, graph=False)
+            f_t, aux_t, grads_t = self._evaluate(closure, params, curvature, graph=keep)
         finally:
             for p, d in zip(params, saved):
                 p.data = d
@@ -271,9 +284,24 @@ class RegularizedNewton(torch.optim.Optimizer):
             flat = _flat_cat(grads_t, params, torch.float64)
             packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
             gn2 = sum(float((t**2).sum()) for t in unflatten(packed[:-1], params))
-            return float(packed[-1]), gn2
+            ev = None
+            if keep:
+                loss_t = packed[-1].to(f_t.dtype)
+                ev = (f_t, aux_t, grads_t, packed[:-1].to(work), loss_t)
+            return float(packed[-1]), gn2, ev
         gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
-        return f_t.item(), gn2
+        ev = (f_t, aux_t, grads_t, _flat_cat(grads_t, params, work), f_t.detach()) if keep else None
+        return f_t.item(), gn2, ev
+
+    @staticmethod
+    def _write_kept(params, flat: torch.Tensor) -> None:
+        """Write ``flat`` into the parameters' storage without bumping their version counters.
+
+        The kept trial graph saved the parameters while they held exactly these values; through
+        ``.data`` (an alias with its own version counter) the write leaves that graph valid.
+        """
+        for p, v in zip(params, unflatten(flat, params)):
+            p.data.copy_(v)
 
     @staticmethod
     def _init_state(state: dict, group: dict) -> None:
@@ -285,6 +313,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         state["record"] = {}
         for key in (
             "closure_evals",
+            "tries",
             "curvature_products",
             "cg_iterations",
             "failed_steps",
@@ -306,13 +335,15 @@ class RegularizedNewton(torch.optim.Optimizer):
             return WoodburySolver(curv, g)
         return CholeskySolver(curv, g)
 
-    def _search(self, closure, params, group, solver, f0: float, gnorm: float, scale: float):
-        """The tries of one step; returns the record and the scale of the last try."""
+    def _search(
+        self, closure, params, group, solver, f0: float, gnorm: float, scale: float, keep, work
+    ):
+        """The tries of one step; ``(record, scale of the last try, kept evaluation or None)``."""
         gns, curvature = group["regularization"] == "gns", group["curvature"]
         x0 = flatten([p.detach() for p in params]).clone()
         eps = torch.finfo(x0.dtype).eps
         rec = {"tries": 0, "accepted": False, "cg_iterations": 0, "evals": 0, "reasons": []}
-        warm, f_new = None, f0
+        warm, f_new, kept = None, f0, None
         for _ in range(group["max_tries"]):
             rec["tries"] += 1
             lam = self._lambda(gns, scale, gnorm)
@@ -328,12 +359,17 @@ class RegularizedNewton(torch.optim.Optimizer):
                     rec["reasons"].append("below resolution")
                     break
                 warm = sol.delta
-                f_new, gn2 = self._trial(closure, params, curvature, x_new)
+                f_new, gn2, ev = self._trial(closure, params, curvature, x_new, keep, work)
                 rec["evals"] += 1
                 if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
                     rec["accepted"] = True
-                    self._write(params, x_new)
+                    if ev is None:
+                        self._write(params, x_new)
+                    else:
+                        self._write_kept(params, x_new)
+                        kept = ev
                     break
+                del ev
                 finite = math.isfinite(f_new + gn2)
                 rec["reasons"].append("decrease" if finite else "nonfinite trial")
                 tiny = float(sol.delta.norm()) <= math.sqrt(eps) * (float(x0.norm()) + 1)
@@ -342,7 +378,17 @@ class RegularizedNewton(torch.optim.Optimizer):
                     break
             scale = scale / 2 if gns else scale * 2
         rec["new_loss"] = f_new if rec["accepted"] else f0
-        return rec, scale
+        return rec, scale, kept
+
+    @staticmethod
+    def _reusable(cache: dict, closure, params) -> bool:
+        """The same closure, the same parameters, none of them written since the cache was made."""
+        return (
+            cache["closure"] == closure
+            and len(cache["params"]) == len(params)
+            and all(a is b for a, b in zip(cache["params"], params))
+            and cache["versions"] == [(p._version, p.data_ptr()) for p in params]
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
@@ -359,20 +405,28 @@ class RegularizedNewton(torch.optim.Optimizer):
             raise ValueError("Invalid closure: RegularizedNewton needs a closure")
         group = self.param_groups[0]
         params = [p for grp in self.param_groups for p in grp["params"] if p.requires_grad]
-        f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
         dtype = params[0].dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        g = _flat_cat(grads, params, work)
-        loss = f.detach()  # what the step reports: the global mean under a process group
-        if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
-            packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
-            g, loss = packed[:-1], packed[-1].to(loss.dtype)
+        cache, self._cache = self._cache, None
+        reused = cache is not None and self._reusable(cache, closure, params)
+        keep = self.reuse_trial and (self._last_closure is None or closure == self._last_closure)
+        self._last_closure = closure if self.reuse_trial else None
+        if reused:  # the last step's accepted trial point is this step's x
+            f, aux, grads, g, loss = cache["evaluation"]
+        else:
+            f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
+            g = _flat_cat(grads, params, work)
+            loss = f.detach()  # what the step reports: the global mean under a process group
+            if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
+                packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
+                g, loss = packed[:-1], packed[-1].to(loss.dtype)
+        del cache
         finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         state = self.state[group["params"][0]]
         self._init_state(state, group)
-        state["closure_evals"] += 1
+        state["closure_evals"] += 0 if reused else 1
         f0 = loss.item()
         if not finite:
             state["skipped_steps"] += 1
@@ -389,8 +443,15 @@ class RegularizedNewton(torch.optim.Optimizer):
             scale = gnorm / group["gamma0"] ** 2
         curv = self._curvature(group["curvature"], f, aux, grads, params, work)
         solver = self._make_solver(group, curv, g, gnorm)
-        rec, scale = self._search(closure, params, group, solver, f0, gnorm, scale)
+        rec, scale, kept = self._search(
+            closure, params, group, solver, f0, gnorm, scale, keep, work
+        )
+        if kept is not None:
+            versions = [(p._version, p.data_ptr()) for p in params]
+            self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
+        rec["reused"] = reused
         state["closure_evals"] += rec.pop("evals")
+        state["tries"] = state.get("tries", 0) + rec["tries"]  # .get: older checkpoints
         state["curvature_products"] += curv.products
         state["cg_iterations"] += rec["cg_iterations"]
         rec["lambda"] = rec.pop("lam", float("nan"))
