@@ -79,14 +79,31 @@ class RegularizedNewton(torch.optim.Optimizer):
       per-sample losses ``(B,)``, and ``f`` is their mean. Woodbury with the B x B Gram is exact.
       It underweights curvature on separable data and converges only linearly there.
 
-    The closure is called several times per step (once at ``x``, once per try), under
-    ``torch.enable_grad()``; a trial point is evaluated with the parameters' ``.data`` swapped
-    for the trial values and back (the graph at ``x`` stays valid), and the parameters are
-    written in place only once a try is accepted. It must compute
+    The closure is called once per try (and once at ``x`` on a step that cannot reuse the last
+    one), under ``torch.enable_grad()``; a trial point is evaluated with the parameters' ``.data``
+    swapped for the trial values and back (the graph at ``x`` stays valid for the next try), and
+    the parameters are written in place only once a try is accepted. It must compute
     the loss from the parameters and return it **without calling** ``backward()``: the
     optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
-    zeroing it in the closure is harmless). The method is global: the parameters of all groups
-    form one vector, and every group must have the same hyperparameters.
+    zeroing it in the closure is harmless).
+
+    Reuse (``reuse_trial=True``): the accept test needs ``f`` and ``grad f`` at the trial point
+    ``x + delta``; once accepted, that point is the next step's ``x``. When the next ``step``
+    gets the same closure object (``==``) and no parameter was written in between (version
+    counters and storage unchanged), the trial's evaluation -- loss, gradient and autograd
+    graph, built with ``create_graph=True`` for the Hessian -- is the next step's evaluation at
+    ``x``: one closure call per try instead of one per try plus one per step, and the same
+    iterates bit for bit. The accepted values are then written through ``.data`` (the kept
+    graph saved the parameters holding exactly them), so the parameters' version counters do
+    not move on such a write. A closure object that is new at every step (a minibatch per
+    step, Lightning's wrapper) is always evaluated afresh, and after its first step no trial
+    graph is built for it. A closure object that is passed again must compute the same
+    function of the parameters (as the accept test already assumes within a step); if yours
+    reads a batch that changes between steps, pass a new closure per step or
+    ``reuse_trial=False``. The kept graph lives between steps (the memory of one evaluation).
+
+    The method is global: the parameters of all groups form one vector, and every group must
+    have the same hyperparameters.
 
     Under DDP (a process group of R ranks, each closure evaluating its rank's slice of the
     batch) the loss, the gradient and every curvature product are means over the ranks
@@ -113,11 +130,16 @@ class RegularizedNewton(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
             NaN/Inf.
+        reuse_trial: reuse the accepted trial point's evaluation as the next step's (above).
 
     State (on the first parameter, for logging): ``step``; ``gamma`` (or ``M``) for the next
     step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
-    loss, new_loss, grad_norm, reasons}``; totals ``closure_evals``, ``curvature_products``,
-    ``cg_iterations``, ``failed_steps``, ``skipped_steps``.
+    loss, new_loss, grad_norm, reasons, reused}``; totals ``closure_evals``, ``tries``,
+    ``curvature_products``, ``cg_iterations``, ``failed_steps``, ``skipped_steps``.
+
+    CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
+    previous solution at no product (the solver keeps ``H delta``, so
+    ``r_0 = -g - H delta - lambda' delta``).
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
     ``"hessian"``) and a few P-vectors; ``"dense"``/``"cholesky"`` a P x P matrix; Woodbury the

@@ -14,9 +14,14 @@ search. SciPy and gradient descent get closed-form NumPy oracles, the torch arms
 
 Each :class:`~torchsteer.bench.registry.Run` records ``loss = f`` and ``metric = f - f*``
 per iteration, CPU time to the target in ``time_to_target`` and, in ``extra``: ``problem``,
-``arm``, ``iterations`` (to the target, else run), ``fg_calls`` (function and gradient
-evaluations), ``hvp_calls`` (curvature-vector products), ``hessians`` (dense curvature
-matrices), ``reached``. Quick mode: d = 100, breast-cancer, digits and the MLP (~1 CPU minute).
+``arm``, ``iterations`` (to the target, else run), ``solves`` (subproblem solves, rejected
+tries included: RegularizedNewton's tries, SciPy trust-region iterations, Newton-CG's CG
+solves; None for the first-order arms), ``accepted`` (steps that moved x), ``fg_calls``
+(function and gradient evaluations), ``hvp_calls`` (curvature-vector products), ``hessians``
+(dense curvature matrices), ``reached``. ``iterations`` is what each method calls one: an
+accepted step for RegularizedNewton and torch L-BFGS, SciPy's iteration count (one per
+subproblem solve, rejected trust-region steps included) for SciPy. Quick mode: d = 100,
+breast-cancer, digits and the MLP (~1 CPU minute).
 
 References:
     Semenov, Jaggi, Doikov, arXiv:2506.13710 (2026).
@@ -120,6 +125,8 @@ def newton_arm(name: str, kind: str = "newton", dense: bool = False, fits=None, 
             s = opt.state[params[0]]
             cholesky = kw.get("solver") == "cholesky" or curvature == "dense"
             return dict(
+                solves=s["tries"],
+                accepted=int(s["step"].item()) - s["failed_steps"],
                 fg_calls=s["closure_evals"],
                 hvp_calls=0 if cholesky else s["curvature_products"],
                 hessians=int(s["step"].item()) if cholesky else 0,
@@ -163,7 +170,14 @@ def torch_lbfgs_arm() -> Arm:
 
         def counts(o, p):
             s = o.state[p[0]]
-            return dict(fg_calls=s["func_evals"], hvp_calls=0, hessians=0, n_iter=s["n_iter"])
+            return dict(
+                solves=None,
+                accepted=s["n_iter"],
+                fg_calls=s["func_evals"],
+                hvp_calls=0,
+                hessians=0,
+                n_iter=s["n_iter"],
+            )
 
         run = _torch_loop(problem, opt, closure, params, -(-max_iter // LBFGS_INNER), counts)
         run.extra["iterations"] = run.extra["n_iter"]
@@ -202,12 +216,15 @@ def _numpy_run(problem, oracle, f0) -> Run:
     return run
 
 
-def _finish(run, oracle, spent, it):
+def _finish(run, oracle, spent, it, solves=True):
+    """``accepted``: recorded points whose f differs from the previous one (x moved)."""
     done = run.extra["reached"]
     run.time_to_target = run.cpu_time[-1] if done else None
     run.step_time = spent / max(it, 1)
     run.extra.update(
         iterations=it,
+        solves=it if solves else None,
+        accepted=sum(a != b for a, b in zip(run.loss, run.loss[1:])),
         fg_calls=oracle.fg_calls,
         hvp_calls=oracle.hvp_calls,
         hessians=oracle.hessians,
@@ -256,7 +273,7 @@ def scipy_arm(method: str, dense: bool = False) -> Arm:
                 **extra_kw,
             )
         spent = time.process_time() - start - paused[0]
-        return _finish(run, oracle, spent, len(run.steps) - 1)
+        return _finish(run, oracle, spent, len(run.steps) - 1, solves=method != "L-BFGS-B")
 
     return Arm(
         name=f"SciPy {method}" + (" (Hv)" if method == "Newton-CG" else ""),
@@ -294,7 +311,7 @@ def gradient_descent_arm() -> Arm:
                 run.extra["reached"] = True
                 break
         spent = time.process_time() - start - paused
-        return _finish(run, oracle, spent, it)
+        return _finish(run, oracle, spent, it, solves=False)
 
     return Arm(name="GD + line search", run=go, kind="first-order", needs_numpy=True)
 
