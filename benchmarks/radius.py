@@ -209,6 +209,7 @@ OVERHEAD_ARMS = (
     "limiter (jvp)",
     "limiter (jvp, no reuse)",
     "limiter (jvp, no reuse, no channels-last)",
+    "limiter (jvp, no reuse, no channels-last, no BN folding)",
     "paper (func.jvp)",
     "limiter (fd)",
 )
@@ -220,6 +221,9 @@ def _limiter(arm, model):
         "limiter (jvp)": RadiusLimiter(model),
         "limiter (jvp, no reuse)": RadiusLimiter(model, reuse_forward=False),
         "limiter (jvp, no reuse, no channels-last)": RadiusLimiter(model, reuse_forward=False),
+        "limiter (jvp, no reuse, no channels-last, no BN folding)": RadiusLimiter(
+            model, reuse_forward=False
+        ),
         "paper (func.jvp)": PaperLimiter(model),
         "limiter (fd)": RadiusLimiter(model, method="fd"),
     }[arm]
@@ -257,6 +261,7 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
         for i in range(warmup + repeats):
             for arm, (model, opt, lim) in arms.items():
                 radius_module._CHANNELS_LAST = "channels-last" not in arm
+                radius_module._FOLD = "folding" not in arm
                 start = time.process_time()
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
@@ -266,7 +271,7 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
                     lim.step(opt, x)
                 if i >= warmup:
                     times[arm].append(time.process_time() - start)
-                radius_module._CHANNELS_LAST = True
+                radius_module._CHANNELS_LAST = radius_module._FOLD = True
         med = {a: statistics.median(t) for a, t in times.items()}
         reused = {
             a: lim.reused / lim.steps

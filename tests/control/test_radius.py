@@ -10,6 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from tests.jacobian import models
+from torchsteer.bench.suites import lr_spike
+from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.control.radius import (
     RadiusLimiter,
     logit_derivative,
@@ -467,3 +469,161 @@ def test_fd_mode_error_is_small_float32():
     opt.load_state_dict(state[1])
     approx.step(opt, x)
     assert approx.signals["r"] == pytest.approx(exact.signals["r"], rel=1e-3)
+
+
+# --- the tangent-only JVP from the training forward's activations ---------------------------
+
+
+def _func_jvp(model, x, point, d):
+    """The oracle: torch.func.jvp in eval mode at ``point`` along ``d`` (zeros elsewhere)."""
+    ev = copy.deepcopy(model).eval()
+    prim = {k: point[k] for k, _ in ev.named_parameters()}
+    tang = {k: d.get(k, torch.zeros_like(v)) for k, v in prim.items()}
+    return torch.func.jvp(lambda q: functional_call(ev, q, (x,)), (prim,), (tang,))[1]
+
+
+def _chain_models():
+    torch.manual_seed(0)
+    mlp_ln = lr_spike.make_model("MLP+LN", 0)
+    chain = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.LayerNorm(8, bias=False),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(8, 8, bias=False),
+        nn.Dropout(0.0),
+        nn.LayerNorm(8, elementwise_affine=False),
+        nn.Sigmoid(),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 5),
+    )
+    seq = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.GELU(), nn.Flatten(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(1)
+    return [
+        (mlp_ln.double(), torch.rand(40, 64, generator=g, dtype=torch.float64)),
+        (chain.double(), torch.randn(40, 6, generator=g, dtype=torch.float64)),
+        (seq.double(), torch.randn(40, 4, 3, generator=g, dtype=torch.float64)),  # N-d Linear
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_tangent_from_recorded_forward_matches_func_jvp(case):
+    model, x = _chain_models()[case]
+    rec = ActivationRecorder(model)
+    model(x).sum().backward()  # a training forward (and backward) at theta
+    assert rec.valid and rec.usable(x)
+    point = {k: p.detach().clone() for k, p in model.named_parameters()}
+    prefix = {m: (n + "." if n else "") for n, m in model.named_modules()}
+    d = _random_direction(model, seed=3)
+    with torch.no_grad():
+        a = rec.tangent(x, point, d, prefix)
+    torch.testing.assert_close(a, _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12)
+    # a direction over some parameters only (the others have tangent 0)
+    part = {k: v for i, (k, v) in enumerate(d.items()) if i % 3 != 1}
+    with torch.no_grad():
+        a = rec.tangent(x, point, part, prefix)
+    torch.testing.assert_close(a, _func_jvp(model, x, point, part), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_cls,lr", [(torch.optim.SGD, 30.0), (torch.optim.Adam, 0.5)])
+def test_limiter_reusing_the_forward_equals_the_general_jvp(opt_cls, lr):
+    """Same r and the same parameters as the general path; every step took the reuse path."""
+    model, x = _chain_models()[0]
+    y = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    opts = [opt_cls(m.parameters(), lr=lr) for m in (model, twin)]
+    fast, slow = RadiusLimiter(model), RadiusLimiter(twin, reuse_forward=False)
+    for _ in range(4):
+        for m, opt, lim in ((model, opts[0], fast), (twin, opts[1], slow)):
+            _grad(m, x, y)
+            lim.step(opt, x)
+        assert fast.signals["r"] == pytest.approx(slow.signals["r"], rel=1e-12)
+        assert fast.signals["scale"] == pytest.approx(slow.signals["scale"], rel=1e-12)
+        torch.testing.assert_close(_flat_params(model), _flat_params(twin), rtol=1e-12, atol=1e-13)
+    assert fast.reused == 4 and slow.reused == 0 and fast.limited >= 1
+
+
+def _one_step(model, x, y, lr=20.0, step_inputs=None, between=None):
+    """One SGD step under the limiter; returns (limiter, r of the oracle at theta_old)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    lim = RadiusLimiter(model, mode="monitor")
+    _grad(model, x, y)
+    if between is not None:
+        between(model)
+    old = _flat_params(model)
+    lim.step(opt, x if step_inputs is None else step_inputs)
+    r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
+    return lim, r_ref
+
+
+def _bump(model):
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # changed after the forward: the record is stale
+
+
+def _eval_forward(model):
+    with torch.no_grad():
+        model(torch.randn(3, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "case", ["other batch object", "parameter changed", "no-grad forward after", "dropout"]
+)
+def test_reuse_falls_back_when_the_record_is_not_the_measured_forward(case):
+    model, x, y = _problem()
+    if case == "dropout":
+        model = nn.Sequential(model[0], nn.Dropout(0.5), *list(model)[1:])
+    kwargs = {
+        "other batch object": {"step_inputs": x.clone()},
+        "parameter changed": {"between": _bump},
+        "no-grad forward after": {"between": _eval_forward},
+        "dropout": {},
+    }[case]
+    lim, r_ref = _one_step(model, x, y, **kwargs)
+    assert lim.reused == 0
+    assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["cnn_bn", "transformer", "functional"])
+def test_reuse_falls_back_for_unsupported_models(name):
+    """BatchNorm in train mode, operations between modules, functional activations."""
+    g = torch.Generator().manual_seed(0)
+    if name == "cnn_bn":
+        model = lr_spike.make_model("CNN+BN", 0).double()
+        x = torch.rand(12, 64, generator=g, dtype=torch.float64)
+    elif name == "transformer":
+        model = lr_spike.make_model("Transformer", 0).double()
+        x = torch.rand(12, 64, generator=g, dtype=torch.float64)
+    else:
+
+        class Functional(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+
+            def forward(self, x):
+                return self.b(torch.tanh(self.a(x)))
+
+        torch.manual_seed(0)
+        model = Functional().double()
+        x = torch.rand(12, 64, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (12,), generator=g)
+    lim, r_ref = _one_step(model, x, y, lr=5.0)
+    assert lim.reused == 0
+    assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-8)
+
+
+def test_record_survives_deepcopy_and_a_failed_forward():
+    model, x, y = _problem()
+    lim = RadiusLimiter(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(3, 5, dtype=torch.float64))  # wrong width: the forward raises
+    _grad(model, x, y)
+    twin = copy.deepcopy(model)  # a copy starts without a record; the original keeps its own
+    assert lim._recorder.usable(x)
+    lim.step(torch.optim.SGD(model.parameters(), lr=1.0), x)
+    assert lim.reused == 1
+    assert torch.equal(_flat_params(twin), _flat_params(twin))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
+from torchsteer.control._radius_fold import folded_module
 from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
 
@@ -53,6 +54,7 @@ _MODES = ("limit", "rho_set", "monitor")
 _DIRECTIONS = ("update", "neg_grad")
 _METHODS = ("jvp", "fd")
 _CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
+_FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
 
 
 class _LogitsModule(nn.Module):
@@ -134,6 +136,12 @@ def logit_derivative(
     f, prefix = _forward(model, inputs, logits_fn)
     theta = {k: params[k].detach() for k in direction}
     v = {k: direction[k].detach() for k in direction}
+    folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
+    if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
+        f, prefix = model_fn(folded, inputs), "gm."
+        used = {k for k, _ in folded.gm.named_parameters()}
+        theta = {k: t for k, t in theta.items() if k in used}
+        v = {k: t for k, t in v.items() if k in used}
     if (
         method == "jvp"
         and _CHANNELS_LAST
