@@ -381,6 +381,7 @@ def test_nonfinite_loss_raises_or_skips(bad):
         (dict(regularization="cubic"), "regularization"),
         (dict(gamma0=0.0), "gamma0"),
         (dict(gamma0=float("inf")), "gamma0"),
+        (dict(growth="triple"), "growth"),
         (dict(max_tries=0), "max_tries"),
         (dict(max_tries=2.5), "max_tries"),
         (dict(solver="lu"), "solver"),
@@ -681,3 +682,44 @@ def test_reuse_trial_false_and_invalid():
     opt = RegularizedNewton(params, reuse_trial=False)
     opt.step(closure)
     assert opt._cache is None and opt._last_closure is None
+
+
+# -- growth="margin" against a hand-written reference of the search ---------------------------
+
+
+def reference_search(f, x, gamma, growth, steps):
+    """Algorithm 1 with dense float64 solves; growth="margin" doubles only with a factor 2."""
+    out = []
+    for _ in range(steps):
+        g = torch.func.grad(f)(x)
+        H = hessian(f)(x)
+        for _ in range(40):
+            lam = g.norm() / gamma
+            d = reg_newton(H, g, lam)
+            ft, gt = f(x + d), torch.func.grad(f)(x + d)
+            if f(x) - ft >= gt.dot(gt) / (8 * lam):
+                margin = bool(f(x) - ft >= 2 * gt.dot(gt) / (8 * lam))
+                x = x + d
+                gamma = 2 * gamma if growth == "double" or margin else gamma
+                break
+            gamma = gamma / 2
+        out.append((x, gamma))
+    return out
+
+
+@pytest.mark.parametrize("growth", ["double", "margin"])
+def test_growth_rules_follow_the_reference(growth):
+    *_, f = logistic_problem(n=60, d=6, seed=3)
+    x0 = torch.zeros(6, dtype=DT)
+    ref = reference_search(f, x0, 64.0, growth, steps=5)
+    w = x0.clone().requires_grad_()
+    opt = RegularizedNewton([w], curvature="dense", gamma0=64.0, growth=growth)
+    recs = []
+    for x_ref, gamma_ref in ref:
+        opt.step(lambda: f(w))
+        recs.append(opt.state[w]["record"])
+        torch.testing.assert_close(w.detach(), x_ref, rtol=1e-10, atol=1e-12)
+        assert opt.state[w]["gamma"] == gamma_ref
+    assert any(r["tries"] > 1 for r in recs)  # the search is exercised
+    if growth == "margin":  # some accepted step kept gamma
+        assert any(not r["margin"] for r in recs)

@@ -27,6 +27,8 @@ __all__ = ["RegularizedNewton"]
 CURVATURES = ("hessian", "gauss_newton", "empirical_fisher", "dense")
 REGULARIZATIONS = ("gns", "sqrt")
 SOLVERS = ("auto", "cg", "cholesky", "woodbury")
+GROWTHS = ("double", "margin")
+_MARGIN = 2.0  # growth="margin": gamma grows only if the accept test holds with this factor
 _AUTO_SOLVER = {
     "hessian": "cg",
     "gauss_newton": "cg",
@@ -121,6 +123,14 @@ class RegularizedNewton(torch.optim.Optimizer):
         regularization: ``"gns"`` (``lambda = |g| / gamma``) or ``"sqrt"``
             (``lambda = sqrt(M |g|)``).
         gamma0: the first step's gamma (> 0).
+        growth: after an accepted try, ``"double"`` (Algorithm 1: ``gamma <- 2 gamma``) or
+            ``"margin"``: ``gamma <- 2 gamma`` only if the accept test held with a factor 2 to
+            spare, ``f(x) - f(x + delta) >= 2 |grad f(x + delta)|^2 / (8 lambda)``, else
+            ``gamma`` stays (sqrt rule: ``M`` halves or stays). As a trust region grows only
+            when its model agrees, this avoids trying a ``gamma`` that just failed to pass with
+            room; gamma still halves only on a rejection, so ``gamma_k >= min(gamma0,
+            gamma_ok / 2)`` for any ``gamma_ok`` that always passes, and the rejections are at
+            most the doublings plus ``log2(gamma0 / gamma_min)``, as in Algorithm 1.
         max_tries: tries of the adaptive search per step (>= 1; the paper uses 40).
         solver: ``"auto"`` (CG for hessian and gauss_newton, Woodbury for empirical_fisher,
             Cholesky for dense), ``"cg"``, ``"cholesky"`` or ``"woodbury"`` (empirical_fisher).
@@ -134,7 +144,8 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     State (on the first parameter, for logging): ``step``; ``gamma`` (or ``M``) for the next
     step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
-    loss, new_loss, grad_norm, reasons, reused}``; totals ``closure_evals``, ``tries``,
+    loss, new_loss, grad_norm, reasons, reused, margin}`` (``margin``: the accepted try passed
+    with a factor 2 to spare); totals ``closure_evals``, ``tries``,
     ``curvature_products``, ``cg_iterations``, ``failed_steps``, ``skipped_steps``.
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
@@ -158,6 +169,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         curvature: str = "hessian",
         regularization: str = "gns",
         gamma0: float = 1.0,
+        growth: str = "double",
         max_tries: int = 40,
         solver: str = "auto",
         cg_tol: float | None = None,
@@ -173,6 +185,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             )
         if not (isinstance(gamma0, int | float) and math.isfinite(gamma0) and gamma0 > 0):
             raise ValueError(f"Invalid gamma0: {gamma0}")
+        if growth not in GROWTHS:
+            raise ValueError(f"Invalid growth: {growth!r}; expected one of {GROWTHS}")
         if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
             raise ValueError(f"Invalid max_tries: {max_tries}")
         if solver not in SOLVERS:
@@ -195,6 +209,7 @@ class RegularizedNewton(torch.optim.Optimizer):
             curvature=curvature,
             regularization=regularization,
             gamma0=float(gamma0),
+            growth=growth,
             max_tries=max_tries,
             solver=solver,
             cg_tol=cg_tol,
@@ -385,6 +400,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 rec["evals"] += 1
                 if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
                     rec["accepted"] = True
+                    rec["margin"] = f0 - f_new >= _MARGIN * gn2 / (8 * lam)
                     if ev is None:
                         self._write(params, x_new)
                     else:
@@ -479,12 +495,9 @@ class RegularizedNewton(torch.optim.Optimizer):
         rec["lambda"] = rec.pop("lam", float("nan"))
         state["record"] = {**rec, "loss": f0, "grad_norm": gnorm}
         if rec["accepted"]:
-            key, value = (
-                ("gamma", min(2 * scale, _SCALE_MAX))
-                if gns
-                else ("M", max(scale / 2, 1 / _SCALE_MAX))
-            )
-            state[key] = value
+            if rec["margin"] or group.get("growth", "double") == "double":
+                scale = min(2 * scale, _SCALE_MAX) if gns else max(scale / 2, 1 / _SCALE_MAX)
+            state["gamma" if gns else "M"] = scale
             return loss
         state["failed_steps"] += 1
         if not gns and state["M"] is None:
