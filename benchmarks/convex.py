@@ -3,7 +3,9 @@
 Runs every arm of :mod:`torchsteer.bench.suites.convex` on its full problem set (logistic
 regression d = 100 and 1000, breast-cancer, digits softmax, the digits MLP) and on a sparse
 logistic regression with d = 100 000 (n = 2000, 200 nonzeros per row), where only the
-matrix-free arms can run (a P x P float64 matrix would take 80 GB). One thread for torch and
+matrix-free arms can run (a P x P float64 matrix would take 80 GB), plus two variants of the
+default arm: ``growth="margin"`` and ``reuse_trial=False`` (the ablation of the reuse of the
+accepted trial point's evaluation, convex problems). One thread for torch and
 for NumPy's BLAS, ``time.process_time``; arms interleaved; every arm whose first run took under
 ``--repeat-below`` CPU seconds is run ``--repeats`` times and the median CPU time reported.
 
@@ -62,11 +64,16 @@ def runnable(arm, problem) -> str | None:
 
 
 NO_REUSE = "RN hessian/cg, reuse_trial=False"
+MARGIN = "RN hessian/cg, growth=margin"
 
 
 def arms_for(problem):
-    """The suite's arms, and on convex problems the default arm without reuse (ablation)."""
+    """The suite's arms and two variants of the default arm: without reuse of the accepted
+    trial's evaluation (ablation, convex problems) and with ``growth="margin"``."""
     out = convex.arms(nonconvex=not problem.convex)
+    at = 1 if problem.convex else 3
+    kw = {} if problem.convex else {"cg_maxiter": 100}
+    out.insert(at, convex.newton_arm(MARGIN, curvature="hessian", growth="margin", **kw))
     if problem.convex:
         out.insert(1, convex.newton_arm(NO_REUSE, curvature="hessian", reuse_trial=False))
     return out
@@ -181,22 +188,24 @@ def goals(rows) -> list[str]:
     by = {(r["problem"], r["arm"]): r for r in rows}
     out = []
     for prob in dict.fromkeys(r["problem"] for r in rows):
-        te, rn = by.get((prob, "SciPy trust-exact")), by.get((prob, "RN hessian/cg"))
-        ncg = by.get((prob, "SciPy Newton-CG (Hv)"))
-        if te and rn and te["reached"]:
-            ok = rn["reached"] and rn["accepted"] <= te["accepted"]
-            ok_s = rn["reached"] and rn["solves"] <= te["solves"]
-            out.append(
-                f"- {prob}: iterations, RN hessian/cg vs trust-exact: accepted steps "
-                f"{rn['accepted']} vs {te['accepted']}: {'met' if ok else 'NOT met'}; "
-                f"solves {rn['solves']} vs {te['solves']}: {'met' if ok_s else 'NOT met'}"
-            )
-        if prob in ("logreg d=1000", "digits softmax") and rn and ncg:
-            ratio = rn["cpu_to_target_median"] / ncg["cpu_to_target_median"]
-            out.append(
-                f"- {prob}: CPU time to target, RN hessian/cg / SciPy Newton-CG(Hv) = "
-                f"{ratio:.2f}: {'met' if ratio <= 1 else 'NOT met'}"
-            )
+        te, ncg = by.get((prob, "SciPy trust-exact")), by.get((prob, "SciPy Newton-CG (Hv)"))
+        rn = by.get((prob, "RN hessian/cg"))
+        for name in ("RN hessian/cg", MARGIN):
+            arm = by.get((prob, name))
+            if te and arm and te["reached"]:
+                ok = arm["reached"] and arm["accepted"] <= te["accepted"]
+                ok_s = arm["reached"] and arm["solves"] <= te["solves"]
+                out.append(
+                    f"- {prob}: iterations, {name} vs trust-exact: accepted steps "
+                    f"{arm['accepted']} vs {te['accepted']}: {'met' if ok else 'NOT met'}; "
+                    f"solves {arm['solves']} vs {te['solves']}: {'met' if ok_s else 'NOT met'}"
+                )
+            if prob in ("logreg d=1000", "digits softmax") and arm and ncg and arm["reached"]:
+                ratio = arm["cpu_to_target_median"] / ncg["cpu_to_target_median"]
+                out.append(
+                    f"- {prob}: CPU time to target, {name} / SciPy Newton-CG(Hv) = "
+                    f"{ratio:.2f}: {'met' if ratio <= 1 else 'NOT met'}"
+                )
         if prob.startswith("logreg d=100000") and rn:
             out.append(
                 f"- {prob}: RN hessian/cg reaches the target: "
