@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from tests.jacobian import models
 from torchsteer.bench.suites import lr_spike
+from torchsteer.control._radius_fold import folded_module
 from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.control.radius import (
     RadiusLimiter,
@@ -627,3 +628,77 @@ def test_record_survives_deepcopy_and_a_failed_forward():
     lim.step(torch.optim.SGD(model.parameters(), lr=1.0), x)
     assert lim.reused == 1
     assert torch.equal(_flat_params(twin), _flat_params(twin))
+
+
+# --- eval-mode BatchNorm folded into the layer before it ----------------------------------
+
+
+def _fold_models():
+    g = torch.Generator().manual_seed(4)
+    cnn = lr_spike.make_model("CNN+BN", 0).double()
+    convs = nn.Sequential(
+        nn.Conv1d(2, 4, 3, bias=False),
+        nn.BatchNorm1d(4, affine=False),
+        nn.ReLU(),
+        nn.Conv1d(4, 3, 3, padding=1, stride=2),
+        nn.BatchNorm1d(3),
+        nn.Flatten(),
+        nn.Linear(9, 5),
+        nn.BatchNorm1d(5),
+    ).double()
+    for m in (cnn, convs):
+        with torch.no_grad():  # non-trivial running statistics and affine parameters
+            for bn in m.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+                    bn.running_var.uniform_(0.5, 2.0, generator=g)
+                    if bn.affine:
+                        bn.weight.uniform_(0.5, 1.5, generator=g)
+                        bn.bias.uniform_(-0.5, 0.5, generator=g)
+    return [
+        (cnn, torch.rand(9, 64, generator=g, dtype=torch.float64), 2),
+        (convs, torch.randn(9, 2, 8, generator=g, dtype=torch.float64), 3),
+    ]
+
+
+@pytest.mark.parametrize("case", range(2))
+def test_folded_batchnorm_jvp_matches_func_jvp(case):
+    model, x, n_pairs = _fold_models()[case]
+    model.train()  # the measurement switches to eval mode itself
+    folded = folded_module(model)
+    assert folded is not None and len(folded.pairs) == n_pairs
+    d = _random_direction(model, seed=5)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    a = logit_derivative(model, x, d)
+    torch.testing.assert_close(a, _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12)
+    for k, b in model.named_buffers():
+        assert torch.equal(b, before[k]), k
+    assert model.training
+
+
+def test_folding_is_retraced_when_a_submodule_is_replaced():
+    model, x, _ = _fold_models()[1]
+    d = _random_direction(model, seed=6)
+    logit_derivative(model, x, d)
+    torch.manual_seed(1)
+    model[6] = nn.Linear(9, 5).double()  # a new layer before the last BatchNorm
+    d = _random_direction(model, seed=6)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    torch.testing.assert_close(
+        logit_derivative(model, x, d), _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_batchnorm_in_train_mode_is_not_folded():
+    """eval_mode=False: the JVP goes through the batch statistics, as torch.func.jvp does."""
+    model, x, _ = _fold_models()[0]
+    model.train()
+    d = _random_direction(model, seed=7)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    a = logit_derivative(model, x, d, eval_mode=False)
+    tr = copy.deepcopy(model).train()
+    for bn in (tr.bn1, tr.bn2):  # batch statistics without updating running ones
+        bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+    _, ref = torch.func.jvp(lambda q: functional_call(tr, q, (x,)), (point,), (d,))
+    torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)

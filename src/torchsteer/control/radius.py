@@ -138,6 +138,7 @@ def logit_derivative(
     v = {k: direction[k].detach() for k in direction}
     folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
     if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
+        folded.channels_last = _CHANNELS_LAST
         f, prefix = model_fn(folded, inputs), "gm."
         used = {k for k, _ in folded.gm.named_parameters()}
         theta = {k: t for k, t in theta.items() if k in used}
@@ -195,7 +196,9 @@ def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Ten
 
 def _norm(tensors) -> torch.Tensor:
     norms = torch._foreach_norm([t.detach() for t in tensors])
-    return torch.linalg.vector_norm(torch.stack([n.double() for n in norms]))
+    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed: one stack in float64
+        norms = [n.double().cpu() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms).double())
 
 
 def normalized_step(
