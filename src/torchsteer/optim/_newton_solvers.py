@@ -25,6 +25,10 @@ rank. The Woodbury solver never gathers the per-sample gradients: an all-to-all 
 the columns of its 1/R slice of the parameters for all B rows, the B x B Gram is an all-reduce
 of the slices' Grams, and each solve all-gathers the slices of the step. Without a process
 group the collectives are no-ops and nothing changes.
+
+The closure helpers (:func:`parse_closure_output`, :func:`evaluate_closure`,
+:func:`make_curvature`) check what the closure returned for the chosen curvature, take the loss
+and its gradients (with the graph the curvature needs) and build the curvature operator.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ __all__ = [
     "HessianCurvature",
     "Solution",
     "WoodburySolver",
+    "evaluate_closure",
+    "forcing_tolerance",
+    "make_curvature",
+    "parse_closure_output",
 ]
 
 
@@ -341,3 +349,76 @@ class CGSolver:
 def forcing_tolerance(grad_norm: float) -> float:
     """SciPy Newton-CG's relative CG tolerance ``min(0.5, sqrt(|g|))`` (superlinear)."""
     return min(0.5, math.sqrt(grad_norm))
+
+
+# -- the closure: what it returns per curvature, its loss and gradients ----------------------
+
+_EXPECTED = {
+    "hessian": "the scalar loss (a tensor with one element)",
+    "dense": "the scalar loss (a tensor with one element)",
+    "gauss_newton": "a tuple (loss, outputs): the scalar loss and the output tensor it is "
+    "computed from",
+    "empirical_fisher": "the per-sample losses, a tensor of shape (B,)",
+}
+
+
+def parse_closure_output(out, curvature: str):
+    """``(f, aux)`` from what the closure returned; an error says what was expected."""
+    if curvature == "gauss_newton":
+        ok = (
+            isinstance(out, tuple | list)
+            and len(out) == 2
+            and all(isinstance(t, torch.Tensor) for t in out)
+            and out[0].numel() == 1
+        )
+        if ok:
+            return out[0].reshape(()), out[1]
+    elif isinstance(out, torch.Tensor):
+        if curvature == "empirical_fisher" and out.dim() == 1 and out.numel() >= 1:
+            return out.mean(), out
+        if curvature in ("hessian", "dense") and out.numel() == 1:
+            return out.reshape(()), None
+    got = (
+        f"a tensor of shape {tuple(out.shape)}"
+        if isinstance(out, torch.Tensor)
+        else f"a {type(out).__name__}"
+        + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
+    )
+    raise ValueError(
+        f"Invalid closure output for curvature={curvature!r}: expected "
+        f"{_EXPECTED[curvature]}, got {got}"
+    )
+
+
+def evaluate_closure(closure, params, curvature: str, graph: bool):
+    """Run the closure; ``(f, aux, grads)``, the grads with their graph when ``graph``
+    (``create_graph`` for the Hessian, ``retain_graph`` for the other curvatures)."""
+    with torch.enable_grad():
+        f, aux = parse_closure_output(closure(), curvature)
+        if not f.requires_grad:
+            raise ValueError(
+                "Invalid closure output: the loss does not require grad; compute it from "
+                "the parameters with autograd enabled"
+            )
+        create = graph and curvature in ("hessian", "dense")
+        try:
+            grads = torch.autograd.grad(
+                f, params, create_graph=create, retain_graph=graph, allow_unused=True
+            )
+        except RuntimeError as err:
+            if "second time" not in str(err):
+                raise
+            raise RuntimeError(
+                "RegularizedNewton differentiates the closure's loss itself: the closure "
+                "must return the loss without calling backward()"
+            ) from err
+    return f, aux, grads
+
+
+def make_curvature(curvature: str, f, aux, grads, params, dtype) -> _Curvature:
+    """The curvature operator of ``curvature`` from one evaluation ``(f, aux, grads)``."""
+    if curvature in ("hessian", "dense"):
+        return HessianCurvature(grads, params, dtype)
+    if curvature == "gauss_newton":
+        return GaussNewtonCurvature(f, aux, params, dtype)
+    return EmpiricalFisherCurvature(aux, params, dtype)

@@ -14,12 +14,11 @@ from torchsteer.jacobian import flatten, unflatten
 from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
-    EmpiricalFisherCurvature,
-    GaussNewtonCurvature,
-    HessianCurvature,
     WoodburySolver,
     _flat_cat,
+    evaluate_closure,
     forcing_tolerance,
+    make_curvature,
 )
 
 __all__ = ["RegularizedNewton"]
@@ -36,14 +35,6 @@ _AUTO_SOLVER = {
     "dense": "cholesky",
 }
 _SCALE_MAX = 2.0**200  # gamma <= _SCALE_MAX and M >= 1 / _SCALE_MAX: lambda never hits 0 or inf
-
-_EXPECTED = {
-    "hessian": "the scalar loss (a tensor with one element)",
-    "dense": "the scalar loss (a tensor with one element)",
-    "gauss_newton": "a tuple (loss, outputs): the scalar loss and the output tensor it is "
-    "computed from",
-    "empirical_fisher": "the per-sample losses, a tensor of shape (B,)",
-}
 
 
 class RegularizedNewton(torch.optim.Optimizer):
@@ -228,66 +219,6 @@ class RegularizedNewton(torch.optim.Optimizer):
                     f"the groups differ in {', '.join(differ)}"
                 )
 
-    # -- closure evaluation ---------------------------------------------------------------
-
-    @staticmethod
-    def _parse(out, curvature: str):
-        """``(f, aux)`` from what the closure returned; an error says what was expected."""
-        if curvature == "gauss_newton":
-            ok = (
-                isinstance(out, tuple | list)
-                and len(out) == 2
-                and all(isinstance(t, torch.Tensor) for t in out)
-                and out[0].numel() == 1
-            )
-            if ok:
-                return out[0].reshape(()), out[1]
-        elif isinstance(out, torch.Tensor):
-            if curvature == "empirical_fisher" and out.dim() == 1 and out.numel() >= 1:
-                return out.mean(), out
-            if curvature in ("hessian", "dense") and out.numel() == 1:
-                return out.reshape(()), None
-        got = (
-            f"a tensor of shape {tuple(out.shape)}"
-            if isinstance(out, torch.Tensor)
-            else f"a {type(out).__name__}"
-            + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
-        )
-        raise ValueError(
-            f"Invalid closure output for curvature={curvature!r}: expected "
-            f"{_EXPECTED[curvature]}, got {got}"
-        )
-
-    def _evaluate(self, closure, params, curvature: str, graph: bool):
-        """Run the closure; ``(f, aux, grads)`` (grads with their graph when ``graph``)."""
-        with torch.enable_grad():
-            f, aux = self._parse(closure(), curvature)
-            if not f.requires_grad:
-                raise ValueError(
-                    "Invalid closure output: the loss does not require grad; compute it from "
-                    "the parameters with autograd enabled"
-                )
-            create = graph and curvature in ("hessian", "dense")
-            try:
-                grads = torch.autograd.grad(
-                    f, params, create_graph=create, retain_graph=graph, allow_unused=True
-                )
-            except RuntimeError as err:
-                if "second time" not in str(err):
-                    raise
-                raise RuntimeError(
-                    "RegularizedNewton differentiates the closure's loss itself: the closure "
-                    "must return the loss without calling backward()"
-                ) from err
-        return f, aux, grads
-
-    def _curvature(self, curvature, f, aux, grads, params, dtype):
-        if curvature in ("hessian", "dense"):
-            return HessianCurvature(grads, params, dtype)
-        if curvature == "gauss_newton":
-            return GaussNewtonCurvature(f, aux, params, dtype)
-        return EmpiricalFisherCurvature(aux, params, dtype)
-
     # -- the step -------------------------------------------------------------------------
 
     @staticmethod
@@ -313,7 +244,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         try:
             for p, v in zip(params, values):
                 p.data = v
-            f_t, aux_t, grads_t = self._evaluate(closure, params, curvature, graph=keep)
+            f_t, aux_t, grads_t = evaluate_closure(closure, params, curvature, graph=keep)
         finally:
             for p, d in zip(params, saved):
                 p.data = d
@@ -452,7 +383,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         if reused:  # the last step's accepted trial point is this step's x
             f, aux, grads, g, loss = cache["evaluation"]
         else:
-            f, aux, grads = self._evaluate(closure, params, group["curvature"], graph=True)
+            f, aux, grads = evaluate_closure(closure, params, group["curvature"], graph=True)
             g = _flat_cat(grads, params, work)
             loss = f.detach()  # what the step reports: the global mean under a process group
             if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
@@ -479,7 +410,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         scale = state["gamma"] if gns else state["M"]
         if scale is None:  # the sqrt rule's M, so that the first try has gamma0
             scale = gnorm / group["gamma0"] ** 2
-        curv = self._curvature(group["curvature"], f, aux, grads, params, work)
+        curv = make_curvature(group["curvature"], f, aux, grads, params, work)
         solver = self._make_solver(group, curv, g, gnorm)
         rec, scale, kept = self._search(
             closure, params, group, solver, f0, gnorm, scale, keep, work
