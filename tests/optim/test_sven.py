@@ -223,20 +223,36 @@ class Scale(nn.Module):
         return t * self.w
 
 
-@pytest.mark.parametrize("custom", [False, True])
-def test_functional_jacobian_rows_are_per_sample_gradients(custom):
-    from torchsteer.optim._sven_step import per_sample_values_and_jacobian
+@pytest.mark.parametrize("kind", ["linear", "layernorm", "custom"])
+@pytest.mark.parametrize("unreduced", [False, True])
+def test_functional_jacobian_rows_are_per_sample_gradients(kind, unreduced):
+    """Outer products (Linear only), expanded weights (LayerNorm), vmap (a custom module)."""
+    import torchsteer.optim._sven_step as step_module
 
     x, y = batch(5, seed=16)
     model = mlp(seed=16)
-    if custom:
+    if kind == "custom":
         model = nn.Sequential(*model, Scale(2))
+    elif kind == "layernorm":
+        model = nn.Sequential(*model, nn.LayerNorm(2, dtype=F64))
+        with torch.no_grad():
+            model[-1].weight.uniform_(0.5, 1.5, generator=gen(3))
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
     named = dict(model.named_parameters())
+    P = sum(p.numel() for p in named.values())
+    out = torch.full((5, P), float("nan"), dtype=F64)  # a reused buffer: every entry rewritten
+    used = step_module._per_sample_linear(model, per_sample, x, y, named, None) is not None
+    assert used == (kind == "linear")
+
+    def loss_fn(o, t):  # (B, 2) entries are summed per sample
+        return (o - t) ** 2 if unreduced else per_sample(o, t)
+
     with torch.no_grad():
-        losses, M = per_sample_values_and_jacobian(model, per_sample, x, y, named)
+        losses, M = step_module.per_sample_values_and_jacobian(model, loss_fn, x, y, named, out)
     _, oracle = residual_jacobian(model, x, y, 2.0)
+    if kind == "linear":
+        assert M.data_ptr() == out.data_ptr()
     torch.testing.assert_close(M, oracle, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(losses, per_sample(model(x), y).detach(), rtol=1e-13, atol=0)
     for p in model.parameters():  # .grad untouched, no grad_sample left behind
@@ -296,6 +312,92 @@ def test_momentum_is_heavy_ball_on_the_direction():
         buf = d if buf is None else 0.5 * buf + d
         opt.step(lambda: per_sample(model(x), y))
         torch.testing.assert_close(flat(model), before - 0.3 * buf, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- safeguards: damping, trust region
+def damped_step(M, R, rank, rtol, mu):
+    """Oracle: numpy SVD, sum over kept triplets of V_i s_i / (s_i^2 + mu s_0^2) u_i^T R."""
+    U, s, Vt = np.linalg.svd(M.numpy(), full_matrices=False)
+    keep = [i for i in range(min(rank, len(s))) if s[i] > rtol * s[0] and s[i] > 0]
+    lam = mu * s[0] ** 2
+    d = sum(Vt[i] * (U[:, i] @ R.numpy()) * s[i] / (s[i] ** 2 + lam) for i in keep)
+    return torch.as_tensor(d), keep
+
+
+DAMPED_PATHS = [
+    dict(jacobian="dense", svd="exact"),
+    dict(jacobian="matrix_free", svd="exact"),
+    dict(jacobian="dense", svd="randomized", oversample=20, power_iters=3),
+]
+
+
+@pytest.mark.parametrize("path", DAMPED_PATHS)
+@pytest.mark.parametrize("kappa", [1.0, 2.0])
+@pytest.mark.parametrize("rank,rtol", [(10, 0.0), (4, 1e-3)])
+def test_damping_filters_the_kept_triplets_like_levenberg_marquardt(path, kappa, rank, rtol):
+    x, y = batch(10, seed=21)
+    model = mlp(seed=21)
+    R, M = residual_jacobian(model, x, y, kappa)
+    mu = 1e-2
+    d, keep = damped_step(M, R, rank, rtol, mu)
+    if rank == 10 and rtol == 0.0:  # full rank: the closed form M^T (M M^T + lam I)^-1 R
+        lam = mu * torch.linalg.matrix_norm(M, ord=2) ** 2
+        lm = M.T @ torch.linalg.solve(M @ M.T + lam * torch.eye(10, dtype=F64), R)
+        torch.testing.assert_close(d, lm, rtol=1e-9, atol=1e-12)
+    t0 = flat(model)
+    opt = Sven(model.parameters(), lr=0.6, rank=rank, rtol=rtol, kappa=kappa, damping=mu, **path)
+    opt.step(lambda: per_sample(model(x), y))
+    tol = dict(rtol=1e-8, atol=1e-11) if path["svd"] == "exact" else dict(rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(flat(model) - t0, -0.6 * d, **tol)
+    st = opt.state[next(model.parameters())]
+    assert st["kept_rank"].item() == len(keep)
+    lin = np.linalg.norm(R.numpy() - M.numpy() @ d.numpy()) / np.linalg.norm(R.numpy())
+    assert st["linearized_reduction"].item() == pytest.approx(1 - lin, rel=1e-6, abs=1e-9)
+
+
+def test_damping_on_the_tall_gram_is_ridge_regression():
+    X, y, theta = linear_problem(20, 5, seed=22)  # B > P: the P x P Gram path
+    t0 = theta.detach().clone()
+    mu = 0.05
+    opt = Sven([theta], lr=1.0, rank=5, rtol=0.0, kappa=1.0, damping=mu, svd="exact")
+    opt.step(sq_closure(X, y, theta))
+    r = X @ t0 - y
+    M = X * torch.sign(r).unsqueeze(1)  # R = |r|, dR/dtheta = sign(r) x
+    lam = mu * torch.linalg.matrix_norm(M, ord=2) ** 2
+    ridge = torch.linalg.solve(M.T @ M + lam * torch.eye(5, dtype=F64), M.T @ r.abs())
+    torch.testing.assert_close(theta.detach(), t0 - ridge, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("c", [1e-3, 7.0])
+def test_damping_keeps_the_loss_scale_invariance(c):
+    x, y = batch(8)
+    steps = []
+    for scale in (1.0, c):
+        model = mlp()
+        t0 = flat(model)
+        opt = Sven(model.parameters(), lr=0.5, rank=6, rtol=1e-3, damping=1e-3, svd="exact")
+        opt.step(lambda m=model, s=scale: s * per_sample(m(x), y))
+        steps.append(flat(model) - t0)
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cap", [1e-3, 1e3])
+def test_max_step_norm_scales_the_step_onto_the_trust_region(cap):
+    x, y = batch(7, seed=23)
+    a, b = mlp(seed=23), mlp(seed=23)
+    t0 = flat(a)
+    groups = [{"params": list(a[0].parameters()), "lr": 0.2}, {"params": list(a[2].parameters())}]
+    Sven(groups, lr=0.9, rank=5, max_step_norm=cap).step(lambda: per_sample(a(x), y))
+    Sven(b.parameters(), lr=1.0, rank=5).step(lambda: per_sample(b(x), y))
+    d = t0 - flat(b)  # the spec's direction
+    n0 = sum(p.numel() for p in a[0].parameters())
+    lrs = torch.cat(
+        [torch.full((n0,), 0.2, dtype=F64), torch.full((d.numel() - n0,), 0.9, dtype=F64)]
+    )
+    full = lrs * d
+    assert (full.norm() > cap) == (cap < 1)  # the cap is active in one case only
+    expected = full * min(1.0, cap / full.norm().item())
+    torch.testing.assert_close(t0 - flat(a), expected, rtol=1e-10, atol=1e-13)
 
 
 # ---------------------------------------------------------------- state and errors
@@ -451,6 +553,10 @@ def test_nonfinite_leaves_parameters_and_state_untouched(where, jac, svd, mode):
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"memory_budget": 0}, "memory_budget"),
         ({"gram_dtype": torch.int64}, "gram_dtype"),
+        ({"damping": -1e-3}, "damping"),
+        ({"damping": float("nan")}, "damping"),
+        ({"max_step_norm": 0.0}, "max_step_norm"),
+        ({"max_step_norm": float("inf")}, "max_step_norm"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, name):

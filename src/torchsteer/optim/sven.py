@@ -43,7 +43,12 @@ class Sven(torch.optim.Optimizer):
         b = momentum * b + d                  (b = d when momentum = 0)
         theta_g <- theta_g - lr_g * b_g       per parameter group g
 
-    No damping: the regularization is spectral (``rank`` and ``rtol``). For squared error
+    By default there is no damping: the regularization is spectral (``rank`` and ``rtol``), as
+    in the paper. Two optional safeguards (off by default): ``damping = mu`` replaces the
+    filter ``1/S_i`` by ``S_i / (S_i^2 + mu S_max^2)`` (Levenberg-Marquardt relative to the
+    top of the spectrum, so the loss-scale invariance holds); ``max_step_norm = Delta``
+    scales ``d`` so that the step ``(lr_g d_g)_g`` has norm at most Delta (a trust region; it
+    acts before momentum). For squared error
     with ``kappa = 1`` the residuals are ``|f - y|`` and ``d`` is the Gauss-Newton step; with
     B = 1 it is the Polyak step ``(2/kappa) l g / |g|^2``. Scaling every loss by ``c > 0``
     leaves ``d`` unchanged.
@@ -100,6 +105,10 @@ class Sven(torch.optim.Optimizer):
         gram_dtype: dtype of the Gram matrix and ``eigh`` of the dense exact solve (default:
             the algebra dtype); ``torch.float64`` resolves float32 spectra below
             ``2 sqrt(eps32) S_max`` at the price of a slower ``eigh``.
+        damping: relative Levenberg-Marquardt damping ``mu >= 0`` (0: the paper's step).
+            Not available on the DDP dense exact path.
+        max_step_norm: trust-region radius on the norm of the step, in parameter units
+            (None: no limit).
         model, loss_fn: enable the functional path (``step(batch=...)``).
 
     Memory: dense, the Jacobian B x P in the algebra dtype plus one transient copy while it
@@ -430,7 +439,7 @@ class Sven(torch.optim.Optimizer):
                 ]
             )
             norm = (lrs * d).norm()
-            d = d * torch.clamp(self.max_step_norm / norm, max=1.0).nan_to_num(1.0)
+            d = d * torch.clamp(self.max_step_norm / norm, max=1.0)
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
