@@ -615,6 +615,9 @@ def test_reuse_falls_back_for_unsupported_models(name):
     lim, r_ref = _one_step(model, x, y, lr=5.0)
     assert lim.reused == 0
     assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-8)
+    # BatchNorm: no hooks at all; operations between modules: the hooks go after one try
+    assert lim._recorder is None
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_record_survives_deepcopy_and_a_failed_forward():

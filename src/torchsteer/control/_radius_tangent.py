@@ -8,7 +8,8 @@ already computed every primal quantity the JVP needs; only the tangent remains:
     Linear       dz = a dW^T + db + da W^T            (a: the recorded input)
     LayerNorm    dy = gamma * J_n du + dgamma * xhat + dbeta,
                  J_n = (I - 1 1^T / n - xhat xhat^T / n) / sigma   (symmetric: J_n du is
-                 the normalization's backward applied to du)
+                 the normalization's backward applied to du; dgamma * xhat + dbeta is the
+                 layer norm of u with weight dgamma and bias dbeta: three fused passes)
     GELU/ReLU/Tanh/Sigmoid   dy = f'(u) du   (PyTorch's own derivative kernels)
 
 Forward hooks on the leaf modules keep (module, input, output) of the latest forward of the
@@ -62,25 +63,23 @@ def _linear(module, a, da, theta, dtheta):
 
 
 def _layer_norm(module, u, du, theta, dtheta):
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    mean = u.mean(dims, keepdim=True)  # two passes, as native_layer_norm, but cheaper here
-    xhat = u - mean
-    rstd = xhat.square().mean(dims, keepdim=True).add_(module.eps).rsqrt_()
-    xhat.mul_(rstd)
-    out = None
-    if du is not None:  # J_n is symmetric: J_n du = (the normalization's backward)(du)
-        out = torch.ops.aten.native_layer_norm_backward(
-            du, u, module.normalized_shape, mean, rstd, None, None, [True, False, False]
-        )[0]
-        gamma = theta.get("weight")
-        if gamma is not None:
-            out = out.mul_(gamma)
+    shape, gamma = module.normalized_shape, theta.get("weight")
     dgamma, dbeta = dtheta.get("weight"), dtheta.get("bias")
-    if dgamma is not None:
-        out = xhat.mul_(dgamma) if out is None else out.addcmul_(xhat, dgamma)
-    if dbeta is not None:
-        out = dbeta.expand_as(u).clone() if out is None else out.add_(dbeta)
-    return out
+    if dgamma is None and dbeta is not None:
+        dgamma = torch.zeros_like(dbeta)
+    # one fused pass: t = dgamma * xhat + dbeta, and the row statistics of u
+    t, mean, rstd = torch.native_layer_norm(u, shape, dgamma, dbeta, module.eps)
+    if dgamma is None:
+        t = None  # t is xhat; no parameter tangent
+    if du is None:
+        return t
+    # J_n is symmetric: J_n du = (the normalization's backward)(du)
+    out = torch.ops.aten.native_layer_norm_backward(
+        du, u, shape, mean, rstd, None, None, [True, False, False]
+    )[0]
+    if gamma is not None:
+        return out.mul_(gamma) if t is None else t.addcmul_(out, gamma)
+    return out if t is None else out.add_(t)
 
 
 def _elementwise(module, u, du, y):
@@ -108,17 +107,22 @@ class ActivationRecorder:
         self.model = model
         self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, int]] = []
         self.valid = False
+        self.structural_failure = False  # the model's forward is not a chain of rules here
         self._root_input: Any = None
         self._root_output: Any = None
-        self._versions: list[tuple[torch.Tensor, int]] = []
+        self._versions: list[int] = []
+        self._depth = 0
+        self._handles = []
+        leaves = [m for m in model.modules() if m is not model and next(m.children(), None) is None]
+        self.supported = bool(leaves) and all(isinstance(m, _SUPPORTED) for m in leaves)
+        if not self.supported:  # BatchNorm, attention, custom leaves: never applies, no hooks
+            return
+        self._params = list(model.parameters())
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
         ]
-        for m in model.modules():
-            if m is not model and not any(True for _ in m.children()):
-                self._handles.append(m.register_forward_hook(self._record))
-        self._depth = 0
+        self._handles += [m.register_forward_hook(self._record) for m in leaves]
 
     def __getstate__(self):
         # copies (deepcopy of the model, pickling) start without a record: the activations
@@ -150,21 +154,17 @@ class ActivationRecorder:
         self.valid = ok and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         if self.valid:
             self._root_input = args[0]
-            self._versions = [
-                (p, p._version) for p in module.parameters() if p.requires_grad
-            ]  # fmt: skip
+            self._versions = [p._version for p in self._params]
 
     def _record(self, module, args, output):
         if not self.valid or self._depth != 1:
             return
-        if not isinstance(module, _SUPPORTED) or len(args) != 1:
-            self.valid = False
-            return
-        if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-            self.valid = False
-            return
-        u = args[0]
-        if not (isinstance(u, torch.Tensor) and isinstance(output, torch.Tensor)):
+        u = args[0] if len(args) == 1 else None
+        if (
+            not isinstance(u, torch.Tensor)
+            or not isinstance(output, torch.Tensor)
+            or (isinstance(module, nn.Dropout) and module.training and module.p > 0)
+        ):
             self.valid = False
             return
         self.records.append((module, u, output, u._version, output._version))
@@ -181,8 +181,13 @@ class ActivationRecorder:
         this before the optimizer steps; afterwards pass ``check_params=False``)."""
         if not self.valid or inputs is not self._root_input:
             return False
-        if check_params and any(p._version != v for p, v in self._versions):
-            return False
+        if check_params:
+            params = list(self.model.parameters())
+            if len(params) != len(self._params) or any(
+                p is not q or p._version != v
+                for p, q, v in zip(params, self._params, self._versions)
+            ):
+                return False
         return all(u._version == vu and y._version == vy for _, u, y, vu, vy in self.records)
 
     def tangent(
@@ -212,8 +217,9 @@ class ActivationRecorder:
                 du = tangents[id(u)]
             elif not u.requires_grad:
                 du = None
-            else:
-                return None  # the input came from an operation outside the recorded modules
+            else:  # the input came from an operation outside the recorded modules
+                self.structural_failure = True
+                return None
             prefix = prefix_of[module]
             names = [k for k, _ in module.named_parameters(recurse=False)]
             th = {k: theta.get(prefix + k, getattr(module, k)) for k in names}
@@ -226,6 +232,7 @@ class ActivationRecorder:
                 dy = None if du is None else _elementwise(module, u, du, y)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
+            self.structural_failure = True
             return None
         out = tangents[id(self._root_output)]
         return torch.zeros_like(self._root_output) if out is None else out

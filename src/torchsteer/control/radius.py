@@ -317,6 +317,8 @@ class RadiusLimiter:
             root = unwrap_model(model)
             self._recorder = ActivationRecorder(root)
             self._prefix = {m: (n + "." if n else "") for n, m in root.named_modules()}
+            if not self._recorder.supported:
+                self._recorder = None
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, optimizer: torch.optim.Optimizer, inputs: Any, closure=None):
@@ -414,6 +416,9 @@ class RadiusLimiter:
                 )
             self._recorder.clear()  # the activations are not needed any more
             self.reused += int(tangent is not None)
+            if self._recorder.structural_failure:  # operations between modules: never applies
+                self._recorder.remove()
+                self._recorder = None
         worst = _worst_spread(
             self.model,
             inputs,
