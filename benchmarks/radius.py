@@ -41,15 +41,9 @@ from torch.func import functional_call, jvp
 
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control import radius as radius_module
-from torchsteer.control.radius import (
-    RadiusLimiter,
-    _eval_mode,
-    _norm,
-    _spread,
-    logit_derivative,
-    normalized_step,
-)
+from torchsteer.control import _radius_jvp as radius_module
+from torchsteer.control._radius_jvp import _eval_mode, _norm, _spread
+from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
 
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"

@@ -1,0 +1,206 @@
+"""Directional logit derivatives and the softmax radius of a direction (the measurement).
+
+``a(x; v) = J_z(x) v`` for every sample by one forward-mode JVP over ``functional_call`` at a
+point theta (in eval mode by default), its per-sample spread ``Delta_a = max_k a_k - min_k a_k``
+and the normalized step ``r = max_x Delta_a(x; p) / (pi T)`` of an update p with the radius
+``rho_a = |p| / r``. See :mod:`torchsteer.control.radius` for the theory and the limiter.
+
+On CPUs, 4-d weights run in channels-last and eval-mode BatchNorm is folded into the
+convolution before it (:mod:`torchsteer.control._radius_fold`): the same ``J_z v``, cheaper.
+
+References:
+    P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
+    Cross-Entropy", arXiv:2603.13552 (2026).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchsteer import distributed
+from torchsteer.control._radius_fold import folded_module
+from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
+
+__all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
+
+LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
+_METHODS = ("jvp", "fd")
+_CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
+_FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
+
+
+class _LogitsModule(nn.Module):
+    """``forward(batch) = logits_fn(model, batch)``, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, logits_fn: LogitsFn):
+        super().__init__()
+        self.model = model
+        self.logits_fn = logits_fn
+
+    def forward(self, batch):
+        return self.logits_fn(self.model, batch)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Every submodule in eval mode (no BatchNorm statistics updates, no dropout), then restored."""
+    if not enabled:
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _forward(model: nn.Module, inputs: Any, logits_fn: LogitsFn | None):
+    if logits_fn is None:
+        return model_fn(model, inputs), ""
+    return model_fn(_LogitsModule(model, logits_fn), inputs), "model."
+
+
+def _channels_last(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cl = torch.channels_last
+    return {k: t.contiguous(memory_format=cl) if t.dim() == 4 else t for k, t in tensors.items()}
+
+
+def logit_derivative(
+    model: nn.Module,
+    inputs: Any,
+    direction: Mapping[str, torch.Tensor] | torch.Tensor,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    logits_fn: LogitsFn | None = None,
+    eval_mode: bool = True,
+    method: str = "jvp",
+    fd_eps: float | None = None,
+) -> torch.Tensor:
+    """Directional logit derivatives ``a = J_z v``, shaped like the logits (classes last).
+
+    Args:
+        model: the module (DDP / compile wrappers unwrapped).
+        inputs: the batch handed to ``model`` (or to ``logits_fn``).
+        direction: v, a dict over (a subset of) the trainable parameters' names, or a flat
+            vector over all trainable parameters in ``named_parameters`` order.
+        params: the point theta (same keys as ``direction``); default the live parameters.
+        logits_fn: ``logits_fn(model, inputs) -> logits`` when the forward is not
+            ``model(inputs)``.
+        eval_mode: evaluate in eval mode (BatchNorm running statistics, no dropout); the
+            modules' modes are restored afterwards and no buffer is modified.
+        method: ``"jvp"`` (exact, one forward-mode pass) or ``"fd"`` (central finite
+            difference, two plain forwards; error O(h^2), see ``fd_eps``).
+        fd_eps: length ``|h v|`` of the finite-difference step (default 1e-2 in float32,
+            1e-5 in float64).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"Invalid method: {method}")
+    model = unwrap_model(model)
+    live = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if isinstance(direction, torch.Tensor):
+        direction = unflatten(direction, live)
+    if params is None:
+        params = {k: live[k] for k in direction}
+    if set(params) != set(direction):
+        raise ValueError("Invalid direction: its keys differ from the parameters' keys")
+    f, prefix = _forward(model, inputs, logits_fn)
+    theta = {k: params[k].detach() for k in direction}
+    v = {k: direction[k].detach() for k in direction}
+    folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
+    if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
+        folded.channels_last = _CHANNELS_LAST
+        f, prefix = model_fn(folded, inputs), "gm."
+        used = {k for k, _ in folded.gm.named_parameters()}
+        theta = {k: t for k, t in theta.items() if k in used}
+        v = {k: t for k, t in v.items() if k in used}
+    if (
+        method == "jvp"
+        and _CHANNELS_LAST
+        and any(t.dim() == 4 and t.device.type == "cpu" for t in theta.values())
+    ):
+        # CPU convolutions, BatchNorm and pooling run several times faster in channels-last
+        # (measured: benchmarks/radius.py); 4-d weights in that format carry it through
+        theta, v = _channels_last(theta), _channels_last(v)
+    with _eval_mode(model, eval_mode), torch.no_grad():
+        if method == "jvp":
+            return jvp(
+                f, {prefix + k: t for k, t in theta.items()}, {prefix + k: t for k, t in v.items()}
+            )[1]
+        norm = float(_norm(v.values()))
+        if norm == 0.0:
+            return torch.zeros_like(f({prefix + k: t for k, t in theta.items()}))
+        dtype = next(iter(theta.values())).dtype
+        eps = fd_eps if fd_eps is not None else (1e-5 if dtype == torch.float64 else 1e-2)
+        h = eps / norm
+        plus = f({prefix + k: theta[k] + h * v[k] for k in theta})
+        minus = f({prefix + k: theta[k] - h * v[k] for k in theta})
+        return (plus - minus) / (2 * h)
+
+
+def logit_spread(
+    model: nn.Module, inputs: Any, direction, logits_fn: LogitsFn | None = None, **kwargs
+) -> torch.Tensor:
+    """Per-sample spread ``Delta_a(x; v) = max_k a_k - min_k a_k`` of ``a = J_z v``, shape (N,).
+
+    Leading logit dimensions are flattened (a sequence model's tokens are samples). Keyword
+    arguments as in :func:`logit_derivative`.
+    """
+    return _spread(logit_derivative(model, inputs, direction, logits_fn=logits_fn, **kwargs))
+
+
+def _spread(a: torch.Tensor) -> torch.Tensor:
+    a = a.reshape(-1, a.shape[-1])
+    return a.amax(dim=1) - a.amin(dim=1)
+
+
+def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
+    """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor);
+    ``tangent`` is ``J_z v`` when already known."""
+    if tangent is None:
+        spread = logit_spread(model, inputs, direction, **kwargs)
+    else:
+        spread = _spread(tangent)
+    worst = spread.max() if spread.numel() else spread.new_zeros(())
+    return distributed.all_reduce_max(worst)
+
+
+def _norms(tensors) -> torch.Tensor:
+    """The tensors' norms stacked in float64."""
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    if len({(n.dtype, n.device) for n in norms}) > 1:  # mixed: one stack in float64
+        norms = [n.double().cpu() for n in norms]
+    return torch.stack(norms).double()
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.linalg.vector_norm(_norms(tensors))
+
+
+def normalized_step(
+    model: nn.Module,
+    inputs: Any,
+    update,
+    logits_fn: LogitsFn | None = None,
+    temperature: float = 1.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, rho_a)`` of the update p: ``r = max_x Delta_a(x; p) / (pi T)``, ``rho_a = |p| / r``.
+
+    ``rho_a`` is the radius along ``p / |p|`` (infinite when no logit moves); ``r`` does not
+    depend on the sign of p and scales with its length. Under DDP the maximum over samples is
+    a maximum over ranks too. Keyword arguments as in :func:`logit_derivative`.
+    """
+    r = _worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (
+        math.pi * temperature
+    )
+    norm = _norm(update.values() if isinstance(update, Mapping) else [update]).to(r.dtype)
+    rho = torch.where(r > 0, norm / r, torch.full_like(r, math.inf))
+    return r, rho
