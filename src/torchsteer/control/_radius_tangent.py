@@ -96,6 +96,9 @@ def _elementwise(module, u, du, y):
     return du  # Identity, Dropout as the identity
 
 
+_RULES = {nn.Linear: _linear, nn.LayerNorm: _layer_norm}
+
+
 class ActivationRecorder:
     """Keeps each leaf module's input and output of the model's latest forward.
 
@@ -114,7 +117,8 @@ class ActivationRecorder:
         self._depth = 0
         self._handles = []
         leaves = [m for m in model.modules() if m is not model and next(m.children(), None) is None]
-        self.supported = bool(leaves) and all(isinstance(m, _SUPPORTED) for m in leaves)
+        # exact types: a subclass may override forward
+        self.supported = bool(leaves) and all(type(m) in _SUPPORTED for m in leaves)
         if not self.supported:  # BatchNorm, attention, custom leaves: never applies, no hooks
             return
         self._params = list(model.parameters())
@@ -220,16 +224,18 @@ class ActivationRecorder:
             else:  # the input came from an operation outside the recorded modules
                 self.structural_failure = True
                 return None
-            prefix = prefix_of[module]
-            names = [k for k, _ in module.named_parameters(recurse=False)]
-            th = {k: theta.get(prefix + k, getattr(module, k)) for k in names}
-            dth = {k: direction[prefix + k] for k in names if prefix + k in direction}
-            if isinstance(module, nn.Linear):
-                dy = _linear(module, u, du, th, dth)
-            elif isinstance(module, nn.LayerNorm):
-                dy = _layer_norm(module, u, du, th, dth)
-            else:
+            rule = _RULES.get(type(module))
+            if rule is None:
                 dy = None if du is None else _elementwise(module, u, du, y)
+            else:
+                prefix = prefix_of[module]
+                th, dth = {}, {}
+                for k in ("weight", "bias"):
+                    full = prefix + k
+                    if full in direction:
+                        dth[k] = direction[full]
+                    th[k] = theta[full] if full in theta else getattr(module, k)
+                dy = rule(module, u, du, th, dth)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
             self.structural_failure = True
