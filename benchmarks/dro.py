@@ -132,7 +132,7 @@ def summarize(runs) -> dict:
         row["mean_ess_fraction"] = statistics.fmean(
             per_seed[s].get("mean_ess_fraction", 1.0) for s in seeds
         )
-        if "class_weights" in per_seed[seeds[0]]:
+        if all("class_weights" in per_seed[s] for s in seeds):
             row["class_weights_mean"] = [
                 statistics.fmean(per_seed[s]["class_weights"][c] for s in seeds)
                 for c in range(suite.NUM_CLASSES)
@@ -295,6 +295,8 @@ def main() -> None:
     splits = {}
     for split in args.splits.split(","):
         res = run_split(split, seeds, args.epochs, [0, 1], print)
+        raw = out.with_name(out.name + f".{split}.partial.json")  # kept until the end
+        raw.write_text(json.dumps([r.to_dict() for r in res["runs"]]))
         summary = summarize(res["runs"])
         splits[split] = {
             "summary": summary,
@@ -325,6 +327,8 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     text = markdown(payload)
     out.with_suffix(".md").write_text(text)
+    for split in splits:
+        out.with_name(out.name + f".{split}.partial.json").unlink(missing_ok=True)
     print(text)
 
 
