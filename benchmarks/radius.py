@@ -23,6 +23,7 @@ and ``... benchmarks/radius.py --overhead``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing as mp
@@ -44,6 +45,7 @@ from torchsteer.bench.suites import lr_spike
 from torchsteer.control import _radius_jvp as radius_module
 from torchsteer.control._radius_jvp import _eval_mode, _norm, _spread
 from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
+from torchsteer.jacobian import model_fn
 
 RESULTS = Path(__file__).parent / "results"
 DOCS_IMG = Path(__file__).parent.parent / "docs" / "img"
@@ -198,29 +200,23 @@ class PaperLimiter:
                     q.detach().copy_(o + s * t)
 
 
-OVERHEAD_ARMS = (
-    "plain",
-    "limiter (jvp)",
-    "limiter (jvp, no reuse)",
-    "limiter (jvp, no reuse, no channels-last)",
-    "limiter (jvp, no reuse, no channels-last, no BN folding)",
-    "paper (func.jvp)",
-    "limiter (fd)",
-)
+OVERHEAD_ARMS = {  # the switches that apply to each model (the MLP has no conv or BatchNorm)
+    "MLP+LN": ("plain", "limiter (jvp)", "limiter (jvp, no reuse)", "paper (func.jvp)",
+               "limiter (fd)"),
+    "CNN+BN": ("plain", "limiter (jvp)", "limiter (jvp, no channels-last)",
+               "limiter (jvp, no channels-last, no BN folding)", "paper (func.jvp)",
+               "limiter (fd)"),
+}  # fmt: skip
 
 
 def _limiter(arm, model):
-    return {
-        "plain": None,
-        "limiter (jvp)": RadiusLimiter(model),
-        "limiter (jvp, no reuse)": RadiusLimiter(model, reuse_forward=False),
-        "limiter (jvp, no reuse, no channels-last)": RadiusLimiter(model, reuse_forward=False),
-        "limiter (jvp, no reuse, no channels-last, no BN folding)": RadiusLimiter(
-            model, reuse_forward=False
-        ),
-        "paper (func.jvp)": PaperLimiter(model),
-        "limiter (fd)": RadiusLimiter(model, method="fd"),
-    }[arm]
+    if arm == "plain":
+        return None
+    if arm == "paper (func.jvp)":
+        return PaperLimiter(model)
+    if arm == "limiter (fd)":
+        return RadiusLimiter(model, method="fd")
+    return RadiusLimiter(model, reuse_forward="no reuse" not in arm)
 
 
 def _fd_error(name, x, y, steps=20):
@@ -247,7 +243,7 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
     out = {}
     for name in ("MLP+LN", "CNN+BN"):
         arms = {}
-        for arm in OVERHEAD_ARMS:
+        for arm in OVERHEAD_ARMS[name]:
             model = lr_spike.make_model(name, 0)
             opt = torch.optim.Adam(model.parameters(), lr=lr_spike.LR)
             arms[arm] = (model, opt, _limiter(arm, model))
@@ -270,7 +266,7 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
         reused = {
             a: lim.reused / lim.steps
             for a, (_, _, lim) in arms.items()
-            if isinstance(lim, RadiusLimiter)
+            if isinstance(lim, RadiusLimiter) and lim.method == "jvp"
         }
         out[name] = {
             "step_ms": {a: 1e3 * v for a, v in med.items()},
@@ -321,6 +317,13 @@ def breakdown(name, x, y, repeats: int) -> dict:
         d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
         state["a"] = logit_derivative(model, x, d, params=pt)
 
+    def general_jvp_plain():
+        radius_module._CHANNELS_LAST = radius_module._FOLD = False
+        try:
+            general_jvp()
+        finally:
+            radius_module._CHANNELS_LAST = radius_module._FOLD = True
+
     def tangent_only():
         d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
         with torch.no_grad():
@@ -347,7 +350,8 @@ def breakdown(name, x, y, repeats: int) -> dict:
         "update p = new - old": update,
         "eval-mode switch": eval_switch,
         "no-grad eval forward (a JVP's primal part)": nograd_forward,
-        "general JVP (dual tensors, functional_call)": general_jvp,
+        "general JVP (one forward-mode pass, as the limiter runs it)": general_jvp,
+        "general JVP, no BN folding, no channels-last": general_jvp_plain,
         "spread, max, |p|, sync": spread_norm_sync,
         "rescale (limited steps only)": rescale,
     }
@@ -359,14 +363,30 @@ def breakdown(name, x, y, repeats: int) -> dict:
             fn()
             if i >= 3:
                 times[key].append(time.process_time() - start)
-            if key == "forward+backward" and "p" in state:  # the record is fresh now
+            if key == "forward+backward" and "p" in state and rec is not None:  # fresh record
                 start = time.process_time()
                 tangent_only()
                 if i >= 3 and state["reuse"]:
                     times["tangent only (reusing the training forward)"].append(
                         time.process_time() - start
                     )
-    return {k: 1e3 * statistics.median(v) for k, v in times.items() if v}
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items() if v}
+    if name == "MLP+LN":  # torch.func.linearize: a trace per step (a few calls are enough)
+        ev = copy.deepcopy(model).eval()
+        pt = {k: o for k, o in zip(names, state["old"])}
+        d = dict(zip(names, state["p"]))
+        f = model_fn(ev, x)
+        lin, replay = [], []
+        for _ in range(3):
+            start = time.process_time()
+            _, jvp_fn = torch.func.linearize(f, pt)
+            mid = time.process_time()
+            jvp_fn(d)
+            lin.append(time.process_time() - start)
+            replay.append(time.process_time() - mid)
+        out["torch.func.linearize (trace + tangent)"] = 1e3 * statistics.median(lin)
+        out["torch.func.linearize (the traced tangent alone)"] = 1e3 * statistics.median(replay)
+    return out
 
 
 def write(results: dict) -> None:
@@ -399,19 +419,51 @@ def write(results: dict) -> None:
     if "overhead" in old:
         o = old["overhead"]
         lines += [
-            f"Step cost: one full training step / a plain Adam step, full batch, 1 thread, CPU "
-            f"time, arms interleaved, median ({o['meta']}).",
+            f"Step cost: one full training step (forward, backward, Adam, limiter) / a plain "
+            f"Adam step, digits full batch (1438 x 64), 1 thread, CPU time (process_time), arms "
+            f"interleaved step by step in one process, median of {o.get('repeats', '?')} "
+            f"({o['meta']}). Timings on a loaded shared machine move by 10-20 % between "
+            f"runs; compare the arms within one table.",
             "",
-            "| model | arm | ms/step | ratio |",
-            "|---|---|---|---|",
+            "Arms: `limiter (jvp)` is the default `RadiusLimiter` (exact JVP; on the MLP only "
+            "the tangent, from the activations of the training forward; on the CNN one "
+            "forward-mode pass with eval-mode BatchNorm folded into the convolutions, "
+            "channels-last); the `no ...` arms switch those off one by one; `paper "
+            "(func.jvp)` is the paper's way (torch.func.jvp along p / |p|, a second copy); "
+            "`limiter (fd)` the central finite difference (approximate).",
+            "",
+            "| model | arm | ms/step | ratio | steps on the reuse path |",
+            "|---|---|---|---|---|",
         ]
         for m, v in o["models"].items():
             for a in v["ratio"]:
-                lines.append(f"| {m} | {a} | {v['step_ms'][a]:.2f} | {v['ratio'][a]:.2f} |")
+                reused = v.get("reused_fraction", {}).get(a)
+                cell = "" if reused is None else f"{100 * reused:.0f} %"
+                lines.append(
+                    f"| {m} | {a} | {v['step_ms'][a]:.2f} | {v['ratio'][a]:.2f} | {cell} |"
+                )
             e = v["fd_rel_error_r"]
             lines.append(
-                f"| {m} | fd: relative error of r | median {e['median']:.1e} | max {e['max']:.1e} |"
+                f"| {m} | fd: relative error of r | median {e['median']:.1e} | "
+                f"max {e['max']:.1e} | |"
             )
+        models = list(o["models"])
+        keys = list(dict.fromkeys(k for m in models for k in o["models"][m]["breakdown_ms"]))
+        lines += [
+            "",
+            "Where a limiter step's time goes: each piece timed alone (ms, CPU time, median, "
+            "pieces interleaved). A plain step is forward+backward + Adam; the limiter adds "
+            "the snapshot, the update, one JVP (or the tangent only) and the spread.",
+            "",
+            "| piece | " + " | ".join(models) + " |",
+            "|---|" + "---|" * len(models),
+        ]
+        for k in keys:
+            cells = []
+            for m in models:
+                t = o["models"][m]["breakdown_ms"].get(k)
+                cells.append("-" if t is None else f"{t:.2f}")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines += [""]
     (RESULTS / "radius.md").write_text("\n".join(lines))
 
@@ -442,7 +494,9 @@ def main():
         write({"spike": res})
         plot_spike(res)
     if args.overhead:
-        write({"overhead": {"models": overhead(args.repeats), "meta": meta}})
+        write(
+            {"overhead": {"models": overhead(args.repeats), "meta": meta, "repeats": args.repeats}}
+        )
 
 
 if __name__ == "__main__":
