@@ -86,6 +86,18 @@ def test_fit_equals_hand_written_loop(tmp_path):
     for a, b in zip(module.net.parameters(), net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert callback.limiter.signals["r"] == pytest.approx(limiter.signals["r"], rel=1e-9)
+    # training_step's self(x) is the measured forward: only the tangent was computed
+    assert callback.limiter.reused == limiter.reused == 4
+
+
+def test_custom_logits_fn_takes_the_general_path(tmp_path):
+    module = Module()
+    callback = RadiusLimit(logits_fn=lambda m, batch: m(batch[0]))
+    _trainer(tmp_path, 4, callback).fit(module, _loader())
+    net, _ = _hand_loop(4)
+    assert callback.limiter.reused == 0
+    for a, b in zip(module.net.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_monitor_mode_leaves_the_steps_alone(tmp_path):

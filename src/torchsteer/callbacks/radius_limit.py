@@ -16,7 +16,9 @@ batch, else ``pl_module(batch)``. Logged: ``radius/r``, ``radius/rho_a``, ``radi
 ``radius/fraction_limited``. Checkpointed: the limiter's counters and last signals. Under DDP
 the spread is reduced with a maximum across ranks (:mod:`torchsteer.distributed`). With
 gradient accumulation the last micro-batch is measured. Cost: one JVP and one copy of the
-parameters per step.
+parameters per step; with the default logits and a ``training_step`` that calls
+``self(x)`` on a chain of Linear/LayerNorm/elementwise modules, only the JVP's tangent, from
+that forward's activations (see :class:`RadiusLimiter`, ``reuse_forward``).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -72,6 +74,9 @@ class RadiusLimit(pl.Callback):
         # validates the hyperparameters now; the real limiter is bound to the module in setup
         RadiusLimiter(torch.nn.Linear(1, 1), r_max=r_max, mode=mode, **limiter_kwargs)
         self.r_max, self.mode = r_max, mode
+        # the default measures pl_module(batch[0]) as the limiter's own forward, so the
+        # limiter can reuse the activations of the training step's self(x)
+        self._default_logits = logits_fn is None
         self.logits_fn = logits_fn or default_logits_fn
         self.log_every_n_steps, self.log_prefix = log_every_n_steps, log_prefix
         self.limiter_kwargs = limiter_kwargs
@@ -81,8 +86,9 @@ class RadiusLimit(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logits_fn = None if self._default_logits else self.logits_fn
         self.limiter = RadiusLimiter(
-            pl_module, r_max=self.r_max, mode=self.mode, logits_fn=self.logits_fn,
+            pl_module, r_max=self.r_max, mode=self.mode, logits_fn=logits_fn,
             **self.limiter_kwargs,
         )  # fmt: skip
         self.limiter.load_state_dict(self._state)
@@ -98,7 +104,7 @@ class RadiusLimit(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-        self.limiter.before_step(optimizer, self._batch)
+        self.limiter.before_step(optimizer, self._inputs(self._batch))
 
     @override
     def on_train_batch_end(
@@ -111,12 +117,18 @@ class RadiusLimit(pl.Callback):
     ) -> None:
         if self.limiter is None or not self.limiter.pending:
             return
-        signals = self.limiter.after_step(batch)
+        signals = self.limiter.after_step(self._inputs(batch))
         self._batch = None
         if (self.limiter.steps - 1) % self.log_every_n_steps == 0:
             for key in ("r", "rho_a", "scale", "fraction_limited"):
                 pl_module.log(self.log_prefix + key, float(signals[key]), on_step=True,
                               on_epoch=False, batch_size=1)  # fmt: skip
+
+    def _inputs(self, batch: Any) -> Any:
+        """What the limiter hands to its logits: ``batch[0]`` (tuple/list) by default."""
+        if self._default_logits and isinstance(batch, tuple | list):
+            return batch[0]
+        return batch
 
     @override
     def state_dict(self) -> dict[str, Any]:
