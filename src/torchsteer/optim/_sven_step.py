@@ -36,6 +36,7 @@ __all__ = [
     "group_rows",
     "per_sample_values_and_jacobian",
     "residuals",
+    "reuse_buffer",
     "solve_dense",
     "solve_operator",
 ]
@@ -146,6 +147,22 @@ def per_sample_values_and_jacobian(
     n = inputs.shape[0]
     jac = torch.cat([grads[k].reshape(n, -1) for k in params], dim=1)
     return values, jac
+
+
+def reuse_buffer(buf, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """``buf`` if it holds at least (rows, cols) of ``like``'s dtype and device, else a new one.
+
+    Reusing the Jacobian's buffer spares the page faults of a fresh B x P allocation every
+    step; it grows to the largest batch seen (a short last batch uses its first rows).
+    """
+    ok = (
+        buf is not None
+        and buf.shape[0] >= rows
+        and buf.shape[1] == cols
+        and buf.dtype == like.dtype
+        and buf.device == like.device
+    )
+    return buf if ok else torch.empty(rows, cols, dtype=like.dtype, device=like.device)
 
 
 def group_rows(x: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torchsteer.optim._sven_step import (
     group_rows,
     per_sample_values_and_jacobian,
     residuals,
+    reuse_buffer,
     solve_dense,
     solve_operator,
 )
@@ -325,21 +326,10 @@ class Sven(torch.optim.Optimizer):
         return source
 
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
-        """A reused (rows, P) buffer for the dense functional Jacobian (no page faults of a
-        fresh B x P allocation every step); grows to the largest batch seen."""
+        """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
         first = self._params()[0]
-        buf = getattr(self, "_jac_buf", None)
-        shape = (rows, self._n_params())
-        if (
-            buf is None
-            or buf.shape[0] < rows
-            or buf.shape[1] != shape[1]
-            or buf.dtype != first.dtype
-            or buf.device != first.device
-        ):
-            buf = torch.empty(shape, dtype=first.dtype, device=first.device)
-            self._jac_buf = buf
-        return buf[:rows]
+        self._jac_buf = reuse_buffer(getattr(self, "_jac_buf", None), rows, self._n_params(), first)
+        return self._jac_buf[:rows]
 
     def _functional(self, batch, shard) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
