@@ -723,3 +723,29 @@ def test_growth_rules_follow_the_reference(growth):
     assert any(r["tries"] > 1 for r in recs)  # the search is exercised
     if growth == "margin":  # some accepted step kept gamma
         assert any(not r["margin"] for r in recs)
+
+
+def test_deepcopy_and_pickle_drop_the_kept_graph_and_continue_identically():
+    """A copy has the state and the policies, not the kept graph; a twin resumed from the
+    state dict (fresh evaluations) follows the original (reusing) bit for bit."""
+    model, x, y = small_problem(seed=5)
+    params = list(model.parameters())
+    opt = RegularizedNewton(params, gamma0=4.0, nonfinite="skip")
+    closure = closures(model, x, y)["hessian"]
+    for _ in range(2):
+        opt.step(closure)
+    assert opt._cache is not None
+    clone = copy.deepcopy(opt)  # the kept graph's non-leaf tensors could not be deep-copied
+    assert clone._cache is None and clone._last_closure is None
+    assert clone.nonfinite == "skip" and clone.reuse_trial is True
+    assert clone.state_dict()["state"][0]["gamma"] == opt.state[params[0]]["gamma"]
+    torch.save(opt, io.BytesIO())  # nor could the lambda closure be pickled
+    twin = copy.deepcopy(model)
+    twin_opt = RegularizedNewton(twin.parameters(), gamma0=4.0)
+    twin_opt.load_state_dict(opt.state_dict())
+    twin_closure = closures(twin, x, y)["hessian"]
+    for _ in range(3):
+        opt.step(closure)
+        twin_opt.step(twin_closure)
+        assert opt.state[params[0]]["record"]["reused"]
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

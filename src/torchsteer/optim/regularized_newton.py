@@ -219,6 +219,20 @@ class RegularizedNewton(torch.optim.Optimizer):
                     f"the groups differ in {', '.join(differ)}"
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy: the state and the policies; never the kept graph or the closure."""
+        return {
+            **super().__getstate__(),
+            "nonfinite": self.nonfinite,
+            "reuse_trial": self.reuse_trial,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("reuse_trial", True)
+        self._cache, self._last_closure = None, None
+
     # -- the step -------------------------------------------------------------------------
 
     @staticmethod
