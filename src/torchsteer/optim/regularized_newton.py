@@ -144,8 +144,9 @@ class RegularizedNewton(torch.optim.Optimizer):
     ``r_0 = -g - H delta - lambda' delta``).
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
-    ``"hessian"``) and a few P-vectors; ``"dense"``/``"cholesky"`` a P x P matrix; Woodbury the
-    B x P per-sample gradients and a B x B Gram.
+    ``"hessian"``) and a few P-vectors, and with reuse a trial's graph as well (two
+    evaluations' graphs at the peak, one between steps); ``"dense"``/``"cholesky"`` a P x P
+    matrix; Woodbury the B x P per-sample gradients and a B x B Gram.
 
     References:
         Semenov, Jaggi, Doikov. "Gradient-Normalized Smoothness for Optimization with
