@@ -35,6 +35,7 @@ primal matmuls). Memory: references to the recorded activations until the measur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ _ELEMENTWISE = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, 
 _SUPPORTED = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE)
 
 
-def _linear(module, a, da, theta, dtheta):
+def _linear(module, a, da, theta, dtheta, stats=None):
     w, dw, db = theta["weight"], dtheta.get("weight"), dtheta.get("bias")
     out = None if dw is None else F.linear(a, dw, db)
     if da is not None:
@@ -62,15 +63,24 @@ def _linear(module, a, da, theta, dtheta):
     return out
 
 
-def _layer_norm(module, u, du, theta, dtheta):
+def _layer_norm(module, u, du, theta, dtheta, stats=None):
     shape, gamma = module.normalized_shape, theta.get("weight")
     dgamma, dbeta = dtheta.get("weight"), dtheta.get("bias")
-    if dgamma is None and dbeta is not None:
-        dgamma = torch.zeros_like(dbeta)
-    # one fused pass: t = dgamma * xhat + dbeta, and the row statistics of u
-    t, mean, rstd = torch.native_layer_norm(u, shape, dgamma, dbeta, module.eps)
-    if dgamma is None:
-        t = None  # t is xhat; no parameter tangent
+    if stats is not None:  # the training forward's mean and 1 / sigma: xhat in one pass
+        mean, rstd = stats
+        t = None
+        if dgamma is not None:
+            xhat = torch.addcmul(-(mean * rstd), u, rstd)
+            t = xhat.mul_(dgamma) if dbeta is None else torch.addcmul(dbeta, xhat, dgamma)
+        elif dbeta is not None:
+            t = dbeta.expand_as(u).clone()
+    else:
+        if dgamma is None and dbeta is not None:
+            dgamma = torch.zeros_like(dbeta)
+        # one fused pass: t = dgamma * xhat + dbeta, and the row statistics of u
+        t, mean, rstd = torch.native_layer_norm(u, shape, dgamma, dbeta, module.eps)
+        if dgamma is None:
+            t = None  # t is xhat; no parameter tangent
     if du is None:
         return t
     # J_n is symmetric: J_n du = (the normalization's backward)(du)
@@ -108,7 +118,7 @@ class ActivationRecorder:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, int, int]] = []
+        self.records: list[tuple] = []  # (module, input, output, versions, saved statistics)
         self.valid = False
         self.structural_failure = False  # the model's forward is not a chain of rules here
         self._root_input: Any = None
@@ -171,7 +181,16 @@ class ActivationRecorder:
         ):
             self.valid = False
             return
-        self.records.append((module, u, output, u._version, output._version))
+        stats = None
+        if type(module) is nn.LayerNorm:  # the forward's row statistics, saved for backward
+            fn = output.grad_fn
+            if fn is not None and fn.name() == "NativeLayerNormBackward0":
+                # native_layer_norm's results 1 and 2: the mean and 1 / sigma, shape (..., 1)
+                stats = (getattr(fn, "_saved_result1", None), getattr(fn, "_saved_result2", None))
+                rows = u.numel() // math.prod(module.normalized_shape)
+                if any(not isinstance(t, torch.Tensor) or t.numel() != rows for t in stats):
+                    stats = None
+        self.records.append((module, u, output, u._version, output._version, stats))
 
     def _end(self, module, args, output):
         self._depth -= 1
@@ -192,7 +211,7 @@ class ActivationRecorder:
                 for p, q, v in zip(params, self._params, self._versions)
             ):
                 return False
-        return all(u._version == vu and y._version == vy for _, u, y, vu, vy in self.records)
+        return all(u._version == vu and y._version == vy for _, u, y, vu, vy, _ in self.records)
 
     def tangent(
         self,
@@ -214,7 +233,7 @@ class ActivationRecorder:
         if not self.usable(inputs, check_params):
             return None
         tangents: dict[int, torch.Tensor | None] = {}
-        for module, u, y, _, _ in self.records:
+        for module, u, y, _, _, stats in self.records:
             if u is self._root_input:
                 du = None
             elif id(u) in tangents:
@@ -235,7 +254,7 @@ class ActivationRecorder:
                     if full in direction:
                         dth[k] = direction[full]
                     th[k] = theta[full] if full in theta else getattr(module, k)
-                dy = rule(module, u, du, th, dth)
+                dy = rule(module, u, du, th, dth, stats)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
             self.structural_failure = True
