@@ -529,7 +529,7 @@ def test_tangent_from_recorded_forward_matches_func_jvp(case):
     torch.testing.assert_close(a, _func_jvp(model, x, point, part), rtol=1e-12, atol=1e-12)
     # LayerNorm from its own statistics when the forward's saved ones are not at hand
     assert any(r[5] is not None for r in rec.records)  # every case has a LayerNorm
-    rec.records = [r[:5] + (None,) for r in rec.records]
+    rec.records = [(*r[:5], None) for r in rec.records]
     with torch.no_grad():
         a = rec.tangent(x, point, part, prefix)
     torch.testing.assert_close(a, _func_jvp(model, x, point, part), rtol=1e-12, atol=1e-12)
