@@ -9,16 +9,17 @@ start) robust accuracy overall and per class; the worst class is the one the sui
 
 Arms: uniform AT (the plain mean: the baseline), KL-DRO batch weights at r in {0.5, 1, 2},
 streaming KL-DRO and KL-DRO with Group-DRO class weights (:class:`DROWeighting`).
-``Run.metric`` is the robust accuracy (per epoch), ``Run.loss`` the mean adversarial training
-loss of the epoch (unweighted), ``Run.extra`` holds ``clean_acc``, ``robust_acc``,
-``worst_class_robust_acc``, ``worst_class`` and ``per_class_robust_acc`` at the end.
+``Run.metric`` is the robust accuracy (per evaluated epoch), ``Run.loss`` the mean adversarial
+training loss of the epoch (unweighted), ``Run.extra`` holds ``clean_acc``, ``robust_acc``,
+``worst_class_robust_acc``, ``worst_class``, ``per_class_robust_acc`` at the end, the
+``tail_*`` averages and, with ``Config.diagnose``, the same on the training set and the ESS.
 :func:`measure_overhead` times one training step of every arm against plain AT, interleaved.
 
 Splits (``Config.split``): ``"legacy"``, the data loader's (the first 359 rows are the test
-set, ~36 digits per class; the rows are not exchangeable: a classifier tells the first 359
-from the rest with cross-validated AUC 0.57, and its hard classes differ from the training
-set's), and ``"cv5"``: seed ``s`` tests on fold ``s mod 5`` of a stratified 5-fold partition
-(:func:`stratified_folds`) and trains on the rest, so five seeds test every digit once.
+set, ~36 digits per class; the rows are not exchangeable: a logistic regression tells the
+first 359 from the rest with cross-validated AUC 0.57, and its hard classes differ from the
+training set's), and ``"cv5"``: seed ``s`` tests on fold ``s mod 5`` of a stratified 5-fold
+partition (:func:`stratified_folds`) and trains on the rest: five seeds test every digit once.
 Hyperparameters of a "selected" arm are chosen on a validation split carved from the training
 part only (:func:`carve_validation`, :func:`select`), never on the test set.
 
