@@ -29,6 +29,7 @@ def _weighting():
         class_level=True,
         num_classes=3,
         class_step=0.2,
+        class_momentum=0.5,  # running class losses: state the checkpoint must carry
     )
 
 
@@ -120,6 +121,7 @@ def test_resume_from_checkpoint_restores_weighting_state(tmp_path):
     torch.testing.assert_close(resumed.net.weight, net.weight)
     torch.testing.assert_close(resumed.dro.log_normalizer, dro.log_normalizer)
     torch.testing.assert_close(resumed.dro.log_class_weights, dro.log_class_weights)
+    torch.testing.assert_close(resumed.dro.class_losses, dro.class_losses)
 
 
 def test_invalid_arguments():

@@ -21,8 +21,9 @@ The weighting itself is applied by the user's ``training_step``: the module hold
 The callback wires the rest: it sets the temperature from a schedule before each batch,
 logs the weighting's signals (``dro/ess_fraction``, ``dro/max_weight``,
 ``dro/weight_entropy``, ...) after it, and saves / restores the weighting's state (step,
-streaming normalizer, class weights) in the checkpoint. Under DDP the weighting reduces its
-normalizers across ranks itself (:mod:`torchsteer.distributed`), so the signals are global.
+streaming normalizer, class weights, running class losses) in the checkpoint. Under DDP the
+weighting reduces its normalizers across ranks itself (:mod:`torchsteer.distributed`), so the
+signals are global.
 
 References:
     Sow, Lin, Wang, Liang, "Doubly Robust Instance-Reweighted Adversarial Training",
