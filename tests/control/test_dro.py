@@ -390,6 +390,7 @@ def test_streaming_weights_are_bounded_by_batch_over_gamma():
 @pytest.mark.parametrize("mode", ["batch", "streaming"])
 def test_cuda_matches_cpu(mode):
     kw = dict(temperature=0.7, mode=mode, class_level=True, num_classes=4, class_step=0.1)
+    kw["class_momentum"] = 0.5
     cpu, gpu = DROWeighting(**kw), DROWeighting(**kw)
     g = torch.Generator().manual_seed(8)
     for _ in range(3):
