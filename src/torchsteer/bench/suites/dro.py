@@ -31,6 +31,7 @@ average is kept as the ``tail_*`` metrics (less epoch-to-epoch noise than the la
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 import time
@@ -290,6 +291,7 @@ def select(
     seeds: list[int],
     val_fraction: float = 0.25,
     max_drop: float = 0.01,
+    match_steps: bool = True,
 ) -> dict:
     """Choose the arm with the best validation worst-class robust accuracy.
 
@@ -299,10 +301,17 @@ def select(
     averaged over the seeds, its worst class and its mean (the worst class of the average is
     less noisy than the average of per-seed worst classes). Among the candidates whose
     robust accuracy is within ``max_drop`` of uniform AT's it picks the largest worst-class
-    gain (all candidates if none qualifies).
+    gain (all candidates if none qualifies). With ``match_steps`` the validation runs take as
+    many optimizer steps as training on the whole training part (more epochs on the smaller
+    fit split): the class weights accumulate ``eta`` per step, so fewer steps would be a
+    weaker setting than the one the test runs get.
     """
     xtr, ytr, _, _ = dataset
     fit_val = carve_validation(xtr, ytr, val_fraction)
+    if match_steps:
+        per_epoch = [math.ceil(len(t) / config.batch_size) for t in (ytr, fit_val[1])]
+        epochs = round(config.epochs * per_epoch[0] / per_epoch[1])
+        config = dataclasses.replace(config, epochs=epochs, eval_every=epochs)
     table = {}
     for arm in [ARMS[0], *candidates]:
         rows = [train_arm(arm, s, config, fit_val).extra for s in seeds]
