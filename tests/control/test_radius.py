@@ -711,3 +711,37 @@ def test_batchnorm_in_train_mode_is_not_folded():
         bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
     _, ref = torch.func.jvp(lambda q: functional_call(tr, q, (x,)), (point,), (d,))
     torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+
+
+class _SharedConv(nn.Module):
+    """One convolution called twice (once before a BatchNorm), and a Linear on 3-d inputs
+    before a BatchNorm1d over dimension 1: neither pair may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.lin, self.bn1d = nn.Linear(8, 6), nn.BatchNorm1d(2)
+        self.head = nn.Linear(2 * 6, 3)
+
+    def forward(self, x):  # x: (B, 2, 8, 8)
+        h = self.bn(self.conv(x)) + self.conv(x)
+        h = self.bn1d(self.lin(h.mean(2)))  # (B, 2, 6): BatchNorm1d over the 2 channels
+        return self.head(h.flatten(1))
+
+
+def test_shared_layers_and_3d_linear_are_not_folded_wrongly():
+    torch.manual_seed(0)
+    model = _SharedConv().double()
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for bn in (model.bn, model.bn1d):
+            bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64)
+    folded = folded_module(model)
+    assert folded is None or "conv" not in folded.pairs
+    d = _random_direction(model, seed=9)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    torch.testing.assert_close(
+        logit_derivative(model, x, d), _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12
+    )

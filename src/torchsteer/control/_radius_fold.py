@@ -37,15 +37,26 @@ _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def channels_last_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (4-d) in channels-last, with channels-last strides even where the layout is
+    ambiguous (one channel, or 1 x 1 images): CPU convolutions pick their (much faster)
+    channels-last kernels from the strides."""
+    t = t.contiguous(memory_format=torch.channels_last)
+    _, c, h, w = t.shape
+    strides = (c * h * w, 1, w * c, c)
+    if t.stride() != strides and t.is_contiguous():  # same memory order either way
+        t = t.as_strided(t.shape, strides)
+    return t
+
+
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """A 4-d (dual) CPU tensor with primal and tangent in channels-last."""
     if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.device.type != "cpu":
         return t
-    cl = torch.channels_last
     primal, tangent = fwAD.unpack_dual(t)
     if tangent is None:
-        return t.contiguous(memory_format=cl)
-    return fwAD.make_dual(primal.contiguous(memory_format=cl), tangent.contiguous(memory_format=cl))
+        return channels_last_strides(t)
+    return fwAD.make_dual(channels_last_strides(primal), channels_last_strides(tangent))
 
 
 class _FoldingInterpreter(torch.fx.Interpreter):
@@ -61,9 +72,11 @@ class _FoldingInterpreter(torch.fx.Interpreter):
         bn_name = self.pairs.get(target)
         if bn_name is not None and not kwargs and len(args) == 1:
             layer, bn = self.fetch_attr(target), self.fetch_attr(bn_name)
-            if not bn.training and bn.running_mean is not None:
+            linear_ok = not isinstance(layer, nn.Linear) or args[0].dim() == 2  # (N, C) only
+            if not bn.training and bn.running_mean is not None and linear_ok:
                 self.folded.add(bn_name)
-                out = _folded_call(layer, bn, args[0])
+                x = _channels_last(args[0]) if self.channels_last else args[0]
+                out = _folded_call(layer, bn, x, self.channels_last)
                 # one layout for primal and tangent: CPU convolutions, pooling and the
                 # elementwise tangent rules are several times faster in channels-last, and
                 # mixed layouts cost a conversion at every use
@@ -71,7 +84,9 @@ class _FoldingInterpreter(torch.fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
 
-def _folded_call(layer: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _folded_call(
+    layer: nn.Module, bn: nn.Module, x: torch.Tensor, channels_last: bool = False
+) -> torch.Tensor:
     alpha = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         alpha = bn.weight * alpha
@@ -82,6 +97,8 @@ def _folded_call(layer: nn.Module, bn: nn.Module, x: torch.Tensor) -> torch.Tens
         bias = bias + bn.bias
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
     weight = layer.weight * alpha.reshape(shape)
+    if channels_last:
+        weight = _channels_last(weight)
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
     conv, groups = _CONVS[type(layer)], layer.groups
@@ -112,18 +129,25 @@ class _Folded(nn.Module):
 
 
 def _pairs(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Layer -> BatchNorm targets to fold: each module called once, the layer's only user the
+    BatchNorm (exact types: a subclass may override forward)."""
     mods = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods.get(node.target), _BNS):
+        if node.op != "call_module" or type(mods.get(node.target)) not in _BNS:
             continue
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         layer = mods.get(src.target)
         ok_conv = type(layer) in _CONVS and layer.padding_mode == "zeros"
-        ok_linear = isinstance(layer, nn.Linear) and isinstance(mods[node.target], nn.BatchNorm1d)
-        if (ok_conv or ok_linear) and len(node.args) == 1 and not node.kwargs:
+        ok_linear = type(layer) is nn.Linear and type(mods[node.target]) is nn.BatchNorm1d
+        once = calls[src.target] == 1 and calls[node.target] == 1
+        if (ok_conv or ok_linear) and once and len(node.args) == 1 and not node.kwargs:
             out[src.target] = node.target
     return out
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
-from torchsteer.control._radius_fold import folded_module
+from torchsteer.control._radius_fold import channels_last_strides, folded_module
 from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
 
 __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
@@ -69,8 +69,7 @@ def _forward(model: nn.Module, inputs: Any, logits_fn: LogitsFn | None):
 
 
 def _channels_last(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    cl = torch.channels_last
-    return {k: t.contiguous(memory_format=cl) if t.dim() == 4 else t for k, t in tensors.items()}
+    return {k: channels_last_strides(t) if t.dim() == 4 else t for k, t in tensors.items()}
 
 
 def logit_derivative(
