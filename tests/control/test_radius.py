@@ -745,3 +745,32 @@ def test_shared_layers_and_3d_linear_are_not_folded_wrongly():
     torch.testing.assert_close(
         logit_derivative(model, x, d), _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12
     )
+
+
+# --- the one-sided difference from the training forward's logits ------------------------------
+
+
+def test_one_sided_difference_float64_matches_func_jvp():
+    model, x = _chain_models()[0]
+    d = _random_direction(model, seed=10)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    a = logit_derivative(model, x, d, method="fd1")
+    torch.testing.assert_close(a, _func_jvp(model, x, point, d), rtol=1e-5, atol=1e-6)
+
+
+def test_fd1_limiter_reuses_the_training_logits_and_is_close_to_exact():
+    """One forward per step (the training forward's logits at theta_old); r within 1e-2."""
+    model, x, y = _problem(dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.5) for m in (model, twin)]
+    approx, exact = RadiusLimiter(model, method="fd1"), RadiusLimiter(twin)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(3):
+        for m, opt, lim in ((model, opts[0], approx), (twin, opts[1], exact)):
+            _grad(m, x, y)
+            lim.step(opt, x)
+        assert approx.signals["r"] == pytest.approx(exact.signals["r"], rel=1e-2)
+        torch.testing.assert_close(_flat_params(model), _flat_params(twin), rtol=1e-2, atol=1e-4)
+    assert approx.reused == 3 and approx.limited >= 1
+    assert len(calls) == 3 + 3  # the training forwards and one measurement forward each

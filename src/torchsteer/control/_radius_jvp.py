@@ -30,7 +30,7 @@ from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
 __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
-_METHODS = ("jvp", "fd")
+_METHODS = ("jvp", "fd", "fd1")
 _CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
 _FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
 
@@ -82,6 +82,7 @@ def logit_derivative(
     eval_mode: bool = True,
     method: str = "jvp",
     fd_eps: float | None = None,
+    primal: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Directional logit derivatives ``a = J_z v``, shaped like the logits (classes last).
 
@@ -95,10 +96,13 @@ def logit_derivative(
             ``model(inputs)``.
         eval_mode: evaluate in eval mode (BatchNorm running statistics, no dropout); the
             modules' modes are restored afterwards and no buffer is modified.
-        method: ``"jvp"`` (exact, one forward-mode pass) or ``"fd"`` (central finite
-            difference, two plain forwards; error O(h^2), see ``fd_eps``).
-        fd_eps: length ``|h v|`` of the finite-difference step (default 1e-2 in float32,
-            1e-5 in float64).
+        method: ``"jvp"`` (exact, one forward-mode pass), ``"fd"`` (central finite
+            difference, two plain forwards; error O(h^2), see ``fd_eps``) or ``"fd1"``
+            (one-sided difference ``(z(theta + h v) - z(theta)) / h``, error O(h); one
+            forward when ``primal`` is given).
+        fd_eps: length ``|h v|`` of the finite-difference step (default: ``"fd"`` 1e-2 in
+            float32, 1e-5 in float64; ``"fd1"`` 1e-3 in float32, 1e-7 in float64).
+        primal: ``"fd1"`` only: the logits at theta (in the measured mode), when known.
     """
     if method not in _METHODS:
         raise ValueError(f"Invalid method: {method}")
@@ -137,6 +141,12 @@ def logit_derivative(
         if norm == 0.0:
             return torch.zeros_like(f({prefix + k: t for k, t in theta.items()}))
         dtype = next(iter(theta.values())).dtype
+        if method == "fd1":
+            default = 1e-7 if dtype == torch.float64 else 1e-3
+            h = (fd_eps if fd_eps is not None else default) / norm
+            plus = f({prefix + k: theta[k] + h * v[k] for k in theta})
+            base = primal if primal is not None else f({prefix + k: t for k, t in theta.items()})
+            return (plus - base.detach()) / h
         eps = fd_eps if fd_eps is not None else (1e-5 if dtype == torch.float64 else 1e-2)
         h = eps / norm
         plus = f({prefix + k: theta[k] + h * v[k] for k in theta})

@@ -93,8 +93,12 @@ class RadiusLimiter:
         direction: ``"update"`` or ``"neg_grad"``.
         eval_mode: measure in eval mode (BatchNorm running statistics unchanged, no dropout).
         temperature: T when the loss uses ``logits / T`` (radius ``pi T / Delta_a``).
-        method: ``"jvp"`` (exact) or ``"fd"`` (central finite difference; cheaper on some
-            models, relative error of r about ``fd_eps^2``; the guarantee becomes approximate).
+        method: ``"jvp"`` (exact) or the approximate ``"fd"`` (central finite difference,
+            two forwards, relative error of r about 1e-4) and ``"fd1"`` (one-sided, one
+            forward when the training forward's logits can be reused as with
+            ``reuse_forward``, else two; error O(fd_eps)). With either the guarantee
+            ``r <= r_max`` becomes approximate (``benchmarks/results/radius.md`` has the
+            measured errors).
         fd_eps: the finite-difference step length (see :func:`logit_derivative`).
         nonfinite: when r or the update is NaN/Inf: ``"raise"`` (restore theta_old, then
             ValueError) or ``"skip"`` (restore theta_old and count the step as skipped). With
@@ -156,7 +160,7 @@ class RadiusLimiter:
         self._pending: tuple | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
-        if reuse_forward and method == "jvp" and logits_fn is None:
+        if reuse_forward and method in ("jvp", "fd1") and logits_fn is None:
             root = unwrap_model(model)
             self._recorder = ActivationRecorder(root)
             self._prefix = {m: (n + "." if n else "") for n, m in root.named_modules()}
@@ -250,15 +254,18 @@ class RadiusLimiter:
     def _measure(self, inputs, d, point=None) -> tuple[float, float, float]:
         if not d:
             return 0.0, math.inf, 0.0
-        tangent = None
+        tangent, extra = None, {}
         if self._reuse_ok:
             self._reuse_ok = False
-            with torch.no_grad():
-                tangent = self._recorder.tangent(
-                    inputs, point or {}, d, self._prefix, check_params=False
-                )
-            self._recorder.clear()  # the activations are not needed any more
-            self.reused += int(tangent is not None)
+            rec = self._recorder
+            if self.method == "jvp":
+                with torch.no_grad():
+                    tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
+                self.reused += int(tangent is not None)
+            elif rec.usable(inputs, check_params=False):  # "fd1": the forward's logits
+                extra = {"primal": rec._root_output.detach()}
+                self.reused += 1
+            rec.clear()  # the activations are not needed any more
             if self._recorder.structural_failure:  # operations between modules: never applies
                 self._recorder.remove()
                 self._recorder = None
@@ -272,6 +279,7 @@ class RadiusLimiter:
             eval_mode=self.eval_mode,
             method=self.method,
             fd_eps=self.fd_eps,
+            **extra,
         )
         # two numbers to Python in one transfer: r in float64, |p| from per-tensor norms
         norms = _norms(d.values())
