@@ -422,12 +422,13 @@ def write(results: dict) -> None:
         lines += [""]
     if "overhead" in old:
         o = old["overhead"]
+        counts = ", ".join(f"{v['repeats']} steps ({m})" for m, v in o["models"].items())
         lines += [
-            f"Step cost: one full training step (forward, backward, Adam, limiter) / a plain "
-            f"Adam step, digits full batch (1438 x 64), 1 thread, CPU time (process_time), arms "
-            f"interleaved step by step in one process, median of the repeats in the json "
-            f"({o['meta']}). Timings on a loaded shared machine move by 10-20 % between "
-            f"runs; compare the arms within one table.",
+            "Step cost: one full training step (forward, backward, Adam, limiter) / a plain "
+            "Adam step, digits full batch (1438 x 64), 1 thread, CPU time (process_time), arms "
+            f"interleaved step by step in one process, median over {counts} ({o['meta']}). "
+            "Timings on a loaded shared machine move by 10-20 % between runs; compare the "
+            "arms within one table.",
             "",
             "Arms: `limiter (jvp)` is the default `RadiusLimiter` (exact JVP; on the MLP only "
             "the tangent, from the activations of the training forward; on the CNN one "
