@@ -774,3 +774,18 @@ def test_fd1_limiter_reuses_the_training_logits_and_is_close_to_exact():
         torch.testing.assert_close(_flat_params(model), _flat_params(twin), rtol=1e-2, atol=1e-4)
     assert approx.reused == 3 and approx.limited >= 1
     assert len(calls) == 3 + 3  # the training forwards and one measurement forward each
+
+
+def test_reuse_falls_back_under_autocast():
+    """bfloat16 activations from an autocast forward: the general (float32) JVP measures."""
+    model, x, y = _problem(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=20.0)
+    lim = RadiusLimiter(model, mode="monitor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    old = _flat_params(model)
+    lim.step(opt, x)
+    r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
+    assert lim.reused == 0
+    assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-4)

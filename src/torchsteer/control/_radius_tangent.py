@@ -244,6 +244,8 @@ class ActivationRecorder:
                 self.structural_failure = True
                 return None
             rule = _RULES.get(type(module))
+            if u.dtype != y.dtype or (du is not None and du.dtype != u.dtype):
+                return None  # mixed precision (autocast): the general path
             if rule is None:
                 dy = None if du is None else _elementwise(module, u, du, y)
             else:
@@ -254,6 +256,8 @@ class ActivationRecorder:
                     if full in direction:
                         dth[k] = direction[full]
                     th[k] = theta[full] if full in theta else getattr(module, k)
+                if any(t is not None and t.dtype != u.dtype for t in (*th.values(), *dth.values())):
+                    return None  # parameters and activations in different precisions
                 dy = rule(module, u, du, th, dth, stats)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
