@@ -113,8 +113,11 @@ class Sven(torch.optim.Optimizer):
         model, loss_fn: enable the functional path (``step(batch=...)``).
 
     Memory: dense, the Jacobian B x P in the algebra dtype plus one transient copy while it
-    is assembled, plus a B x B Gram. Singular values below ``2 sqrt(eps) S_max`` of the Gram
-    dtype (``7e-4 S_max`` in float32) are rounding noise of ``M M^T`` and are dropped.
+    is assembled, plus a B x B Gram; on the functional path of an all-``nn.Linear`` network
+    the Jacobian is written into a buffer the optimizer keeps between steps (no transient
+    copy, and no page faults of a fresh allocation each step). Singular values below
+    ``2 sqrt(eps) S_max`` of the Gram dtype (``7e-4 S_max`` in float32) are rounding noise of
+    ``M M^T`` and are dropped.
     Matrix-free: a few (B + P) x (rank + oversample) blocks. bf16/fp16 parameters use
     float32 algebra and float32 momentum.
 
