@@ -610,7 +610,9 @@ def test_reused_graph_is_the_curvature_at_the_new_point(curvature, solver):
     """Step 2 on the reused graph equals -(C(x1) + lambda I)^{-1} g(x1), C from torch.func."""
     model, x, y = small_problem(seed=4)
     params = list(model.parameters())
-    opt = RegularizedNewton(params, curvature=curvature, solver=solver, gamma0=2.0, cg_tol=1e-13)
+    opt = RegularizedNewton(
+        params, curvature=curvature, solver=solver, gamma0=2.0, cg_tol=1e-13, reuse_trial=True
+    )
     closure = closures(model, x, y)[curvature]
     opt.step(closure)
     assert opt.state[params[0]]["record"]["accepted"]
@@ -625,7 +627,7 @@ def test_reused_graph_is_the_curvature_at_the_new_point(curvature, solver):
 def test_reuse_only_for_the_same_closure_and_untouched_parameters():
     A, b, params, closure = quadratic()
     counted, calls = counting(closure)
-    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3)
+    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3, reuse_trial=True)
     opt.step(counted)
     assert calls[0] == 2  # x and one accepted try
     opt.step(counted)
@@ -648,7 +650,7 @@ def test_reuse_only_for_the_same_closure_and_untouched_parameters():
 def test_new_closure_each_step_keeps_no_graph_after_the_first():
     """A closure object per step (minibatches, Lightning): no trial graph is built to no use."""
     _, _, params, closure = quadratic()
-    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3)
+    opt = RegularizedNewton(params, solver="cholesky", gamma0=0.3, reuse_trial=True)
     opt.step(lambda: closure())
     assert opt._cache is not None  # the first step cannot know
     opt.step(lambda: closure())
@@ -675,13 +677,37 @@ def test_cg_warm_start_costs_no_product():
     torch.testing.assert_close(third.delta, reg_newton(A, g, 1.0), rtol=1e-10, atol=1e-12)
 
 
-def test_reuse_trial_false_and_invalid():
+def test_reuse_trial_is_off_by_default_and_validated():
     with pytest.raises(ValueError, match="Invalid reuse_trial"):
         RegularizedNewton([torch.zeros(2, requires_grad=True)], reuse_trial=1)
     _, _, params, closure = quadratic()
-    opt = RegularizedNewton(params, reuse_trial=False)
+    opt = RegularizedNewton(params)
+    assert opt.reuse_trial is False
     opt.step(closure)
     assert opt._cache is None and opt._last_closure is None
+
+
+def test_default_reevaluates_a_closure_whose_batch_changed():
+    """One closure object reading a batch that changes between steps (a common loop): by
+    default every step evaluates it afresh, so step 2 is the closed-form step on batch 2."""
+    n, d = 5, 3
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(n, d, generator=gen, dtype=DT)
+    A = M.T @ M + torch.eye(d, dtype=DT)
+    batch = {"b": torch.randn(d, generator=gen, dtype=DT)}
+    x = torch.zeros(d, dtype=DT, requires_grad=True)
+
+    def closure():
+        return 0.5 * x @ A @ x - batch["b"] @ x
+
+    opt = RegularizedNewton([x], solver="cholesky", gamma0=0.3)
+    opt.step(closure)
+    batch["b"] = torch.randn(d, generator=gen, dtype=DT)  # the next minibatch
+    g = A @ x.detach() - batch["b"]
+    delta, rec = one_step(opt, [x], closure)
+    assert not rec["reused"]
+    assert rec["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-12)
+    torch.testing.assert_close(delta, reg_newton(A, g, rec["lambda"]), rtol=1e-10, atol=1e-12)
 
 
 # -- growth="margin" against a hand-written reference of the search ---------------------------
@@ -730,7 +756,7 @@ def test_deepcopy_and_pickle_drop_the_kept_graph_and_continue_identically():
     state dict (fresh evaluations) follows the original (reusing) bit for bit."""
     model, x, y = small_problem(seed=5)
     params = list(model.parameters())
-    opt = RegularizedNewton(params, gamma0=4.0, nonfinite="skip")
+    opt = RegularizedNewton(params, gamma0=4.0, nonfinite="skip", reuse_trial=True)
     closure = closures(model, x, y)["hessian"]
     for _ in range(2):
         opt.step(closure)

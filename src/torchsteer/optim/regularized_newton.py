@@ -80,20 +80,21 @@ class RegularizedNewton(torch.optim.Optimizer):
     optimizer differentiates it with ``torch.autograd.grad`` (``.grad`` is left alone, so
     zeroing it in the closure is harmless).
 
-    Reuse (``reuse_trial=True``): the accept test needs ``f`` and ``grad f`` at the trial point
-    ``x + delta``; once accepted, that point is the next step's ``x``. When the next ``step``
-    gets the same closure object (``==``) and no parameter was written in between (version
-    counters and storage unchanged), the trial's evaluation -- loss, gradient and autograd
-    graph, built with ``create_graph=True`` for the Hessian -- is the next step's evaluation at
-    ``x``: one closure call per try instead of one per try plus one per step, and the same
-    iterates bit for bit. The accepted values are then written through ``.data`` (the kept
-    graph saved the parameters holding exactly them), so the parameters' version counters do
-    not move on such a write. A closure object that is new at every step (a minibatch per
+    Reuse (``reuse_trial=True``, off by default): the accept test needs ``f`` and ``grad f`` at
+    the trial point ``x + delta``; once accepted, that point is the next step's ``x``. When the
+    next ``step`` gets the same closure object (``==``) and no parameter was written in between
+    (version counters and storage unchanged), the trial's evaluation -- loss, gradient and
+    autograd graph, built with ``create_graph=True`` for the Hessian -- is the next step's
+    evaluation at ``x``: one closure call per try instead of one per try plus one per step, and
+    the same iterates bit for bit. The accepted values are then written through ``.data`` (the
+    kept graph saved the parameters holding exactly them), so the parameters' version counters
+    do not move on such a write. A closure object that is new at every step (a minibatch per
     step, Lightning's wrapper) is always evaluated afresh, and after its first step no trial
-    graph is built for it. A closure object that is passed again must compute the same
-    function of the parameters (as the accept test already assumes within a step); if yours
-    reads a batch that changes between steps, pass a new closure per step or
-    ``reuse_trial=False``. The kept graph lives between steps (the memory of one evaluation).
+    graph is built for it. A closure object that is passed again must compute the same function
+    of the parameters (as the accept test already assumes within a step): a closure that reads a
+    batch which changes between steps would be silently evaluated on the old batch, which is why
+    reuse is opt-in. Turn it on for full-batch loops (the convex benchmark does). The kept graph
+    lives between steps (the memory of one evaluation).
 
     The method is global: the parameters of all groups form one vector, and every group must
     have the same hyperparameters.
@@ -131,7 +132,8 @@ class RegularizedNewton(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
             NaN/Inf.
-        reuse_trial: reuse the accepted trial point's evaluation as the next step's (above).
+        reuse_trial: reuse the accepted trial point's evaluation as the next step's (above);
+            only for a closure that computes the same function at every step (full batch).
 
     State (on the first parameter, for logging): ``step``; ``gamma`` (or ``M``) for the next
     step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
@@ -167,7 +169,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
         nonfinite: str = "raise",
-        reuse_trial: bool = True,
+        reuse_trial: bool = False,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURES}")
@@ -231,7 +233,7 @@ class RegularizedNewton(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "raise")
-        self.__dict__.setdefault("reuse_trial", True)
+        self.__dict__.setdefault("reuse_trial", False)
         self._cache, self._last_closure = None, None
 
     # -- the step -------------------------------------------------------------------------

@@ -108,8 +108,13 @@ def _torch_loop(problem, opt, closure, params, max_iter, counts) -> Run:
 
 
 def newton_arm(name: str, kind: str = "newton", dense: bool = False, fits=None, **kw) -> Arm:
-    """A RegularizedNewton arm with keyword arguments ``kw``."""
+    """A RegularizedNewton arm with keyword arguments ``kw``.
+
+    The closures are full batch (the same function at every step), so the arms opt in to
+    ``reuse_trial=True`` (one closure call per try) unless ``kw`` says otherwise.
+    """
     curvature = kw.get("curvature", "hessian")
+    kw.setdefault("reuse_trial", True)
 
     def go(problem, max_iter):
         params = problem.make_params()
