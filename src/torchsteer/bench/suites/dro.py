@@ -45,11 +45,18 @@ from torch import nn
 from torchsteer.bench import data
 from torchsteer.bench.attacks import pgd_attack
 from torchsteer.bench.registry import Context, Run, Suite, register
+from torchsteer.bench.suites._dro_splits import (
+    SPLITS,
+    carve_validation,
+    load_split,
+    stratified_folds,
+)
 from torchsteer.bench.training import mlp
 from torchsteer.control.dro import DROWeighting
 
 __all__ = [
     "ARMS",
+    "SPLITS",
     "CANDIDATES",
     "Arm",
     "Config",
@@ -87,7 +94,6 @@ class Config:
 
 QUICK = Config(epochs=10, max_seeds=2)
 FULL = Config(epochs=30, eval_every=5, tail=5)
-SPLITS = ("legacy", "cv5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,43 +150,6 @@ ARMS_BY_NAME = {a.name: a for a in ARMS}
 def arm_by_name(name: str) -> Arm:
     """The arm of ``ARMS`` or ``CANDIDATES`` with this name."""
     return next(a for a in ARMS + CANDIDATES if a.name == name)
-
-
-# -- data splits ------------------------------------------------------------------------------
-def stratified_folds(y: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """Fold id in ``[0, k)`` per row: each class shuffled (NumPy ``seed``), dealt round-robin."""
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(y), dtype=np.int64)
-    labels = y.numpy()
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        rng.shuffle(rows)
-        folds[rows] = np.arange(len(rows)) % k
-    return torch.as_tensor(folds)
-
-
-def carve_validation(x, y, fraction: float = 0.25, seed: int = 0):
-    """A stratified validation split of a training set: ``(x_fit, y_fit, x_val, y_val)``."""
-    rng = np.random.default_rng(seed)
-    val = np.zeros(len(y), dtype=bool)
-    labels = y.numpy()
-    for c in np.unique(labels):
-        rows = np.flatnonzero(labels == c)
-        rng.shuffle(rows)
-        val[rows[: round(fraction * len(rows))]] = True
-    v = torch.as_tensor(val)
-    return x[~v], y[~v], x[v], y[v]
-
-
-def load_split(config: Config, seed: int):
-    """``(x_train, y_train, x_test, y_test)`` of ``config.split`` for this seed."""
-    if config.split == "legacy":
-        return data.digits()
-    if config.split == "cv5":
-        x, y, _, _ = data.digits(test_fraction=0.0)
-        test = stratified_folds(y, 5) == seed % 5
-        return x[~test], y[~test], x[test], y[test]
-    raise ValueError(f"Invalid split: {config.split!r}; expected one of {SPLITS}")
 
 
 def _attack(model, x, y, config: Config, steps: int, generator=None) -> torch.Tensor:
