@@ -167,7 +167,10 @@ def logit_spread(
 
 def _spread(a: torch.Tensor) -> torch.Tensor:
     a = a.reshape(-1, a.shape[-1])
-    return a.amax(dim=1) - a.amin(dim=1)
+    if a.shape[-1] == 0 or a.shape[0] == 0:
+        return a.new_zeros(a.shape[0])
+    low, high = a.aminmax(dim=1)  # one pass over the logits' tangent
+    return high - low
 
 
 def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:

@@ -70,8 +70,10 @@ def _layer_norm(module, u, du, theta, dtheta, stats=None):
         mean, rstd = stats
         t = None
         if dgamma is not None:
-            xhat = torch.addcmul(-(mean * rstd), u, rstd)
-            t = xhat.mul_(dgamma) if dbeta is None else torch.addcmul(dbeta, xhat, dgamma)
+            # (u - mean) * rstd: two row-broadcast passes that vectorize (an addcmul with two
+            # (N, 1) operands does not: measured 3x slower), then the (C,) scale and shift
+            xhat = (u - mean).mul_(rstd)
+            t = xhat.mul_(dgamma) if dbeta is None else xhat.mul_(dgamma).add_(dbeta)
         elif dbeta is not None:
             t = dbeta.expand_as(u).clone()
     else:

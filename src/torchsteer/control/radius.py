@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,6 +158,8 @@ class RadiusLimiter:
         self.steps, self.limited, self.skipped, self.reused = 0, 0, 0, 0
         self.last: dict[str, float] = {}
         self._names: dict[torch.Tensor, str] = {}
+        self._named_cache: tuple | None = None
+        self._buffers: list[torch.Tensor] = []  # theta_old, reused from step to step
         self._pending: tuple | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
@@ -189,8 +192,7 @@ class RadiusLimiter:
         rec = self._recorder
         self._reuse_ok = rec is not None and inputs is not None and rec.usable(inputs)
         if self.direction == "update":
-            old = [p.detach().clone() for _, p in named]
-            self._pending = ("update", optimizer, named, old)
+            self._pending = ("update", optimizer, named, self._snapshot(named))
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
@@ -245,11 +247,32 @@ class RadiusLimiter:
     # -- helpers ------------------------------------------------------------------------------
     def _named_params(self, optimizer) -> list[tuple[str | None, torch.Tensor]]:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        cached = self._named_cache  # the same parameter objects as last step: same names
+        if cached is not None and len(cached[0]) == len(params):
+            if all(map(operator.is_, cached[0], params)):
+                return cached[1]
         if any(p not in self._names for p in params):
             self._names = {
                 p: n for n, p in unwrap_model(self.model).named_parameters() if p.requires_grad
             }
-        return [(self._names.get(p), p) for p in params]
+        named = [(self._names.get(p), p) for p in params]
+        self._named_cache = (params, named)
+        return named
+
+    def _snapshot(self, named) -> list[torch.Tensor]:
+        """theta_old, copied into buffers kept from step to step (no allocation)."""
+        params = [p.detach() for _, p in named]
+        bufs = self._buffers
+        if len(bufs) != len(params) or any(
+            b.shape != p.shape
+            or b.stride() != p.stride()
+            or (b.dtype, b.device) != (p.dtype, p.device)
+            for b, p in zip(bufs, params)
+        ):
+            bufs = self._buffers = [p.clone() for p in params]
+        else:
+            torch._foreach_copy_(bufs, params)
+        return bufs
 
     def _measure(self, inputs, d, point=None) -> tuple[float, float, float]:
         if not d:
@@ -281,11 +304,16 @@ class RadiusLimiter:
             fd_eps=self.fd_eps,
             **extra,
         )
-        # two numbers to Python in one transfer: r in float64, |p| from per-tensor norms
-        norms = _norms(d.values())
-        values = torch.cat([worst.reshape(1).double().to(norms.device), norms.square()])
-        worst_f, *squares = values.tolist()
-        r, tau = worst_f / (math.pi * self.temperature), math.sqrt(math.fsum(squares))
+        # r and the per-tensor norms of p to Python in one transfer; |p| summed in float64
+        norms = torch._foreach_norm(list(d.values()))
+        if len({(t.dtype, t.device) for t in (worst, *norms)}) == 1:
+            worst_f, *values = torch.stack([worst, *norms]).tolist()
+        else:  # mixed precisions or devices
+            values = _norms(d.values())
+            values = torch.cat([worst.reshape(1).double().to(values.device), values])
+            worst_f, *values = values.tolist()
+        r = worst_f / (math.pi * self.temperature)
+        tau = math.sqrt(math.fsum(v * v for v in values))
         return r, (tau / r if r > 0 else math.inf), tau
 
     def _scale(self, r: float, tau: float) -> float | None:
