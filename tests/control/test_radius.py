@@ -12,6 +12,7 @@ from torch.func import functional_call
 from tests.jacobian import models
 from torchsteer.bench.suites import lr_spike
 from torchsteer.control._radius_fold import folded_module
+from torchsteer.control._radius_jvp import _spread
 from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.control.radius import (
     RadiusLimiter,
@@ -789,3 +790,74 @@ def test_reuse_falls_back_under_autocast():
     r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
     assert lim.reused == 0
     assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-4)
+
+
+# --- per-step savings: reused snapshot buffers, cached names, fused spread ------------------
+
+
+def test_spread_matches_a_row_loop_and_propagates_nan():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    rows = a.reshape(-1, 7)
+    expected = torch.tensor([max(r.tolist()) - min(r.tolist()) for r in rows], dtype=a.dtype)
+    assert torch.equal(_spread(a), expected)
+    a[1, 2, 4] = float("nan")
+    s = _spread(a)
+    assert math.isnan(s[5]) and torch.equal(s[:5], expected[:5])
+
+
+def test_snapshot_buffers_reused_and_rebuilt_when_the_parameter_set_changes():
+    """Every step exact against torch.func.jvp (float64) and theta = old + s p, while the
+    snapshot buffers are reused between steps and follow a change of the optimized set."""
+    model, x, y = _problem()
+    lim = RadiusLimiter(model, r_max=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    buffers = None
+    for step in range(5):
+        if step == 3:  # freeze the first layer: a new optimizer over the rest
+            for p in model[0].parameters():
+                p.requires_grad_(False)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+        _grad(model, x, y)
+        old = _flat_params(model)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        p_full = torch.cat([-5.0 * p.grad.reshape(-1) for p in trainable])  # SGD's update
+        r_ref, _ = _reference_r(_trainable_only(copy.deepcopy(model)), old, p_full, x)
+        lim.step(opt, x)
+        if step not in (0, 3):
+            assert all(a is b for a, b in zip(lim._buffers, buffers))
+        buffers = list(lim._buffers)
+        assert len(buffers) == len(trainable)
+        assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-9)
+        s = min(1.0, 0.05 / r_ref)
+        torch.testing.assert_close(_flat_params(model), old + s * p_full, rtol=1e-9, atol=1e-12)
+        for p, q in zip(model[0].parameters(), frozen):
+            if not p.requires_grad:
+                assert torch.equal(p, q)
+    assert lim.reused == 5 and lim.limited >= 1
+
+
+def _trainable_only(model):
+    """``model`` whose frozen parameters are buffers: ``_reference_r`` then moves the rest."""
+    for m in model.modules():
+        for k, p in list(m._parameters.items()):
+            if p is not None and not p.requires_grad:
+                del m._parameters[k]
+                m.register_buffer(k, p.detach())
+    return model
+
+
+def test_reuse_falls_back_when_a_parameter_object_is_replaced():
+    """The record holds the old parameter object: a replaced one means the general path."""
+    model, x, y = _problem()
+    lim = RadiusLimiter(model, mode="monitor")
+    _grad(model, x, y)
+    w = model[0].weight
+    model[0].weight = nn.Parameter(w.detach().clone())
+    model[0].weight.grad = w.grad.clone()
+    old = _flat_params(model)
+    lim.step(torch.optim.SGD(model.parameters(), lr=20.0), x)
+    r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
+    assert lim.reused == 0
+    assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-9)

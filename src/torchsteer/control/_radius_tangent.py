@@ -134,6 +134,13 @@ class ActivationRecorder:
         if not self.supported:  # BatchNorm, attention, custom leaves: never applies, no hooks
             return
         self._params = list(model.parameters())
+        # (module, name, parameter) of every parameter slot: the check that none was replaced
+        # is one dict lookup per slot, without walking the module tree every step
+        self._slots = [
+            (m, k, p) for m in model.modules() for k, p in m._parameters.items() if p is not None
+        ]
+        self._keys = {m: None for m in leaves if type(m) in _RULES}  # module -> full names
+        self._keys_of: Any = None
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
@@ -207,10 +214,8 @@ class ActivationRecorder:
         if not self.valid or inputs is not self._root_input:
             return False
         if check_params:
-            params = list(self.model.parameters())
-            if len(params) != len(self._params) or any(
-                p is not q or p._version != v
-                for p, q, v in zip(params, self._params, self._versions)
+            if any(m._parameters.get(k) is not p for m, k, p in self._slots) or any(
+                p._version != v for p, v in zip(self._params, self._versions)
             ):
                 return False
         return all(u._version == vu and y._version == vy for _, u, y, vu, vy, _ in self.records)
@@ -234,6 +239,8 @@ class ActivationRecorder:
         """
         if not self.usable(inputs, check_params):
             return None
+        if prefix_of is not self._keys_of:  # the full names are cached per prefix map
+            self._keys, self._keys_of = dict.fromkeys(self._keys), prefix_of
         tangents: dict[int, torch.Tensor | None] = {}
         for module, u, y, _, _, stats in self.records:
             if u is self._root_input:
@@ -251,10 +258,15 @@ class ActivationRecorder:
             if rule is None:
                 dy = None if du is None else _elementwise(module, u, du, y)
             else:
-                prefix = prefix_of[module]
+                keys = self._keys.get(module)
+                if keys is None:
+                    prefix = prefix_of[module]
+                    keys = self._keys[module] = (
+                        ("weight", prefix + "weight"),
+                        ("bias", prefix + "bias"),
+                    )
                 th, dth = {}, {}
-                for k in ("weight", "bias"):
-                    full = prefix + k
+                for k, full in keys:
                     if full in direction:
                         dth[k] = direction[full]
                     th[k] = theta[full] if full in theta else getattr(module, k)
