@@ -37,6 +37,18 @@ CASES = {
         False,
         dict(jacobian="dense", svd="exact", lr=0.5, rtol=1e-6),
     ),
+    "dense_damped_functional": (  # damping on the sharded Gram (B = 12 <= P)
+        (3, 16, 2),
+        (5, 7),
+        False,
+        dict(jacobian="dense", svd="exact", lr=0.5, kappa=1.0, rtol=1e-6, damping=1e-2),
+    ),
+    "dense_tall_damped_functional": (  # damping on the all-reduced P x P Gram
+        (2, 1),
+        (5, 7),
+        False,
+        dict(jacobian="dense", svd="exact", lr=0.5, rtol=1e-6, damping=1e-2),
+    ),
     "randomized_matrix_free": (
         (3, 16, 2),
         (5, 7),

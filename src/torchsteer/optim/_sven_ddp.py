@@ -122,11 +122,13 @@ def solve_gram_sharded(
     rtol: float,
     gram_dtype: torch.dtype | None,
     shard: Shard,
+    damping: float = 0.0,
 ) -> Solution:
     """The exact truncated direction from this rank's rows M (B_r, P) and all residuals R (B,).
 
-    The same algebra as the one-process ``eigh`` of the smaller Gram matrix; see the module
-    docstring for what is communicated.
+    The same algebra as the one-process ``eigh`` of the smaller Gram matrix (with the same
+    relative Levenberg-Marquardt ``damping``); see the module docstring for what is
+    communicated.
     """
     B, P = shard.total, M.shape[1]
     dtype = M.dtype
@@ -136,14 +138,17 @@ def solve_gram_sharded(
     if B <= P:
         cols = _column_sizes(P, len(shard.rows))
         Mc = _to_columns(work, shard, cols)
-        vecs, S, keep, inv2 = gram_spectrum(dist.all_reduce_sum(Mc @ Mc.mT), r, rtol)
+        vecs, S, keep, inv2 = gram_spectrum(dist.all_reduce_sum(Mc @ Mc.mT), r, rtol, damping)
         c = vecs.mT @ Rw
         d = Shard(cols, shard.rank).gather(Mc.mT @ (vecs @ (inv2 * c)))
-        fitted = vecs @ torch.where(keep, c, 0 * c)
+        if damping == 0.0:
+            fitted = vecs @ torch.where(keep, c, 0 * c)
+        else:  # the damped filter S^2 / (S^2 + lam) on the kept directions
+            fitted = vecs @ (inv2 * S.square() * c)
     else:
         local = torch.cat([work.mT @ work, (work.mT @ shard.local(Rw)).unsqueeze(1)], dim=1)
         both = dist.all_reduce_sum(local)
-        vecs, S, keep, inv2 = gram_spectrum(both[:, :P], r, rtol)
+        vecs, S, keep, inv2 = gram_spectrum(both[:, :P], r, rtol, damping)
         d = vecs @ (inv2 * (vecs.mT @ both[:, P]))
         fitted = shard.gather(work @ d)
     rec = _record(S, keep, Rw, fitted)

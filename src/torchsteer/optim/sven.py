@@ -107,7 +107,6 @@ class Sven(torch.optim.Optimizer):
             the algebra dtype); ``torch.float64`` resolves float32 spectra below
             ``2 sqrt(eps32) S_max`` at the price of a slower ``eigh``.
         damping: relative Levenberg-Marquardt damping ``mu >= 0`` (0: the paper's step).
-            Not available on the DDP dense exact path.
         max_step_norm: trust-region radius on the norm of the step, in parameter units
             (None: no limit).
         model, loss_fn: enable the functional path (``step(batch=...)``).
@@ -290,12 +289,8 @@ class Sven(torch.optim.Optimizer):
                 solve, system = solve_operator, RowShardedOperator(J, shard)
                 args = (*operator_args, False)
             elif shard is not None:
-                if damped:
-                    raise ValueError(
-                        "Invalid damping: not supported on the DDP dense exact path "
-                        "(use svd='randomized' or jacobian='matrix_free')"
-                    )
-                solve, args = solve_gram_sharded, (self.rank, self.rtol, self.gram_dtype, shard)
+                solve = solve_gram_sharded
+                args = (self.rank, self.rtol, self.gram_dtype, shard)
         else:
             system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
             if shard is not None:
