@@ -153,6 +153,26 @@ INFOS: list[OptimInfo] = [
         nonfinite=True,
     ),
     OptimInfo(
+        name="Sven-safeguarded",
+        cls=Sven,
+        kwargs={
+            "lr": 0.5,
+            "rank": 4,
+            "rtol": 1e-5,
+            "kappa": 1.0,
+            "damping": 1e-4,
+            "max_step_norm": 0.5,
+            "gram_dtype": torch.float64,
+            "seed": 0,
+        },
+        closure_kind="per_sample",
+        invalid=[
+            ({"damping": -1.0}, "Invalid damping"),
+            ({"max_step_norm": 0.0}, "Invalid max_step_norm"),
+        ],
+        nonfinite=True,
+    ),
+    OptimInfo(
         name="RegularizedNewton",
         cls=RegularizedNewton,
         kwargs={"curvature": "hessian", "solver": "cg"},
@@ -162,6 +182,14 @@ INFOS: list[OptimInfo] = [
             ({"gamma0": 0.0}, "Invalid gamma0"),
             ({"max_tries": 0}, "Invalid max_tries"),
         ],
+        nonfinite=True,
+    ),
+    OptimInfo(
+        name="RegularizedNewton-margin",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "hessian", "growth": "margin", "reuse_trial": True},
+        closure_kind="scalar_graph",
+        invalid=[({"growth": "x"}, "Invalid growth"), ({"reuse_trial": 1}, "Invalid reuse_trial")],
         nonfinite=True,
     ),
     OptimInfo(
