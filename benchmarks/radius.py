@@ -43,7 +43,7 @@ from torch.func import functional_call, jvp
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
 from torchsteer.control import _radius_jvp as radius_module
-from torchsteer.control._radius_jvp import _eval_mode, _norm, _spread
+from torchsteer.control._radius_jvp import _eval_mode, _spread
 from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
 from torchsteer.jacobian import model_fn
 
@@ -299,8 +299,8 @@ def breakdown(name, x, y, repeats: int) -> dict:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    def snapshot():
-        state["old"] = [p.detach().clone() for p in params]
+    def snapshot():  # into the buffers kept from step to step, as the limiter does
+        state["old"] = [b.clone() for b in lim._snapshot(list(zip(names, params)))]
 
     def adam():
         opt.step()
@@ -334,9 +334,21 @@ def breakdown(name, x, y, repeats: int) -> dict:
             a = rec.tangent(x, pt, d, prefix, check_params=False)
         state["reuse"] = a is not None
 
-    def spread_norm_sync():
+    def spread_norm_sync():  # as RadiusLimiter._measure: r and the norms in one transfer
         worst = _spread(state["a"]).max()
-        torch.stack([worst.double() / math.pi, _norm(state["p"])]).tolist()
+        _, *norms = torch.stack([worst, *torch._foreach_norm(state["p"])]).tolist()
+        math.sqrt(math.fsum(v * v for v in norms))
+
+    twin = copy.deepcopy(model)  # no hooks: what recording costs in the training forward
+    for m in twin.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+
+    def forward_recording():
+        model(x)
+
+    def forward_no_hooks():
+        twin(x)
 
     def rescale():  # only on limited steps: theta = old + s p
         with torch.no_grad():
@@ -349,6 +361,8 @@ def breakdown(name, x, y, repeats: int) -> dict:
 
     pieces = {
         "forward+backward": train_fwd_bwd,
+        "training forward alone, recording (hooks)": forward_recording,
+        "training forward alone, no hooks": forward_no_hooks,
         "snapshot copy": snapshot,
         "Adam step": adam,
         "update p = new - old": update,
@@ -398,6 +412,11 @@ def write(results: dict) -> None:
     path = RESULTS / "radius.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(results)
+    if "overhead" in results:  # every run's ratios, to show the spread between runs
+        o = results["overhead"]
+        runs = old.get("overhead_runs", [])
+        runs.append({"meta": o["meta"], "ratio": {m: v["ratio"] for m, v in o["models"].items()}})
+        old["overhead_runs"] = runs
     path.write_text(json.dumps(old, indent=1))
     lines = ["# Softmax radius limiter", ""]
     if "spike" in old:
@@ -457,6 +476,22 @@ def write(results: dict) -> None:
                     f"| {m} | {method}: relative error of r | median {e['median']:.1e} | "
                     f"max {e['max']:.1e} | |"
                 )
+        runs = old.get("overhead_runs", [])[-4:]
+        if len(runs) > 1:
+            lines += [
+                "",
+                "The default limiter's ratio in the latest runs (the same code unless the note "
+                "says otherwise; the spread is the machine's load):",
+                "",
+                "| run | " + " | ".join(o["models"]) + " |",
+                "|---|" + "---|" * len(o["models"]),
+            ]
+            for run in runs:
+                cells = " | ".join(
+                    f"{run['ratio'].get(m, {}).get('limiter (jvp)', float('nan')):.2f}"
+                    for m in o["models"]
+                )
+                lines.append(f"| {run['meta']} | {cells} |")
         models = list(o["models"])
         keys = list(dict.fromkeys(k for m in models for k in o["models"][m]["breakdown_ms"]))
         lines += [

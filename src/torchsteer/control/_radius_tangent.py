@@ -180,18 +180,20 @@ class ActivationRecorder:
             self._versions = [p._version for p in self._params]
 
     def _record(self, module, args, output):
+        # runs for every leaf in every forward: references and version numbers only
         if not self.valid or self._depth != 1:
             return
-        u = args[0] if len(args) == 1 else None
-        if (
-            not isinstance(u, torch.Tensor)
-            or not isinstance(output, torch.Tensor)
-            or (isinstance(module, nn.Dropout) and module.training and module.p > 0)
+        if len(args) != 1 or not isinstance(output, torch.Tensor):
+            self.valid = False
+            return
+        u, kind = args[0], type(module)
+        if not isinstance(u, torch.Tensor) or (
+            kind is nn.Dropout and module.training and module.p > 0
         ):
             self.valid = False
             return
         stats = None
-        if type(module) is nn.LayerNorm:  # the forward's row statistics, saved for backward
+        if kind is nn.LayerNorm:  # the forward's row statistics, saved for backward
             fn = output.grad_fn
             if fn is not None and fn.name() == "NativeLayerNormBackward0":
                 # native_layer_norm's results 1 and 2: the mean and 1 / sigma, shape (..., 1)
