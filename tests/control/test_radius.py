@@ -1,6 +1,7 @@
 """Softmax step radius: the theory's zeros, JVP oracles, and the limiter's guarantees."""
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -861,3 +862,26 @@ def test_reuse_falls_back_when_a_parameter_object_is_replaced():
     r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
     assert lim.reused == 0
     assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-9)
+
+
+def test_tangent_buffers_kept_between_calls_do_not_leak_into_results():
+    """Tangents from the kept buffers: each equals torch.func.jvp (float64), a returned
+    tangent is not overwritten by the next call, and a new batch size reallocates them."""
+    model, x, y = _problem()
+    model = nn.Sequential(*model[:3], nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    rec = ActivationRecorder(model)
+    prefix = {m: (n + "." if n else "") for n, m in model.named_modules()}
+    theta = {k: p.detach() for k, p in model.named_parameters()}
+    results = []
+    for batch, seed in ((x, 1), (x, 2), (x[:20], 3)):
+        _grad(model, batch, y[: len(batch)])
+        v = _random_direction(model, seed)
+        a = rec.tangent(batch, theta, v, prefix)
+        ev = copy.deepcopy(model).eval()
+        f = functools.partial(lambda m, b, q: functional_call(m, q, (b,)), ev, batch)
+        _, ref = torch.func.jvp(f, (theta,), (v,))
+        torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
+        results.append((a, ref))
+    for a, ref in results:  # still the values each call returned
+        torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
+    assert len(rec._buffers) >= 3

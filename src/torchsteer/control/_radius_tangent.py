@@ -49,8 +49,26 @@ _ELEMENTWISE = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, 
 _SUPPORTED = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE)
 
 
-def _linear(module, a, da, theta, dtheta, stats=None):
+def _new(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _linear(module, a, da, theta, dtheta, stats=None, new=_new):
     w, dw, db = theta["weight"], dtheta.get("weight"), dtheta.get("bias")
+    if a.dim() == 2 and (dw is not None or da is not None):  # into a kept buffer
+        out = new((a.shape[0], w.shape[0]), a)
+        if dw is not None:
+            if db is None:
+                torch.mm(a, dw.t(), out=out)
+            else:
+                torch.addmm(db, a, dw.t(), out=out)
+            if da is not None:
+                out.addmm_(da, w.t())
+        else:
+            torch.mm(da, w.t(), out=out)
+            if db is not None:
+                out.add_(db)
+        return out
     out = None if dw is None else F.linear(a, dw, db)
     if da is not None:
         if out is not None and out.dim() == 2:
@@ -63,7 +81,7 @@ def _linear(module, a, da, theta, dtheta, stats=None):
     return out
 
 
-def _layer_norm(module, u, du, theta, dtheta, stats=None):
+def _layer_norm(module, u, du, theta, dtheta, stats=None, new=_new):
     shape, gamma = module.normalized_shape, theta.get("weight")
     dgamma, dbeta = dtheta.get("weight"), dtheta.get("bias")
     if stats is not None:  # the training forward's mean and 1 / sigma: xhat in one pass
@@ -72,7 +90,7 @@ def _layer_norm(module, u, du, theta, dtheta, stats=None):
         if dgamma is not None:
             # (u - mean) * rstd: two row-broadcast passes that vectorize (an addcmul with two
             # (N, 1) operands does not: measured 3x slower), then the (C,) scale and shift
-            xhat = (u - mean).mul_(rstd)
+            xhat = torch.sub(u, mean, out=new(u.shape, u)).mul_(rstd)
             t = xhat.mul_(dgamma) if dbeta is None else xhat.mul_(dgamma).add_(dbeta)
         elif dbeta is not None:
             t = dbeta.expand_as(u).clone()
@@ -94,15 +112,18 @@ def _layer_norm(module, u, du, theta, dtheta, stats=None):
     return out if t is None else out.add_(t)
 
 
-def _elementwise(module, u, du, y):
+def _elementwise(module, u, du, y, new=_new):
     if isinstance(module, nn.GELU):
-        return torch.ops.aten.gelu_backward(du, u, approximate=module.approximate)
+        out = new(du.shape, du)
+        return torch.ops.aten.gelu_backward.grad_input(
+            du, u, approximate=module.approximate, grad_input=out
+        )
     if isinstance(module, nn.ReLU):
-        return torch.ops.aten.threshold_backward(du, y, 0)
+        return torch.ops.aten.threshold_backward.grad_input(du, y, 0, grad_input=new(du.shape, du))
     if isinstance(module, nn.Tanh):
-        return torch.ops.aten.tanh_backward(du, y)
+        return torch.ops.aten.tanh_backward.grad_input(du, y, grad_input=new(du.shape, du))
     if isinstance(module, nn.Sigmoid):
-        return torch.ops.aten.sigmoid_backward(du, y)
+        return torch.ops.aten.sigmoid_backward.grad_input(du, y, grad_input=new(du.shape, du))
     if isinstance(module, nn.Flatten):
         return du.flatten(module.start_dim, module.end_dim)
     return du  # Identity, Dropout as the identity
@@ -141,6 +162,8 @@ class ActivationRecorder:
         ]
         self._keys = {m: None for m in leaves if type(m) in _RULES}  # module -> full names
         self._keys_of: Any = None
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}  # tangent buffers, kept
+        self._kept_ptrs: set[int] = set()
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
             model.register_forward_hook(self._end, always_call=True),
@@ -241,10 +264,15 @@ class ActivationRecorder:
         """
         if not self.usable(inputs, check_params):
             return None
+        with torch.no_grad():  # a measurement (the kept buffers are written with out=)
+            return self._tangent(theta, direction, prefix_of)
+
+    def _tangent(self, theta, direction, prefix_of) -> torch.Tensor | None:
         if prefix_of is not self._keys_of:  # the full names are cached per prefix map
             self._keys, self._keys_of = dict.fromkeys(self._keys), prefix_of
         tangents: dict[int, torch.Tensor | None] = {}
-        for module, u, y, _, _, stats in self.records:
+        for i, (module, u, y, _, _, stats) in enumerate(self.records):
+            new = self._kept(i)
             if u is self._root_input:
                 du = None
             elif id(u) in tangents:
@@ -258,7 +286,7 @@ class ActivationRecorder:
             if u.dtype != y.dtype or (du is not None and du.dtype != u.dtype):
                 return None  # mixed precision (autocast): the general path
             if rule is None:
-                dy = None if du is None else _elementwise(module, u, du, y)
+                dy = None if du is None else _elementwise(module, u, du, y, new)
             else:
                 keys = self._keys.get(module)
                 if keys is None:
@@ -274,10 +302,30 @@ class ActivationRecorder:
                     th[k] = theta[full] if full in theta else getattr(module, k)
                 if any(t is not None and t.dtype != u.dtype for t in (*th.values(), *dth.values())):
                     return None  # parameters and activations in different precisions
-                dy = rule(module, u, du, th, dth, stats)
+                dy = rule(module, u, du, th, dth, stats, new)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
             self.structural_failure = True
             return None
         out = tangents[id(self._root_output)]
-        return torch.zeros_like(self._root_output) if out is None else out
+        if out is None:
+            return torch.zeros_like(self._root_output)
+        if out.untyped_storage().data_ptr() in self._kept_ptrs:
+            out = out.clone()  # the caller's own tensor: the kept buffers are reused next step
+        return out
+
+    def _kept(self, i: int):
+        """``new(shape, like, role=0)``: the tangent buffer kept for record ``i`` (reused from
+        step to step: no allocation, no page faults), reallocated when shape or type change."""
+
+        def new(shape, like, role=0):
+            key = (i, role)
+            t = self._buffers.get(key)
+            if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+                if t is not None:
+                    self._kept_ptrs.discard(t.untyped_storage().data_ptr())
+                t = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+                self._kept_ptrs.add(t.untyped_storage().data_ptr())
+            return t
+
+        return new
