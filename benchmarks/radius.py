@@ -373,6 +373,9 @@ def breakdown(name, x, y, repeats: int) -> dict:
         "spread, max, |p|, sync": spread_norm_sync,
         "rescale (limited steps only)": rescale,
     }
+    if rec is None:  # no recorder (BatchNorm): no hooks to time
+        del pieces["training forward alone, recording (hooks)"]
+        del pieces["training forward alone, no hooks"]
     times = {k: [] for k in pieces}
     times["tangent only (reusing the training forward)"] = []
     for i in range(3 + repeats):

@@ -25,7 +25,7 @@ a chain of Linear / LayerNorm / elementwise modules only its tangent is computed
 activations that forward recorded (:mod:`torchsteer.control._radius_tangent`); otherwise one
 forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the convolution before
 it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`). Measured on the
-digits models at one thread: about 1.6-1.8x a plain Adam step (``benchmarks/radius.py``).
+digits models at one thread: about 1.6-1.7x a plain Adam step (``benchmarks/radius.py``).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -112,9 +112,11 @@ class RadiusLimiter:
             Otherwise (BatchNorm, functional operations between modules, another batch) the
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
 
-    Memory: one copy of the optimized parameters (P numbers) between snapshot and correction;
-    with ``reuse_forward`` the latest forward's activations are kept until the step (autograd
-    keeps them until the backward anyway).
+    Memory: one copy of the optimized parameters (P numbers), kept from step to step so the
+    snapshot is a copy into the same buffers; with ``reuse_forward`` the latest forward's
+    activations are kept until the step (autograd keeps them until the backward anyway) and
+    the tangent pass keeps its buffers (about one tensor per recorded module, the size of that
+    module's output) between steps: no allocation (and no page faults) per step.
     Parameters the model does not hold are rescaled with the rest but not measured; frozen
     parameters (``requires_grad=False``) are left alone.
     """
