@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -885,3 +886,40 @@ def test_tangent_buffers_kept_between_calls_do_not_leak_into_results():
     for a, ref in results:  # still the values each call returned
         torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
     assert len(rec._buffers) >= 3
+
+
+class _ConvBnRelu(nn.Module):
+    """conv-BN-ReLU blocks whose ReLU is F.relu, nn.ReLU, in place, or shares the BN output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2, self.r2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.c3, self.b3 = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c4, self.b4 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))  # fused
+        h = self.r2(self.b2(self.c2(h)))  # fused (module)
+        g = self.b3(self.c3(h))
+        h = F.relu(g) + 0.5 * g  # the BN output has two users: not fused
+        h = F.relu(self.b4(self.c4(h)), inplace=True)  # in place: not fused
+        return self.head(h.flatten(1))
+
+
+def test_relu_applied_inside_the_folded_convolution_keeps_the_exact_jvp():
+    torch.manual_seed(0)
+    model = _ConvBnRelu().double()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():  # running statistics away from (0, 1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=torch.float64)
+    folded = folded_module(model)
+    assert folded is not None and set(folded.relus) == {"b1", "b2"}
+    d = _random_direction(model, seed=7)
+    point = {k: p.detach() for k, p in model.named_parameters()}
+    a = logit_derivative(model, x, d)
+    torch.testing.assert_close(a, _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12)
