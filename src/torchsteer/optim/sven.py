@@ -419,14 +419,12 @@ class Sven(torch.optim.Optimizer):
             full[cols] = d
             d = full
         if self.max_step_norm is not None:  # trust region on the step lr_g d_g (no momentum)
-            lrs = torch.cat(
-                [
-                    d.new_full((p.numel(),), group["lr"])
-                    for group in self.param_groups
-                    for p in group["params"]
-                ]
-            )
-            norm = (lrs * d).norm()
+            pieces, offset = [], 0
+            for group in self.param_groups:  # |lr_g d_g| per group: no P-sized temporary
+                n = sum(p.numel() for p in group["params"])
+                pieces.append(group["lr"] * torch.linalg.vector_norm(d[offset : offset + n]))
+                offset += n
+            norm = torch.linalg.vector_norm(torch.stack(pieces))
             d = d * torch.clamp(self.max_step_norm / norm, max=1.0)
         offset = 0
         for group in self.param_groups:
