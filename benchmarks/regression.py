@@ -41,7 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from torchsteer.bench import data
-from torchsteer.bench.suites.regression import squared_error
+from torchsteer.bench.suites.regression import SAFEGUARDS, squared_error
 from torchsteer.bench.training import Method, mlp, torch_method, train
 from torchsteer.optim.sven import Sven
 
@@ -50,7 +50,7 @@ RESULTS = Path(__file__).parent / "results"
 TARGET = 1e-4
 B = 128
 ADAM_LRS = (1e-3, 3e-3, 1e-2)
-SAFE = dict(max_step_norm=1.0, rtol=1e-5, gram_dtype=torch.float64)
+SAFE = SAFEGUARDS  # the suite's: max_step_norm 1, rtol 1e-5, float64 Gram
 SVEN_ARMS = {
     "Sven spec (kappa=2, rtol=1e-3)": {},
     "Sven kappa=2 +cap +f64 rtol=1e-5": dict(SAFE),

@@ -55,7 +55,7 @@ from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.training import Method, lbfgs_method, mlp, torch_method, train
 from torchsteer.optim.sven import Sven
 
-__all__ = ["Config", "methods", "run"]
+__all__ = ["SAFEGUARDS", "SVEN_ARMS", "Config", "methods", "run"]
 
 NAME = "regression"
 TARGET = 1e-4
@@ -108,14 +108,15 @@ def methods(config: Config) -> list[Method]:
     return arms
 
 
-# The lr and rank in both; the second adds the options chosen on the benchmark.
+# The safeguards chosen on ``benchmarks/regression.py`` (which imports them from here).
+SAFEGUARDS: dict = dict(max_step_norm=1.0, rtol=1e-5, gram_dtype=torch.float64)
+
+# The lr and rank in every arm; the others add the options chosen on the benchmark.
 SVEN_ARMS: dict[str, dict] = {
     "Sven lr=0.1 rank=64": {},
-    "Sven lr=0.1 rank=64 kappa=1 cap=1 rtol=1e-5": dict(
-        kappa=1.0, max_step_norm=1.0, rtol=1e-5, gram_dtype=torch.float64
-    ),
+    "Sven lr=0.1 rank=64 kappa=1 cap=1 rtol=1e-5": dict(SAFEGUARDS, kappa=1.0),
     "Sven lr=0.1 rank=64 kappa=1 cap=1 rtol=1e-5 momentum=0.5": dict(
-        kappa=1.0, max_step_norm=1.0, rtol=1e-5, gram_dtype=torch.float64, momentum=0.5
+        SAFEGUARDS, kappa=1.0, momentum=0.5
     ),
 }
 
