@@ -82,6 +82,13 @@ def test_linear_outer_product_path_matches_dense(seq):
     buf = torch.full_like(J, float("nan"))
     assert per_sample_jacobian(model, sq, x, y, out=buf) is buf
     torch.testing.assert_close(buf, J, rtol=1e-10, atol=1e-12)
+    from torchsteer.jacobian.per_sample import linear_per_sample_jacobian
+
+    trainable = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    values, Jr = linear_per_sample_jacobian(model, sq, x, y, trainable, return_values=True)
+    torch.testing.assert_close(Jr, J, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(values, sq(model(x), y), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="Invalid method"):
         per_sample_jacobian(make("cnn")[0], ce, *make("cnn")[1:], method="linear")
 

@@ -45,11 +45,14 @@ def linear_per_sample_jacobian(
     targets: torch.Tensor,
     params: Mapping[str, torch.Tensor],
     out: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+    return_values: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """The (B, P) per-sample Jacobian by outer products, or None when it does not apply.
 
-    ``out``, a (B, P) buffer of the parameters' dtype, is written in place when given (a
-    reused buffer avoids the page faults of a fresh allocation of B * P numbers each call).
+    With ``return_values`` it returns ``(losses, J)``, the (B,) per-sample losses (detached)
+    of the same forward. ``out``, a (B, P) buffer of the parameters' dtype, is written in
+    place when given (a reused buffer avoids the page faults of a fresh allocation of B * P
+    numbers each call).
     """
     names = list(params)
     owners = _linear_owners(model, names)
@@ -107,4 +110,4 @@ def linear_per_sample_jacobian(
             g3, a3 = g.reshape(B, -1, g.shape[-1]), a.reshape(B, -1, a.shape[-1])
             torch.bmm(g3.transpose(1, 2), a3, out=block.view(B, g3.shape[2], a3.shape[2]))
         offset += n
-    return J
+    return (losses.detach(), J) if return_values else J

@@ -95,17 +95,13 @@ def _per_sample_expanded(model, loss_fn, inputs, targets, params):
 def _per_sample_linear(model, loss_fn, inputs, targets, params, out):
     """The core's outer-product path (every parameter in an ``nn.Linear``), or None."""
     n = inputs.shape[0]
-    seen: list[torch.Tensor] = []
 
     def summed(output, target):
-        values = loss_fn(output, target).reshape(n, -1).sum(1)
-        seen.append(values)
-        return values
+        return loss_fn(output, target).reshape(n, -1).sum(1)
 
-    jac = linear_per_sample_jacobian(model, summed, inputs, targets, params, out=out)
-    if jac is None or len(seen) != 1:
-        return None
-    return seen[0].detach(), jac
+    return linear_per_sample_jacobian(
+        model, summed, inputs, targets, params, out=out, return_values=True
+    )
 
 
 def per_sample_values_and_jacobian(
