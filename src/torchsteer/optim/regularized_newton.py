@@ -235,6 +235,11 @@ class RegularizedNewton(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("reuse_trial", False)
         self._cache, self._last_closure = None, None
+        for group in self.param_groups:  # checkpoints from before these keys existed
+            group.setdefault("growth", "double")
+        first = self.state.get(self.param_groups[0]["params"][0]) if self.param_groups else None
+        if first and "step" in first:
+            first.setdefault("tries", 0)
 
     # -- the step -------------------------------------------------------------------------
 
@@ -395,10 +400,12 @@ class RegularizedNewton(torch.optim.Optimizer):
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         cache, self._cache = self._cache, None
         reused = cache is not None and self._reusable(cache, closure, params)
+        evaluation = cache["evaluation"] if reused else None
+        del cache  # a stale kept graph goes before a fresh evaluation builds another
         keep = self.reuse_trial and (self._last_closure is None or closure == self._last_closure)
         self._last_closure = closure if self.reuse_trial else None
         if reused:  # the last step's accepted trial point is this step's x
-            f, aux, grads, g, loss = cache["evaluation"]
+            f, aux, grads, g, loss = evaluation
         else:
             f, aux, grads = evaluate_closure(closure, params, group["curvature"], graph=True)
             g = _flat_cat(grads, params, work)
@@ -406,7 +413,6 @@ class RegularizedNewton(torch.optim.Optimizer):
             if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
                 packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
                 g, loss = packed[:-1], packed[-1].to(loss.dtype)
-        del cache
         finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
@@ -437,13 +443,13 @@ class RegularizedNewton(torch.optim.Optimizer):
             self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
         rec["reused"] = reused
         state["closure_evals"] += rec.pop("evals")
-        state["tries"] = state.get("tries", 0) + rec["tries"]  # .get: older checkpoints
+        state["tries"] += rec["tries"]
         state["curvature_products"] += curv.products
         state["cg_iterations"] += rec["cg_iterations"]
         rec["lambda"] = rec.pop("lam", float("nan"))
         state["record"] = {**rec, "loss": f0, "grad_norm": gnorm}
         if rec["accepted"]:
-            if rec["margin"] or group.get("growth", "double") == "double":
+            if rec["margin"] or group["growth"] == "double":
                 scale = min(2 * scale, _SCALE_MAX) if gns else max(scale / 2, 1 / _SCALE_MAX)
             state["gamma" if gns else "M"] = scale
             return loss
