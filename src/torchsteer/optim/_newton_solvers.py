@@ -321,7 +321,8 @@ class CGSolver:
         elif self._last is not None and x0 is self._last[0]:
             x, Hx = self._last
         else:
-            x, Hx = x0.to(g.dtype), matvec(x0.to(g.dtype))
+            x = x0.to(g.dtype)
+            Hx = matvec(x)
         r = -g - Hx - lam * x
         threshold = self.tol * float(g.norm())
         p, rs = r, float(r @ r)
