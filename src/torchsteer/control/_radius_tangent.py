@@ -149,6 +149,7 @@ class ActivationRecorder:
         self._root_input: Any = None
         self._root_output: Any = None
         self._versions: list[int] = []
+        self._checked: list[int] | None = None  # parameter versions of the last checked record
         self._depth = 0
         self._handles = []
         leaves = [m for m in model.modules() if m is not model and next(m.children(), None) is None]
@@ -237,7 +238,9 @@ class ActivationRecorder:
     # -- the tangent pass ---------------------------------------------------------------------
     def usable(self, inputs: Any, check_params: bool = True) -> bool:
         """Whether the record is the forward on ``inputs`` (at the current parameters: call
-        this before the optimizer steps; afterwards pass ``check_params=False``)."""
+        this before the optimizer steps; afterwards pass ``check_params=False``, which accepts
+        only a record at the parameters of that earlier check: a closure may have run the
+        forward again at other points, as LBFGS does)."""
         if not self.valid or inputs is not self._root_input:
             return False
         if check_params:
@@ -245,6 +248,9 @@ class ActivationRecorder:
                 p._version != v for p, v in zip(self._params, self._versions)
             ):
                 return False
+            self._checked = self._versions
+        elif self._versions != self._checked:
+            return False
         return all(u._version == vu and y._version == vy for _, u, y, vu, vy, _ in self.records)
 
     def tangent(
