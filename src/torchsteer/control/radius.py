@@ -45,7 +45,6 @@ from torch import nn
 from torchsteer.control._radius_jvp import (
     _METHODS,
     LogitsFn,
-    _norms,
     _worst_spread,
     logit_derivative,
     logit_spread,
@@ -291,8 +290,8 @@ class RadiusLimiter:
                 extra = {"primal": rec._root_output.detach()}
                 self.reused += 1
             rec.clear()  # the activations are not needed any more
-            if self._recorder.structural_failure:  # operations between modules: never applies
-                self._recorder.remove()
+            if rec.structural_failure:  # operations between modules: never applies
+                rec.remove()
                 self._recorder = None
         worst = _worst_spread(
             self.model,
@@ -308,12 +307,9 @@ class RadiusLimiter:
         )
         # r and the per-tensor norms of p to Python in one transfer; |p| summed in float64
         norms = torch._foreach_norm(list(d.values()))
-        if len({(t.dtype, t.device) for t in (worst, *norms)}) == 1:
-            worst_f, *values = torch.stack([worst, *norms]).tolist()
-        else:  # mixed precisions or devices
-            values = _norms(d.values())
-            values = torch.cat([worst.reshape(1).double().to(values.device), values])
-            worst_f, *values = values.tolist()
+        if len({(t.dtype, t.device) for t in (worst, *norms)}) > 1:  # mixed precisions/devices
+            worst, *norms = (t.double().cpu() for t in (worst, *norms))
+        worst_f, *values = torch.stack([worst, *norms]).tolist()
         r = worst_f / (math.pi * self.temperature)
         tau = math.sqrt(math.fsum(v * v for v in values))
         return r, (tau / r if r > 0 else math.inf), tau
