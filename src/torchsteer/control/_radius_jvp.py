@@ -25,7 +25,7 @@ from torch import nn
 
 from torchsteer import distributed
 from torchsteer.control._radius_fold import channels_last_strides, folded_module
-from torchsteer.jacobian import jvp, model_fn, unflatten, unwrap_model
+from torchsteer.jacobian import jvp, model_fn, param_dict, unflatten, unwrap_model
 
 __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
 
@@ -107,11 +107,12 @@ def logit_derivative(
     if method not in _METHODS:
         raise ValueError(f"Invalid method: {method}")
     model = unwrap_model(model)
-    live = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if isinstance(direction, torch.Tensor):
-        direction = unflatten(direction, live)
-    if params is None:
-        params = {k: live[k] for k in direction}
+    if isinstance(direction, torch.Tensor) or params is None:  # the limiter passes both dicts
+        live = param_dict(model)
+        if isinstance(direction, torch.Tensor):
+            direction = unflatten(direction, live)
+        if params is None:
+            params = {k: live[k] for k in direction}
     if set(params) != set(direction):
         raise ValueError("Invalid direction: its keys differ from the parameters' keys")
     f, prefix = _forward(model, inputs, logits_fn)
