@@ -86,15 +86,17 @@ class RegularizedNewton(torch.optim.Optimizer):
     (version counters and storage unchanged), the trial's evaluation -- loss, gradient and
     autograd graph, built with ``create_graph=True`` for the Hessian -- is the next step's
     evaluation at ``x``: one closure call per try instead of one per try plus one per step, and
-    the same iterates bit for bit. The accepted values are then written through ``.data`` (the
-    kept graph saved the parameters holding exactly them), so the parameters' version counters
-    do not move on such a write. A closure object that is new at every step (a minibatch per
-    step, Lightning's wrapper) is always evaluated afresh, and after its first step no trial
-    graph is built for it. A closure object that is passed again must compute the same function
-    of the parameters (as the accept test already assumes within a step): a closure that reads a
-    batch which changes between steps would be silently evaluated on the old batch, which is why
-    reuse is opt-in. Turn it on for full-batch loops (the convex benchmark does). The kept graph
-    lives between steps (the memory of one evaluation).
+    the same iterates bit for bit (under a process group, up to the last bit for parameters that
+    are not float64: the trial's gradient is averaged in float64, a fresh one in the working
+    dtype). The accepted values are then written through ``.data`` (the kept graph saved the
+    parameters holding exactly them), so the parameters' version counters do not move on such a
+    write. A closure object that is new at every step (a minibatch per step, Lightning's
+    wrapper) is always evaluated afresh, and after its first step no trial graph is built for
+    it. A closure object that is passed again must compute the same function of the parameters
+    (as the accept test already assumes within a step): a closure that reads a batch which
+    changes between steps would be silently evaluated on the old batch, which is why reuse is
+    opt-in. Turn it on for full-batch loops (the convex benchmark does). The kept graph lives
+    between steps (the memory of one evaluation).
 
     The method is global: the parameters of all groups form one vector, and every group must
     have the same hyperparameters.
