@@ -115,7 +115,6 @@ def logit_derivative(
             params = {k: live[k] for k in direction}
     if set(params) != set(direction):
         raise ValueError("Invalid direction: its keys differ from the parameters' keys")
-    f, prefix = _forward(model, inputs, logits_fn)
     theta = {k: params[k].detach() for k in direction}
     v = {k: direction[k].detach() for k in direction}
     folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
@@ -125,6 +124,8 @@ def logit_derivative(
         used = {k for k, _ in folded.gm.named_parameters()}
         theta = {k: t for k, t in theta.items() if k in used}
         v = {k: t for k, t in v.items() if k in used}
+    else:
+        f, prefix = _forward(model, inputs, logits_fn)
     if (
         method == "jvp"
         and _CHANNELS_LAST
