@@ -39,11 +39,13 @@ from torchsteer.control.radius import RadiusLimiter
 __all__ = ["RadiusLimit", "default_logits_fn"]
 
 
+def _model_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, tuple | list) else batch
+
+
 def default_logits_fn(module: torch.nn.Module, batch: Any) -> torch.Tensor:
     """``module(batch[0])`` for a tuple or list batch, else ``module(batch)``."""
-    if isinstance(batch, tuple | list):
-        return module(batch[0])
-    return module(batch)
+    return module(_model_input(batch))
 
 
 class RadiusLimit(pl.Callback):
@@ -126,9 +128,7 @@ class RadiusLimit(pl.Callback):
 
     def _inputs(self, batch: Any) -> Any:
         """What the limiter hands to its logits: ``batch[0]`` (tuple/list) by default."""
-        if self._default_logits and isinstance(batch, tuple | list):
-            return batch[0]
-        return batch
+        return _model_input(batch) if self._default_logits else batch
 
     @override
     def state_dict(self) -> dict[str, Any]:
