@@ -282,9 +282,8 @@ class RadiusLimiter:
         if self._reuse_ok:
             self._reuse_ok = False
             rec = self._recorder
-            if self.method == "jvp":
-                with torch.no_grad():
-                    tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
+            if self.method == "jvp":  # (tangent() runs under no_grad itself)
+                tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
                 self.reused += int(tangent is not None)
             elif rec.usable(inputs, check_params=False):  # "fd1": the forward's logits
                 extra = {"primal": rec._root_output.detach()}
