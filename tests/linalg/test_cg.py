@@ -54,6 +54,20 @@ def test_indefinite_operator_reports_breakdown():
     assert res.breakdown and not res.converged
 
 
+def test_nan_product_is_a_breakdown_not_maxiter_iterations():
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return torch.full_like(v, float("nan"))
+
+    b = torch.ones(50, dtype=torch.float64)
+    res = conjugate_gradient(matvec, b)
+    assert res.breakdown and not res.converged
+    assert res.iterations == 0 and len(calls) == 1
+    assert torch.equal(res.x, torch.zeros_like(b))  # the iterate before the bad product
+
+
 def test_nonfinite_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="Invalid b"):
         conjugate_gradient(lambda v: v, torch.tensor([1.0, float("inf")]))

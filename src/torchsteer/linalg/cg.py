@@ -19,8 +19,9 @@ class CGResult:
         iterations: iterations run.
         residual_norm: final |b - A x| per column (a tensor).
         converged: every column met the tolerance.
-        breakdown: a direction of non-positive curvature (p^T A p <= 0) was met: the operator
-            is not positive definite; ``x`` is the iterate before it.
+        breakdown: a direction of non-positive curvature (p^T A p <= 0) was met, or the
+            product was not finite (NaN): the operator is not positive definite or not
+            finite; ``x`` is the iterate before it.
     """
 
     x: torch.Tensor
@@ -76,7 +77,7 @@ def conjugate_gradient(
         AP = A(Pd)
         pap = (Pd * AP).sum(0)
         active = rs > 0
-        if bool(((pap <= 0) & active).any()):
+        if bool((~(pap > 0) & active).any()):  # also NaN: a non-finite product
             breakdown = True
             break
         alpha = torch.where(active, rs / torch.where(active, pap, torch.ones_like(pap)), 0.0)
