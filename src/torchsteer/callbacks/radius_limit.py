@@ -18,7 +18,8 @@ the spread is reduced with a maximum across ranks (:mod:`torchsteer.distributed`
 gradient accumulation the last micro-batch is measured. Cost: one JVP and one copy of the
 parameters per step; with the default logits and a ``training_step`` that calls
 ``self(x)`` on a chain of Linear/LayerNorm/elementwise modules, only the JVP's tangent, from
-that forward's activations (see :class:`RadiusLimiter`, ``reuse_forward``).
+that forward's activations (see :class:`RadiusLimiter`, ``reuse_forward``; its forward hooks
+on the module are removed in ``teardown``).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -89,11 +90,20 @@ class RadiusLimit(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         logits_fn = None if self._default_logits else self.logits_fn
+        self._remove_hooks()  # a limiter from an earlier fit or stage
         self.limiter = RadiusLimiter(
             pl_module, r_max=self.r_max, mode=self.mode, logits_fn=logits_fn,
             **self.limiter_kwargs,
         )  # fmt: skip
         self.limiter.load_state_dict(self._state)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()  # the limiter (and its counters) stays for state_dict
+
+    def _remove_hooks(self) -> None:
+        if self.limiter is not None:
+            self.limiter.remove_hooks()
 
     @override
     def on_train_batch_start(

@@ -290,8 +290,7 @@ class RadiusLimiter:
                 self.reused += 1
             rec.clear()  # the activations are not needed any more
             if rec.structural_failure:  # operations between modules: never applies
-                rec.remove()
-                self._recorder = None
+                self.remove_hooks()
         worst = _worst_spread(
             self.model,
             inputs,
@@ -337,6 +336,13 @@ class RadiusLimiter:
             "skipped": float(skipped),
             "step": self.steps,
         }
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks of ``reuse_forward`` from the model (the limiter then
+        measures by the general JVP); for a limiter that is being replaced."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
 
     @property
     def pending(self) -> bool:
