@@ -156,3 +156,12 @@ def test_logs_signals(tmp_path):
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError, match=f"Invalid {next(iter(kwargs))}"):
         RadiusLimit(**kwargs)
+
+
+def test_repeated_fits_leave_no_stale_hooks(tmp_path):
+    """Each setup builds a limiter with forward hooks; teardown removes them."""
+    module, callback = Module(), RadiusLimit()
+    for _ in range(2):
+        _trainer(tmp_path, 2, callback).fit(module, _loader())
+    hooked = [m for m in module.modules() if m._forward_hooks]
+    assert hooked == []

@@ -435,6 +435,7 @@ def test_nonfinite_update_restores_parameters():
         {"temperature": -1.0},
         {"fd_eps": 0.0},
         {"nonfinite": "ignore"},
+        {"reuse_forward": 1},
     ],
 )
 def test_invalid_hyperparameters(kwargs):
@@ -923,3 +924,28 @@ def test_relu_applied_inside_the_folded_convolution_keeps_the_exact_jvp():
     point = {k: p.detach() for k, p in model.named_parameters()}
     a = logit_derivative(model, x, d)
     torch.testing.assert_close(a, _func_jvp(model, x, point, d), rtol=1e-12, atol=1e-12)
+
+
+def test_lbfgs_closure_forwards_are_not_reused():
+    """LBFGS re-runs the forward at inner points: the recorded forward is not the one at the
+    step's start, so the reuse path must fall back; r equals the general JVP's."""
+    rs = {}
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        x = torch.randn(10, 4, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,))
+        opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=5)
+        limiter = RadiusLimiter(model, mode="monitor", reuse_forward=reuse)
+
+        def closure(opt=opt, model=model, x=x, y=y):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        closure()  # a forward at the start point (e.g. for logging), then the step
+        limiter.step(opt, x, closure)
+        rs[reuse] = (limiter.last["r"], limiter.reused)
+    assert rs[True][1] == 0
+    assert rs[True][0] == pytest.approx(rs[False][0], rel=1e-12)

@@ -148,6 +148,8 @@ class RadiusLimiter:
             raise ValueError(f"Invalid fd_eps: {fd_eps}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid nonfinite: {nonfinite}")
+        if not isinstance(reuse_forward, bool):
+            raise ValueError(f"Invalid reuse_forward: {reuse_forward!r}")
         self.model, self.r_max, self.logits_fn = model, float(r_max), logits_fn
         self.mode, self.direction, self.eval_mode = mode, direction, eval_mode
         self.temperature, self.method, self.fd_eps, self.nonfinite = (
