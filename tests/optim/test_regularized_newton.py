@@ -62,6 +62,7 @@ SOLVES = [
     dict(curvature="hessian", solver="cholesky"),
     dict(curvature="dense"),
     dict(curvature="dense", solver="cg", cg_tol=1e-13),
+    dict(curvature="hessian", solver="lanczos", cg_tol=1e-13),
 ]
 
 
@@ -91,7 +92,7 @@ def test_step_tends_to_newton_as_gamma_grows(kw):
     assert errors[-1] < 1e-7 * torch.linalg.solve(A, g).norm().item()
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos"])
 def test_sqrt_rule_lambda_and_doubling_search_on_M(solver):
     """Two rejected tries (on CG: solved again on the graph taken at x) then an accept."""
     A, b, params, closure = quadratic()
@@ -218,6 +219,7 @@ STEP_MODES = [
     ("hessian", "cholesky"),
     ("dense", "auto"),
     ("gauss_newton", "cg"),
+    ("gauss_newton", "lanczos"),
     ("gauss_newton", "cholesky"),
     ("empirical_fisher", "woodbury"),
     ("empirical_fisher", "cg"),
@@ -298,7 +300,7 @@ def test_logistic_regression_reaches_target_in_a_dozen_steps(curvature):
 # -- rejections, failed solves, non-finite values --------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos"])
 def test_all_tries_rejected_leaves_parameters_intact(solver):
     _, _, params, closure = quadratic()
     calls = [0]
@@ -319,7 +321,9 @@ def test_all_tries_rejected_leaves_parameters_intact(solver):
     assert state["gamma"] == 1.0 and state["failed_steps"] == 1 and calls[0] == 6
 
 
-@pytest.mark.parametrize("solver,reason", [("cholesky", "cholesky"), ("cg", "breakdown")])
+@pytest.mark.parametrize(
+    "solver,reason", [("cholesky", "cholesky"), ("cg", "breakdown"), ("lanczos", "breakdown")]
+)
 def test_indefinite_solve_is_a_rejection(solver, reason):
     """f = x^T diag(-1, 2) x / 2 + sum x^4 / 4 at (0.3, 0.02): H = diag(-0.73, 2.0012).
 
@@ -775,3 +779,108 @@ def test_deepcopy_and_pickle_drop_the_kept_graph_and_continue_identically():
         twin_opt.step(twin_closure)
         assert opt.state[params[0]]["record"]["reused"]
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+# -- the Lanczos solver: one Krylov basis for every lambda of a step --------------------------
+
+
+def spd_operator(eigs, seed=0):
+    """A dense SPD matrix with the given spectrum, as a HessianCurvature of a quadratic."""
+    n = len(eigs)
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    A = Q @ torch.diag(torch.as_tensor(eigs, dtype=DT)) @ Q.T
+    A = 0.5 * (A + A.T)
+    x = torch.randn(n, generator=gen, dtype=DT, requires_grad=True)
+    b = torch.randn(n, generator=gen, dtype=DT)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(0.5 * x @ A @ x - b @ x, [x], create_graph=True)
+    return A, grad.detach(), HessianCurvature([grad], [x], DT)
+
+
+def test_lanczos_solves_match_the_dense_solve_and_cg():
+    """Increasing lambdas (the retries of a step) from one kept basis, against float64 dense."""
+    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.optim._newton_solvers import CGSolver
+
+    eigs = torch.logspace(-3, 1, 60, dtype=DT)
+    A, g, curv = spd_operator(eigs)
+    solver = LanczosSolver(curv, g, tol=1e-11, maxiter=None)
+    for lam in (1e-3, 4e-3, 0.1):
+        before = curv.products
+        sol = solver.solve(lam)
+        assert sol.ok and curv.products - before == sol.cg_iterations
+        exact = reg_newton(A, g, lam)
+        residual = (g + (A + lam * torch.eye(60, dtype=DT)) @ sol.delta).norm()
+        assert residual <= 1e-11 * g.norm() * (1 + 1e-6)
+        torch.testing.assert_close(sol.delta, exact, rtol=1e-7, atol=1e-9)
+        _, _, curv_cg = spd_operator(eigs)
+        cg = CGSolver(curv_cg, g, tol=1e-11, maxiter=None).solve(lam)
+        torch.testing.assert_close(sol.delta, cg.delta, rtol=1e-7, atol=1e-9)
+
+
+def test_lanczos_retry_reuses_the_basis():
+    """A complete basis (k = P) solves every later lambda exactly at no product; on a larger
+    system the retry costs only the products it reports, and its residual is the true one."""
+    from torchsteer.optim._newton_lanczos import LanczosSolver
+
+    A, b, params, closure = quadratic()
+    with torch.enable_grad():
+        grads = torch.autograd.grad(closure(), params, create_graph=True)
+    curv = HessianCurvature(grads, params, DT)
+    g = A @ flat(params) - b
+    solver = LanczosSolver(curv, g, tol=1e-15, maxiter=None)
+    first = solver.solve(0.5)
+    assert first.ok and curv.products == 5  # the whole space: P = 5 products
+    for lam in (1.0, 2.0, 8.0):
+        again = solver.solve(lam)
+        assert again.ok and again.cg_iterations == 0 and curv.products == 5
+        torch.testing.assert_close(again.delta, reg_newton(A, g, lam), rtol=1e-10, atol=1e-12)
+
+    A, g, curv = spd_operator(torch.logspace(-2, 1, 80, dtype=DT), seed=1)
+    solver = LanczosSolver(curv, g, tol=1e-4, maxiter=None)
+    first = solver.solve(0.01)
+    second = solver.solve(0.02)  # a retry: lambda doubled
+    assert curv.products == first.cg_iterations + second.cg_iterations
+    assert second.cg_iterations < first.cg_iterations  # a fresh solve would redo all of them
+    for sol, lam in ((first, 0.01), (second, 0.02)):
+        residual = (g + (A + lam * torch.eye(80, dtype=DT)) @ sol.delta).norm()
+        assert residual <= 1e-4 * g.norm() * (1 + 1e-8)
+
+
+def test_lanczos_basis_stays_orthonormal_on_an_ill_conditioned_system():
+    """Full reorthogonalization: Q^T Q = I and the residual estimate is the true residual, where
+    plain CG (its iterates equal Lanczos' in exact arithmetic) needs more products."""
+    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.optim._newton_solvers import CGSolver
+
+    eigs = torch.cat([torch.logspace(-4, 0, 150, dtype=DT), torch.tensor([1e2, 3e2], dtype=DT)])
+    A, g, curv = spd_operator(eigs, seed=2)
+    lam = 1e-5
+    solver = LanczosSolver(curv, g, tol=1e-9, maxiter=None)
+    sol = solver.solve(lam)
+    Q = solver._Q[: solver.k]
+    torch.testing.assert_close(Q @ Q.T, torch.eye(solver.k, dtype=DT), rtol=0, atol=1e-12)
+    residual = (g + (A + lam * torch.eye(len(eigs), dtype=DT)) @ sol.delta).norm()
+    assert sol.ok and residual <= 1e-9 * g.norm() * (1 + 1e-6)
+    _, _, curv_cg = spd_operator(eigs, seed=2)
+    cg = CGSolver(curv_cg, g, tol=1e-9, maxiter=None).solve(lam)
+    assert cg.ok and sol.cg_iterations < cg.cg_iterations
+    torch.testing.assert_close(sol.delta, cg.delta, rtol=1e-5, atol=1e-7)
+
+
+def test_lanczos_steps_follow_cg_on_logistic_regression():
+    """The same iterates as CG (equal in exact arithmetic), and the target in a dozen steps."""
+    X, y, mu, f = logistic_problem(n=500, d=40)
+    f_star, _ = scipy_optimum(X, y, mu, f)
+    ws = [torch.zeros(40, dtype=DT, requires_grad=True) for _ in range(2)]
+    opts = [RegularizedNewton([w], solver=s, cg_tol=1e-10) for w, s in zip(ws, ("cg", "lanczos"))]
+    for _ in range(12):
+        for w, opt in zip(ws, opts):
+            opt.step(lambda w=w: f(w))
+        torch.testing.assert_close(ws[1], ws[0], rtol=1e-8, atol=1e-10)
+        s0, s1 = (o.state[w]["record"] for o, w in zip(opts, ws))
+        assert (s0["tries"], s0["gamma"]) == (s1["tries"], s1["gamma"])
+        if f(ws[1]).item() - f_star <= 1e-8:
+            break
+    assert f(ws[1]).item() - f_star <= 1e-8

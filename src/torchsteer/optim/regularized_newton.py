@@ -11,6 +11,7 @@ import torch
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, unflatten
+from torchsteer.optim._newton_lanczos import LanczosSolver
 from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
@@ -25,7 +26,7 @@ __all__ = ["RegularizedNewton"]
 
 CURVATURES = ("hessian", "gauss_newton", "empirical_fisher", "dense")
 REGULARIZATIONS = ("gns", "sqrt")
-SOLVERS = ("auto", "cg", "cholesky", "woodbury")
+SOLVERS = ("auto", "cg", "lanczos", "cholesky", "woodbury")
 GROWTHS = ("double", "margin")
 _MARGIN = 2.0  # growth="margin": gamma grows only if the accept test holds with this factor
 _AUTO_SOLVER = {
@@ -127,10 +128,11 @@ class RegularizedNewton(torch.optim.Optimizer):
             most the doublings plus ``log2(gamma0 / gamma_min)``, as in Algorithm 1.
         max_tries: tries of the adaptive search per step (>= 1; the paper uses 40).
         solver: ``"auto"`` (CG for hessian and gauss_newton, Woodbury for empirical_fisher,
-            Cholesky for dense), ``"cg"``, ``"cholesky"`` or ``"woodbury"`` (empirical_fisher).
-        cg_tol: CG stops at ``|r| <= cg_tol |g|``; ``None`` uses SciPy Newton-CG's forcing
-            term ``min(0.5, sqrt(|g|))`` (superlinear local convergence).
-        cg_maxiter: CG iterations per solve; ``None``: ``10 P``.
+            Cholesky for dense), ``"cg"``, ``"lanczos"`` (the Krylov basis kept across the
+            tries of a step, reorthogonalized: below), ``"cholesky"`` or ``"woodbury"``.
+        cg_tol: CG/Lanczos stop at ``|r| <= cg_tol |g|``; ``None`` uses SciPy Newton-CG's
+            forcing term ``min(0.5, sqrt(|g|))`` (superlinear local convergence).
+        cg_maxiter: CG iterations per solve (Lanczos: basis vectors per step); ``None``: ``10 P``.
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
             NaN/Inf.
@@ -145,7 +147,11 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
     previous solution at no product (the solver keeps ``H delta``, so
-    ``r_0 = -g - H delta - lambda' delta``).
+    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`._newton_lanczos`): the same
+    iterates in exact arithmetic; it keeps the orthonormal basis of ``K(H, g)`` (shift-invariant)
+    and ``T_k``, so a retry is a ``k x k`` solve and more products only while its residual is
+    above the tolerance, and its full reorthogonalization saves products on ill-conditioned
+    systems; it holds ``k`` P-vectors (``k`` <= ``cg_maxiter``).
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
     ``"hessian"``) and a few P-vectors, and with reuse a trial's graph as well (two
@@ -320,9 +326,9 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float):
         name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
-        if name == "cg":
+        if name in ("cg", "lanczos"):
             tol = forcing_tolerance(gnorm) if group["cg_tol"] is None else group["cg_tol"]
-            return CGSolver(curv, g, tol, group["cg_maxiter"])
+            return (CGSolver if name == "cg" else LanczosSolver)(curv, g, tol, group["cg_maxiter"])
         if name == "woodbury":
             return WoodburySolver(curv, g)
         return CholeskySolver(curv, g)
