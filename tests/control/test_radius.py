@@ -531,6 +531,13 @@ def test_tangent_from_recorded_forward_matches_func_jvp(case):
     with torch.no_grad():
         a = rec.tangent(x, point, part, prefix)
     torch.testing.assert_close(a, _func_jvp(model, x, point, part), rtol=1e-12, atol=1e-12)
+    # the logits layer without its weight's tangent, and with its bias's alone
+    last_w = [k for k in d if k.endswith("weight")][-1]
+    last_b = last_w[: -len("weight")] + "bias"
+    for sub in ({k: v for k, v in d.items() if k != last_w}, {last_b: d[last_b]}):
+        with torch.no_grad():
+            a = rec.tangent(x, point, sub, prefix)
+        torch.testing.assert_close(a, _func_jvp(model, x, point, sub), rtol=1e-12, atol=1e-12)
     # LayerNorm from its own statistics when the forward's saved ones are not at hand
     assert any(r[5] is not None for r in rec.records)  # every case has a LayerNorm
     rec.records = [(*r[:5], None) for r in rec.records]
@@ -807,6 +814,14 @@ def test_spread_matches_a_row_loop_and_propagates_nan():
     a[1, 2, 4] = float("nan")
     s = _spread(a)
     assert math.isnan(s[5]) and torch.equal(s[:5], expected[:5])
+    # a column-major (N, C) view, as the recorder returns the logits' tangent
+    cm = torch.randn(7, 11, generator=g, dtype=torch.float64).t()
+    assert cm.stride(0) == 1
+    expected = torch.tensor([max(r) - min(r) for r in cm.tolist()], dtype=cm.dtype)
+    assert torch.equal(_spread(cm), expected)
+    cm[4, 3] = float("nan")
+    s = _spread(cm)
+    assert math.isnan(s[4]) and torch.equal(s[:4], expected[:4])
 
 
 def test_snapshot_buffers_reused_and_rebuilt_when_the_parameter_set_changes():

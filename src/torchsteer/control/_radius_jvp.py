@@ -168,6 +168,11 @@ def logit_spread(
 
 
 def _spread(a: torch.Tensor) -> torch.Tensor:
+    if a.dim() == 2 and a.shape[0] > 1 and a.stride(0) == 1 and a.shape[1] > 0:
+        # a column-major (N, C) view (the recorder's logits tangent, computed as (C, N)):
+        # reduce over the C rows of the contiguous (C, N), vectorized along the batch
+        t = a.t()
+        return t.amax(0) - t.amin(0)
     a = a.reshape(-1, a.shape[-1])
     if a.shape[-1] == 0 or a.shape[0] == 0:
         return a.new_zeros(a.shape[0])

@@ -51,7 +51,7 @@ _ELEMENTWISE = (nn.GELU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, 
 _SUPPORTED = (nn.Linear, nn.LayerNorm, *_ELEMENTWISE)
 
 
-def _new(shape, like: torch.Tensor) -> torch.Tensor:
+def _new(shape, like: torch.Tensor, role: int = 0) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
@@ -81,6 +81,29 @@ def _linear(module, a, da, theta, dtheta, stats=None, new=_new):
     if db is not None and dw is None:
         out = db.expand(*a.shape[:-1], db.shape[0]).clone() if out is None else out.add_(db)
     return out
+
+
+def _linear_t(module, a, da, theta, dtheta, stats=None, new=_new):
+    """The logits' tangent as ``(dz)^T = dW a^T + W da^T + db``, computed (C, N) and returned
+    as its (N, C) view: with few classes C, the (C x K) @ (K x N) products run at about twice
+    the speed of (N x K) @ (K x C) (measured on the lr-spike MLP head: 93 vs 217 us), and the
+    per-sample spread reduces over the C rows vectorized along the batch."""
+    w, dw, db = theta["weight"], dtheta.get("weight"), dtheta.get("bias")
+    if a.dim() != 2 or (dw is None and da is None):
+        return _linear(module, a, da, theta, dtheta, stats, new)
+    out = new((w.shape[0], a.shape[0]), a, 1)
+    if dw is not None:
+        if db is None:
+            torch.mm(dw, a.t(), out=out)
+        else:
+            torch.addmm(db.unsqueeze(1), dw, a.t(), out=out)
+        if da is not None:
+            out.addmm_(w, da.t())
+    else:
+        torch.mm(w, da.t(), out=out)
+        if db is not None:
+            out.add_(db.unsqueeze(1))
+    return out.t()
 
 
 def _layer_norm(module, u, du, theta, dtheta, stats=None, new=_new):
@@ -310,6 +333,8 @@ class ActivationRecorder:
                     th[k] = theta[full] if full in theta else getattr(module, k)
                 if any(t is not None and t.dtype != u.dtype for t in (*th.values(), *dth.values())):
                     return None  # parameters and activations in different precisions
+                if y is self._root_output and rule is _linear:
+                    rule = _linear_t  # the logits: (C, N) layout
                 dy = rule(module, u, du, th, dth, stats, new)
             tangents[id(y)] = dy
         if id(self._root_output) not in tangents:
