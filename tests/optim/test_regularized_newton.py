@@ -392,6 +392,8 @@ def test_nonfinite_loss_raises_or_skips(bad):
         (dict(solver="woodbury"), "solver"),
         (dict(cg_tol=0.0), "cg_tol"),
         (dict(cg_tol=1.5), "cg_tol"),
+        (dict(cg_tol="eisenstat"), "cg_tol"),
+        (dict(cg_tol=True), "cg_tol"),
         (dict(cg_maxiter=0), "cg_maxiter"),
         (dict(nonfinite="ignore"), "nonfinite"),
     ],
@@ -467,6 +469,7 @@ def test_closure_that_calls_backward_gets_told():
         dict(curvature="hessian"),
         dict(curvature="gauss_newton", regularization="sqrt"),
         dict(curvature="empirical_fisher", solver="woodbury", gamma0=0.1),
+        dict(curvature="hessian", solver="lanczos", cg_tol="eisenstat_walker"),
     ],
 )
 def test_state_dict_resume_is_bit_for_bit(kw):
@@ -884,3 +887,48 @@ def test_lanczos_steps_follow_cg_on_logistic_regression():
         if f(ws[1]).item() - f_star <= 1e-8:
             break
     assert f(ws[1]).item() - f_star <= 1e-8
+
+
+# -- the Eisenstat-Walker forcing term --------------------------------------------------------
+
+
+def test_eisenstat_walker_forcing_follows_their_choice_2():
+    """Each step's CG tolerance from the last accepted step's |g| and tolerance (hand-written
+    formula), and CG stops at that tolerance: the residual of the solve is below it."""
+    from torchsteer.optim._newton_solvers import eisenstat_walker_tolerance
+
+    assert eisenstat_walker_tolerance(0.04, None) == pytest.approx(0.2)  # sqrt|g|, first step
+    assert eisenstat_walker_tolerance(1.0, None) == 0.5
+    assert eisenstat_walker_tolerance(0.1, (1.0, 0.1)) == pytest.approx(0.009)  # 0.9 (0.1)^2
+    assert eisenstat_walker_tolerance(0.1, (1.0, 0.4)) == pytest.approx(0.144)  # 0.9 * 0.4^2
+    assert eisenstat_walker_tolerance(0.9, (1.0, 0.1)) == 0.5  # capped
+
+    X, y, mu, f = logistic_problem(n=400, d=30)
+    H_of = lambda w: torch.func.hessian(f)(w.detach())  # noqa: E731
+    f_star, _ = scipy_optimum(X, y, mu, f)
+    w = torch.zeros(30, dtype=DT, requires_grad=True)
+    opt = RegularizedNewton([w], cg_tol="eisenstat_walker")
+    last = None
+    for _ in range(15):
+        x0 = w.detach().clone()
+        (g,) = torch.autograd.grad(f(w), w)
+        gn = g.norm().item()
+        if last is None:
+            eta = min(0.5, math.sqrt(gn))
+        else:
+            eta = 0.9 * (gn / last[0]) ** 2
+            if 0.9 * last[1] ** 2 > 0.1:
+                eta = max(eta, 0.9 * last[1] ** 2)
+            eta = min(eta, 0.5)
+        opt.step(lambda: f(w))
+        rec, state = opt.state[w]["record"], opt.state[w]
+        assert rec["accepted"]
+        assert state["forcing"][0] == pytest.approx(gn, rel=1e-12)
+        assert state["forcing"][1] == pytest.approx(eta, rel=1e-9)
+        delta = w.detach() - x0
+        A = H_of(x0) + rec["lambda"] * torch.eye(30, dtype=DT)
+        assert (g + A @ delta).norm() <= eta * gn * (1 + 1e-9)
+        last = state["forcing"]
+        if f(w).item() - f_star <= 1e-8:
+            break
+    assert f(w).item() - f_star <= 1e-8

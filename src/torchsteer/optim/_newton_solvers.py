@@ -50,6 +50,7 @@ __all__ = [
     "HessianCurvature",
     "Solution",
     "WoodburySolver",
+    "eisenstat_walker_tolerance",
     "evaluate_closure",
     "forcing_tolerance",
     "make_curvature",
@@ -350,6 +351,28 @@ class CGSolver:
 def forcing_tolerance(grad_norm: float) -> float:
     """SciPy Newton-CG's relative CG tolerance ``min(0.5, sqrt(|g|))`` (superlinear)."""
     return min(0.5, math.sqrt(grad_norm))
+
+
+def eisenstat_walker_tolerance(grad_norm: float, last: tuple[float, float] | None) -> float:
+    """Eisenstat and Walker's choice 2 with their constants (gamma = 0.9, alpha = 2)::
+
+        eta_k = 0.9 (|g_k| / |g_{k-1}|)^2,  max'd with 0.9 eta_{k-1}^2 when that is > 0.1,
+        capped at 0.5;
+
+    ``last = (|g_{k-1}|, eta_{k-1})`` of the last accepted step; ``None`` (first step):
+    :func:`forcing_tolerance`. Local convergence of q-order 2 for the inexact Newton method.
+
+    References:
+        Eisenstat and Walker, "Choosing the forcing terms in an inexact Newton method",
+        SIAM J. Sci. Comput. 17(1), 1996.
+    """
+    if last is None:
+        return forcing_tolerance(grad_norm)
+    prev_norm, prev_eta = last
+    eta = 0.9 * (grad_norm / prev_norm) ** 2
+    if 0.9 * prev_eta**2 > 0.1:
+        eta = max(eta, 0.9 * prev_eta**2)
+    return min(eta, 0.5)
 
 
 # -- the closure: what it returns per curvature, its loss and gradients ----------------------

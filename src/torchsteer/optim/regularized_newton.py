@@ -17,6 +17,7 @@ from torchsteer.optim._newton_solvers import (
     CholeskySolver,
     WoodburySolver,
     _flat_cat,
+    eisenstat_walker_tolerance,
     evaluate_closure,
     forcing_tolerance,
     make_curvature,
@@ -131,7 +132,9 @@ class RegularizedNewton(torch.optim.Optimizer):
             Cholesky for dense), ``"cg"``, ``"lanczos"`` (the Krylov basis kept across the
             tries of a step, reorthogonalized: below), ``"cholesky"`` or ``"woodbury"``.
         cg_tol: CG/Lanczos stop at ``|r| <= cg_tol |g|``; ``None`` uses SciPy Newton-CG's
-            forcing term ``min(0.5, sqrt(|g|))`` (superlinear local convergence).
+            forcing term ``min(0.5, sqrt(|g|))`` (superlinear local convergence);
+            ``"eisenstat_walker"``: their choice 2, ``0.9 (|g_k| / |g_{k-1}|)^2`` safeguarded
+            (``eisenstat_walker_tolerance``), from the last accepted step's ``|g|`` and tolerance.
         cg_maxiter: CG iterations per solve (Lanczos: basis vectors per step); ``None``: ``10 P``.
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
@@ -143,7 +146,8 @@ class RegularizedNewton(torch.optim.Optimizer):
     step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
     loss, new_loss, grad_norm, reasons, reused, margin}`` (``margin``: the accepted try passed
     with a factor 2 to spare); totals ``closure_evals``, ``tries``,
-    ``curvature_products``, ``cg_iterations``, ``failed_steps``, ``skipped_steps``.
+    ``curvature_products``, ``cg_iterations``, ``failed_steps``, ``skipped_steps``; with
+    ``cg_tol="eisenstat_walker"``, ``forcing``: the last accepted step's ``(|g|, tolerance)``.
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
     previous solution at no product (the solver keeps ``H delta``, so
@@ -197,8 +201,10 @@ class RegularizedNewton(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid solver: 'woodbury' needs curvature='empirical_fisher', got {curvature!r}"
             )
-        if cg_tol is not None and not (math.isfinite(cg_tol) and 0 < cg_tol < 1):
-            raise ValueError(f"Invalid cg_tol: {cg_tol}")
+        if cg_tol not in (None, "eisenstat_walker") and not (
+            isinstance(cg_tol, int | float) and math.isfinite(cg_tol) and 0 < cg_tol < 1
+        ):
+            raise ValueError(f"Invalid cg_tol: {cg_tol!r}")
         if cg_maxiter is not None and (
             isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, int) or cg_maxiter < 1
         ):
@@ -324,10 +330,14 @@ class RegularizedNewton(torch.optim.Optimizer):
         """``|g| / gamma`` (gns, scale = gamma) or ``sqrt(M |g|)`` (sqrt, scale = M)."""
         return gnorm / scale if gns else math.sqrt(scale * gnorm)
 
-    def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float):
+    def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float, state: dict):
         name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
         if name in ("cg", "lanczos"):
-            tol = forcing_tolerance(gnorm) if group["cg_tol"] is None else group["cg_tol"]
+            tol = group["cg_tol"]
+            if tol is None:
+                tol = forcing_tolerance(gnorm)
+            elif tol == "eisenstat_walker":
+                tol = eisenstat_walker_tolerance(gnorm, state.get("forcing"))
             return (CGSolver if name == "cg" else LanczosSolver)(curv, g, tol, group["cg_maxiter"])
         if name == "woodbury":
             return WoodburySolver(curv, g)
@@ -442,7 +452,7 @@ class RegularizedNewton(torch.optim.Optimizer):
         if scale is None:  # the sqrt rule's M, so that the first try has gamma0
             scale = gnorm / group["gamma0"] ** 2
         curv = make_curvature(group["curvature"], f, aux, grads, params, work)
-        solver = self._make_solver(group, curv, g, gnorm)
+        solver = self._make_solver(group, curv, g, gnorm, state)
         rec, scale, kept = self._search(
             closure, params, group, solver, f0, gnorm, scale, keep, work
         )
@@ -460,6 +470,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             if rec["margin"] or group["growth"] == "double":
                 scale = min(2 * scale, _SCALE_MAX) if gns else max(scale / 2, 1 / _SCALE_MAX)
             state["gamma" if gns else "M"] = scale
+            if group["cg_tol"] == "eisenstat_walker":  # this step's |g| and tolerance
+                state["forcing"] = (gnorm, solver.tol)
             return loss
         state["failed_steps"] += 1
         if not gns and state["M"] is None:
