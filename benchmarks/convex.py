@@ -65,17 +65,22 @@ def runnable(arm, problem) -> str | None:
 
 NO_REUSE = "RN hessian/cg, reuse_trial=False"
 MARGIN = "RN hessian/cg, growth=margin"
+LANCZOS = "RN hessian/lanczos"
+EW = "RN hessian/cg, cg_tol=EW"
 
 
 def arms_for(problem):
-    """The suite's arms and two variants of the default arm: without reuse of the accepted
-    trial's evaluation (ablation, convex problems) and with ``growth="margin"``."""
+    """The suite's arms and variants of the default arm: without reuse of the accepted
+    trial's evaluation (ablation, convex problems), with ``growth="margin"``, and on convex
+    problems with the Lanczos solver and with the Eisenstat-Walker forcing term."""
     out = convex.arms(nonconvex=not problem.convex)
     at = 1 if problem.convex else 3
     kw = {} if problem.convex else {"cg_maxiter": 100}
     out.insert(at, convex.newton_arm(MARGIN, curvature="hessian", growth="margin", **kw))
     if problem.convex:
         out.insert(1, convex.newton_arm(NO_REUSE, curvature="hessian", reuse_trial=False))
+        out.insert(3, convex.newton_arm(LANCZOS, curvature="hessian", solver="lanczos"))
+        out.insert(4, convex.newton_arm(EW, curvature="hessian", cg_tol="eisenstat_walker"))
     return out
 
 
@@ -190,7 +195,7 @@ def goals(rows) -> list[str]:
     for prob in dict.fromkeys(r["problem"] for r in rows):
         te, ncg = by.get((prob, "SciPy trust-exact")), by.get((prob, "SciPy Newton-CG (Hv)"))
         rn = by.get((prob, "RN hessian/cg"))
-        for name in ("RN hessian/cg", MARGIN):
+        for name in ("RN hessian/cg", MARGIN, LANCZOS, EW):
             arm = by.get((prob, name))
             if te and arm and te["reached"]:
                 ok = arm["reached"] and arm["accepted"] <= te["accepted"]
@@ -212,6 +217,12 @@ def goals(rows) -> list[str]:
                 f"{'met' if rn['reached'] else 'NOT met'} ({rn['iterations']} iterations); "
                 "the dense arms cannot run (see above)"
             )
+            for name in (LANCZOS, EW):
+                if arm := by.get((prob, name)):
+                    out.append(
+                        f"- {prob}: {name} reaches the target: "
+                        f"{'met' if arm['reached'] else 'NOT met'} ({arm['iterations']} iterations)"
+                    )
     return out
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "HessianCurvature",
     "Solution",
     "WoodburySolver",
+    "cg_tolerance",
     "eisenstat_walker_tolerance",
     "evaluate_closure",
     "forcing_tolerance",
@@ -373,6 +374,15 @@ def eisenstat_walker_tolerance(grad_norm: float, last: tuple[float, float] | Non
     if 0.9 * prev_eta**2 > 0.1:
         eta = max(eta, 0.9 * prev_eta**2)
     return min(eta, 0.5)
+
+
+def cg_tolerance(cg_tol, grad_norm: float, last: tuple[float, float] | None) -> float:
+    """The relative tolerance of a step's solves for the optimizer's ``cg_tol`` setting."""
+    if cg_tol is None:
+        return forcing_tolerance(grad_norm)
+    if cg_tol == "eisenstat_walker":
+        return eisenstat_walker_tolerance(grad_norm, last)
+    return cg_tol
 
 
 # -- the closure: what it returns per curvature, its loss and gradients ----------------------

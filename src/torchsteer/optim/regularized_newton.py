@@ -17,9 +17,8 @@ from torchsteer.optim._newton_solvers import (
     CholeskySolver,
     WoodburySolver,
     _flat_cat,
-    eisenstat_walker_tolerance,
+    cg_tolerance,
     evaluate_closure,
-    forcing_tolerance,
     make_curvature,
 )
 
@@ -151,11 +150,10 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
     previous solution at no product (the solver keeps ``H delta``, so
-    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`._newton_lanczos`): the same
-    iterates in exact arithmetic; it keeps the orthonormal basis of ``K(H, g)`` (shift-invariant)
-    and ``T_k``, so a retry is a ``k x k`` solve and more products only while its residual is
-    above the tolerance, and its full reorthogonalization saves products on ill-conditioned
-    systems; it holds ``k`` P-vectors (``k`` <= ``cg_maxiter``).
+    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`._newton_lanczos`, CG's iterates in
+    exact arithmetic) keeps the orthonormal basis of ``K(H, g) = K(H + lambda I, g)`` and ``T_k``:
+    a retry is a ``k x k`` solve, extended only while its residual is above the tolerance, and
+    the full reorthogonalization saves products on ill-conditioned systems; ``k`` P-vectors.
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
     ``"hessian"``) and a few P-vectors, and with reuse a trial's graph as well (two
@@ -333,11 +331,7 @@ class RegularizedNewton(torch.optim.Optimizer):
     def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float, state: dict):
         name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
         if name in ("cg", "lanczos"):
-            tol = group["cg_tol"]
-            if tol is None:
-                tol = forcing_tolerance(gnorm)
-            elif tol == "eisenstat_walker":
-                tol = eisenstat_walker_tolerance(gnorm, state.get("forcing"))
+            tol = cg_tolerance(group["cg_tol"], gnorm, state.get("forcing"))
             return (CGSolver if name == "cg" else LanczosSolver)(curv, g, tol, group["cg_maxiter"])
         if name == "woodbury":
             return WoodburySolver(curv, g)
