@@ -932,3 +932,31 @@ def test_eisenstat_walker_forcing_follows_their_choice_2():
         if f(w).item() - f_star <= 1e-8:
             break
     assert f(w).item() - f_star <= 1e-8
+
+
+def test_lanczos_at_maxiter_is_cg_iterate_and_linear_f_is_one_product():
+    """A basis capped at maxiter gives CG's iterate of that many steps ("maxiter", a descent
+    direction); for a linear f (H = 0) the first vector spans an invariant space: -g / lambda."""
+    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.optim._newton_solvers import CGSolver
+
+    eigs = torch.linspace(0.5, 4.0, 40, dtype=DT)
+    A, g, curv = spd_operator(eigs, seed=3)
+    sol = LanczosSolver(curv, g, tol=1e-12, maxiter=3).solve(0.1)
+    _, _, curv_cg = spd_operator(eigs, seed=3)
+    cg = CGSolver(curv_cg, g, tol=1e-12, maxiter=3).solve(0.1)
+    assert sol.ok and sol.reason == "maxiter" and sol.cg_iterations == 3 and curv.products == 3
+    torch.testing.assert_close(sol.delta, cg.delta, rtol=1e-10, atol=1e-12)
+    assert float(g @ sol.delta) < 0
+
+    w = torch.randn(7, dtype=DT, requires_grad=True)
+    c = torch.randn(7, dtype=DT)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(c @ w, [w], create_graph=True)
+    linear = HessianCurvature(grads, [w], DT)
+    solver = LanczosSolver(linear, c, tol=0.5, maxiter=None)
+    for lam in (0.3, 0.6):
+        sol = solver.solve(lam)
+        assert sol.ok and sol.reason == ""
+        torch.testing.assert_close(sol.delta, -c / lam, rtol=1e-14, atol=0)
+    assert linear.products == 1
