@@ -941,7 +941,7 @@ def test_lanczos_at_maxiter_is_cg_iterate_and_linear_f_is_one_product():
     from torchsteer.optim._newton_solvers import CGSolver
 
     eigs = torch.linspace(0.5, 4.0, 40, dtype=DT)
-    A, g, curv = spd_operator(eigs, seed=3)
+    _, g, curv = spd_operator(eigs, seed=3)
     sol = LanczosSolver(curv, g, tol=1e-12, maxiter=3).solve(0.1)
     _, _, curv_cg = spd_operator(eigs, seed=3)
     cg = CGSolver(curv_cg, g, tol=1e-12, maxiter=3).solve(0.1)
