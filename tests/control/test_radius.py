@@ -902,6 +902,18 @@ def test_tangent_buffers_kept_between_calls_do_not_leak_into_results():
     for a, ref in results:  # still the values each call returned
         torch.testing.assert_close(a, ref, rtol=1e-12, atol=1e-12)
     assert len(rec._buffers) >= 3
+    # a deep copy of the model carries a copy of the recorder: its own buffers, same care
+    twin = copy.deepcopy(model)
+    (rec2,) = {h.__self__ for h in twin._forward_hooks.values()}
+    assert rec2 is not rec and not rec2._buffers
+    xs = x[:20]  # the batch size of the buffers copied from the last call above
+    _grad(twin, xs, y[:20])
+    prefix2 = {m: (n + "." if n else "") for n, m in twin.named_modules()}
+    first = [rec2.tangent(xs, theta, _random_direction(twin, s), prefix2) for s in (4, 5)]
+    ev = copy.deepcopy(twin).eval()
+    f = functools.partial(lambda m, b, q: functional_call(m, q, (b,)), ev, xs)
+    _, ref = torch.func.jvp(f, (theta,), (_random_direction(twin, 4),))
+    torch.testing.assert_close(first[0], ref, rtol=1e-12, atol=1e-12)
 
 
 class _ConvBnRelu(nn.Module):

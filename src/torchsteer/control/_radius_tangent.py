@@ -189,6 +189,7 @@ class ActivationRecorder:
         self._keys = {m: None for m in leaves if type(m) in _RULES}  # module -> full names
         self._keys_of: Any = None
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}  # tangent buffers, kept
+        self._news: list = []  # record index -> its buffer getter (see _kept)
         self._kept_ptrs: set[int] = set()
         self._handles = [
             model.register_forward_pre_hook(self._start, with_kwargs=True),
@@ -202,6 +203,8 @@ class ActivationRecorder:
         state = dict(self.__dict__)
         state.update(records=[], valid=False, _root_input=None, _root_output=None)
         state.update(_versions=[], _handles=[], _depth=0)
+        # the kept tangent buffers are not shared, and the getters are bound to this object
+        state.update(_buffers={}, _kept_ptrs=set(), _news=[])
         return state
 
     def remove(self) -> None:
@@ -302,8 +305,16 @@ class ActivationRecorder:
         if prefix_of is not self._keys_of:  # the full names are cached per prefix map
             self._keys, self._keys_of = dict.fromkeys(self._keys), prefix_of
         tangents: dict[int, torch.Tensor | None] = {}
+        news = self._news
+        if len(news) < len(self.records):
+            news += [self._kept(i) for i in range(len(news), len(self.records))]
+        # one precision for the whole direction and point (the usual case): the per-module
+        # check below then reduces to the activations' dtype
+        dtypes = {t.dtype for t in direction.values()}
+        dtypes.update(t.dtype for t in theta.values())
+        same = next(iter(dtypes)) if len(dtypes) == 1 else None
         for i, (module, u, y, _, _, stats) in enumerate(self.records):
-            new = self._kept(i)
+            new = news[i]
             if u is self._root_input:
                 du = None
             elif id(u) in tangents:
@@ -326,12 +337,17 @@ class ActivationRecorder:
                         ("weight", prefix + "weight"),
                         ("bias", prefix + "bias"),
                     )
-                th, dth = {}, {}
+                th, dth, known = {}, {}, u.dtype is same
                 for k, full in keys:
                     if full in direction:
                         dth[k] = direction[full]
-                    th[k] = theta[full] if full in theta else getattr(module, k)
-                if any(t is not None and t.dtype != u.dtype for t in (*th.values(), *dth.values())):
+                    if full in theta:
+                        th[k] = theta[full]
+                    else:
+                        th[k], known = getattr(module, k), False
+                if not known and any(
+                    t is not None and t.dtype != u.dtype for t in (*th.values(), *dth.values())
+                ):
                     return None  # parameters and activations in different precisions
                 if y is self._root_output and rule is _linear:
                     rule = _linear_t  # the logits: (C, N) layout
