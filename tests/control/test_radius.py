@@ -564,6 +564,43 @@ def test_limiter_reusing_the_forward_equals_the_general_jvp(opt_cls, lr):
     assert fast.reused == 4 and slow.reused == 0 and fast.limited >= 1
 
 
+@pytest.mark.parametrize("nonfinite_at", [None, 4])  # (Adam keeps a NaN: the last step)
+def test_flat_buffers_equal_the_per_tensor_path(monkeypatch, nonfinite_at):
+    """theta_old and p in two flat buffers (the default when every parameter is named, of one
+    type and contiguous) give the per-tensor path's r, |p| and parameters bit for bit, reuse
+    their buffers, and restore theta_old on a non-finite step."""
+    from torchsteer.control import _radius_buffers
+
+    model, x = _chain_models()[1]
+    y = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.3) for m in (model, twin)]
+    flat = RadiusLimiter(model, r_max=0.5, nonfinite="skip")
+    per_tensor = RadiusLimiter(twin, r_max=0.5, nonfinite="skip")
+    views = None
+    for step in range(5):
+        for m, opt, lim in ((model, opts[0], flat), (twin, opts[1], per_tensor)):
+            with monkeypatch.context() as mp:
+                if lim is per_tensor:
+                    never = staticmethod(lambda names, params: False)
+                    mp.setattr(_radius_buffers.FlatBuffers, "applies", never)
+                _grad(m, x, y)
+                if step == nonfinite_at:
+                    next(m.parameters()).grad[0, 0] = float("nan")
+                before = _flat_params(m)
+                lim.step(opt, x)
+            if step == nonfinite_at:
+                assert lim.last["skipped"] == 1.0 and torch.equal(_flat_params(m), before)
+        assert per_tensor._flat is None and flat._flat is not None
+        assert views is None or all(a is b for a, b in zip(flat._buffers, views))
+        views = list(flat._buffers)
+        if step != nonfinite_at:
+            assert flat.signals["r"] == per_tensor.signals["r"]
+            assert flat.signals["tau"] == pytest.approx(per_tensor.signals["tau"], rel=1e-14)
+        assert torch.equal(_flat_params(model), _flat_params(twin))
+    assert flat.limited >= 1 and flat.limited == per_tensor.limited
+
+
 def _one_step(model, x, y, lr=20.0, step_inputs=None, between=None):
     """One SGD step under the limiter; returns (limiter, r of the oracle at theta_old)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)

@@ -19,13 +19,14 @@ Steps with r >= 1 are where training collapses; the limiter applies ``s p`` with
 ``r <= r_max``.
 
 Cost of :class:`RadiusLimiter`: one exact JVP of the batch and one copy of the optimized
-parameters (P numbers, kept between the snapshot and the correction) per step; the update
-``p`` is a transient second P. The JVP is taken where the training forward just ran, so for
+parameters (P numbers, kept between the snapshot and the correction) per step, and the update
+``p`` (a second P; both kept as flat buffers from step to step,
+:mod:`torchsteer.control._radius_buffers`). The JVP is taken where the training forward just ran, so for
 a chain of Linear / LayerNorm / elementwise modules only its tangent is computed, from the
 activations that forward recorded (:mod:`torchsteer.control._radius_tangent`); otherwise one
 forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the convolution before
 it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`). Measured on the
-digits models at one thread: about 1.6-1.7x a plain Adam step (``benchmarks/radius.py``).
+digits models at one thread: about 1.6x a plain Adam step (``benchmarks/radius.py``).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchsteer.control._radius_buffers import FlatBuffers
 from torchsteer.control._radius_jvp import (
     _METHODS,
     LogitsFn,
@@ -111,8 +113,8 @@ class RadiusLimiter:
             Otherwise (BatchNorm, functional operations between modules, another batch) the
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
 
-    Memory: one copy of the optimized parameters (P numbers), kept from step to step so the
-    snapshot is a copy into the same buffers; with ``reuse_forward`` the latest forward's
+    Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
+    to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the latest forward's
     activations are kept until the step (autograd keeps them until the backward anyway) and
     the tangent pass keeps its buffers (about one tensor per recorded module, the size of that
     module's output) between steps: no allocation (and no page faults) per step.
@@ -163,6 +165,7 @@ class RadiusLimiter:
         self._names: dict[torch.Tensor, str] = {}
         self._named_cache: tuple | None = None
         self._buffers: list[torch.Tensor] = []  # theta_old, reused from step to step
+        self._flat: FlatBuffers | None = None  # theta_old and p as flat buffers, when possible
         self._pending: tuple | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
@@ -195,7 +198,12 @@ class RadiusLimiter:
         rec = self._recorder
         self._reuse_ok = rec is not None and inputs is not None and rec.usable(inputs)
         if self.direction == "update":
-            self._pending = ("update", optimizer, named, self._snapshot(named))
+            flat = self._flat_buffers(named)
+            if flat is not None:
+                flat.snapshot()
+                self._pending = ("update", optimizer, named, flat)
+            else:
+                self._pending = ("update", optimizer, named, self._snapshot(named))
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
@@ -227,6 +235,8 @@ class RadiusLimiter:
             self._record(*b)
             return self.last
         named, old = a, b
+        if isinstance(old, FlatBuffers):
+            return self._after_flat(inputs, old)
         with torch.no_grad():
             new = [p.detach() for _, p in named]
             update = torch._foreach_sub(new, old)
@@ -247,7 +257,39 @@ class RadiusLimiter:
         self._record(r, rho, tau, s)
         return self.last
 
+    def _after_flat(self, inputs, flat: FlatBuffers) -> dict[str, float]:
+        """:meth:`after_step` with theta_old and p in flat buffers (same arithmetic)."""
+        tau = flat.take_update()
+        r, rho, tau = self._measure(inputs, flat.direction, flat.point, norm=tau)
+        s = self._scale(r, tau)
+        if s is None:
+            flat.restore()
+            self._record(r, rho, tau, 0.0, skipped=True)
+            if self.nonfinite == "raise":
+                raise ValueError("Invalid update: the step or its radius is NaN or Inf")
+            return self.last
+        if s != 1.0:
+            flat.apply_scaled(s)
+        self._record(r, rho, tau, s)
+        return self.last
+
     # -- helpers ------------------------------------------------------------------------------
+    def _flat_buffers(self, named) -> FlatBuffers | None:
+        """The flat theta_old / update buffers for these parameters, or None (see
+        :mod:`torchsteer.control._radius_buffers`)."""
+        params = [p for _, p in named]
+        flat = self._flat
+        if flat is not None and flat.matches(params):
+            self._buffers = flat.old_views
+            return flat
+        names = [n for n, _ in named]
+        if not FlatBuffers.applies(names, params):
+            self._flat = None
+            return None
+        self._flat = FlatBuffers(names, params)
+        self._buffers = self._flat.old_views
+        return self._flat
+
     def _named_params(self, optimizer) -> list[tuple[str | None, torch.Tensor]]:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         cached = self._named_cache  # the same parameter objects as last step: same names
@@ -277,7 +319,9 @@ class RadiusLimiter:
             torch._foreach_copy_(bufs, params)
         return bufs
 
-    def _measure(self, inputs, d, point=None) -> tuple[float, float, float]:
+    def _measure(self, inputs, d, point=None, norm=None) -> tuple[float, float, float]:
+        """``(r, rho_a, |p|)`` of the direction ``d`` at ``point``; ``norm``: ``|p|`` when
+        already computed (a 0-dim float64 tensor)."""
         if not d:
             return 0.0, math.inf, 0.0
         tangent, extra = None, {}
@@ -305,6 +349,10 @@ class RadiusLimiter:
             fd_eps=self.fd_eps,
             **extra,
         )
+        if norm is not None:  # r and |p| to Python in one transfer
+            worst_f, tau = torch.stack([worst.to(norm), norm.to(worst.device)]).tolist()
+            r = worst_f / (math.pi * self.temperature)
+            return r, (tau / r if r > 0 else math.inf), tau
         # r and the per-tensor norms of p to Python in one transfer; |p| summed in float64
         norms = torch._foreach_norm(list(d.values()))
         if len({(t.dtype, t.device) for t in (worst, *norms)}) > 1:  # mixed precisions/devices
