@@ -43,6 +43,7 @@ from torch.func import functional_call, jvp
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
 from torchsteer.control import _radius_jvp as radius_module
+from torchsteer.control._radius_buffers import FlatBuffers
 from torchsteer.control._radius_jvp import _eval_mode, _spread
 from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
 from torchsteer.jacobian import model_fn
@@ -299,15 +300,18 @@ def breakdown(name, x, y, repeats: int) -> dict:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    def snapshot():  # into the buffers kept from step to step, as the limiter does
-        state["old"] = [b.clone() for b in lim._snapshot(list(zip(names, params)))]
+    flat = FlatBuffers(names, params)  # theta_old and p, kept from step to step as the limiter
+
+    def snapshot():
+        flat.snapshot()
+        state["old"] = flat.old_views
 
     def adam():
         opt.step()
 
-    def update():
-        with torch.no_grad():
-            state["p"] = torch._foreach_sub([p.detach() for p in params], state["old"])
+    def update():  # p = new - old and |p| (float64), as the limiter
+        state["norm"] = flat.take_update()
+        state["p"] = flat.update_views
 
     def eval_switch():
         with _eval_mode(model, True):
@@ -330,14 +334,15 @@ def breakdown(name, x, y, repeats: int) -> dict:
 
     def tangent_only():
         d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
-        with torch.no_grad():
-            a = rec.tangent(x, pt, d, prefix, check_params=False)
+        with torch.no_grad():  # right after the forward: the parameters are the recorded ones
+            a = rec.tangent(x, pt, d, prefix)
         state["reuse"] = a is not None
+        if a is not None:
+            state["a_reused"] = a  # the logits' tangent in the recorder's (C, N) layout
 
-    def spread_norm_sync():  # as RadiusLimiter._measure: r and the norms in one transfer
-        worst = _spread(state["a"]).max()
-        _, *norms = torch.stack([worst, *torch._foreach_norm(state["p"])]).tolist()
-        math.sqrt(math.fsum(v * v for v in norms))
+    def spread_norm_sync():  # as RadiusLimiter._measure: r and |p| in one transfer
+        worst = _spread(state.get("a_reused", state["a"])).max()
+        torch.stack([worst.to(state["norm"]), state["norm"]]).tolist()
 
     twin = copy.deepcopy(model)  # no hooks: what recording costs in the training forward
     for m in twin.modules():
@@ -350,14 +355,8 @@ def breakdown(name, x, y, repeats: int) -> dict:
     def forward_no_hooks():
         twin(x)
 
-    def rescale():  # only on limited steps: theta = old + s p
-        with torch.no_grad():
-            u = torch._foreach_mul(state["p"], 0.5)
-            torch._foreach_add_(u, state["old"])
-            torch._foreach_copy_([p.detach() for p in params], u)
-            torch._foreach_copy_(
-                [p.detach() for p in params], torch._foreach_add(state["old"], state["p"])
-            )  # back to the optimizer's point
+    def rescale():  # only on limited steps: theta = old + s p (a timing: the run goes on there)
+        flat.apply_scaled(0.5)
 
     pieces = {
         "forward+backward": train_fwd_bwd,
@@ -365,12 +364,12 @@ def breakdown(name, x, y, repeats: int) -> dict:
         "training forward alone, no hooks": forward_no_hooks,
         "snapshot copy": snapshot,
         "Adam step": adam,
-        "update p = new - old": update,
+        "update p = new - old, |p|": update,
         "eval-mode switch": eval_switch,
         "no-grad eval forward (a JVP's primal part)": nograd_forward,
         "general JVP (one forward-mode pass, as the limiter runs it)": general_jvp,
         "general JVP, no BN folding, no channels-last": general_jvp_plain,
-        "spread, max, |p|, sync": spread_norm_sync,
+        "spread, max, sync (r and |p| to Python)": spread_norm_sync,
         "rescale (limited steps only)": rescale,
     }
     if rec is None:  # no recorder (BatchNorm): no hooks to time

@@ -193,6 +193,14 @@ INFOS: list[OptimInfo] = [
         nonfinite=True,
     ),
     OptimInfo(
+        name="RegularizedNewton-lanczos-ew",
+        cls=RegularizedNewton,
+        kwargs={"curvature": "hessian", "solver": "lanczos", "cg_tol": "eisenstat_walker"},
+        closure_kind="scalar_graph",
+        invalid=[({"cg_tol": "x"}, "Invalid cg_tol"), ({"solver": "lanczo"}, "Invalid solver")],
+        nonfinite=True,
+    ),
+    OptimInfo(
         name="RegularizedNewton-gauss_newton",
         cls=RegularizedNewton,
         kwargs={"curvature": "gauss_newton", "solver": "cholesky"},

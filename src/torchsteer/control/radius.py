@@ -21,12 +21,13 @@ Steps with r >= 1 are where training collapses; the limiter applies ``s p`` with
 Cost of :class:`RadiusLimiter`: one exact JVP of the batch and one copy of the optimized
 parameters (P numbers, kept between the snapshot and the correction) per step, and the update
 ``p`` (a second P; both kept as flat buffers from step to step,
-:mod:`torchsteer.control._radius_buffers`). The JVP is taken where the training forward just ran, so for
-a chain of Linear / LayerNorm / elementwise modules only its tangent is computed, from the
-activations that forward recorded (:mod:`torchsteer.control._radius_tangent`); otherwise one
-forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the convolution before
-it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`). Measured on the
-digits models at one thread: about 1.6x a plain Adam step (``benchmarks/radius.py``).
+:mod:`torchsteer.control._radius_buffers`). The JVP is taken where the training forward just
+ran, so for a chain of Linear / LayerNorm / elementwise modules only its tangent is computed,
+from the activations that forward recorded (:mod:`torchsteer.control._radius_tangent`);
+otherwise one forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the
+convolution before it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`).
+Measured on the digits models at one thread: about 1.6x a plain Adam step
+(``benchmarks/radius.py``).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -114,12 +115,12 @@ class RadiusLimiter:
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
 
     Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
-    to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the latest forward's
-    activations are kept until the step (autograd keeps them until the backward anyway) and
-    the tangent pass keeps its buffers (about one tensor per recorded module, the size of that
-    module's output) between steps: no allocation (and no page faults) per step.
-    Parameters the model does not hold are rescaled with the rest but not measured; frozen
-    parameters (``requires_grad=False``) are left alone.
+    to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the
+    latest forward's activations are kept until the step (autograd keeps them until the
+    backward anyway) and the tangent pass keeps its buffers (about one tensor per recorded
+    module, the size of that module's output) between steps: no allocation (and no page
+    faults) per step. Parameters the model does not hold are rescaled with the rest but not
+    measured; frozen parameters (``requires_grad=False``) are left alone.
     """
 
     def __init__(
