@@ -664,15 +664,19 @@ def test_new_closure_each_step_keeps_no_graph_after_the_first():
     assert opt._cache is None and not opt.state[params[0]]["record"]["reused"]
 
 
+def _quadratic_curvature():
+    """The quadratic test problem with its exact-Hessian products (counted) and gradient."""
+    A, b, params, closure = quadratic()
+    with torch.enable_grad():
+        grads = torch.autograd.grad(closure(), params, create_graph=True)
+    return A, b, params, HessianCurvature(grads, params, DT), A @ flat(params) - b
+
+
 def test_cg_warm_start_costs_no_product():
     """Re-solving with another lambda from the last solution: r0 from the kept H x."""
     from torchsteer.optim._newton_solvers import CGSolver
 
-    A, b, params, closure = quadratic()
-    with torch.enable_grad():
-        grads = torch.autograd.grad(closure(), params, create_graph=True)
-    curv = HessianCurvature(grads, params, DT)
-    g = A @ flat(params) - b
+    A, _, _, curv, g = _quadratic_curvature()
     solver = CGSolver(curv, g, tol=1e-13, maxiter=None)
     first = solver.solve(0.5)
     assert first.ok and curv.products == first.cg_iterations
@@ -837,11 +841,7 @@ def test_lanczos_retry_reuses_the_basis():
     system the retry costs only the products it reports, and its residual is the true one."""
     from torchsteer.optim._newton_lanczos import LanczosSolver
 
-    A, b, params, closure = quadratic()
-    with torch.enable_grad():
-        grads = torch.autograd.grad(closure(), params, create_graph=True)
-    curv = HessianCurvature(grads, params, DT)
-    g = A @ flat(params) - b
+    A, _, _, curv, g = _quadratic_curvature()
     solver = LanczosSolver(curv, g, tol=1e-15, maxiter=None)
     first = solver.solve(0.5)
     assert first.ok and curv.products == 5  # the whole space: P = 5 products
