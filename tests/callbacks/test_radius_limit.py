@@ -165,3 +165,37 @@ def test_repeated_fits_leave_no_stale_hooks(tmp_path):
         _trainer(tmp_path, 2, callback).fit(module, _loader())
     hooked = [m for m in module.modules() if m._forward_hooks]
     assert hooked == []
+
+
+class LBFGSModule(Module):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_step_is_measured_from_before_its_first_closure(tmp_path):
+    """LBFGS calls the closure several times inside one step, and Lightning runs
+    on_before_optimizer_step after each: theta_old is taken at the first call only, so the
+    fit measures and limits the whole step, as RadiusLimiter.step(opt, x, closure) does."""
+    steps, r_max = 3, 0.05
+    module = LBFGSModule()
+    callback = RadiusLimit(r_max=r_max)
+    _trainer(tmp_path, steps, callback).fit(module, _loader())
+
+    net = _net()
+    opt = torch.optim.LBFGS(net.parameters(), lr=0.5, max_iter=4)
+    limiter = RadiusLimiter(net, r_max=r_max)
+    (x, y), rs = next(iter(_loader())), []
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        limiter.step(opt, x, closure)
+        rs.append(limiter.last["r"])
+    assert limiter.limited == steps and callback.limiter.limited == steps
+    assert callback.limiter.last["r"] == pytest.approx(rs[-1], rel=1e-9)
+    for p, q in zip(module.net.parameters(), net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)

@@ -375,6 +375,30 @@ def test_neg_grad_variant_scales_the_learning_rate():
     assert limiter.limited >= 1
 
 
+@pytest.mark.parametrize("direction", ["update", "neg_grad"])
+def test_cancel_drops_a_pending_snapshot_and_restores_the_lr(direction):
+    """before_step without a step, then cancel: nothing pending, the learning rate as it was,
+    and the next step is measured from its own snapshot (r against the float64 reference)."""
+    model, x, y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=30.0)
+    limiter = RadiusLimiter(model, direction=direction)
+    _grad(model, x, y)
+    limiter.before_step(opt, x)
+    assert limiter.pending and (direction == "update" or opt.param_groups[0]["lr"] < 30.0)
+    with torch.no_grad():  # the parameters move without the limiter (no optimizer step)
+        for p in model.parameters():
+            p.add_(0.01)
+    limiter.cancel()
+    assert not limiter.pending and opt.param_groups[0]["lr"] == 30.0
+    _grad(model, x, y)
+    old = _flat_params(model)
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    r_ref, _ = _reference_r(copy.deepcopy(model), old, -30.0 * g, x)
+    limiter.step(opt, x)
+    assert limiter.signals["r"] == pytest.approx(r_ref, rel=1e-9)
+    assert limiter.steps == 1
+
+
 def test_rho_set_mode_steps_to_the_target_radius():
     model, opt, twin, _, x, y = _pair(torch.optim.SGD, lr=1e-3)
     limiter = RadiusLimiter(model, r_max=0.5, mode="rho_set")

@@ -10,7 +10,8 @@ derivatives) and rescaled by ``min(1, r_max / r)``:
     trainer.fit(model, loader)
 
 Hooks: the parameters are snapshot in ``on_before_optimizer_step`` (after backward, before
-the update) and the update is measured and corrected in ``on_train_batch_end``. The logits
+the update; with LBFGS, which evaluates its closure several times in one step, at the first
+call) and the update is measured and corrected in ``on_train_batch_end``. The logits
 are ``logits_fn(pl_module, batch)``; by default ``pl_module(batch[0])`` for a tuple/list
 batch, else ``pl_module(batch)``. Logged: ``radius/r``, ``radius/rho_a``, ``radius/scale``,
 ``radius/fraction_limited``. Checkpointed: the limiter's counters and last signals. Under DDP
@@ -110,11 +111,17 @@ class RadiusLimit(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch = batch
+        if self.limiter is not None and self.limiter.pending:
+            self.limiter.cancel()  # a snapshot the last batch never consumed (no step ran)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self.limiter.pending:
+            # a later closure call of the same step (LBFGS evaluates it several times inside
+            # step(), and Lightning runs this hook after each): theta_old is the first call's
+            return
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
         self.limiter.before_step(optimizer, self._inputs(self._batch))
 

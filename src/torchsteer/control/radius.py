@@ -395,6 +395,14 @@ class RadiusLimiter:
             self._recorder.remove()
             self._recorder = None
 
+    def cancel(self) -> None:
+        """Drop a pending :meth:`before_step` (the optimizer did not step); in the
+        ``"neg_grad"`` direction the learning rates it scaled are restored."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == "neg_grad":
+            for group, lr in zip(pending[1].param_groups, pending[2]):
+                group["lr"] = lr
+
     @property
     def pending(self) -> bool:
         """True between :meth:`before_step` and :meth:`after_step`."""
