@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsteer.control._radius_buffers import FlatBuffers
+from torchsteer.control._radius_buffers import FlatBuffers, TensorBuffers
 from torchsteer.control._radius_jvp import (
     _METHODS,
     LogitsFn,
@@ -199,12 +199,12 @@ class RadiusLimiter:
         rec = self._recorder
         self._reuse_ok = rec is not None and inputs is not None and rec.usable(inputs)
         if self.direction == "update":
-            flat = self._flat_buffers(named)
-            if flat is not None:
-                flat.snapshot()
-                self._pending = ("update", optimizer, named, flat)
+            bufs = self._flat_buffers(named)
+            if bufs is not None:
+                bufs.snapshot()
             else:
-                self._pending = ("update", optimizer, named, self._snapshot(named))
+                bufs = TensorBuffers(named, self._snapshot(named))
+            self._pending = ("update", optimizer, named, bufs)
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
@@ -235,42 +235,19 @@ class RadiusLimiter:
                 group["lr"] = lr
             self._record(*b)
             return self.last
-        named, old = a, b
-        if isinstance(old, FlatBuffers):
-            return self._after_flat(inputs, old)
+        bufs = b  # FlatBuffers or TensorBuffers: theta_old, and p once taken
         with torch.no_grad():
-            new = [p.detach() for _, p in named]
-            update = torch._foreach_sub(new, old)
-            d = {n: u for (n, _), u in zip(named, update) if n is not None}
-            point = {n: o for (n, _), o in zip(named, old) if n is not None}
-            r, rho, tau = self._measure(inputs, d, point)
+            norm = bufs.take_update()
+            r, rho, tau = self._measure(inputs, bufs.direction, bufs.point, norm=norm)
             s = self._scale(r, tau)
             if s is None:
-                torch._foreach_copy_(new, old)
+                bufs.restore()
                 self._record(r, rho, tau, 0.0, skipped=True)
                 if self.nonfinite == "raise":
                     raise ValueError("Invalid update: the step or its radius is NaN or Inf")
                 return self.last
             if s != 1.0:
-                torch._foreach_mul_(update, s)
-                torch._foreach_add_(update, old)
-                torch._foreach_copy_(new, update)
-        self._record(r, rho, tau, s)
-        return self.last
-
-    def _after_flat(self, inputs, flat: FlatBuffers) -> dict[str, float]:
-        """:meth:`after_step` with theta_old and p in flat buffers (same arithmetic)."""
-        tau = flat.take_update()
-        r, rho, tau = self._measure(inputs, flat.direction, flat.point, norm=tau)
-        s = self._scale(r, tau)
-        if s is None:
-            flat.restore()
-            self._record(r, rho, tau, 0.0, skipped=True)
-            if self.nonfinite == "raise":
-                raise ValueError("Invalid update: the step or its radius is NaN or Inf")
-            return self.last
-        if s != 1.0:
-            flat.apply_scaled(s)
+                bufs.apply_scaled(s)
         self._record(r, rho, tau, s)
         return self.last
 
@@ -278,16 +255,15 @@ class RadiusLimiter:
     def _flat_buffers(self, named) -> FlatBuffers | None:
         """The flat theta_old / update buffers for these parameters, or None (see
         :mod:`torchsteer.control._radius_buffers`)."""
-        params = [p for _, p in named]
         flat = self._flat
-        if flat is not None and flat.matches(params):
+        if flat is not None and flat.matches(named):
             self._buffers = flat.old_views
             return flat
-        names = [n for n, _ in named]
+        names, params = [n for n, _ in named], [p for _, p in named]
         if not FlatBuffers.applies(names, params):
             self._flat = None
             return None
-        self._flat = FlatBuffers(names, params)
+        self._flat = FlatBuffers(names, params, source=named)
         self._buffers = self._flat.old_views
         return self._flat
 
@@ -351,7 +327,7 @@ class RadiusLimiter:
             **extra,
         )
         if norm is not None:  # r and |p| to Python in one transfer
-            worst_f, tau = torch.stack([worst.to(norm), norm.to(worst.device)]).tolist()
+            worst_f, tau = torch.stack([worst.to(norm), norm]).tolist()
             r = worst_f / (math.pi * self.temperature)
             return r, (tau / r if r > 0 else math.inf), tau
         # r and the per-tensor norms of p to Python in one transfer; |p| summed in float64
