@@ -51,3 +51,56 @@ def test_collectives_on_two_gloo_ranks():
         assert torch.equal(out["cat"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
         assert torch.equal(out["bcast"], torch.tensor([10.0]))
         assert torch.equal(out["x_unchanged"], torch.tensor([float(r + 1), -float(r)]))
+
+
+def test_column_bounds_cover_every_column_once():
+    for P in (0, 1, 5, 7, 64):
+        for R in (1, 2, 3, 5):
+            b = tdist.column_bounds(P, R)
+            widths = [b[s + 1] - b[s] for s in range(R)]
+            assert b[0] == 0 and b[-1] == P and len(b) == R + 1
+            assert max(widths) - min(widths) <= 1 and widths == sorted(widths, reverse=True)
+    assert tdist.column_bounds(7, 3) == (0, 3, 5, 7)
+    with pytest.raises(ValueError, match="Invalid column split"):
+        tdist.column_bounds(4, 0)
+
+
+def test_one_rank_shard_is_the_identity():
+    x = torch.arange(6.0).reshape(3, 2)
+    shard = tdist.Shard.create(3)
+    assert shard == tdist.Shard((3,), 0) and shard.total == 3 and shard.offset == 0
+    assert shard.gather(x) is x and shard.local(x) is x
+    assert tdist.rows_to_columns(x, shard, (0, 2)) is x
+    assert tdist.agree(True) and not tdist.agree(False)
+    with pytest.raises(ValueError, match="Invalid bounds"):
+        tdist.rows_to_columns(x, shard, (0, 1))
+
+
+def _layouts(rank, world_size):
+    # rank 0 holds rows 0-1, rank 1 row 2 of the 3 x 5 matrix arange(15)
+    full = torch.arange(15.0).reshape(3, 5)
+    shard = tdist.Shard.create(2 - rank)
+    mine = shard.local(full)
+    bounds = tdist.column_bounds(5)
+    cols = tdist.rows_to_columns(mine, shard, bounds)
+    vec = torch.arange(5.0)[bounds[rank] : bounds[rank + 1]]
+    sizes = [bounds[s + 1] - bounds[s] for s in range(world_size)]
+    return {
+        "shard": shard,
+        "gathered": shard.gather(mine),
+        "cols": cols,
+        "vec": tdist.all_gather_cat(vec, sizes=sizes),
+        "agree": (tdist.agree(True), tdist.agree(rank == 0)),
+    }
+
+
+@pytest.mark.distributed
+def test_row_and_column_layouts_on_two_gloo_ranks():
+    full = torch.arange(15.0).reshape(3, 5)
+    for r, out in enumerate(run_ranks(_layouts, 2)):
+        assert out["shard"] == tdist.Shard((2, 1), r)
+        assert torch.equal(out["gathered"], full)
+        lo, hi = (0, 3) if r == 0 else (3, 5)
+        assert torch.equal(out["cols"], full[:, lo:hi])
+        assert torch.equal(out["vec"], torch.arange(5.0))
+        assert out["agree"] == (True, False)  # one rank's False is every rank's
