@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchsteer.callbacks.dro_reweighting import DROReweighting
 from torchsteer.control.dro import DROWeighting
 
+from .._lightning import trainer
+
 BATCH, N = 8, 32  # 4 steps per epoch
 
 
@@ -56,16 +58,7 @@ class _Module(pl.LightningModule):
 
 
 def _trainer(max_steps, callback, **kw):
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[callback],
-        **kw,
-    )
+    return trainer(max_steps=max_steps, callbacks=[callback], **kw)
 
 
 def _reference(steps):
