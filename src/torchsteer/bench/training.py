@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from torchsteer.bench.registry import Run
+from torchsteer.bench.registry import Context, Run
 
 __all__ = [
     "Method",
@@ -52,6 +52,7 @@ __all__ = [
     "optimizer_state_bytes",
     "peak_step_memory",
     "per_sample_closure_step",
+    "sweep",
     "time_to_target",
     "torch_method",
     "train",
@@ -357,3 +358,26 @@ def train(
         state = optimizer.state[next(iter(model.parameters()))]
         run.extra["func_evals"] = int(state.get("func_evals", 0))
     return run
+
+
+def sweep(
+    ctx: Context,
+    arms: Callable[[], Sequence[Method]],
+    make_model: Callable[[int], nn.Module],
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    **train_kwargs,
+) -> list[Run]:
+    """:func:`train` for every arm on every seed of ``ctx``, seeds outermost.
+
+    ``arms()`` is called once per seed and ``make_model(seed)`` once per run, so every arm
+    starts from the same fresh model of its seed; ``ctx.advance()`` follows each run.
+    ``train_kwargs`` go to :func:`train` as they are (``suite``, ``steps``, ``metric_fn`` ...).
+    """
+    runs = []
+    for seed in ctx.seeds:
+        for method in arms():
+            runs.append(train(method, make_model(seed), loss_fn, x, y, seed=seed, **train_kwargs))
+            ctx.advance()
+    return runs

@@ -30,7 +30,7 @@ from torch import nn
 
 from torchsteer.bench import data
 from torchsteer.bench.registry import Context, Run, Suite, register
-from torchsteer.bench.training import Method, lbfgs_method, mlp, torch_method, train
+from torchsteer.bench.training import Method, lbfgs_method, mlp, sweep, torch_method
 from torchsteer.optim.mfac import MFAC
 
 __all__ = ["Config", "methods", "run"]
@@ -85,28 +85,21 @@ def run(ctx: Context, config: Config | None = None) -> list[Run]:
     def accuracy(model):
         return (model(xt).argmax(1) == yt).double().mean().item()
 
-    runs = []
-    for seed in ctx.seeds:
-        for method in methods(config):
-            model = mlp([x.shape[1], *config.hidden, 10], seed=seed)
-            r = train(
-                method,
-                model,
-                cross_entropy,
-                x,
-                y,
-                suite=NAME,
-                seed=seed,
-                steps=steps,
-                batch_size=config.batch_size,
-                eval_every=max(1, steps // config.evals),
-                metric_fn=accuracy,
-                target=TARGET,
-                higher_is_better=True,
-            )
-            runs.append(r)
-            ctx.advance()
-    return runs
+    return sweep(
+        ctx,
+        lambda: methods(config),
+        lambda seed: mlp([x.shape[1], *config.hidden, 10], seed=seed),
+        cross_entropy,
+        x,
+        y,
+        suite=NAME,
+        steps=steps,
+        batch_size=config.batch_size,
+        eval_every=max(1, steps // config.evals),
+        metric_fn=accuracy,
+        target=TARGET,
+        higher_is_better=True,
+    )
 
 
 def _units(quick: bool, seeds: list[int]) -> int:

@@ -52,7 +52,7 @@ import torch
 
 from torchsteer.bench import data
 from torchsteer.bench.registry import Context, Run, Suite, register
-from torchsteer.bench.training import Method, lbfgs_method, mlp, torch_method, train
+from torchsteer.bench.training import Method, lbfgs_method, mlp, sweep, torch_method
 from torchsteer.optim.sven import Sven
 
 __all__ = ["SAFEGUARDS", "SVEN_ARMS", "Config", "methods", "run"]
@@ -139,27 +139,21 @@ def run(ctx: Context, config: Config | None = None) -> list[Run]:
     def val_mse(model):
         return squared_error(model(xv), yv).mean().item()
 
-    runs = []
-    for seed in ctx.seeds:
-        for method in methods(config):
-            r = train(
-                method,
-                mlp([1, 16, 16, 16, 1], seed=seed),
-                squared_error,
-                x,
-                y,
-                suite=NAME,
-                seed=seed,
-                steps=config.steps,
-                batch_size=config.batch_size,
-                eval_every=10 if config.evals is None else max(1, config.steps // config.evals),
-                metric_fn=val_mse,
-                target=TARGET,
-                higher_is_better=False,
-            )
-            runs.append(r)
-            ctx.advance()
-    return runs
+    return sweep(
+        ctx,
+        lambda: methods(config),
+        lambda seed: mlp([1, 16, 16, 16, 1], seed=seed),
+        squared_error,
+        x,
+        y,
+        suite=NAME,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        eval_every=10 if config.evals is None else max(1, config.steps // config.evals),
+        metric_fn=val_mse,
+        target=TARGET,
+        higher_is_better=False,
+    )
 
 
 def _units(quick: bool, seeds: list[int]) -> int:
