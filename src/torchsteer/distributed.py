@@ -62,13 +62,18 @@ def rank() -> int:
     return tdist.get_rank() if is_distributed() else 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (returns a new tensor; the input is not modified)."""
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    """``op`` over ranks into a new tensor (the input is not modified)."""
     if not is_distributed():
         return tensor
     out = tensor.detach().clone()
-    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    tdist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; the input is not modified)."""
+    return _all_reduce(tensor, tdist.ReduceOp.SUM)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,11 +85,7 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Elementwise maximum over ranks."""
-    if not is_distributed():
-        return tensor
-    out = tensor.detach().clone()
-    tdist.all_reduce(out, op=tdist.ReduceOp.MAX)
-    return out
+    return _all_reduce(tensor, tdist.ReduceOp.MAX)
 
 
 def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
