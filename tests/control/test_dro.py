@@ -403,3 +403,40 @@ def test_cuda_matches_cpu(mode):
     state = gpu.state_dict()  # saved on the CPU, loads into a CPU weighting
     DROWeighting(**kw).load_state_dict(state)
     torch.testing.assert_close(state["log_class_weights"], cpu.log_class_weights)
+
+
+def _outlier_run(max_growth, outlier: bool):
+    """Losses near 1 (r = 0.1), one loss of 20 in batch 3: the weighted loss 10 batches later."""
+    g = torch.Generator().manual_seed(5)
+    dro = DROWeighting(temperature=0.1, mode="streaming", momentum=0.1, max_growth=max_growth)
+    for i in range(14):
+        losses = 1.0 + 0.05 * torch.randn(16, generator=g, dtype=D)
+        if outlier and i == 3:
+            losses[0] = 20.0
+        loss = dro(losses)
+    return float(loss)
+
+
+def test_streaming_recovers_from_one_outlier():
+    clean = _outlier_run(2.0, outlier=False)
+    assert _outlier_run(2.0, outlier=True) == pytest.approx(clean, rel=0.5)
+    assert _outlier_run(None, outlier=True) < 1e-50 * clean  # the uncapped average stalls
+
+
+def test_streaming_carried_normalizer_grows_at_most_max_growth():
+    """The spike batch's own weights use the full u; the u carried on is capped at 2 u_prev."""
+    gamma, spike = 0.1, torch.tensor([0.0, 0.0, 0.0, 50.0], dtype=D)
+    dro = DROWeighting(temperature=1.0, mode="streaming", momentum=gamma)
+    dro(torch.zeros(4, dtype=D))
+    w = dro.weights(spike)
+    u = (1 - gamma) + gamma * (3 + math.exp(50.0)) / 4
+    torch.testing.assert_close(w, spike.exp() / u)
+    assert dro.log_normalizer == pytest.approx(math.log(2.0), rel=1e-12)
+    later = dro.weights(torch.zeros(4, dtype=D))  # u = 0.9 * 2 + 0.1 * 1
+    torch.testing.assert_close(later, torch.full((4,), 1 / 1.9, dtype=D))
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, math.inf, math.nan, True, "2"])
+def test_invalid_max_growth(bad):
+    with pytest.raises(ValueError, match="Invalid max_growth"):
+        DROWeighting(mode="streaming", max_growth=bad)

@@ -90,7 +90,14 @@ class DROWeighting:
       :math:`u \\leftarrow (1-\\gamma) u + \\gamma \\operatorname{mean}_B e^{l/r}`, kept as
       :math:`\\log u` (first call: :math:`u = \\operatorname{mean}_B e^{l/r}`), then
       :math:`w_i = e^{l_i/r} / u`. It removes the bias of the batch softmax as an estimate
-      of the full-data normalizer. ``gamma`` is ``momentum``.
+      of the full-data normalizer. ``gamma`` is ``momentum``. The current batch's weights use
+      this ``u`` (so they stay below ``B / gamma``), but the ``u`` carried to the next call is
+      at most ``max_growth`` times the previous one: without that cap one outlier batch sets
+      ``u`` to about ``gamma e^{l_max/r}``, which decays by ``1 - gamma`` per call only (a
+      loss of 20 among losses near 1 at ``r = 0.1`` left every later weight near ``1e-79``
+      for thousands of batches). With the default 2 the normalizer recovers from an outlier
+      in about ``log 2 / -log(1 - gamma)`` calls (7 at ``gamma = 0.1``) and follows a lasting
+      rise of the losses by a factor of 2 per call; ``max_growth=None`` is the plain average.
     * ``class_level=True`` (Group DRO): class weights
       :math:`q \\leftarrow q\\, e^{\\eta \\bar l_c}` normalized, with :math:`\\bar l_c` the
       batch mean loss of class ``c`` (0 for classes absent from the batch) and
@@ -123,6 +130,8 @@ class DROWeighting:
         class_momentum: ``beta`` in (0, 1] of the running class losses (1: batch means).
         max_weight: clip the weights at this value (> 0), or ``None``.
         warmup_steps: calls of plain averaging before reweighting starts.
+        max_growth: the most the carried streaming normalizer may grow in one call
+            (``> 1``), or ``None`` for no cap.
 
     References:
         Sow et al., ICLR 2024 (arXiv 2308.00311); Sagawa et al., ICLR 2020 (Group DRO).
@@ -139,6 +148,7 @@ class DROWeighting:
         class_momentum: float = 1.0,
         max_weight: float | None = None,
         warmup_steps: int = 0,
+        max_growth: float | None = 2.0,
     ):
         if mode not in _MODES:
             raise ValueError(f"Invalid mode: {mode!r}; expected one of {_MODES}")
@@ -162,6 +172,12 @@ class DROWeighting:
             raise ValueError(f"Invalid max_weight: {max_weight}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps}")
+        if max_growth is not None and (
+            isinstance(max_growth, bool)
+            or not isinstance(max_growth, (int, float))
+            or not 1.0 < max_growth < math.inf
+        ):
+            raise ValueError(f"Invalid max_growth: {max_growth}")
         self._temperature = _check_temperature(temperature)
         self.mode = mode
         self.momentum = float(momentum)
@@ -171,6 +187,7 @@ class DROWeighting:
         self.class_momentum = float(class_momentum)
         self.max_weight = None if max_weight is None else float(max_weight)
         self.warmup_steps = warmup_steps
+        self.max_growth = None if max_growth is None else float(max_growth)
         self.step = 0
         self.log_normalizer: float | None = None  # log u, streaming mode
         self.log_class_weights: torch.Tensor | None = None  # log q, class level
@@ -245,7 +262,8 @@ class DROWeighting:
                 "Invalid losses: the weighted loss is not finite (NaN or Inf losses, or "
                 "l / r overflowing at this temperature)"
             )
-        self.log_normalizer, self.log_class_weights, self.class_losses = log_u, log_q, run_l
+        self.log_normalizer = self._carried_normalizer(log_u)
+        self.log_class_weights, self.class_losses = log_q, run_l
         self._coeffs, self._scale = coeffs, scale
         self.step += 1
         return loss
@@ -293,6 +311,12 @@ class DROWeighting:
         if a == b:  # also when both are infinite
             return a + math.log(2.0)
         return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+    def _carried_normalizer(self, log_u: float | None) -> float | None:
+        """``log u`` kept for the next call: at most ``log u_prev + log max_growth``."""
+        if log_u is None or self.log_normalizer is None or self.max_growth is None:
+            return log_u
+        return min(log_u, self.log_normalizer + math.log(self.max_growth))
 
     def _check_labels(self, labels: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         if labels is None:
