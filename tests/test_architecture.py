@@ -1,7 +1,9 @@
 """The arrows run one way: callbacks -> control, optim -> linalg, jacobian.
 
 Checked on the source (imports parsed with ``ast``) and at run time (a fresh interpreter
-imports the Lightning-free packages and must not have loaded Lightning).
+imports the Lightning-free packages and must not have loaded Lightning). Also: no private
+module (``_name.py``) is imported from outside the folder that holds it, and no module but
+``distributed.py`` imports ``torch.distributed``.
 """
 
 import ast
@@ -20,7 +22,16 @@ ALLOWED = {
     "optim": {"optim", "jacobian", "linalg", "distributed"},
     "control": {"control", "jacobian", "linalg", "distributed"},
     "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
+    "bench": {"bench", "callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
+    "distributed.py": set(),
 }
+LIGHTNING_OK = {"callbacks", "bench"}
+
+
+def sources(package: str):
+    """The ``.py`` files of a package folder, or the one module ``package`` names."""
+    path = SRC / package
+    return [path] if path.suffix == ".py" else sorted(path.rglob("*.py"))
 
 
 def imported_modules(path: Path):
@@ -30,20 +41,55 @@ def imported_modules(path: Path):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
-            if node.module == "torchsteer":
-                yield from (f"torchsteer.{a.name}" for a in node.names)
+            yield from (f"{node.module}.{a.name}" for a in node.names)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_package_imports_only_what_it_may(package):
     bad = []
-    for path in (SRC / package).rglob("*.py"):
+    for path in sources(package):
         for mod in imported_modules(path):
             parts = mod.split(".")
             if parts[0] == "torchsteer" and len(parts) > 1 and parts[1] not in ALLOWED[package]:
                 bad.append(f"{path.name}: {mod}")
-            if parts[0] in ("lightning", "pytorch_lightning") and package != "callbacks":
+            if parts[0] in ("lightning", "pytorch_lightning") and package not in LIGHTNING_OK:
                 bad.append(f"{path.name}: {mod}")
+    assert not bad, bad
+
+
+def test_every_package_is_checked():
+    found = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    found |= {p.name for p in SRC.glob("*.py") if p.name != "__init__.py"}
+    assert found == set(ALLOWED), found ^ set(ALLOWED)
+
+
+def private_module_of(mod: str) -> tuple[str, ...] | None:
+    """The folder parts of the first private module in a dotted path, or None."""
+    parts = mod.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return tuple(parts[:i])
+    return None
+
+
+def test_no_private_module_is_imported_across_folders():
+    bad = []
+    for path in SRC.rglob("*.py"):
+        here = ("torchsteer", *path.relative_to(SRC).parent.parts)
+        for mod in imported_modules(path):
+            folder = private_module_of(mod) if mod.startswith("torchsteer.") else None
+            if folder is not None and folder != here:
+                bad.append(f"{path.relative_to(SRC)}: {mod}")
+    assert not bad, bad
+
+
+def test_only_distributed_py_calls_torch_distributed():
+    bad = [
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if path.name != "distributed.py"
+        and any(m.startswith("torch.distributed") for m in imported_modules(path))
+    ]
     assert not bad, bad
 
 

@@ -440,3 +440,30 @@ def test_streaming_carried_normalizer_grows_at_most_max_growth():
 def test_invalid_max_growth(bad):
     with pytest.raises(ValueError, match="Invalid max_growth"):
         DROWeighting(mode="streaming", max_growth=bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"log_class_weights": torch.zeros(5, dtype=D)},
+        {"class_losses": torch.zeros(2, dtype=D)},
+        {"step": -1},
+        {"step": 1.5},
+        {"temperature": 0.0},
+        {"log_normalizer": math.nan},
+    ],
+)
+def test_rejected_load_state_dict_changes_nothing(bad):
+    """Every value is checked before any is assigned (a shape error came after the others)."""
+    dro = DROWeighting(0.7, "streaming", class_level=True, num_classes=3, class_momentum=0.5)
+    for losses in _stream(2, n_batches=3):
+        dro(losses, torch.tensor([0, 1, 2, 0, 1]))
+    before = dro.state_dict()
+    state = {**DROWeighting(2.0, "streaming", class_level=True, num_classes=3).state_dict()}
+    state.update({"step": 7, "log_normalizer": torch.tensor(3.0, dtype=D), **bad})
+    with pytest.raises(ValueError, match="Invalid"):
+        dro.load_state_dict(state)
+    after = dro.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k], k

@@ -406,21 +406,38 @@ class DROWeighting:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; missing keys keep their current values."""
-        if "temperature" in state:
-            self.temperature = state["temperature"]
-        if "step" in state:
-            self.step = int(state["step"])
+        """Restore :meth:`state_dict`'s output; missing keys keep their current values.
+
+        Every value is checked before any is assigned: a rejected state leaves the weighting
+        as it was.
+        """
+        temperature = _check_temperature(state.get("temperature", self._temperature))
+        step = state.get("step", self.step)
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if (
+            isinstance(step, bool)
+            or not isinstance(step, int | float)
+            or step < 0
+            or step != int(step)
+        ):
+            raise ValueError(f"Invalid step: {step}")
+        log_u = self.log_normalizer
         if "log_normalizer" in state:
             v = state["log_normalizer"]
-            self.log_normalizer = None if v is None else float(v)
-        if state.get("log_class_weights") is not None:
-            v = torch.as_tensor(state["log_class_weights"], dtype=torch.float64)
-            if self.class_level and v.shape != (self.num_classes,):
-                raise ValueError(f"Invalid log_class_weights: shape {tuple(v.shape)}")
-            self.log_class_weights = v.clone()
-        if state.get("class_losses") is not None:
-            v = torch.as_tensor(state["class_losses"], dtype=torch.float64)
-            if self.class_level and v.shape != (self.num_classes,):
-                raise ValueError(f"Invalid class_losses: shape {tuple(v.shape)}")
-            self.class_losses = v.clone()
+            log_u = None if v is None else float(v)
+            if log_u is not None and (math.isnan(log_u) or log_u == math.inf):
+                raise ValueError(f"Invalid log_normalizer: {log_u}")
+        log_q = self._class_vector(state, "log_class_weights", self.log_class_weights)
+        run_l = self._class_vector(state, "class_losses", self.class_losses)
+        self._temperature, self.step, self.log_normalizer = temperature, int(step), log_u
+        self.log_class_weights, self.class_losses = log_q, run_l
+
+    def _class_vector(self, state: dict[str, Any], key: str, current):
+        """``state[key]`` as a float64 vector of ``num_classes`` (``current`` when absent)."""
+        if state.get(key) is None:
+            return current
+        v = torch.as_tensor(state[key], dtype=torch.float64)
+        if self.class_level and v.shape != (self.num_classes,):
+            raise ValueError(f"Invalid {key}: shape {tuple(v.shape)}")
+        return v.clone()
