@@ -351,6 +351,18 @@ def _ddp_worker(rank, world_size):
         results["nan"] = False
     except ValueError:
         results["nan"] = dro.step == 0 and dro.log_normalizer is None
+    # bad input on one rank only (an empty batch, float labels): every rank raises, no hang
+    for key, kwargs, local in (
+        ("empty", dict(mode="streaming"), (torch.ones(0, dtype=D), None)),
+        ("float labels", dict(class_level=True, num_classes=3), (torch.ones(2), torch.ones(2))),
+    ):
+        dro = DROWeighting(**kwargs)
+        good = (torch.ones(2), torch.zeros(2, dtype=torch.long) if dro.class_level else None)
+        try:
+            dro(*(local if rank == 1 else good))
+            results[key] = "no error"
+        except ValueError as exc:
+            results[key] = (str(exc), dro.step)
     return results
 
 
@@ -373,6 +385,10 @@ def test_ddp_weights_equal_one_process():
             for name, value in single.signals().items():
                 assert ranks[r][key][1][name] == pytest.approx(value, rel=1e-9)
     assert ranks[0]["nan"] and ranks[1]["nan"]
+    for key in ("empty", "float labels"):
+        (msg0, step0), (msg1, step1) = ranks[0][key], ranks[1][key]
+        assert "another rank" in msg0 and step0 == step1 == 0, ranks[0][key]
+        assert msg1.startswith("Invalid losses" if key == "empty" else "Invalid labels"), msg1
 
 
 def test_streaming_weights_are_bounded_by_batch_over_gamma():

@@ -231,10 +231,16 @@ class DROWeighting:
 
     def _step(self, losses: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Compute the new state and the loss, check them, then commit the state."""
-        _check_losses(losses)
-        y = self._check_labels(labels, losses) if self.class_level else None
+        y, error = None, None
+        try:
+            _check_losses(losses)
+            y = self._check_labels(labels, losses) if self.class_level else None
+        except ValueError as exc:
+            if not dist.is_distributed():
+                raise
+            error = exc  # raised on every rank, after they agree
+        z_max = self._validate_distributed(losses, y, error) if dist.is_distributed() else None
         z = losses.detach() / self._temperature
-        z_max = self._validate_distributed(z, y) if dist.is_distributed() else None
         counts = None if y is None else self._class_counts(y)
         n = self._global_count(z)
         scale = dist.world_size() / n  # local loss = scale * sum_i w_i l_i
@@ -268,17 +274,33 @@ class DROWeighting:
         self.step += 1
         return loss
 
-    def _validate_distributed(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The global max of ``z``; raises on every rank on non-finite ``z`` or bad labels."""
-        flags = [z.max(), (~torch.isfinite(z.sum())).to(z.dtype)]
-        if y is not None:
-            flags.append(((y < 0) | (y >= self.num_classes)).any().to(z.dtype))
-        glob = dist.all_reduce_max(torch.stack(flags))
+    def _validate_distributed(
+        self, losses: torch.Tensor, y: torch.Tensor | None, error: ValueError | None
+    ) -> torch.Tensor:
+        """The global max of ``z = l / r``, from one all-reduce that also carries every
+        rank's verdict: a rank's bad input (wrong shape or dtype, an empty batch, bad labels,
+        NaN/Inf) raises ``ValueError`` on every rank, before any other collective, so no rank
+        is left waiting in a reduction the others skipped."""
+        f64 = torch.float64
+        device = losses.device if isinstance(losses, torch.Tensor) else torch.device("cpu")
+        if error is None:
+            z = losses.detach().to(f64) / self._temperature
+            zero = z.new_zeros(())
+            bad_labels = zero if y is None else ((y < 0) | (y >= self.num_classes)).any().to(f64)
+            flags = torch.stack([z.max(), (~torch.isfinite(z.sum())).to(f64), bad_labels, zero])
+        else:
+            flags = torch.tensor([-math.inf, 0.0, 0.0, 1.0], dtype=f64, device=device)
+        glob = dist.all_reduce_max(flags)
+        if bool(glob[3]):
+            raise error or ValueError(
+                "Invalid losses or labels on another rank (a wrong shape or dtype, an empty "
+                "batch or bad labels): every rank raises, the state is unchanged"
+            )
         if bool(glob[1]) or not bool(torch.isfinite(glob[0])):
             raise ValueError("Invalid losses: contain NaN or Inf (or overflow at this temperature)")
-        if y is not None and bool(glob[2]):
+        if bool(glob[2]):
             raise ValueError(f"Invalid labels: expected values in [0, {self.num_classes})")
-        return glob[0]
+        return glob[0].to(losses.dtype)
 
     @staticmethod
     def _batch_coeffs(z: torch.Tensor) -> torch.Tensor:
