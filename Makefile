@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
-	$(BIN)/torchsteer bench --quick
+	$(BIN)/torchsteer bench --quick --overwrite
 
 docs: $(STAMP)
 	$(BIN)/pip install -q -e '.[docs]'

@@ -107,8 +107,46 @@ def test_cli_runs_a_named_suite_with_seeds(fake, tmp_path):
     assert fake.calls[0].quick is False and fake.calls[0].seeds == [0, 1, 2]
     runs = report.read_json(tmp_path / "results.json")["fake"]
     assert sorted({r.seed for r in runs}) == [0, 1, 2]
-    assert main(["bench", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "fake", "--quick", "--out", str(tmp_path)]) == 2  # an earlier run
+    assert len(fake.calls) == 1  # refused before any suite ran
+    assert main(["bench", "fake", "--quick", "--out", str(tmp_path), "--overwrite"]) == 0
     assert fake.calls[1].quick is True and fake.calls[1].seeds == [0]
+    assert {r.seed for r in report.read_json(tmp_path / "results.json")["fake"]} == {0}
+
+
+def test_an_earlier_run_is_not_overwritten_silently(fake, tmp_path, capsys):
+    assert main(["bench", "fake", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "results.json").read_bytes()
+    assert main(["bench", "fake", "--quick", "--out", str(tmp_path)]) == 2
+    assert "holds an earlier run (fake_loss.png" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
+def test_no_file_is_written_through_a_symbolic_link(fake, tmp_path, capsys):
+    outside = tmp_path / "outside.json"
+    outside.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").symlink_to(outside)
+    for extra in ([], ["--overwrite"]):
+        assert main(["bench", "fake", "--out", str(out), *extra]) == 2
+        assert "symbolic links ['results.json']" in capsys.readouterr().err
+    assert outside.read_text() == "keep" and not fake.calls
+    link = tmp_path / "linked"
+    link.symlink_to(out, target_is_directory=True)
+    assert main(["bench", "fake", "--out", str(link)]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+
+
+def test_open_output_refuses_a_link_planted_after_the_check(tmp_path):
+    from torchsteer.bench.output import open_output
+
+    target = tmp_path / "target"
+    target.write_text("keep")
+    (tmp_path / "summary.csv").symlink_to(target)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        open_output(tmp_path / "summary.csv")
+    assert target.read_text() == "keep"
 
 
 def test_cli_rejects_bad_arguments(fake, capsys, tmp_path):
@@ -151,4 +189,4 @@ def test_a_failing_suite_is_reported_and_the_others_still_written(fake, monkeypa
     assert list(data["suites"]) == ["fake"]
     assert len(data["suites"]["fake"]["runs"]) == 2
     with pytest.raises(RuntimeError, match="boom"):
-        run_suites(["broken"], out=tmp_path, keep_going=False)
+        run_suites(["broken"], out=tmp_path, keep_going=False, overwrite=True)

@@ -1,9 +1,10 @@
 """The ``torchsteer`` console script.
 
-``torchsteer bench [SUITE ...] [--quick] [--seeds N] [--out DIR] [--list]`` runs the named
-suites (none named: every suite marked ``quick_default``), shows a progress bar, prints a table
-per suite and writes ``results.json``, ``results.csv``, ``summary.csv`` and plots into ``DIR``
-(default ``bench-results/``). ``--seeds N`` runs seeds 0 .. N-1 (default 1 with ``--quick``,
+``torchsteer bench [SUITE ...] [--quick] [--seeds N] [--out DIR] [--overwrite] [--list]`` runs
+the named suites (none named: every suite marked ``quick_default``), shows a progress bar, prints
+a table per suite and writes ``results.json``, ``results.csv``, ``summary.csv`` and plots into
+``DIR`` (default ``bench-results/``; a folder holding an earlier run is refused without
+``--overwrite``, and no file is written through a symbolic link). ``--seeds N`` runs seeds 0 .. N-1 (default 1 with ``--quick``,
 3 without). A suite that raises is reported and skipped; the exit status is then 1.
 """
 
@@ -47,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="output folder (default: bench-results)",
     )
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's files in --out (without it such a folder is refused)",
+    )
     b.add_argument("--list", action="store_true", help="list the registered suites and exit")
     return p
 
@@ -69,7 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"torchsteer bench: {e}", file=sys.stderr)
         return 2
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    results = run_suites(selected, quick=args.quick, seeds=range(n_seeds), out=args.out)
+    try:
+        results = run_suites(
+            selected,
+            quick=args.quick,
+            seeds=range(n_seeds),
+            out=args.out,
+            overwrite=args.overwrite,
+        )
+    except (FileExistsError, ValueError) as e:  # the output folder, checked before any suite
+        print(f"torchsteer bench: {e}", file=sys.stderr)
+        return 2
     return 0 if all(name in results for name in selected) else 1
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from torchsteer.bench.output import open_output
 from torchsteer.bench.registry import Run, Suite
 
 __all__ = [
@@ -203,7 +204,8 @@ def write_json(
             "summary": [dataclasses.asdict(r) for r in summarize(suite, runs)],
             "runs": [r.to_dict() for r in runs],
         }
-    Path(path).write_text(json.dumps(out, indent=1, default=_jsonable))
+    with open_output(path) as f:
+        f.write(json.dumps(out, indent=1, default=_jsonable))
 
 
 def read_json(path: Path) -> dict[str, list[Run]]:
@@ -214,7 +216,7 @@ def read_json(path: Path) -> dict[str, list[Run]]:
 
 def write_csv(path: Path, runs: Sequence[Run]) -> None:
     """The curves in long form; floats written with ``repr`` (exact round trip)."""
-    with open(path, "w", newline="") as f:
+    with open_output(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(_RUN_FIELDS + _POINT_FIELDS)
         for r in runs:
@@ -273,7 +275,7 @@ def read_csv(path: Path) -> list[Run]:
 def write_summary_csv(path: Path, rows: Sequence[Row]) -> None:
     """The table rows, one line per (suite, method)."""
     fields = [f.name for f in dataclasses.fields(Row)]
-    with open(path, "w", newline="") as f:
+    with open_output(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
         for r in rows:
@@ -344,7 +346,8 @@ def plot_suite(out: Path, suite: Suite, runs: Sequence[Run]) -> list[Path]:
         fig.suptitle(f"{suite.name}: {label} (median over seeds, band = min/max)")
         fig.tight_layout()
         path = Path(out) / f"{suite.name}_{kind}.png"
-        fig.savefig(path, dpi=110)
+        with open_output(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     return written

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from torchsteer.bench import report
+from torchsteer.bench import output, report
 from torchsteer.bench.registry import Context, Run, Suite, suites
 from torchsteer.bench.training import time_to_target
 
@@ -64,6 +64,7 @@ def run_suites(
     threads: int | None = 1,
     plots: bool = True,
     keep_going: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, tuple[Suite, list[Run]]]:
     """Run suites, print their tables and write the results into ``out``.
 
@@ -71,12 +72,15 @@ def run_suites(
         names: suite names; ``None`` or empty runs every suite with ``quick_default``.
         quick: the small configuration of each suite.
         seeds: the seeds handed to every suite.
-        out: output folder (created).
+        out: output folder (created). It must not hold an earlier run's files unless
+            ``overwrite``, and no file is written through a symbolic link
+            (:mod:`torchsteer.bench.output`).
         console: a ``rich.console.Console`` (default: a new one on stdout).
         threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
         plots: write the PNG plots.
         keep_going: when a suite raises, print its traceback, list it under
             ``meta["failed"]`` in results.json and go on with the others (else re-raise).
+        overwrite: replace an earlier run's files in ``out``.
 
     Returns:
         ``{suite name: (suite, runs)}`` of the suites that finished.
@@ -90,8 +94,7 @@ def run_suites(
             console = Console(width=150)
     selected = resolve(names)
     seeds = [int(s) for s in seeds]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output.prepare(out, overwrite)  # before any suite runs: refuse early
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
