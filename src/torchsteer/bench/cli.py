@@ -5,7 +5,8 @@ the named suites (none named: every suite marked ``quick_default``), shows a pro
 a table per suite and writes ``results.json``, ``results.csv``, ``summary.csv`` and plots into
 ``DIR`` (default ``bench-results/``; a folder holding an earlier run is refused without
 ``--overwrite``, and no file is written through a symbolic link). ``--seeds N`` runs seeds
-0 .. N-1 (default 1 with ``--quick``, 3 without). A suite that raises is reported and skipped; the exit status is then 1.
+0 .. N-1 (default 1 with ``--quick``, 3 without). A suite that raises is reported and skipped;
+the exit status is then 1.
 """
 
 from __future__ import annotations
