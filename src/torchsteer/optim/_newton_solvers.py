@@ -37,7 +37,6 @@ import dataclasses
 import math
 
 import torch
-import torch.distributed
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
@@ -227,26 +226,15 @@ class CholeskySolver:
         return Solution(delta, True)
 
 
-def _rows_to_columns(G: torch.Tensor, sizes: list[int], bounds: list[int]) -> torch.Tensor:
-    """All-to-all: rank r's rows ``(B_r, P)`` -> all ``B`` rows of its columns ``bounds[r:r+2]``."""
-    R, r = len(sizes), tdist.rank()
-    widths = [bounds[s + 1] - bounds[s] for s in range(R)]
-    send = torch.cat([G[:, bounds[s] : bounds[s + 1]].reshape(-1) for s in range(R)])
-    out_splits = [sizes[q] * widths[r] for q in range(R)]
-    recv = G.new_empty(sum(out_splits))
-    torch.distributed.all_to_all_single(recv, send, out_splits, [G.shape[0] * w for w in widths])
-    parts = recv.split(out_splits)
-    return torch.cat([part.view(sizes[q], widths[r]) for q, part in enumerate(parts)])
-
-
 class WoodburySolver:
     """Exact solve with ``F = (1/B) G^T G`` through the B x B Gram ``K = G G^T``::
 
     (F + lambda I)^{-1} g = (g - G^T (B lambda I + K)^{-1} G g) / lambda
 
     Under a process group the rows of ``G`` live on their ranks (``B_r`` each, ``B = sum``).
-    Rank r receives, by one all-to-all, the columns of its 1/R slice of the parameters for all
-    rows (``B x P/R``: no rank holds all of ``G``); ``K`` and ``G g`` are then one all-reduce of
+    Rank r receives, by one all-to-all, the columns of its slice of the parameters for all rows
+    (``B x P/R``, split by :func:`~torchsteer.distributed.column_bounds`: no rank holds all
+    of ``G``); ``K`` and ``G g`` are then one all-reduce of
     ``B (B + 1)`` numbers, and each solve all-gathers the P/R-slices of the step. With unequal
     ``B_r`` the rows are weighted by ``sqrt(B / (R B_r))``, so that ``F`` is the mean over
     ranks of the ranks' own Fishers, as the gradient is the mean of the ranks' gradients.
@@ -257,14 +245,14 @@ class WoodburySolver:
         self.g = g
         self.sharded = tdist.is_distributed()
         if self.sharded:
-            sizes = [int(n) for n in tdist.all_gather(torch.tensor([G.shape[0]], device=g.device))]
-            R, P = len(sizes), g.numel()
-            if len(set(sizes)) > 1:
-                G = G * math.sqrt(sum(sizes) / (R * G.shape[0]))
-            bounds = [P * s // R for s in range(R + 1)]
+            shard = tdist.Shard.create(G.shape[0], g.device)
+            R, P = shard.world, g.numel()
+            if len(set(shard.rows)) > 1:
+                G = G * math.sqrt(shard.total / (R * G.shape[0]))
+            bounds = tdist.column_bounds(P, R)
             self.widths = [bounds[s + 1] - bounds[s] for s in range(R)]
-            lo, hi = bounds[tdist.rank()], bounds[tdist.rank() + 1]
-            G = _rows_to_columns(G, sizes, bounds)  # (B, hi - lo): this rank's columns
+            lo, hi = bounds[shard.rank], bounds[shard.rank + 1]
+            G = tdist.rows_to_columns(G, shard, bounds)  # (B, hi - lo): this rank's columns
             self.g = g[lo:hi]
             B = G.shape[0]
             KG = tdist.all_reduce_sum(torch.cat([G @ G.T, (G @ self.g).unsqueeze(1)], dim=1))
@@ -284,11 +272,8 @@ class WoodburySolver:
             return Solution(None, False, "cholesky")
         z = torch.cholesky_solve(self.Gg.unsqueeze(1), L).squeeze(1)
         delta = -(self.g - self.G.T @ z) / lam
-        if self.sharded:  # the slices, padded to the widest, in one all-gather
-            buf = delta.new_zeros(max(self.widths))
-            buf[: delta.numel()] = delta
-            parts = tdist.all_gather(buf)
-            delta = torch.cat([part[:w] for part, w in zip(parts, self.widths)])
+        if self.sharded:  # the slices of every rank, in one all-gather
+            delta = tdist.all_gather_cat(delta, 0, self.widths)
         if not _finite(delta):
             return Solution(None, False, "nonfinite")
         return Solution(delta, True)

@@ -15,65 +15,36 @@ and the step is the one-process step on M:
   ``d[C_r] = M[:, C_r]^T w`` and the direction is all-gathered (P numbers).
 * Dense exact, B > P: ``M^T M = sum_r M_r^T M_r`` and ``M^T R``, one all-reduce of P x (P+1).
 
-Without a process group (one process) none of this runs: Sven keeps its one-process code.
+The row layout is :class:`torchsteer.distributed.Shard` (with one process the one-rank shard,
+whose gather and local are the identity) and the column split is
+:func:`torchsteer.distributed.column_bounds`, the one rule every sharded solver uses. With one
+process none of the exchanges runs: Sven keeps its one-process solves.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-import torch.distributed as tdist
 
 from torchsteer import distributed as dist
+from torchsteer.distributed import Shard
 from torchsteer.optim._sven_step import Solution, _record, gram_spectrum, group_rows
 
-__all__ = ["RowShardedOperator", "Shard", "solve_gram_sharded"]
+__all__ = ["RowShardedOperator", "group", "grouped", "solve_gram_sharded"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """How many rows every rank holds (rank order) and which rank this is."""
+def grouped(shard: Shard, size: int | None) -> Shard:
+    """The row counts after each rank averages its micro-batches of ``size`` rows."""
+    if size is None or size <= 1:
+        return shard
+    return Shard(tuple(-(-n // size) for n in shard.rows), shard.rank)
 
-    rows: tuple[int, ...]
-    rank: int
 
-    @classmethod
-    def create(cls, n_local: int, device: torch.device) -> Shard | None:
-        """The row counts of all ranks (one all-gather); None without a process group."""
-        if not dist.is_distributed():
-            return None
-        sizes = dist.all_gather(torch.tensor([n_local], device=device))
-        return cls(tuple(int(s) for s in sizes), dist.rank())
-
-    @property
-    def offset(self) -> int:
-        return sum(self.rows[: self.rank])
-
-    @property
-    def total(self) -> int:
-        return sum(self.rows)
-
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a tensor that holds the rows of all ranks."""
-        return x[self.offset : self.offset + self.rows[self.rank]]
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of every rank, concatenated in rank order (``x``: this rank's rows)."""
-        buf = x.new_zeros((max(self.rows), *x.shape[1:]))
-        buf[: x.shape[0]] = x
-        return torch.cat([p[:n] for p, n in zip(dist.all_gather(buf), self.rows, strict=True)])
-
-    def grouped(self, size: int | None) -> Shard:
-        """The row counts after each rank averages its micro-batches of ``size`` rows."""
-        if size is None or size <= 1:
-            return self
-        return Shard(tuple(-(-n // size) for n in self.rows), self.rank)
-
-    def group(self, x: torch.Tensor, size: int | None) -> torch.Tensor:
-        """:func:`group_rows` applied to every rank's rows of the gathered ``x``."""
-        parts = [group_rows(p, size) for p in torch.split(x, list(self.rows)) if p.numel()]
-        return torch.cat(parts)
+def group(shard: Shard, x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """:func:`group_rows` applied to every rank's rows of the gathered ``x``."""
+    if shard.world == 1:
+        return group_rows(x, size)
+    parts = [group_rows(p, size) for p in torch.split(x, list(shard.rows)) if p.numel()]
+    return torch.cat(parts)
 
 
 class RowShardedOperator:
@@ -98,23 +69,6 @@ class RowShardedOperator:
         return dist.all_reduce_sum(self.local.mT @ Y if dense else self.local.rmatmat(Y))
 
 
-def _column_sizes(P: int, world: int) -> tuple[int, ...]:
-    return tuple(P // world + (1 if s < P % world else 0) for s in range(world))
-
-
-def _to_columns(M: torch.Tensor, shard: Shard, cols: tuple[int, ...]) -> torch.Tensor:
-    """All-to-all: this rank's rows (B_r, P) -> every rank's rows of its columns (B, P_r)."""
-    in_splits = [M.shape[0] * p for p in cols]
-    send = M.new_empty(M.numel())  # one copy: each column block row-major, in rank order
-    for chunk, block in zip(torch.split(send, in_splits), torch.split(M, list(cols), dim=1)):
-        chunk.view_as(block).copy_(block)
-    out_splits = [n * cols[shard.rank] for n in shard.rows]
-    recv = send.new_empty(sum(out_splits))
-    tdist.all_to_all_single(recv, send, out_splits, in_splits)
-    # rank s sent its (B_s, P_r) block row-major: stacked in rank order they are (B, P_r)
-    return recv.view(shard.total, cols[shard.rank])
-
-
 def solve_gram_sharded(
     M: torch.Tensor,
     R: torch.Tensor,
@@ -136,11 +90,12 @@ def solve_gram_sharded(
     Rw = R.to(work.dtype)
     r = min(rank, B, P)
     if B <= P:
-        cols = _column_sizes(P, len(shard.rows))
-        Mc = _to_columns(work, shard, cols)
+        bounds = dist.column_bounds(P, shard.world)
+        widths = [bounds[s + 1] - bounds[s] for s in range(shard.world)]
+        Mc = dist.rows_to_columns(work, shard, bounds)
         vecs, S, keep, inv2 = gram_spectrum(dist.all_reduce_sum(Mc @ Mc.mT), r, rtol, damping)
         c = vecs.mT @ Rw
-        d = Shard(cols, shard.rank).gather(Mc.mT @ (vecs @ (inv2 * c)))
+        d = dist.all_gather_cat(Mc.mT @ (vecs @ (inv2 * c)), 0, widths)
         if damping == 0.0:
             fitted = vecs @ torch.where(keep, c, 0 * c)
         else:  # the damped filter S^2 / (S^2 + lam) on the kept directions

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from torchsteer import distributed as dist
+from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
-from torchsteer.optim._sven_ddp import RowShardedOperator, Shard, solve_gram_sharded
+from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
 from torchsteer.optim._sven_step import (
     ResidualOperator,
     Solution,
@@ -266,12 +267,13 @@ class Sven(torch.optim.Optimizer):
             cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
             cols = cols.to(params[0].device)
         mb = self.microbatch_size
-        lg = group_rows(losses.to(alg), mb) if shard is None else shard.group(losses.to(alg), mb)
+        lg = group(shard, losses.to(alg), mb)
         if self.kappa != 2.0 and bool((lg < 0).any()):
             raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
-        shard = shard and shard.grouped(mb)  # rows after the micro-batch means
-        D_local = D if shard is None else shard.local(D)
+        shard = grouped(shard, mb)  # rows after the micro-batch means
+        D_local = shard.local(D)
+        sharded = shard.world > 1
         operator_args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
         damped = {"damping": self.damping} if self.damping else {}
         if dense:
@@ -280,20 +282,20 @@ class Sven(torch.optim.Optimizer):
                 J = J[:, cols]
             if self.kappa != 2.0:
                 J = J.mul_(D_local.unsqueeze(1))
-            rows = J.shape[0] if shard is None else shard.total
+            rows = shard.total
             randomized = self._randomized_dense(rows, J.shape[1])
             args = (self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen)
             args += (self.gram_dtype,)
             solve, system = solve_dense, J
-            if shard is not None and randomized:
+            if sharded and randomized:
                 solve, system = solve_operator, RowShardedOperator(J, shard)
                 args = (*operator_args, False)
-            elif shard is not None:
+            elif sharded:
                 solve = solve_gram_sharded
                 args = (self.rank, self.rtol, self.gram_dtype, shard)
         else:
             system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
-            if shard is not None:
+            if sharded:
                 system = RowShardedOperator(system, shard)
             args = (*operator_args, self.svd == "exact")
             solve = solve_operator
@@ -308,9 +310,9 @@ class Sven(torch.optim.Optimizer):
         return sol, cols
 
     @staticmethod
-    def _rows(n: int, shard: Shard | None) -> int:
+    def _rows(shard: Shard) -> int:
         """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
-        return n if shard is None else max(shard.rows)
+        return max(shard.rows)
 
     def _graph_source(self, out: torch.Tensor):
         params = self._params()
@@ -335,7 +337,7 @@ class Sven(torch.optim.Optimizer):
         inputs, targets = batch
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
-        if self._choose_dense(self._rows(n, shard), self._n_params(), self._itemsize()):
+        if self._choose_dense(self._rows(shard), self._n_params(), self._itemsize()):
             values, jac = per_sample_values_and_jacobian(
                 model, loss_fn, inputs, targets, named, out=self._jacobian_buffer(n)
             )
@@ -376,12 +378,10 @@ class Sven(torch.optim.Optimizer):
             source = self._graph_source(losses)
             shard = Shard.create(losses.numel(), first.device)
         losses = losses.detach()
-        n_local = losses.numel()
-        if shard is not None:  # the losses of every rank: global mean, checks and residuals
-            losses = shard.gather(losses)
+        losses = shard.gather(losses)  # every rank's: global mean, checks and residuals
         mean_loss = losses.mean()
         state = self.state[first]
-        if shard is not None and "generator_state" not in state:  # rank 0's sketches for all
+        if shard.world > 1 and "generator_state" not in state:  # rank 0's sketches for all
             synced = dist.broadcast(self._initial_generator_state.to(first.device, copy=True))
             self._initial_generator_state = synced.cpu()
         gen = torch.Generator()
@@ -389,7 +389,7 @@ class Sven(torch.optim.Optimizer):
         try:
             if not bool(torch.isfinite(losses).all()):
                 raise _NonFinite("per-sample losses")
-            rows = self._rows(n_local, shard)
+            rows = self._rows(shard)
             dense = self._choose_dense(rows, self._n_params(), self._itemsize())
             sol, cols = self._solve(losses, source, dense, gen, shard)
         except _NonFinite as err:
