@@ -19,6 +19,7 @@ from torchsteer.callbacks.radius_limit import RadiusLimit
 from torchsteer.control.radius import RadiusLimiter
 from torchsteer.optim.mfac import MFAC
 
+from .._lightning import ddp_trainer
 from .harness import run_ranks
 
 F64 = torch.float64
@@ -66,15 +67,8 @@ class Classifier(pl.LightningModule):
 def _trainer(tmpdir, steps):
     # stop by epochs: a checkpoint taken after a max_steps stop mid-loop resumes Lightning's
     # epoch and replays a batch (non-stateful loader): another data order than one process
-    return pl.Trainer(
-        strategy="ddp",
-        accelerator="cpu",
-        devices=2,
+    return ddp_trainer(
         max_epochs=steps // 2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         use_distributed_sampler=False,  # ours, unshuffled (Lightning's would shuffle)
         default_root_dir=tmpdir,
         callbacks=[RadiusLimit(r_max=R_MAX)],
