@@ -117,6 +117,37 @@ def test_resume_from_checkpoint_restores_weighting_state(tmp_path):
     torch.testing.assert_close(resumed.dro.class_losses, dro.class_losses)
 
 
+class _TwoWeightings(_Module):
+    def __init__(self):
+        super().__init__()
+        self.dro2 = DROWeighting(temperature=0.5, mode="streaming", momentum=0.6)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        return 0.5 * (self.dro(losses, y) + self.dro2(losses, y))
+
+
+def test_two_callbacks_in_one_trainer_checkpoint_their_own_weighting(tmp_path):
+    # without a state_key of their own the Trainer refuses two stateful callbacks of one type
+    model = _TwoWeightings()
+    callbacks = [DROReweighting(model.dro), DROReweighting(model.dro2, log_prefix="dro2/")]
+    first = trainer(max_epochs=1, callbacks=callbacks)
+    first.fit(model)
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    stored = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert set(stored) == {"DROReweighting", "DROReweighting{'log_prefix': 'dro2/'}"}
+
+    resumed = _TwoWeightings()
+    fresh = [DROReweighting(resumed.dro), DROReweighting(resumed.dro2, log_prefix="dro2/")]
+    trainer(max_epochs=1, callbacks=fresh).fit(resumed, ckpt_path=ckpt)  # nothing left to run
+    for new, old in ((resumed.dro, model.dro), (resumed.dro2, model.dro2)):
+        assert new.step == old.step == 4
+        assert new.log_normalizer == old.log_normalizer
+    assert resumed.dro.log_normalizer != resumed.dro2.log_normalizer
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="Invalid weighting"):
         DROReweighting(object())

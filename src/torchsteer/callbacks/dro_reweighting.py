@@ -50,7 +50,10 @@ class DROReweighting(pl.Callback):
         weighting: the :class:`DROWeighting` that ``training_step`` calls.
         temperature_schedule: ``schedule(global_step) -> r`` (> 0), applied before every
             training batch; ``None`` keeps the weighting's temperature.
-        log_prefix: prefix of the logged signal names.
+        log_prefix: prefix of the logged signal names. It also names the callback's state in a
+            checkpoint, so that one Trainer can hold several ``DROReweighting``s (one per
+            weighting, each with its own prefix); with the default prefix the key is the class
+            name, as in checkpoints written before.
     """
 
     def __init__(
@@ -86,6 +89,13 @@ class DROReweighting(pl.Callback):
         for name, value in self.weighting.signals().items():
             # the signals are already global (reduced by the weighting): no sync_dist
             pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if self.log_prefix == "dro/":
+            return type(self).__qualname__
+        return self._generate_state_key(log_prefix=self.log_prefix)
 
     @override
     def state_dict(self) -> dict[str, Any]:
