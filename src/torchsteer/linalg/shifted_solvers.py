@@ -26,13 +26,23 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["MatVec", "ShiftedCGResult", "shifted_cg", "shifted_cholesky_solve"]
+__all__ = ["MatVec", "ShiftedCGResult", "Solution", "shifted_cg", "shifted_cholesky_solve"]
 
 
 class MatVec(Protocol):
     """A symmetric linear operator given by its product ``v -> H v``."""
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class Solution:
+    """One shifted solve: ``delta`` (None on failure), why it failed, Krylov iterations."""
+
+    delta: torch.Tensor | None
+    ok: bool
+    reason: str = ""
+    cg_iterations: int = 0
 
 
 @dataclasses.dataclass

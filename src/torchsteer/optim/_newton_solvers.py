@@ -34,14 +34,13 @@ and its gradients (with the graph the curvature needs) and build the curvature o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
-from torchsteer.linalg.shifted_solvers import shifted_cg, shifted_cholesky_solve
+from torchsteer.linalg.shifted_solvers import Solution, shifted_cg, shifted_cholesky_solve
 
 __all__ = [
     "CGSolver",
@@ -58,16 +57,6 @@ __all__ = [
     "make_curvature",
     "parse_closure_output",
 ]
-
-
-@dataclasses.dataclass
-class Solution:
-    """One regularized solve: ``delta`` (None on failure), why it failed, CG iterations."""
-
-    delta: torch.Tensor | None
-    ok: bool
-    reason: str = ""
-    cg_iterations: int = 0
 
 
 def _flat_cat(tensors, params, dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, unflatten
-from torchsteer.optim._newton_lanczos import LanczosSolver
+from torchsteer.linalg.lanczos import LanczosSolver
 from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
@@ -150,10 +150,11 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
     previous solution at no product (the solver keeps ``H delta``, so
-    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`._newton_lanczos`, CG's iterates in
-    exact arithmetic) keeps the orthonormal basis of ``K(H, g) = K(H + lambda I, g)`` and ``T_k``:
-    a retry is a ``k x k`` solve, extended only while its residual is above the tolerance, and
-    the full reorthogonalization saves products on ill-conditioned systems; ``k`` P-vectors.
+    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`torchsteer.linalg.lanczos`, CG's
+    iterates in exact arithmetic) keeps the orthonormal basis of ``K(H, g) = K(H + lambda I, g)``
+    and ``T_k``: a retry is a ``k x k`` solve, extended only while its residual is above the
+    tolerance, and the full reorthogonalization saves products on ill-conditioned systems;
+    ``k`` P-vectors.
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
     ``"hessian"``) and a few P-vectors, and with reuse a trial's graph as well (two
