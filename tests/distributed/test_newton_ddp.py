@@ -19,7 +19,8 @@ from torch.func import functional_call, jacrev
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from torchsteer.jacobian import flatten
-from torchsteer.optim._newton_solvers import EmpiricalFisherCurvature, WoodburySolver
+from torchsteer.optim._newton_ddp import WoodburySolver
+from torchsteer.optim._newton_solvers import EmpiricalFisherCurvature
 from torchsteer.optim.regularized_newton import RegularizedNewton
 
 from .harness import run_ranks

@@ -817,7 +817,7 @@ def spd_operator(eigs, seed=0):
 
 def test_lanczos_solves_match_the_dense_solve_and_cg():
     """Increasing lambdas (the retries of a step) from one kept basis, against float64 dense."""
-    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.linalg.lanczos import LanczosSolver
     from torchsteer.optim._newton_solvers import CGSolver
 
     eigs = torch.logspace(-3, 1, 60, dtype=DT)
@@ -839,7 +839,7 @@ def test_lanczos_solves_match_the_dense_solve_and_cg():
 def test_lanczos_retry_reuses_the_basis():
     """A complete basis (k = P) solves every later lambda exactly at no product; on a larger
     system the retry costs only the products it reports, and its residual is the true one."""
-    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.linalg.lanczos import LanczosSolver
 
     A, _, _, curv, g = _quadratic_curvature()
     solver = LanczosSolver(curv, g, tol=1e-15, maxiter=None)
@@ -864,7 +864,7 @@ def test_lanczos_retry_reuses_the_basis():
 def test_lanczos_basis_stays_orthonormal_on_an_ill_conditioned_system():
     """Full reorthogonalization: Q^T Q = I and the residual estimate is the true residual, where
     plain CG (its iterates equal Lanczos' in exact arithmetic) needs more products."""
-    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.linalg.lanczos import LanczosSolver
     from torchsteer.optim._newton_solvers import CGSolver
 
     eigs = torch.cat([torch.logspace(-4, 0, 150, dtype=DT), torch.tensor([1e2, 3e2], dtype=DT)])
@@ -947,7 +947,7 @@ def test_eisenstat_walker_forcing_follows_their_choice_2():
 def test_lanczos_at_maxiter_is_cg_iterate_and_linear_f_is_one_product():
     """A basis capped at maxiter gives CG's iterate of that many steps ("maxiter", a descent
     direction); for a linear f (H = 0) the first vector spans an invariant space: -g / lambda."""
-    from torchsteer.optim._newton_lanczos import LanczosSolver
+    from torchsteer.linalg.lanczos import LanczosSolver
     from torchsteer.optim._newton_solvers import CGSolver
 
     eigs = torch.linspace(0.5, 4.0, 40, dtype=DT)

@@ -14,9 +14,10 @@ symmetric P x P matrix ``H``:
 A solver then returns ``delta = -(H + lambda I)^{-1} g`` for the ``lambda`` of each try of the
 adaptive search: Cholesky of the materialized matrix (:class:`CholeskySolver`), Woodbury with
 the B x B Gram of the per-sample gradients (:class:`WoodburySolver`, empirical Fisher only, exact)
-or matrix-free conjugate gradients (:class:`CGSolver`). A solve that fails (Cholesky of an
-indefinite matrix, CG meeting non-positive curvature, a non-finite result) says so with
-``ok=False``; the optimizer then rejects the try.
+or matrix-free conjugate gradients (:class:`CGSolver`); the Cholesky and CG algorithms are
+:mod:`torchsteer.linalg.shifted_solvers`, wrapped here in the optimizer's :class:`Solution`.
+A solve that fails (Cholesky of an indefinite matrix, CG meeting non-positive curvature, a
+non-finite result) says so with ``ok=False``; the optimizer then rejects the try.
 
 Under a process group (DDP, each rank holding a slice of the batch) every product and every
 materialized matrix is the mean over ranks (:func:`torchsteer.distributed.all_reduce_mean`),
@@ -33,13 +34,14 @@ and its gradients (with the graph the curvature needs) and build the curvature o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
+from torchsteer.linalg.shifted_solvers import Solution, shifted_cg, shifted_cholesky_solve
+from torchsteer.optim._newton_ddp import WoodburySolver  # re-exported
 
 __all__ = [
     "CGSolver",
@@ -56,16 +58,6 @@ __all__ = [
     "make_curvature",
     "parse_closure_output",
 ]
-
-
-@dataclasses.dataclass
-class Solution:
-    """One regularized solve: ``delta`` (None on failure), why it failed, CG iterations."""
-
-    delta: torch.Tensor | None
-    ok: bool
-    reason: str = ""
-    cg_iterations: int = 0
 
 
 def _flat_cat(tensors, params, dtype) -> torch.Tensor:
@@ -214,69 +206,10 @@ class CholeskySolver:
     def __init__(self, curvature: _Curvature, g: torch.Tensor) -> None:
         self.H = curvature.dense()
         self.g = g
-        self.eye = torch.eye(g.numel(), dtype=g.dtype, device=g.device)
 
     def solve(self, lam: float) -> Solution:
-        L, info = torch.linalg.cholesky_ex(self.H + lam * self.eye)
-        if int(info) != 0:
-            return Solution(None, False, "cholesky")
-        delta = -torch.cholesky_solve(self.g.unsqueeze(1), L).squeeze(1)
-        if not _finite(delta):
-            return Solution(None, False, "nonfinite")
-        return Solution(delta, True)
-
-
-class WoodburySolver:
-    """Exact solve with ``F = (1/B) G^T G`` through the B x B Gram ``K = G G^T``::
-
-    (F + lambda I)^{-1} g = (g - G^T (B lambda I + K)^{-1} G g) / lambda
-
-    Under a process group the rows of ``G`` live on their ranks (``B_r`` each, ``B = sum``).
-    Rank r receives, by one all-to-all, the columns of its slice of the parameters for all rows
-    (``B x P/R``, split by :func:`~torchsteer.distributed.column_bounds`: no rank holds all
-    of ``G``); ``K`` and ``G g`` are then one all-reduce of
-    ``B (B + 1)`` numbers, and each solve all-gathers the P/R-slices of the step. With unequal
-    ``B_r`` the rows are weighted by ``sqrt(B / (R B_r))``, so that ``F`` is the mean over
-    ranks of the ranks' own Fishers, as the gradient is the mean of the ranks' gradients.
-    """
-
-    def __init__(self, curvature: EmpiricalFisherCurvature, g: torch.Tensor) -> None:
-        G = curvature.per_sample()
-        self.g = g
-        self.sharded = tdist.is_distributed()
-        if self.sharded:
-            shard = tdist.Shard.create(G.shape[0], g.device)
-            R, P = shard.world, g.numel()
-            if len(set(shard.rows)) > 1:
-                G = G * math.sqrt(shard.total / (R * G.shape[0]))
-            bounds = tdist.column_bounds(P, R)
-            self.widths = [bounds[s + 1] - bounds[s] for s in range(R)]
-            lo, hi = bounds[shard.rank], bounds[shard.rank + 1]
-            G = tdist.rows_to_columns(G, shard, bounds)  # (B, hi - lo): this rank's columns
-            self.g = g[lo:hi]
-            B = G.shape[0]
-            KG = tdist.all_reduce_sum(torch.cat([G @ G.T, (G @ self.g).unsqueeze(1)], dim=1))
-            self.K, self.Gg = KG[:, :B], KG[:, B]
-        else:
-            self.K = G @ G.T
-            self.Gg = G @ g
-        self.G = G
-        self.eye = torch.eye(self.K.shape[0], dtype=g.dtype, device=g.device)
-
-    def solve(self, lam: float) -> Solution:
-        if not lam > 0:
-            return Solution(None, False, "lambda")
-        B = self.K.shape[0]
-        L, info = torch.linalg.cholesky_ex(self.K + (B * lam) * self.eye)
-        if int(info) != 0:
-            return Solution(None, False, "cholesky")
-        z = torch.cholesky_solve(self.Gg.unsqueeze(1), L).squeeze(1)
-        delta = -(self.g - self.G.T @ z) / lam
-        if self.sharded:  # the slices of every rank, in one all-gather
-            delta = tdist.all_gather_cat(delta, 0, self.widths)
-        if not _finite(delta):
-            return Solution(None, False, "nonfinite")
-        return Solution(delta, True)
+        x, reason = shifted_cholesky_solve(self.H, self.g, lam)
+        return Solution(None, False, reason) if x is None else Solution(-x, True)
 
 
 class CGSolver:
@@ -300,38 +233,21 @@ class CGSolver:
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, H x)
 
     def solve(self, lam: float, x0: torch.Tensor | None = None) -> Solution:
-        g, matvec = self.g, self.curvature.matvec
+        g = self.g
         if x0 is not None and not _finite(x0):
             x0 = None
-        if x0 is None:
-            x, Hx = torch.zeros_like(g), torch.zeros_like(g)
-        elif self._last is not None and x0 is self._last[0]:
-            x, Hx = self._last
-        else:
-            x = x0.to(g.dtype)
-            Hx = matvec(x)
-        r = -g - Hx - lam * x
-        threshold = self.tol * float(g.norm())
-        p, rs = r, float(r @ r)
-        it = 0
-        while math.sqrt(rs) > threshold and it < self.maxiter:
-            Hp = matvec(p)
-            Ap = Hp + lam * p
-            pap = float(p @ Ap)
-            if not pap > 0:  # non-positive (or NaN) curvature along p
-                self._last = None
-                return Solution(None, False, "breakdown", it)
-            alpha = rs / pap
-            x, Hx, r = x + alpha * p, Hx + alpha * Hp, r - alpha * Ap
-            rs, rs_old = float(r @ r), rs
-            p = r + (rs / rs_old) * p
-            it += 1
-        if not _finite(x):
+        Hx0 = None
+        if x0 is not None and self._last is not None and x0 is self._last[0]:
+            x0, Hx0 = self._last
+        out = shifted_cg(self.curvature.matvec, -g, lam, self.tol, self.maxiter, x0, Hx0)
+        if out.breakdown:
             self._last = None
-            return Solution(None, False, "nonfinite", it)
-        self._last = (x, Hx)
-        converged = math.sqrt(rs) <= threshold
-        return Solution(x, True, "" if converged else "maxiter", it)
+            return Solution(None, False, "breakdown", out.iterations)
+        if not _finite(out.x):
+            self._last = None
+            return Solution(None, False, "nonfinite", out.iterations)
+        self._last = (out.x, out.Hx)
+        return Solution(out.x, True, "" if out.converged else "maxiter", out.iterations)
 
 
 def forcing_tolerance(grad_norm: float) -> float:

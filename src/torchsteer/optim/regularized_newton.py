@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -11,7 +12,7 @@ import torch
 
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, unflatten
-from torchsteer.optim._newton_lanczos import LanczosSolver
+from torchsteer.linalg.lanczos import LanczosSolver
 from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
@@ -36,6 +37,39 @@ _AUTO_SOLVER = {
     "dense": "cholesky",
 }
 _SCALE_MAX = 2.0**200  # gamma <= _SCALE_MAX and M >= 1 / _SCALE_MAX: lambda never hits 0 or inf
+
+
+@dataclasses.dataclass
+class TryRecord:
+    """What the tries of one step did; :meth:`as_record` is the public per-step record."""
+
+    tries: int = 0
+    accepted: bool = False
+    cg_iterations: int = 0
+    evals: int = 0
+    reasons: list[str] = dataclasses.field(default_factory=list)
+    gamma: float | None = None
+    M: float | None = None
+    lam: float = float("nan")
+    margin: bool | None = None  # set on acceptance only
+    new_loss: float = float("nan")
+
+    def as_record(self, reused: bool, loss: float, grad_norm: float) -> dict[str, Any]:
+        """The dict of ``state["record"]``, keys in their documented order."""
+        rec: dict[str, Any] = dict(
+            tries=self.tries,
+            accepted=self.accepted,
+            cg_iterations=self.cg_iterations,
+            reasons=self.reasons,
+            gamma=self.gamma,
+            M=self.M,
+        )
+        if self.margin is not None:
+            rec["margin"] = self.margin
+        rec.update(new_loss=self.new_loss, reused=reused)
+        rec["lambda"] = self.lam
+        rec.update(loss=loss, grad_norm=grad_norm)
+        return rec
 
 
 class RegularizedNewton(torch.optim.Optimizer):
@@ -150,10 +184,11 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     CG: ``|r| <= cg_tol |g|`` in the 2-norm; after a rejected try it is warm-started from the
     previous solution at no product (the solver keeps ``H delta``, so
-    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`._newton_lanczos`, CG's iterates in
-    exact arithmetic) keeps the orthonormal basis of ``K(H, g) = K(H + lambda I, g)`` and ``T_k``:
-    a retry is a ``k x k`` solve, extended only while its residual is above the tolerance, and
-    the full reorthogonalization saves products on ill-conditioned systems; ``k`` P-vectors.
+    ``r_0 = -g - H delta - lambda' delta``). Lanczos (:mod:`torchsteer.linalg.lanczos`, CG's
+    iterates in exact arithmetic) keeps the orthonormal basis of ``K(H, g) = K(H + lambda I, g)``
+    and ``T_k``: a retry is a ``k x k`` solve, extended only while its residual is above the
+    tolerance, and the full reorthogonalization saves products on ill-conditioned systems;
+    ``k`` P-vectors.
 
     Memory: CG keeps the graph of one closure evaluation (with the gradient's own graph for
     ``"hessian"``) and a few P-vectors, and with reuse a trial's graph as well (two
@@ -340,32 +375,32 @@ class RegularizedNewton(torch.optim.Optimizer):
     def _search(
         self, closure, params, group, solver, f0: float, gnorm: float, scale: float, keep, work
     ):
-        """The tries of one step; ``(record, scale of the last try, kept evaluation or None)``."""
+        """The tries of one step; ``(TryRecord, scale of the last try, kept evaluation)``."""
         gns, curvature = group["regularization"] == "gns", group["curvature"]
         x0 = flatten([p.detach() for p in params]).clone()
         eps = torch.finfo(x0.dtype).eps
-        rec = {"tries": 0, "accepted": False, "cg_iterations": 0, "evals": 0, "reasons": []}
+        rec = TryRecord()
         warm, f_new, kept = None, f0, None
         for _ in range(group["max_tries"]):
-            rec["tries"] += 1
+            rec.tries += 1
             lam = self._lambda(gns, scale, gnorm)
-            rec.update(gamma=scale if gns else gnorm / lam, M=None if gns else scale, lam=lam)
+            rec.gamma, rec.M, rec.lam = scale if gns else gnorm / lam, None if gns else scale, lam
             sol = solver.solve(lam, warm) if isinstance(solver, CGSolver) else solver.solve(lam)
-            rec["cg_iterations"] += sol.cg_iterations
+            rec.cg_iterations += sol.cg_iterations
             if not sol.ok:
-                rec["reasons"].append(sol.reason)
+                rec.reasons.append(sol.reason)
                 warm = None
             else:
                 x_new = x0 + sol.delta.to(x0.dtype)
                 if torch.equal(x_new, x0):  # smaller steps would not move x either
-                    rec["reasons"].append("below resolution")
+                    rec.reasons.append("below resolution")
                     break
                 warm = sol.delta
                 f_new, gn2, ev = self._trial(closure, params, curvature, x_new, keep, work)
-                rec["evals"] += 1
+                rec.evals += 1
                 if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
-                    rec["accepted"] = True
-                    rec["margin"] = f0 - f_new >= _MARGIN * gn2 / (8 * lam)
+                    rec.accepted = True
+                    rec.margin = f0 - f_new >= _MARGIN * gn2 / (8 * lam)
                     if ev is None:
                         self._write(params, x_new)
                     else:
@@ -374,13 +409,13 @@ class RegularizedNewton(torch.optim.Optimizer):
                     break
                 del ev
                 finite = math.isfinite(f_new + gn2)
-                rec["reasons"].append("decrease" if finite else "nonfinite trial")
+                rec.reasons.append("decrease" if finite else "nonfinite trial")
                 tiny = float(sol.delta.norm()) <= math.sqrt(eps) * (float(x0.norm()) + 1)
                 if finite and tiny and abs(f0 - f_new) <= 4 * eps * max(abs(f0), 1e-30):
-                    rec["reasons"].append("below resolution")  # f cannot tell the tries apart
+                    rec.reasons.append("below resolution")  # f cannot tell the tries apart
                     break
             scale = scale / 2 if gns else scale * 2
-        rec["new_loss"] = f_new if rec["accepted"] else f0
+        rec.new_loss = f_new if rec.accepted else f0
         return rec, scale, kept
 
     @staticmethod
@@ -453,13 +488,11 @@ class RegularizedNewton(torch.optim.Optimizer):
         if kept is not None:
             versions = [(p._version, p.data_ptr()) for p in params]
             self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
-        rec["reused"] = reused
-        state["closure_evals"] += rec.pop("evals")
-        state["tries"] += rec["tries"]
+        state["closure_evals"] += rec.evals
+        state["tries"] += rec.tries
         state["curvature_products"] += curv.products
-        state["cg_iterations"] += rec["cg_iterations"]
-        rec["lambda"] = rec.pop("lam", float("nan"))
-        state["record"] = {**rec, "loss": f0, "grad_norm": gnorm}
+        state["cg_iterations"] += rec.cg_iterations
+        state["record"] = rec = rec.as_record(reused, f0, gnorm)
         if rec["accepted"]:
             if rec["margin"] or group["growth"] == "double":
                 scale = min(2 * scale, _SCALE_MAX) if gns else max(scale / 2, 1 / _SCALE_MAX)

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from torchsteer.optim._newton_solvers import Solution, _Curvature
+from torchsteer.linalg.shifted_solvers import MatVec, Solution
 
 __all__ = ["LanczosSolver"]
 
@@ -40,14 +40,14 @@ class LanczosSolver:
     kept across the solves of one step (one ``g``, one ``H``).
 
     Stops at ``|r| <= tol |g|`` (the residual ``beta_k |e_k^T y|``, exact for an orthonormal
-    basis), as :class:`~torchsteer.optim._newton_solvers.CGSolver` does. A ``T_k + lambda I``
+    basis), as :func:`~torchsteer.linalg.shifted_solvers.shifted_cg` does. A ``T_k + lambda I``
     that is not positive definite (``H + lambda I`` indefinite on the Krylov space: CG would
     meet non-positive curvature) is a failed solve; hitting ``maxiter`` basis vectors is not
     (the Galerkin solution is still a descent direction). The small ``k x k`` systems are
     solved by an ``O(k)`` recurrence in Python floats (float64).
     """
 
-    def __init__(self, curvature: _Curvature, g: torch.Tensor, tol: float, maxiter: int | None):
+    def __init__(self, curvature: MatVec, g: torch.Tensor, tol: float, maxiter: int | None):
         self.curvature = curvature
         self.g = g
         self.tol = tol
