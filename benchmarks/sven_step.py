@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from torchsteer.bench.data import regression_1d
-from torchsteer.optim._sven_step import per_sample_values_and_jacobian, solve_dense
+from torchsteer.jacobian.per_sample import per_sample_jacobian
+from torchsteer.optim._sven_step import SolveConfig, solve_dense
 from torchsteer.optim.sven import Sven
 
 torch.set_num_threads(1)
@@ -185,14 +186,14 @@ def accuracy(seeds, steps, checkpoints):
             x, y = xt[idx], yt[idx]
             if it in checkpoints:
                 named = dict(model.named_parameters())
-                losses, M = per_sample_values_and_jacobian(model, loss_fn, x, y, named)
-                exact = solve_dense(M, losses, 8, 1e-3, False, 0, 0, None, torch.float64)
-                full = solve_dense(M, losses, 128, 1e-3, False, 0, 0, None, torch.float64)
+                losses, M = per_sample_jacobian(model, loss_fn, x, y, named, return_values=True)
+                exact = solve_dense(M, losses, SolveConfig(8, 1e-3, 0, 0, torch.float64), None)
+                full = solve_dense(M, losses, SolveConfig(128, 1e-3, 0, 0, torch.float64), None)
                 kept.append(int(full.kept_rank))
                 for name, (p, q) in settings.items():
                     for s in range(3):
                         gen = torch.Generator().manual_seed(1000 * seed + s)
-                        r = solve_dense(M, losses, 8, 1e-3, True, p, q, gen)
+                        r = solve_dense(M, losses, SolveConfig(8, 1e-3, p, q, exact_svd=False), gen)
                         err = (r.direction - exact.direction).norm() / exact.direction.norm()
                         errors[name].append(float(err))
             opt.step(batch=(x, y))

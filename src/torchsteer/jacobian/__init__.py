@@ -12,7 +12,6 @@ from torchsteer.jacobian.functional import (
     jacobian,
     jvp,
     model_fn,
-    per_sample_jacobian,
     vjp,
 )
 from torchsteer.jacobian.graph import graph_hvp, graph_jacobian, graph_jvp, graph_vjp
@@ -25,6 +24,7 @@ from torchsteer.jacobian.params import (
     unflatten,
     unwrap_model,
 )
+from torchsteer.jacobian.per_sample import per_sample_jacobian
 
 __all__ = [
     "JacobianOperator",

@@ -7,13 +7,17 @@ from torchsteer.linalg.cg import CGResult, conjugate_gradient
 from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
 from torchsteer.linalg.pinv import truncated_pinv_apply
 from torchsteer.linalg.randomized_svd import randomized_svd, svd_small
+from torchsteer.linalg.truncated import TruncatedSolution, gram_solve, truncated_solve
 
 __all__ = [
     "CGResult",
     "GradientWindow",
     "NonFiniteGradientError",
+    "TruncatedSolution",
     "conjugate_gradient",
+    "gram_solve",
     "randomized_svd",
     "svd_small",
     "truncated_pinv_apply",
+    "truncated_solve",
 ]

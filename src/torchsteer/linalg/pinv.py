@@ -1,8 +1,11 @@
-"""Applying a truncated pseudoinverse from singular triplets."""
+"""Applying a truncated pseudoinverse from singular triplets (the keep rule and the filter of
+:mod:`torchsteer.linalg.truncated`, for one or several right-hand sides)."""
 
 from __future__ import annotations
 
 import torch
+
+from torchsteer.linalg.truncated import filter_factors, keep_mask
 
 __all__ = ["truncated_pinv_apply"]
 
@@ -13,7 +16,8 @@ def truncated_pinv_apply(
     """``V diag(1/S) U^T r`` over the kept triplets.
 
     A triplet is kept when ``S_i > rtol * max(S)`` and ``S_i > 0``; an all-zero spectrum gives
-    a zero result (no division by zero, no host synchronization).
+    a zero result (no division by zero, no host synchronization). For one right-hand side
+    this is the direction of :func:`torchsteer.linalg.truncated.truncated_solve`.
 
     Args:
         U: (N, k) left singular vectors.
@@ -30,8 +34,7 @@ def truncated_pinv_apply(
     if S.numel() == 0:
         shape = (V.shape[0],) if r.dim() == 1 else (V.shape[0], r.shape[1])
         return torch.zeros(shape, dtype=V.dtype, device=V.device)
-    keep = (S > rtol * S.max()) & (S > 0)
-    inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+    inv = filter_factors(S, keep_mask(S, rtol))
     c = U.mT @ r
     c = c * inv if r.dim() == 1 else c * inv.unsqueeze(1)
     return V @ c

@@ -27,7 +27,8 @@ import torch
 
 from torchsteer import distributed as dist
 from torchsteer.distributed import Shard
-from torchsteer.optim._sven_step import Solution, _record, gram_spectrum, group_rows
+from torchsteer.linalg.truncated import gram_fitted, gram_spectrum, solve_record
+from torchsteer.optim._sven_step import Solution, SolveConfig, group_rows
 
 __all__ = ["RowShardedOperator", "group", "grouped", "solve_gram_sharded"]
 
@@ -70,25 +71,20 @@ class RowShardedOperator:
 
 
 def solve_gram_sharded(
-    M: torch.Tensor,
-    R: torch.Tensor,
-    rank: int,
-    rtol: float,
-    gram_dtype: torch.dtype | None,
-    shard: Shard,
-    damping: float = 0.0,
+    M: torch.Tensor, R: torch.Tensor, config: SolveConfig, shard: Shard
 ) -> Solution:
     """The exact truncated direction from this rank's rows M (B_r, P) and all residuals R (B,).
 
-    The same algebra as the one-process ``eigh`` of the smaller Gram matrix (with the same
-    relative Levenberg-Marquardt ``damping``); see the module docstring for what is
-    communicated.
+    The same algebra as the one-process ``eigh`` of the smaller Gram matrix
+    (:func:`torchsteer.linalg.truncated.gram_solve`, with the same relative
+    Levenberg-Marquardt ``damping``); see the module docstring for what is communicated.
     """
+    rtol, damping, gram_dtype = config.rtol, config.damping, config.gram_dtype
     B, P = shard.total, M.shape[1]
     dtype = M.dtype
     work = M if gram_dtype is None else M.to(gram_dtype)
     Rw = R.to(work.dtype)
-    r = min(rank, B, P)
+    r = min(config.rank, B, P)
     if B <= P:
         bounds = dist.column_bounds(P, shard.world)
         widths = [bounds[s + 1] - bounds[s] for s in range(shard.world)]
@@ -96,15 +92,12 @@ def solve_gram_sharded(
         vecs, S, keep, inv2 = gram_spectrum(dist.all_reduce_sum(Mc @ Mc.mT), r, rtol, damping)
         c = vecs.mT @ Rw
         d = dist.all_gather_cat(Mc.mT @ (vecs @ (inv2 * c)), 0, widths)
-        if damping == 0.0:
-            fitted = vecs @ torch.where(keep, c, 0 * c)
-        else:  # the damped filter S^2 / (S^2 + lam) on the kept directions
-            fitted = vecs @ (inv2 * S.square() * c)
+        fitted = gram_fitted(vecs, S, keep, inv2, c, damping)
     else:
         local = torch.cat([work.mT @ work, (work.mT @ shard.local(Rw)).unsqueeze(1)], dim=1)
         both = dist.all_reduce_sum(local)
         vecs, S, keep, inv2 = gram_spectrum(both[:, :P], r, rtol, damping)
         d = vecs @ (inv2 * (vecs.mT @ both[:, P]))
         fitted = shard.gather(work @ d)
-    rec = _record(S, keep, Rw, fitted)
+    rec = solve_record(S, keep, Rw, fitted)
     return Solution(d.to(dtype), *(t.to(dtype) for t in rec))

@@ -12,29 +12,28 @@ With ``damping = mu > 0`` (Levenberg-Marquardt, relative to the top of the spect
 filter ``1/S_i`` becomes ``S_i / (S_i^2 + mu S_max^2)``: ``d = M^T (M M^T + lam I)^-1 R``
 restricted to the kept triplets, ``lam = mu S_max^2``; ``mu = 0`` is the step above.
 
-``d`` is the step before the learning rate. The dense exact solve uses the smaller Gram
-matrix (``M M^T`` or ``M^T M``) and ``eigh``; the randomized one uses
-:func:`torchsteer.linalg.randomized_svd` on the matrix or the operator.
+``d`` is the step before the learning rate. The solve itself (keep rule, filter, records)
+is :mod:`torchsteer.linalg.truncated`; here it is fed: the dense exact solve uses the
+smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``, the randomized one
+:func:`torchsteer.linalg.randomized_svd` on the matrix or the operator. Every solver takes
+its settings as one :class:`SolveConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
 
-from torchsteer.jacobian import unwrap_model
-from torchsteer.jacobian.per_sample import linear_per_sample_jacobian
 from torchsteer.linalg import randomized_svd
+from torchsteer.linalg.truncated import TruncatedSolution as Solution
+from torchsteer.linalg.truncated import gram_solve, truncated_solve
 
 __all__ = [
     "ResidualOperator",
     "Solution",
-    "gram_spectrum",
+    "SolveConfig",
     "group_rows",
-    "per_sample_values_and_jacobian",
     "residuals",
     "reuse_buffer",
     "solve_dense",
@@ -42,107 +41,23 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass
-class Solution:
-    """The step direction ``d`` (P_sel,) and what the optimizer records about it."""
+@dataclasses.dataclass(frozen=True)
+class SolveConfig:
+    """The settings of one truncated solve.
 
-    direction: torch.Tensor
-    kept_rank: torch.Tensor
-    sigma_max: torch.Tensor
-    sigma_min: torch.Tensor  # smallest kept singular value (0 when none is kept)
-    linearized_reduction: torch.Tensor  # 1 - |R - M d| / |R|
-
-
-# Modules whose parameters torch's expanded weights differentiate per sample in one backward.
-_EXPANDED_WEIGHT_MODULES = (
-    torch.nn.Linear,
-    torch.nn.Conv1d,
-    torch.nn.Conv2d,
-    torch.nn.Conv3d,
-    torch.nn.Embedding,
-    torch.nn.LayerNorm,
-    torch.nn.GroupNorm,
-)
-
-
-def _expanded_weights_apply(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> bool:
-    """Whether every trainable parameter sits in a supported module and all are optimized."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    if trainable != {id(p) for p in params.values()}:
-        return False
-    owners = (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
-    return all(type(m) in _EXPANDED_WEIGHT_MODULES for m in owners)
-
-
-def _per_sample_expanded(model, loss_fn, inputs, targets, params):
-    """One forward and one backward with torch's expanded weights (``grad_sample``)."""
-    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
-
-    n = inputs.shape[0]
-    try:
-        with torch.enable_grad():
-            out = call_for_per_sample_grads(model, batch_size=n, loss_reduction="sum")(inputs)
-            values = loss_fn(out, targets).reshape(n, -1).sum(1)
-            values.sum().backward()
-        jac = torch.cat([p.grad_sample.reshape(n, -1) for p in params.values()], dim=1)
-    finally:
-        for p in params.values():
-            if hasattr(p, "grad_sample"):
-                del p.grad_sample
-    return values.detach(), jac
-
-
-def _per_sample_linear(model, loss_fn, inputs, targets, params, out):
-    """The core's outer-product path (every parameter in an ``nn.Linear``), or None."""
-    n = inputs.shape[0]
-
-    def summed(output, target):
-        return loss_fn(output, target).reshape(n, -1).sum(1)
-
-    return linear_per_sample_jacobian(
-        model, summed, inputs, targets, params, out=out, return_values=True
-    )
-
-
-def per_sample_values_and_jacobian(
-    model: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample losses (B,) and their gradients (B, P), samples independent.
-
-    Networks whose parameters are all weights and biases of ``nn.Linear`` layers get the
-    rows as outer products from one forward and one backward of the batch
-    (:func:`torchsteer.jacobian.per_sample.linear_per_sample_jacobian`, written into ``out``
-    when given, a (B, P) buffer of the parameters' dtype). Otherwise, when every parameter
-    lives in a module torch's expanded weights support (Linear, Conv, Embedding, LayerNorm,
-    GroupNorm) they come from one forward and backward with ``grad_sample``; otherwise from
-    ``vmap(grad_and_value)`` over single samples. All cost O(B) single-sample passes, with no
-    B^2 term as in a batched backward.
+    ``rank`` triplets at most, cut at ``rtol * S_max``, relative Levenberg-Marquardt
+    ``damping``; ``exact_svd``: dense, ``eigh`` of the Gram matrix (in ``gram_dtype``, default
+    the algebra dtype) rather than a randomized SVD; matrix-free, a sketch of all
+    ``min(B, P)`` columns. ``oversample`` and ``power_iters`` shape the randomized sketch.
     """
-    model = unwrap_model(model)
-    found = _per_sample_linear(model, loss_fn, inputs, targets, params, out)
-    if found is not None:
-        return found
-    if _expanded_weights_apply(model, params):
-        try:
-            return _per_sample_expanded(model, loss_fn, inputs, targets, params)
-        except RuntimeError:  # a function expanded weights cannot handle: use vmap
-            pass
-    bufs = dict(model.named_buffers())
-    p = {k: v.detach() for k, v in params.items()}
 
-    def sample_loss(q, x, y):
-        out = functional_call(model, {**q, **bufs}, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    grads, values = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0))(p, inputs, targets)
-    n = inputs.shape[0]
-    jac = torch.cat([grads[k].reshape(n, -1) for k in params], dim=1)
-    return values, jac
+    rank: int
+    rtol: float
+    oversample: int = 10
+    power_iters: int = 2
+    gram_dtype: torch.dtype | None = None
+    damping: float = 0.0
+    exact_svd: bool = True
 
 
 def reuse_buffer(buf, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -196,111 +111,30 @@ def residuals(losses: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.T
     return R, D
 
 
-def _keep(S: torch.Tensor, rtol: float) -> torch.Tensor:
-    smax = S.max() if S.numel() else S.new_zeros(())
-    return (S > rtol * smax) & (S > 0)
-
-
-def _record(S, keep, R, fitted) -> tuple[torch.Tensor, ...]:
-    """Kept rank, S_max, smallest kept S and ``1 - |R - fitted| / |R|`` (fitted = M d)."""
-    kept_rank = keep.sum().to(S.dtype)
-    smax = S.max() if S.numel() else S.new_zeros(())
-    smin = torch.where(keep, S, torch.full_like(S, float("inf"))).min() if S.numel() else smax
-    smin = torch.where(kept_rank > 0, smin, torch.zeros_like(smin))
-    rest = (R - fitted).norm()
-    rnorm = R.norm()
-    red = torch.where(rnorm > 0, 1 - rest / torch.where(rnorm > 0, rnorm, 1), 0 * rnorm)
-    return kept_rank, smax, smin, red
-
-
-def _solve_triplets(U, S, V, R, rtol, damping: float = 0.0) -> Solution:
-    keep = _keep(S, rtol)
-    c = U.mT @ R
-    if damping == 0.0:
-        inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), 0 * S)
-        fitted = U @ torch.where(keep, c, 0 * c)
-    else:  # S / (S^2 + lam); M d = U diag(S^2 / (S^2 + lam)) U^T R
-        lam = damping * S.max().square()
-        inv = torch.where(keep, S / (S.square() + lam), 0 * S)
-        fitted = U @ (inv * S * c)
-    d = V @ (inv * c)
-    return Solution(d, *_record(S, keep, R, fitted))
-
-
-def gram_spectrum(G: torch.Tensor, r: int, rtol: float, damping: float = 0.0):
-    """Top ``r`` eigenvectors of a Gram matrix, ``S = sqrt(eigenvalues)``, the kept mask and
-    ``1 / (S^2 + lam)`` on the kept ones (0 elsewhere), ``lam = damping * S_max^2``."""
-    evals, vecs = torch.linalg.eigh(G)
-    evals, vecs = evals.flip(0)[:r].clamp_min(0), vecs.flip(1)[:, :r]
-    S = evals.sqrt()
-    # Gram eigenvalues carry an absolute error ~ eps * S_max^2: below 2 sqrt(eps) S_max, noise.
-    floor = 2.0 * torch.finfo(G.dtype).eps ** 0.5
-    keep = _keep(S, max(rtol, floor))
-    shifted = evals if damping == 0.0 else evals + damping * evals.max()
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, shifted, torch.ones_like(evals)), 0 * evals)
-    return vecs, S, keep, inv2
-
-
-def _solve_gram(
-    M, R, rank: int, rtol: float, gram_dtype: torch.dtype | None, damping: float = 0.0
-) -> Solution:
-    """Exact truncated solve through ``eigh`` of the smaller Gram matrix (in ``gram_dtype``)."""
-    B, P = M.shape
-    dtype = M.dtype
-    work = M if gram_dtype is None else M.to(gram_dtype)
-    Rw = R.to(work.dtype)
-    wide = B <= P
-    G = work @ work.mT if wide else work.mT @ work
-    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
-    if wide:  # vecs = U:  d = M^T U S^-2 U^T R,  U^T R projected
-        c = vecs.mT @ Rw
-        d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)
-        if damping == 0.0:
-            fitted = vecs @ torch.where(keep, c, 0 * c)
-        else:
-            fitted = vecs @ (inv2 * S.square() * c)
-    else:  # vecs = V:  d = V S^-2 V^T M^T R,  U^T R = S^-1 V^T M^T R
-        w = vecs.mT @ (work.mT @ Rw)
-        dw = vecs @ (inv2 * w)
-        fitted, d = work @ dw, dw.to(dtype)
-    rec = _record(S, keep, Rw, fitted)
-    return Solution(d, *(t.to(dtype) for t in rec))
-
-
 def solve_dense(
-    M: torch.Tensor,
-    R: torch.Tensor,
-    rank: int,
-    rtol: float,
-    randomized: bool,
-    oversample: int,
-    power_iters: int,
-    generator: torch.Generator,
-    gram_dtype: torch.dtype | None = None,
-    damping: float = 0.0,
+    M: torch.Tensor, R: torch.Tensor, config: SolveConfig, generator: torch.Generator | None
 ) -> Solution:
     """The truncated minimum-norm direction for a dense M (B, P)."""
-    if not randomized:
-        return _solve_gram(M, R, rank, rtol, gram_dtype, damping)
-    U, S, V = randomized_svd(M, rank, oversample, power_iters, generator, exact=False)
-    return _solve_triplets(U, S, V, R, rtol, damping)
+    cfg = config
+    if cfg.exact_svd:
+        return gram_solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
+    U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
+    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
 
 
-def solve_operator(
-    op, R, rank, rtol, oversample, power_iters, generator, exact, damping: float = 0.0
-) -> Solution:
-    """The truncated direction from a matrix-free M; ``exact`` sketches all min(B, P) columns.
+def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solution:
+    """The truncated direction from a matrix-free M; ``exact_svd`` sketches all min(B, P)
+    columns.
 
     With a sketch as wide as the row space (l >= rank M) the range is captured exactly, so
     the result equals the exact truncated SVD up to rounding.
     """
-    if exact:
-        width = min(op.shape)
-        U, S, V = randomized_svd(op, width, 0, 0, generator)
-        U, S, V = U[:, :rank], S[:rank], V[:, :rank]
-    else:
-        U, S, V = randomized_svd(op, rank, oversample, power_iters, generator)
-    return _solve_triplets(U, S, V, R, rtol, damping)
+    cfg = config
+    if cfg.exact_svd:
+        U, S, V = randomized_svd(op, min(op.shape), 0, 0, generator)
+        return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping, rank=cfg.rank)
+    U, S, V = randomized_svd(op, cfg.rank, cfg.oversample, cfg.power_iters, generator)
+    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
 
 
 @dataclasses.dataclass

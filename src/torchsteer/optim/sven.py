@@ -11,12 +11,13 @@ import torch
 from torchsteer import distributed as dist
 from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
+from torchsteer.jacobian.per_sample import per_sample_jacobian
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
 from torchsteer.optim._sven_step import (
     ResidualOperator,
     Solution,
+    SolveConfig,
     group_rows,
-    per_sample_values_and_jacobian,
     residuals,
     reuse_buffer,
     solve_dense,
@@ -254,53 +255,57 @@ class Sven(torch.optim.Optimizer):
     def _itemsize(self) -> int:
         return torch.finfo(self._algebra_dtype()).bits // 8
 
+    def _config(self, exact_svd: bool) -> SolveConfig:
+        return SolveConfig(
+            self.rank,
+            self.rtol,
+            self.oversample,
+            self.power_iters,
+            self.gram_dtype,
+            self.damping,
+            exact_svd,
+        )
+
+    def _columns(self, gen: torch.Generator) -> torch.Tensor | None:
+        """The coordinates this step updates (sorted), None for all (``param_fraction = 1``)."""
+        if self.param_fraction == 1.0:
+            return None
+        n_params = self._n_params()
+        n_keep = max(1, math.ceil(self.param_fraction * n_params))
+        cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
+        return cols.to(self._params()[0].device)
+
     def _solve(self, losses, source, dense, gen, shard) -> tuple[Solution, torch.Tensor | None]:
         """The direction on the kept coordinates (and their indices, None for all).
 
         Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows."""
-        alg = self._algebra_dtype()
-        params = self._params()
-        n_params = self._n_params()
-        cols = None
-        if self.param_fraction < 1.0:
-            n_keep = max(1, math.ceil(self.param_fraction * n_params))
-            cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
-            cols = cols.to(params[0].device)
-        mb = self.microbatch_size
+        alg, mb = self._algebra_dtype(), self.microbatch_size
+        cols = self._columns(gen)
         lg = group(shard, losses.to(alg), mb)
         if self.kappa != 2.0 and bool((lg < 0).any()):
             raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
         shard = grouped(shard, mb)  # rows after the micro-batch means
         D_local = shard.local(D)
-        sharded = shard.world > 1
-        operator_args = (self.rank, self.rtol, self.oversample, self.power_iters, gen)
-        damped = {"damping": self.damping} if self.damping else {}
-        if dense:
-            J = group_rows(source("dense").to(alg), mb)
-            if cols is not None:
-                J = J[:, cols]
-            if self.kappa != 2.0:
-                J = J.mul_(D_local.unsqueeze(1))
-            rows = shard.total
-            randomized = self._randomized_dense(rows, J.shape[1])
-            args = (self.rank, self.rtol, randomized, self.oversample, self.power_iters, gen)
-            args += (self.gram_dtype,)
-            solve, system = solve_dense, J
-            if sharded and randomized:
-                solve, system = solve_operator, RowShardedOperator(J, shard)
-                args = (*operator_args, False)
-            elif sharded:
-                solve = solve_gram_sharded
-                args = (self.rank, self.rtol, self.gram_dtype, shard)
+        if dense:  # M = diag(D) G J[:, cols], this rank's rows
+            M = group_rows(source("dense").to(alg), mb)
+            M = M if cols is None else M[:, cols]
+            M = M if self.kappa == 2.0 else M.mul_(D_local.unsqueeze(1))
+            config = self._config(not self._randomized_dense(shard.total, M.shape[1]))
+            if shard.world == 1:
+                solver, system, extra = solve_dense, M, gen
+            elif config.exact_svd:
+                solver, system, extra = solve_gram_sharded, M, shard
+            else:
+                solver, system, extra = solve_operator, RowShardedOperator(M, shard), gen
         else:
+            config = self._config(self.svd == "exact")
             system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
-            if sharded:
+            if shard.world > 1:
                 system = RowShardedOperator(system, shard)
-            args = (*operator_args, self.svd == "exact")
-            solve = solve_operator
+            solver, extra = solve_operator, gen
         try:
-            sol = solve(system, R, *args, **damped)
+            sol = solver(system, R, config, extra)
         except (RuntimeError, ValueError) as err:
             # NaN/Inf in M: eigh/QR/SVD may fail to converge, randomized_svd refuses it.
             # (Otherwise NaN reaches the direction and S_max, checked below.)
@@ -338,8 +343,15 @@ class Sven(torch.optim.Optimizer):
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
         if self._choose_dense(self._rows(shard), self._n_params(), self._itemsize()):
-            values, jac = per_sample_values_and_jacobian(
-                model, loss_fn, inputs, targets, named, out=self._jacobian_buffer(n)
+            one_dtype = len({p.dtype for p in named.values()}) == 1
+            values, jac = per_sample_jacobian(
+                model,
+                loss_fn,
+                inputs,
+                targets,
+                named,
+                out=self._jacobian_buffer(n) if one_dtype else None,
+                return_values=True,
             )
             return values, lambda kind: jac
         bufs = dict(unwrap_model(model).named_buffers())
