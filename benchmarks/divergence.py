@@ -6,8 +6,7 @@ usual hand-written form), and TRL's ``generalized_jsd_loss`` written from its de
 (TRL is not installed here). CPU time (``time.process_time``), 1 thread, arms interleaved,
 median of the repeats. Peak extra memory: a fresh subprocess per arm, the peak RSS during one
 forward + backward (Linux VmHWM, reset after the logits were made) minus the RSS then (in
-units of one logits
-tensor).
+units of one logits tensor).
 
 Usage::
 
