@@ -23,6 +23,7 @@ ALLOWED = {
     "control": {"control", "jacobian", "linalg", "distributed"},
     "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
     "bench": {"bench", "callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
+    "divergence": {"divergence", "distributed"},
     "distributed.py": set(),
 }
 LIGHTNING_OK = {"callbacks", "bench"}

@@ -1,0 +1,185 @@
+"""f-divergences between student and teacher logits, chunked over rows, gradient in the forward.
+
+With q = softmax(z_s / T) (student) and p = softmax(z_t / T) (teacher), per row
+
+    D_f(p || q) = sum_v q_v f(p_v / q_v),    dD/dz_s = q * (psi - E_q psi) / T,
+
+psi(r) = f(r) - r f'(r) (see :mod:`.generators`). ``kind="kl"`` is KL(p || q), the forward,
+mass-covering KL of distillation; ``"reverse_kl"`` is KL(q || p), mode-seeking. The rows are
+processed ``chunk_size`` at a time: log-softmax, the per-entry terms and the exact student
+gradient, which is stored (in the student's dtype); backward only scales it. Extra memory is
+the gradient plus O(chunk_size * V). The teacher is a constant (no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .generators import generator
+
+__all__ = ["f_divergence"]
+
+_REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
+    top = z.amax(-1)
+    for bad, what in (
+        (torch.isnan(top), "NaN"),
+        (top == math.inf, "+inf"),
+        (top == -math.inf, "only -inf (an empty row)"),
+    ):
+        if bool(bad.any()):
+            row = int(rows[bad.nonzero()[0, 0]])
+            raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
+
+
+def _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale):
+    """Row values (compute dtype) and the scaled gradient of the selected rows."""
+    cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
+    values = torch.empty(rows.numel(), dtype=cdt, device=zs.device)
+    grad = torch.zeros_like(zs) if need_grad else None
+    contiguous = rows.numel() == zs.shape[0]
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start : start + chunk]
+        if contiguous:
+            s, t = zs[start : start + chunk].to(cdt), zt[start : start + chunk].to(cdt)
+        else:
+            s, t = zs.index_select(0, idx).to(cdt), zt.index_select(0, idx).to(cdt)
+        _check_rows(s, "student_logits", idx)
+        _check_rows(t, "teacher_logits", idx)
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+        q, p = torch.exp(lq), torch.exp(lp)
+        term, qpsi = gen.terms(lp, lq, p, q)
+        values[start : start + chunk] = term.sum(-1)
+        if need_grad:
+            g = qpsi - q * qpsi.sum(-1, keepdim=True)
+            g = torch.where(lq == -math.inf, torch.zeros_like(g), g)
+            g = g * (scale / temperature)
+            if contiguous:
+                grad[start : start + chunk] = g.to(grad.dtype)
+            else:
+                grad.index_copy_(0, idx, g.to(grad.dtype))
+    return values, grad
+
+
+class _FDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zs, zt, gen, temperature, rows, chunk, reduction, divisor, need_grad):
+        scale = 1.0 if reduction in ("none", "sum") else 1.0 / divisor if divisor else 0.0
+        values, grad = _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale)
+        ctx.grad, ctx.reduction = grad, reduction
+        if reduction == "none":
+            out = torch.zeros(zs.shape[0], dtype=values.dtype, device=zs.device)
+            return out.index_copy_(0, rows, values)
+        total = values.double().sum().to(values.dtype)
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad = ctx.grad
+        if ctx.reduction == "none":
+            grad = grad * grad_out.to(grad.dtype).unsqueeze(-1)
+        elif not (grad_out.device.type == "cpu" and float(grad_out) == 1.0):
+            grad = grad * grad_out.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def f_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "kl",
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    chunk_size: int | None = None,
+    **kind_args,
+) -> torch.Tensor:
+    """D_f(p || q) with q = softmax(student_logits / T) the student, p the teacher.
+
+    D_f(p || q) = sum_v q_v f(p_v / q_v): ``"kl"`` is KL(p || q) (forward KL, mass-covering),
+    ``"reverse_kl"`` KL(q || p) (mode-seeking); other kinds and their arguments
+    (``alpha=``, ``beta=``/``normalized=``, ``lam=``) as in :mod:`.generators`. No T^2 factor
+    is applied.
+
+    Args:
+        student_logits: ``(..., V)``, any float dtype; the gradient comes back in this dtype.
+        teacher_logits: same shape; treated as a constant (raises if it requires grad).
+        kind: the generator.
+        temperature: T > 0, both logits are divided by it.
+        mask: bool (or 0/1) of shape ``(...)``; False rows are never read and contribute
+            exactly nothing, to the value and to the gradient.
+        reduction: ``"none"`` (per row, masked rows 0), ``"sum"``, ``"mean"`` (over the
+            unmasked rows), ``"batchmean"`` (sum / size of the first dimension, as
+            ``F.kl_div``; 1 for a single row). An all-masked batch gives 0 and gradient 0.
+        chunk_size: rows per chunk (default ~1M entries per temporary).
+
+    Compute is float32 (float64 if either input is), the loss float32/float64. Entries where
+    both logits are -inf (a padded vocabulary) contribute nothing; an entry where only one is
+    -inf takes the limit of the definition (e.g. KL(p||q) = inf where q_v = 0 < p_v), and a
+    -inf student logit gets gradient 0.
+
+    Raises:
+        ValueError: shape or vocabulary mismatch, bad mask, T <= 0, unknown kind or bad kind
+            argument, NaN/+inf logits or an all -inf row in an unmasked row, a teacher that
+            requires grad.
+    """
+    gen = generator(kind, **kind_args)
+    zs, zt = student_logits, teacher_logits
+    if not (torch.is_tensor(zs) and torch.is_tensor(zt)):
+        raise ValueError("Invalid logits: student_logits and teacher_logits must be tensors")
+    if not (zs.is_floating_point() and zt.is_floating_point()):
+        raise ValueError(f"Invalid logits dtype: {zs.dtype} / {zt.dtype} (must be floating)")
+    if zs.ndim == 0 or zs.ndim != zt.ndim or zs.shape[:-1] != zt.shape[:-1]:
+        raise ValueError(
+            f"Invalid shapes: student {tuple(zs.shape)}, teacher {tuple(zt.shape)} (shape mismatch)"
+        )
+    if zs.shape[-1] != zt.shape[-1]:
+        raise ValueError(f"Invalid vocabulary: student V={zs.shape[-1]}, teacher V={zt.shape[-1]}")
+    if zs.device != zt.device:
+        raise ValueError(f"Invalid devices: {zs.device} and {zt.device}")
+    if zt.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "Invalid teacher_logits: requires grad; the teacher is a constant, pass .detach()"
+        )
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    lead, vocab = zs.shape[:-1], zs.shape[-1]
+    n = math.prod(lead)
+    if mask is None:
+        rows = torch.arange(n, device=zs.device)
+    else:
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
+            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
+            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("Invalid mask: values must be 0/1 or bool")
+            mask = mask != 0
+        rows = mask.reshape(-1).nonzero().squeeze(1).to(zs.device)
+    chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 20) // max(vocab, 1))
+    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
+    need_grad = zs.requires_grad and torch.is_grad_enabled()
+    out = _FDivergence.apply(
+        zs.reshape(n, vocab),
+        zt.detach().reshape(n, vocab),
+        gen,
+        t,
+        rows,
+        chunk,
+        reduction,
+        divisor,
+        need_grad,
+    )
+    return out.reshape(lead) if reduction == "none" else out
