@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 
 from torchsteer.jacobian.params import unflatten, unwrap_model
-from torchsteer.jacobian.per_sample import linear_per_sample_jacobian
+from torchsteer.jacobian.per_sample import per_sample_jacobian  # re-exported: one dispatcher
 
 __all__ = [
     "ggn_vp",
@@ -129,62 +129,6 @@ def jacobian(
     n = flat_f(p).numel()
     jac = jacrev(flat_f, chunk_size=chunk_size)(p)
     return _flatten_rows(jac, params, n)
-
-
-def per_sample_jacobian(
-    model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    params: Params | None = None,
-    chunk_size: int | None = None,
-    method: str = "auto",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Gradients of the B per-sample losses, one row each: a (B, P) matrix.
-
-    ``J[a] = grad_theta loss_fn(model(inputs[a:a+1]), targets[a:a+1])`` by ``vmap(grad(.))``.
-    Each sample is run alone (batch of one), so the model must treat samples independently
-    (eval-mode BatchNorm is fine, train-mode BatchNorm is not: use :func:`jacobian` then).
-
-    Args:
-        model: the module (wrappers unwrapped).
-        loss_fn: ``loss_fn(outputs, targets) -> (B,)`` per-sample losses (``reduction="none"``).
-        inputs: the batch inputs, leading dimension B.
-        targets: the batch targets, leading dimension B.
-        params: the parameters to differentiate (default: the trainable ones).
-        chunk_size: samples per vmap chunk (bounds memory to chunk_size * P).
-        method: ``"vmap"`` (any model), ``"linear"`` (outer products; every trainable
-            parameter must belong to an ``nn.Linear``, see
-            :mod:`torchsteer.jacobian.per_sample`), or ``"auto"``: linear when it applies
-            and no ``chunk_size`` is set, else vmap.
-        out: optional (B, P) buffer the result is written into (reuse it across steps:
-            a fresh B * P allocation costs page faults comparable to the product itself).
-    """
-    if method not in ("auto", "vmap", "linear"):
-        raise ValueError(f"Invalid method: {method!r}")
-    model = unwrap_model(model)
-    if params is None:
-        params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if method == "linear" or (method == "auto" and chunk_size is None):
-        J = linear_per_sample_jacobian(model, loss_fn, inputs, targets, params, out=out)
-        if J is not None:
-            return J
-        if method == "linear":
-            raise ValueError("Invalid method: 'linear' needs every parameter in an nn.Linear")
-    p = _detached(params)
-    bufs = dict(model.named_buffers())
-
-    def sample_loss(q, x, y):
-        out = functional_call(model, {**q, **bufs}, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(p, inputs, targets)
-    J = _flatten_rows(grads, params, inputs.shape[0])
-    if out is not None:
-        out.copy_(J)
-        return out
-    return J
 
 
 def hvp(f: Callable[[Params], torch.Tensor], params: Params, v: Params | torch.Tensor):
