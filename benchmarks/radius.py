@@ -42,10 +42,10 @@ from torch.func import functional_call, jvp
 
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control import _radius_jvp as radius_module
-from torchsteer.control._radius_buffers import FlatBuffers
-from torchsteer.control._radius_jvp import _eval_mode, _spread
 from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
+from torchsteer.control.radius import measure as radius_module
+from torchsteer.control.radius._buffers import FlatBuffers
+from torchsteer.control.radius.measure import _eval_mode, _spread
 from torchsteer.jacobian import model_fn
 
 RESULTS = Path(__file__).parent / "results"

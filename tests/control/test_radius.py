@@ -13,15 +13,15 @@ from torch.func import functional_call
 
 from tests.jacobian import models
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control._radius_fold import folded_module
-from torchsteer.control._radius_jvp import _spread
-from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.control.radius import (
     RadiusLimiter,
     logit_derivative,
     logit_spread,
     normalized_step,
 )
+from torchsteer.control.radius._fold import folded_module
+from torchsteer.control.radius._tangent import ActivationRecorder
+from torchsteer.control.radius.measure import _spread
 
 
 def _flat_params(model):
@@ -593,7 +593,7 @@ def test_flat_buffers_equal_the_per_tensor_path(monkeypatch, nonfinite_at):
     """theta_old and p in two flat buffers (the default when every parameter is named, of one
     type and contiguous) give the per-tensor path's r, |p| and parameters bit for bit, reuse
     their buffers, and restore theta_old on a non-finite step."""
-    from torchsteer.control import _radius_buffers
+    from torchsteer.control.radius import _buffers as _radius_buffers
 
     model, x = _chain_models()[1]
     y = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ and the normalized step ``r = max_x Delta_a(x; p) / (pi T)`` of an update p with
 ``rho_a = |p| / r``. See :mod:`torchsteer.control.radius` for the theory and the limiter.
 
 On CPUs, 4-d weights run in channels-last and eval-mode BatchNorm is folded into the
-convolution before it (:mod:`torchsteer.control._radius_fold`): the same ``J_z v``, cheaper.
+convolution before it (:mod:`torchsteer.control.radius._fold`): the same ``J_z v``, cheaper.
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
-from torchsteer.control._radius_fold import channels_last_strides, folded_module
+from torchsteer.control.radius._fold import channels_last_strides, folded_module
 from torchsteer.jacobian import jvp, model_fn, param_dict, unflatten, unwrap_model
 
 __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
-_METHODS = ("jvp", "fd", "fd1")
+METHODS = ("jvp", "fd", "fd1")  # the measurement methods (not in __all__: the limiter's)
 _CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
 _FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
 
@@ -104,7 +104,7 @@ def logit_derivative(
             float32, 1e-5 in float64; ``"fd1"`` 1e-3 in float32, 1e-7 in float64).
         primal: ``"fd1"`` only: the logits at theta (in the measured mode), when known.
     """
-    if method not in _METHODS:
+    if method not in METHODS:
         raise ValueError(f"Invalid method: {method}")
     model = unwrap_model(model)
     if isinstance(direction, torch.Tensor) or params is None:  # the limiter passes both dicts
@@ -180,7 +180,7 @@ def _spread(a: torch.Tensor) -> torch.Tensor:
     return high - low
 
 
-def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
+def worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
     """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor);
     ``tangent`` is ``J_z v`` when already known."""
     if tangent is None:
@@ -217,9 +217,7 @@ def normalized_step(
     depend on the sign of p and scales with its length. Under DDP the maximum over samples is
     a maximum over ranks too. Keyword arguments as in :func:`logit_derivative`.
     """
-    r = _worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (
-        math.pi * temperature
-    )
+    r = worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (math.pi * temperature)
     norm = _norm(update.values() if isinstance(update, Mapping) else [update]).to(r.dtype)
     rho = torch.where(r > 0, norm / r, torch.full_like(r, math.inf))
     return r, rho

@@ -1,31 +1,13 @@
-"""Softmax step-radius limiter ("ghosts of softmax").
-
-Along a step theta -> theta + t v the logits move as z(x) + t a(x; v) to first order, with the
-directional logit derivatives ``a(x; v) = J_z(x) v`` (C numbers per sample x, one forward-mode
-JVP for the whole batch). The partition function ``F(t) = sum_k exp(z_k + a_k t)`` has complex
-zeros, and cross-entropy along the line is analytic only within the distance to the nearest:
-
-    rho*(x) >= pi / Delta_a(x; v),    Delta_a(x; v) = max_k a_k(x; v) - min_k a_k(x; v)
-
-(binary: exactly ``sqrt(delta^2 + pi^2) / |a_1 - a_2|`` with the logit gap delta). Over a batch
-S the worst sample sets the radius ``rho_a = pi / max_{x in S} Delta_a(x; v)`` (``pi T / ...``
-for logits divided by a temperature T). Since Delta_a is linear in the direction, the
-normalized step of an update p (any length) is
-
-    r = |p| / rho_a(p / |p|) = max_x Delta_a(x; p) / pi.
-
-Steps with r >= 1 are where training collapses; the limiter applies ``s p`` with
-``s = min(1, r_max / r)``: direction unchanged, bit-identical to the base optimizer when
-``r <= r_max``.
+"""The softmax step-radius limiter :class:`RadiusLimiter` (theory: :mod:`.radius`).
 
 Cost of :class:`RadiusLimiter`: one exact JVP of the batch and one copy of the optimized
 parameters (P numbers, kept between the snapshot and the correction) per step, and the update
 ``p`` (a second P; both kept as flat buffers from step to step,
-:mod:`torchsteer.control._radius_buffers`). The JVP is taken where the training forward just
+:mod:`torchsteer.control.radius._buffers`). The JVP is taken where the training forward just
 ran, so for a chain of Linear / LayerNorm / elementwise modules only its tangent is computed,
-from the activations that forward recorded (:mod:`torchsteer.control._radius_tangent`);
+from the activations that forward recorded (:mod:`torchsteer.control.radius._tangent`);
 otherwise one forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the
-convolution before it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`).
+convolution before it and convolutions in channels-last (:mod:`torchsteer.control.radius.measure`).
 Measured on the digits models at one thread: about 1.6x a plain Adam step
 (``benchmarks/radius.py``).
 
@@ -44,24 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsteer.control._radius_buffers import FlatBuffers, TensorBuffers
-from torchsteer.control._radius_jvp import (
-    _METHODS,
-    LogitsFn,
-    _worst_spread,
-    logit_derivative,
-    logit_spread,
-    normalized_step,
-)
-from torchsteer.control._radius_tangent import ActivationRecorder
+from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._tangent import ActivationRecorder
+from torchsteer.control.radius.measure import METHODS, LogitsFn, worst_spread
 from torchsteer.jacobian import unwrap_model
 
-__all__ = [
-    "RadiusLimiter",
-    "logit_derivative",
-    "logit_spread",
-    "normalized_step",
-]
+__all__ = ["RadiusLimiter"]
 
 _MODES = ("limit", "rho_set", "monitor")
 _DIRECTIONS = ("update", "neg_grad")
@@ -102,14 +72,15 @@ class RadiusLimiter:
             ``reuse_forward``, else two; error O(fd_eps)). With either the guarantee
             ``r <= r_max`` becomes approximate (``benchmarks/results/radius.md`` has the
             measured errors).
-        fd_eps: the finite-difference step length (see :func:`logit_derivative`).
+        fd_eps: the finite-difference step length (see
+            :func:`~torchsteer.control.radius.measure.logit_derivative`).
         nonfinite: when r or the update is NaN/Inf: ``"raise"`` (restore theta_old, then
             ValueError) or ``"skip"`` (restore theta_old and count the step as skipped). With
             ``"neg_grad"`` a non-finite gradient always raises, before the optimizer steps.
         reuse_forward: with ``method="jvp"`` and no ``logits_fn``, keep (by forward hooks) the
             activations of the model's latest forward and, when that forward is exactly the
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
-            and elementwise modules; see :mod:`torchsteer.control._radius_tangent`), compute
+            and elementwise modules; see :mod:`torchsteer.control.radius._tangent`), compute
             only the tangent from them: the same exact ``J_z p`` without the primal pass.
             Otherwise (BatchNorm, functional operations between modules, another batch) the
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
@@ -143,7 +114,7 @@ class RadiusLimiter:
             raise ValueError(f"Invalid mode: {mode}")
         if direction not in _DIRECTIONS:
             raise ValueError(f"Invalid direction: {direction}")
-        if method not in _METHODS:
+        if method not in METHODS:
             raise ValueError(f"Invalid method: {method}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"Invalid temperature: {temperature}")
@@ -254,7 +225,7 @@ class RadiusLimiter:
     # -- helpers ------------------------------------------------------------------------------
     def _flat_buffers(self, named) -> FlatBuffers | None:
         """The flat theta_old / update buffers for these parameters, or None (see
-        :mod:`torchsteer.control._radius_buffers`)."""
+        :mod:`torchsteer.control.radius._buffers`)."""
         flat = self._flat
         if flat is not None and flat.matches(named):
             self._buffers = flat.old_views
@@ -314,7 +285,7 @@ class RadiusLimiter:
             rec.clear()  # the activations are not needed any more
             if rec.structural_failure:  # operations between modules: never applies
                 self.remove_hooks()
-        worst = _worst_spread(
+        worst = worst_spread(
             self.model,
             inputs,
             d,
