@@ -460,6 +460,8 @@ def test_nonfinite_update_restores_parameters():
         {"fd_eps": 0.0},
         {"nonfinite": "ignore"},
         {"reuse_forward": 1},
+        {"channels_last": "yes"},
+        {"fold": None},
     ],
 )
 def test_invalid_hyperparameters(kwargs):
@@ -740,6 +742,41 @@ def _fold_models():
         (cnn, torch.rand(9, 64, generator=g, dtype=torch.float64), 2),
         (convs, torch.randn(9, 2, 8, generator=g, dtype=torch.float64), 3),
     ]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_limiter_layout_and_fold_options_keep_r_and_are_honoured(monkeypatch, channels_last, fold):
+    """``RadiusLimiter(channels_last=, fold=)`` reach the measurement: each on or off gives the
+    r of the dense torch.func.jvp oracle (to rounding), and the folded forward runs iff
+    ``fold``, the channels-last conversion of the 4-d weights iff ``channels_last``."""
+    from torchsteer.control.radius import _fold, measure
+
+    calls = {"folded": 0, "channels_last": 0}
+    folded_forward, to_channels_last = _fold._Folded.forward, measure._channels_last
+
+    def counted_forward(self, x):
+        calls["folded"] += 1
+        return folded_forward(self, x)
+
+    def counted_channels_last(tensors):
+        calls["channels_last"] += 1
+        return to_channels_last(tensors)
+
+    monkeypatch.setattr(_fold._Folded, "forward", counted_forward)
+    monkeypatch.setattr(measure, "_channels_last", counted_channels_last)
+    model, x, _ = _fold_models()[0]  # the lr-spike CNN: Conv2d-BatchNorm pairs, on the CPU
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    lim = RadiusLimiter(model, mode="monitor", channels_last=channels_last, fold=fold)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    old = {k: p.detach().clone() for k, p in model.named_parameters()}
+    _grad(model, x, y)
+    lim.step(opt, x)
+    d = {k: p.detach() - old[k] for k, p in model.named_parameters()}
+    spread = _spread(_func_jvp(model, x, old, d))
+    assert lim.signals["r"] == pytest.approx(float(spread.max()) / math.pi, rel=1e-10)
+    assert calls["folded"] == int(fold)
+    assert calls["channels_last"] == 2 * int(channels_last)  # theta and v, once each
 
 
 @pytest.mark.parametrize("case", range(2))

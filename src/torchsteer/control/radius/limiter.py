@@ -84,6 +84,10 @@ class RadiusLimiter:
             only the tangent from them: the same exact ``J_z p`` without the primal pass.
             Otherwise (BatchNorm, functional operations between modules, another batch) the
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
+        channels_last: the general JVP on CPUs with 4-d weights in channels-last (``"jvp"``).
+        fold: the general JVP with eval-mode BatchNorm folded into the convolution before it
+            (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
+            only to measure what they save (``benchmarks/radius.py``).
 
     Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
     to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the
@@ -107,6 +111,8 @@ class RadiusLimiter:
         fd_eps: float | None = None,
         nonfinite: str = "raise",
         reuse_forward: bool = True,
+        channels_last: bool = True,
+        fold: bool = True,
     ):
         if not (isinstance(r_max, int | float) and math.isfinite(r_max) and r_max > 0):
             raise ValueError(f"Invalid r_max: {r_max}")
@@ -124,6 +130,11 @@ class RadiusLimiter:
             raise ValueError(f"Invalid nonfinite: {nonfinite}")
         if not isinstance(reuse_forward, bool):
             raise ValueError(f"Invalid reuse_forward: {reuse_forward!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"Invalid channels_last: {channels_last!r}")
+        if not isinstance(fold, bool):
+            raise ValueError(f"Invalid fold: {fold!r}")
+        self.channels_last, self.fold = channels_last, fold
         self.model, self.r_max, self.logits_fn = model, float(r_max), logits_fn
         self.mode, self.direction, self.eval_mode = mode, direction, eval_mode
         self.temperature, self.method, self.fd_eps, self.nonfinite = (
@@ -295,6 +306,8 @@ class RadiusLimiter:
             eval_mode=self.eval_mode,
             method=self.method,
             fd_eps=self.fd_eps,
+            channels_last=self.channels_last,
+            fold=self.fold,
             **extra,
         )
         if norm is not None:  # r and |p| to Python in one transfer

@@ -6,7 +6,8 @@ and the normalized step ``r = max_x Delta_a(x; p) / (pi T)`` of an update p with
 ``rho_a = |p| / r``. See :mod:`torchsteer.control.radius` for the theory and the limiter.
 
 On CPUs, 4-d weights run in channels-last and eval-mode BatchNorm is folded into the
-convolution before it (:mod:`torchsteer.control.radius._fold`): the same ``J_z v``, cheaper.
+convolution before it (:mod:`torchsteer.control.radius._fold`): the same ``J_z v``, cheaper
+(the options ``channels_last`` and ``fold`` of :func:`logit_derivative`, on by default).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -31,8 +32,6 @@ __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("jvp", "fd", "fd1")  # the measurement methods (not in __all__: the limiter's)
-_CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
-_FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
 
 
 class _LogitsModule(nn.Module):
@@ -83,6 +82,8 @@ def logit_derivative(
     method: str = "jvp",
     fd_eps: float | None = None,
     primal: torch.Tensor | None = None,
+    channels_last: bool = True,
+    fold: bool = True,
 ) -> torch.Tensor:
     """Directional logit derivatives ``a = J_z v``, shaped like the logits (classes last).
 
@@ -103,6 +104,10 @@ def logit_derivative(
         fd_eps: length ``|h v|`` of the finite-difference step (default: ``"fd"`` 1e-2 in
             float32, 1e-5 in float64; ``"fd1"`` 1e-3 in float32, 1e-7 in float64).
         primal: ``"fd1"`` only: the logits at theta (in the measured mode), when known.
+        channels_last: ``"jvp"`` only: on CPUs, run 4-d weights (and the folded convolutions'
+            outputs) in channels-last; the same ``J_z v`` to rounding, faster.
+        fold: ``"jvp"`` without ``logits_fn`` only: fold eval-mode BatchNorm into the
+            convolution (or Linear) before it; the same ``J_z v`` to rounding, faster.
     """
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method}")
@@ -117,9 +122,9 @@ def logit_derivative(
         raise ValueError("Invalid direction: its keys differ from the parameters' keys")
     theta = {k: params[k].detach() for k in direction}
     v = {k: direction[k].detach() for k in direction}
-    folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
+    folded = folded_module(model) if method == "jvp" and logits_fn is None and fold else None
     if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
-        folded.channels_last = _CHANNELS_LAST
+        folded.channels_last = channels_last  # (the cached module: set for this call)
         f, prefix = model_fn(folded, inputs), "gm."
         used = {k for k, _ in folded.gm.named_parameters()}
         theta = {k: t for k, t in theta.items() if k in used}
@@ -128,7 +133,7 @@ def logit_derivative(
         f, prefix = _forward(model, inputs, logits_fn)
     if (
         method == "jvp"
-        and _CHANNELS_LAST
+        and channels_last
         and any(t.dim() == 4 and t.device.type == "cpu" for t in theta.values())
     ):
         # CPU convolutions, BatchNorm and pooling run several times faster in channels-last
