@@ -700,6 +700,21 @@ def test_reuse_falls_back_for_unsupported_models(name):
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def test_recorder_root_output_is_the_latest_forward_output():
+    """``ActivationRecorder.root_output``: the very logits tensor of the model's latest
+    forward (what ``"fd1"`` reuses as z(theta)), ``None`` once cleared."""
+    model, x, _ = _problem()
+    rec = ActivationRecorder(model)
+    assert rec.root_output is None
+    first = model(x)
+    assert rec.root_output is first
+    second = model(x + 1.0)
+    assert rec.root_output is second and not torch.equal(first, second)
+    rec.clear()
+    assert rec.root_output is None
+    rec.remove()
+
+
 def test_record_survives_deepcopy_and_a_failed_forward():
     model, x, y = _problem()
     lim = RadiusLimiter(model)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._pending import PendingNegGrad, PendingUpdate
 from torchsteer.control.radius._tangent import ActivationRecorder
 from torchsteer.control.radius.measure import METHODS, LogitsFn, worst_spread
 from torchsteer.jacobian import unwrap_model
@@ -149,7 +150,7 @@ class RadiusLimiter:
         self._named_cache: tuple | None = None
         self._buffers: list[torch.Tensor] = []  # theta_old, reused from step to step
         self._flat: FlatBuffers | None = None  # theta_old and p as flat buffers, when possible
-        self._pending: tuple | None = None
+        self._pending: PendingUpdate | PendingNegGrad | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
         if reuse_forward and method in ("jvp", "fd1") and logits_fn is None:
@@ -186,11 +187,11 @@ class RadiusLimiter:
                 bufs.snapshot()
             else:
                 bufs = TensorBuffers(named, self._snapshot(named))
-            self._pending = ("update", optimizer, named, bufs)
+            self._pending = PendingUpdate(bufs)
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
-        lrs = [g["lr"] for g in optimizer.param_groups]
+        lrs = tuple(g["lr"] for g in optimizer.param_groups)
         d = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -204,20 +205,18 @@ class RadiusLimiter:
             raise ValueError("Invalid gradient: the radius along -g is NaN or Inf")
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * s
-        self._pending = ("neg_grad", optimizer, lrs, (r, rho, tau, s))
+        self._pending = PendingNegGrad(optimizer, lrs, r, rho, tau, s)
 
     def after_step(self, inputs: Any = None) -> dict[str, float]:
         """Measure the update and rescale it (``"update"``) or restore the lr (``"neg_grad"``)."""
         if self._pending is None:
             raise RuntimeError("after_step called without before_step")
-        kind, optimizer, a, b = self._pending
-        self._pending = None
-        if kind == "neg_grad":
-            for group, lr in zip(optimizer.param_groups, a):
-                group["lr"] = lr
-            self._record(*b)
+        pending, self._pending = self._pending, None
+        if isinstance(pending, PendingNegGrad):
+            pending.restore_lrs()
+            self._record(pending.r, pending.rho, pending.tau, pending.scale)
             return self.last
-        bufs = b  # FlatBuffers or TensorBuffers: theta_old, and p once taken
+        bufs = pending.buffers  # FlatBuffers or TensorBuffers: theta_old, and p once taken
         with torch.no_grad():
             norm = bufs.take_update()
             r, rho, tau = self._measure(inputs, bufs.direction, bufs.point, norm=norm)
@@ -291,7 +290,7 @@ class RadiusLimiter:
                 tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
                 self.reused += int(tangent is not None)
             elif rec.usable(inputs, check_params=False):  # "fd1": the forward's logits
-                extra = {"primal": rec._root_output.detach()}
+                extra = {"primal": rec.root_output.detach()}
                 self.reused += 1
             rec.clear()  # the activations are not needed any more
             if rec.structural_failure:  # operations between modules: never applies
@@ -359,9 +358,8 @@ class RadiusLimiter:
         """Drop a pending :meth:`before_step` (the optimizer did not step); in the
         ``"neg_grad"`` direction the learning rates it scaled are restored."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == "neg_grad":
-            for group, lr in zip(pending[1].param_groups, pending[2]):
-                group["lr"] = lr
+        if isinstance(pending, PendingNegGrad):
+            pending.restore_lrs()
 
     @property
     def pending(self) -> bool:
