@@ -42,10 +42,9 @@ from torch.func import functional_call, jvp
 
 from torchsteer.bench import data
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control import _radius_jvp as radius_module
-from torchsteer.control._radius_buffers import FlatBuffers
-from torchsteer.control._radius_jvp import _eval_mode, _spread
 from torchsteer.control.radius import RadiusLimiter, logit_derivative, normalized_step
+from torchsteer.control.radius._buffers import FlatBuffers
+from torchsteer.control.radius.measure import _eval_mode, _spread
 from torchsteer.jacobian import model_fn
 
 RESULTS = Path(__file__).parent / "results"
@@ -219,7 +218,12 @@ def _limiter(arm, model):
         return RadiusLimiter(model, method="fd")
     if arm == "limiter (fd1)":
         return RadiusLimiter(model, method="fd1")
-    return RadiusLimiter(model, reuse_forward="no reuse" not in arm)
+    return RadiusLimiter(
+        model,
+        reuse_forward="no reuse" not in arm,
+        channels_last="channels-last" not in arm,
+        fold="folding" not in arm,
+    )
 
 
 def _fd_error(name, x, y, steps=20):
@@ -255,8 +259,6 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
         n = repeats * (10 if name == "MLP+LN" else 1)  # a 6 ms step: more repeats, same time
         for i in range(warmup + n):
             for arm, (model, opt, lim) in arms.items():
-                radius_module._CHANNELS_LAST = "channels-last" not in arm
-                radius_module._FOLD = "folding" not in arm
                 start = time.process_time()
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
@@ -266,7 +268,6 @@ def overhead(repeats: int, warmup: int = 3) -> dict:
                     lim.step(opt, x)
                 if i >= warmup:
                     times[arm].append(time.process_time() - start)
-                radius_module._CHANNELS_LAST = radius_module._FOLD = True
         med = {a: statistics.median(t) for a, t in times.items()}
         reused = {
             a: lim.reused / lim.steps
@@ -321,16 +322,12 @@ def breakdown(name, x, y, repeats: int) -> dict:
         with _eval_mode(model, True), torch.no_grad():
             model(x)
 
-    def general_jvp():
+    def general_jvp(**options):
         d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))
-        state["a"] = logit_derivative(model, x, d, params=pt)
+        state["a"] = logit_derivative(model, x, d, params=pt, **options)
 
     def general_jvp_plain():
-        radius_module._CHANNELS_LAST = radius_module._FOLD = False
-        try:
-            general_jvp()
-        finally:
-            radius_module._CHANNELS_LAST = radius_module._FOLD = True
+        general_jvp(channels_last=False, fold=False)
 
     def tangent_only():
         d, pt = dict(zip(names, state["p"])), dict(zip(names, state["old"]))

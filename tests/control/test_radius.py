@@ -13,15 +13,15 @@ from torch.func import functional_call
 
 from tests.jacobian import models
 from torchsteer.bench.suites import lr_spike
-from torchsteer.control._radius_fold import folded_module
-from torchsteer.control._radius_jvp import _spread
-from torchsteer.control._radius_tangent import ActivationRecorder
 from torchsteer.control.radius import (
     RadiusLimiter,
     logit_derivative,
     logit_spread,
     normalized_step,
 )
+from torchsteer.control.radius._fold import folded_module
+from torchsteer.control.radius._tangent import ActivationRecorder
+from torchsteer.control.radius.measure import _spread
 
 
 def _flat_params(model):
@@ -460,6 +460,8 @@ def test_nonfinite_update_restores_parameters():
         {"fd_eps": 0.0},
         {"nonfinite": "ignore"},
         {"reuse_forward": 1},
+        {"channels_last": "yes"},
+        {"fold": None},
     ],
 )
 def test_invalid_hyperparameters(kwargs):
@@ -593,7 +595,7 @@ def test_flat_buffers_equal_the_per_tensor_path(monkeypatch, nonfinite_at):
     """theta_old and p in two flat buffers (the default when every parameter is named, of one
     type and contiguous) give the per-tensor path's r, |p| and parameters bit for bit, reuse
     their buffers, and restore theta_old on a non-finite step."""
-    from torchsteer.control import _radius_buffers
+    from torchsteer.control.radius import _buffers as _radius_buffers
 
     model, x = _chain_models()[1]
     y = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(0))
@@ -698,6 +700,21 @@ def test_reuse_falls_back_for_unsupported_models(name):
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def test_recorder_root_output_is_the_latest_forward_output():
+    """``ActivationRecorder.root_output``: the very logits tensor of the model's latest
+    forward (what ``"fd1"`` reuses as z(theta)), ``None`` once cleared."""
+    model, x, _ = _problem()
+    rec = ActivationRecorder(model)
+    assert rec.root_output is None
+    first = model(x)
+    assert rec.root_output is first
+    second = model(x + 1.0)
+    assert rec.root_output is second and not torch.equal(first, second)
+    rec.clear()
+    assert rec.root_output is None
+    rec.remove()
+
+
 def test_record_survives_deepcopy_and_a_failed_forward():
     model, x, y = _problem()
     lim = RadiusLimiter(model)
@@ -740,6 +757,41 @@ def _fold_models():
         (cnn, torch.rand(9, 64, generator=g, dtype=torch.float64), 2),
         (convs, torch.randn(9, 2, 8, generator=g, dtype=torch.float64), 3),
     ]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_limiter_layout_and_fold_options_keep_r_and_are_honoured(monkeypatch, channels_last, fold):
+    """``RadiusLimiter(channels_last=, fold=)`` reach the measurement: each on or off gives the
+    r of the dense torch.func.jvp oracle (to rounding), and the folded forward runs iff
+    ``fold``, the channels-last conversion of the 4-d weights iff ``channels_last``."""
+    from torchsteer.control.radius import _fold, measure
+
+    calls = {"folded": 0, "channels_last": 0}
+    folded_forward, to_channels_last = _fold._Folded.forward, measure._channels_last
+
+    def counted_forward(self, x):
+        calls["folded"] += 1
+        return folded_forward(self, x)
+
+    def counted_channels_last(tensors):
+        calls["channels_last"] += 1
+        return to_channels_last(tensors)
+
+    monkeypatch.setattr(_fold._Folded, "forward", counted_forward)
+    monkeypatch.setattr(measure, "_channels_last", counted_channels_last)
+    model, x, _ = _fold_models()[0]  # the lr-spike CNN: Conv2d-BatchNorm pairs, on the CPU
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    lim = RadiusLimiter(model, mode="monitor", channels_last=channels_last, fold=fold)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    old = {k: p.detach().clone() for k, p in model.named_parameters()}
+    _grad(model, x, y)
+    lim.step(opt, x)
+    d = {k: p.detach() - old[k] for k, p in model.named_parameters()}
+    spread = _spread(_func_jvp(model, x, old, d))
+    assert lim.signals["r"] == pytest.approx(float(spread.max()) / math.pi, rel=1e-10)
+    assert calls["folded"] == int(fold)
+    assert calls["channels_last"] == 2 * int(channels_last)  # theta and v, once each
 
 
 @pytest.mark.parametrize("case", range(2))

@@ -6,7 +6,8 @@ and the normalized step ``r = max_x Delta_a(x; p) / (pi T)`` of an update p with
 ``rho_a = |p| / r``. See :mod:`torchsteer.control.radius` for the theory and the limiter.
 
 On CPUs, 4-d weights run in channels-last and eval-mode BatchNorm is folded into the
-convolution before it (:mod:`torchsteer.control._radius_fold`): the same ``J_z v``, cheaper.
+convolution before it (:mod:`torchsteer.control.radius._fold`): the same ``J_z v``, cheaper
+(the options ``channels_last`` and ``fold`` of :func:`logit_derivative`, on by default).
 
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
@@ -24,15 +25,13 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
-from torchsteer.control._radius_fold import channels_last_strides, folded_module
+from torchsteer.control.radius._fold import channels_last_strides, folded_module
 from torchsteer.jacobian import jvp, model_fn, param_dict, unflatten, unwrap_model
 
 __all__ = ["LogitsFn", "logit_derivative", "logit_spread", "normalized_step"]
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
-_METHODS = ("jvp", "fd", "fd1")
-_CHANNELS_LAST = True  # the general CPU JVP with 4-d weights in channels-last (benchmarks toggle)
-_FOLD = True  # fold eval-mode BatchNorm into the convolution before it (benchmarks toggle)
+METHODS = ("jvp", "fd", "fd1")  # the measurement methods (not in __all__: the limiter's)
 
 
 class _LogitsModule(nn.Module):
@@ -83,6 +82,8 @@ def logit_derivative(
     method: str = "jvp",
     fd_eps: float | None = None,
     primal: torch.Tensor | None = None,
+    channels_last: bool = True,
+    fold: bool = True,
 ) -> torch.Tensor:
     """Directional logit derivatives ``a = J_z v``, shaped like the logits (classes last).
 
@@ -103,8 +104,12 @@ def logit_derivative(
         fd_eps: length ``|h v|`` of the finite-difference step (default: ``"fd"`` 1e-2 in
             float32, 1e-5 in float64; ``"fd1"`` 1e-3 in float32, 1e-7 in float64).
         primal: ``"fd1"`` only: the logits at theta (in the measured mode), when known.
+        channels_last: ``"jvp"`` only: on CPUs, run 4-d weights (and the folded convolutions'
+            outputs) in channels-last; the same ``J_z v`` to rounding, faster.
+        fold: ``"jvp"`` without ``logits_fn`` only: fold eval-mode BatchNorm into the
+            convolution (or Linear) before it; the same ``J_z v`` to rounding, faster.
     """
-    if method not in _METHODS:
+    if method not in METHODS:
         raise ValueError(f"Invalid method: {method}")
     model = unwrap_model(model)
     if isinstance(direction, torch.Tensor) or params is None:  # the limiter passes both dicts
@@ -117,9 +122,9 @@ def logit_derivative(
         raise ValueError("Invalid direction: its keys differ from the parameters' keys")
     theta = {k: params[k].detach() for k in direction}
     v = {k: direction[k].detach() for k in direction}
-    folded = folded_module(model) if method == "jvp" and logits_fn is None and _FOLD else None
+    folded = folded_module(model) if method == "jvp" and logits_fn is None and fold else None
     if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
-        folded.channels_last = _CHANNELS_LAST
+        folded.channels_last = channels_last  # (the cached module: set for this call)
         f, prefix = model_fn(folded, inputs), "gm."
         used = {k for k, _ in folded.gm.named_parameters()}
         theta = {k: t for k, t in theta.items() if k in used}
@@ -128,7 +133,7 @@ def logit_derivative(
         f, prefix = _forward(model, inputs, logits_fn)
     if (
         method == "jvp"
-        and _CHANNELS_LAST
+        and channels_last
         and any(t.dim() == 4 and t.device.type == "cpu" for t in theta.values())
     ):
         # CPU convolutions, BatchNorm and pooling run several times faster in channels-last
@@ -180,7 +185,7 @@ def _spread(a: torch.Tensor) -> torch.Tensor:
     return high - low
 
 
-def _worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
+def worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
     """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor);
     ``tangent`` is ``J_z v`` when already known."""
     if tangent is None:
@@ -217,9 +222,7 @@ def normalized_step(
     depend on the sign of p and scales with its length. Under DDP the maximum over samples is
     a maximum over ranks too. Keyword arguments as in :func:`logit_derivative`.
     """
-    r = _worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (
-        math.pi * temperature
-    )
+    r = worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (math.pi * temperature)
     norm = _norm(update.values() if isinstance(update, Mapping) else [update]).to(r.dtype)
     rho = torch.where(r > 0, norm / r, torch.full_like(r, math.inf))
     return r, rho

@@ -1,31 +1,13 @@
-"""Softmax step-radius limiter ("ghosts of softmax").
-
-Along a step theta -> theta + t v the logits move as z(x) + t a(x; v) to first order, with the
-directional logit derivatives ``a(x; v) = J_z(x) v`` (C numbers per sample x, one forward-mode
-JVP for the whole batch). The partition function ``F(t) = sum_k exp(z_k + a_k t)`` has complex
-zeros, and cross-entropy along the line is analytic only within the distance to the nearest:
-
-    rho*(x) >= pi / Delta_a(x; v),    Delta_a(x; v) = max_k a_k(x; v) - min_k a_k(x; v)
-
-(binary: exactly ``sqrt(delta^2 + pi^2) / |a_1 - a_2|`` with the logit gap delta). Over a batch
-S the worst sample sets the radius ``rho_a = pi / max_{x in S} Delta_a(x; v)`` (``pi T / ...``
-for logits divided by a temperature T). Since Delta_a is linear in the direction, the
-normalized step of an update p (any length) is
-
-    r = |p| / rho_a(p / |p|) = max_x Delta_a(x; p) / pi.
-
-Steps with r >= 1 are where training collapses; the limiter applies ``s p`` with
-``s = min(1, r_max / r)``: direction unchanged, bit-identical to the base optimizer when
-``r <= r_max``.
+"""The softmax step-radius limiter :class:`RadiusLimiter` (theory: :mod:`.radius`).
 
 Cost of :class:`RadiusLimiter`: one exact JVP of the batch and one copy of the optimized
 parameters (P numbers, kept between the snapshot and the correction) per step, and the update
 ``p`` (a second P; both kept as flat buffers from step to step,
-:mod:`torchsteer.control._radius_buffers`). The JVP is taken where the training forward just
+:mod:`torchsteer.control.radius._buffers`). The JVP is taken where the training forward just
 ran, so for a chain of Linear / LayerNorm / elementwise modules only its tangent is computed,
-from the activations that forward recorded (:mod:`torchsteer.control._radius_tangent`);
+from the activations that forward recorded (:mod:`torchsteer.control.radius._tangent`);
 otherwise one forward-mode pass runs, on CPUs with eval-mode BatchNorm folded into the
-convolution before it and convolutions in channels-last (:mod:`torchsteer.control._radius_jvp`).
+convolution before it and convolutions in channels-last (:mod:`torchsteer.control.radius.measure`).
 Measured on the digits models at one thread: about 1.6x a plain Adam step
 (``benchmarks/radius.py``).
 
@@ -44,24 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchsteer.control._radius_buffers import FlatBuffers, TensorBuffers
-from torchsteer.control._radius_jvp import (
-    _METHODS,
-    LogitsFn,
-    _worst_spread,
-    logit_derivative,
-    logit_spread,
-    normalized_step,
-)
-from torchsteer.control._radius_tangent import ActivationRecorder
+from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._pending import PendingNegGrad, PendingUpdate
+from torchsteer.control.radius._tangent import ActivationRecorder
+from torchsteer.control.radius.measure import METHODS, LogitsFn, worst_spread
 from torchsteer.jacobian import unwrap_model
 
-__all__ = [
-    "RadiusLimiter",
-    "logit_derivative",
-    "logit_spread",
-    "normalized_step",
-]
+__all__ = ["RadiusLimiter"]
 
 _MODES = ("limit", "rho_set", "monitor")
 _DIRECTIONS = ("update", "neg_grad")
@@ -102,17 +73,22 @@ class RadiusLimiter:
             ``reuse_forward``, else two; error O(fd_eps)). With either the guarantee
             ``r <= r_max`` becomes approximate (``benchmarks/results/radius.md`` has the
             measured errors).
-        fd_eps: the finite-difference step length (see :func:`logit_derivative`).
+        fd_eps: the finite-difference step length (see
+            :func:`~torchsteer.control.radius.measure.logit_derivative`).
         nonfinite: when r or the update is NaN/Inf: ``"raise"`` (restore theta_old, then
             ValueError) or ``"skip"`` (restore theta_old and count the step as skipped). With
             ``"neg_grad"`` a non-finite gradient always raises, before the optimizer steps.
         reuse_forward: with ``method="jvp"`` and no ``logits_fn``, keep (by forward hooks) the
             activations of the model's latest forward and, when that forward is exactly the
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
-            and elementwise modules; see :mod:`torchsteer.control._radius_tangent`), compute
+            and elementwise modules; see :mod:`torchsteer.control.radius._tangent`), compute
             only the tangent from them: the same exact ``J_z p`` without the primal pass.
             Otherwise (BatchNorm, functional operations between modules, another batch) the
             general JVP runs. The attribute ``reused`` counts the steps that took this path.
+        channels_last: the general JVP on CPUs with 4-d weights in channels-last (``"jvp"``).
+        fold: the general JVP with eval-mode BatchNorm folded into the convolution before it
+            (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
+            only to measure what they save (``benchmarks/radius.py``).
 
     Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
     to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the
@@ -136,6 +112,8 @@ class RadiusLimiter:
         fd_eps: float | None = None,
         nonfinite: str = "raise",
         reuse_forward: bool = True,
+        channels_last: bool = True,
+        fold: bool = True,
     ):
         if not (isinstance(r_max, int | float) and math.isfinite(r_max) and r_max > 0):
             raise ValueError(f"Invalid r_max: {r_max}")
@@ -143,7 +121,7 @@ class RadiusLimiter:
             raise ValueError(f"Invalid mode: {mode}")
         if direction not in _DIRECTIONS:
             raise ValueError(f"Invalid direction: {direction}")
-        if method not in _METHODS:
+        if method not in METHODS:
             raise ValueError(f"Invalid method: {method}")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"Invalid temperature: {temperature}")
@@ -153,6 +131,11 @@ class RadiusLimiter:
             raise ValueError(f"Invalid nonfinite: {nonfinite}")
         if not isinstance(reuse_forward, bool):
             raise ValueError(f"Invalid reuse_forward: {reuse_forward!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"Invalid channels_last: {channels_last!r}")
+        if not isinstance(fold, bool):
+            raise ValueError(f"Invalid fold: {fold!r}")
+        self.channels_last, self.fold = channels_last, fold
         self.model, self.r_max, self.logits_fn = model, float(r_max), logits_fn
         self.mode, self.direction, self.eval_mode = mode, direction, eval_mode
         self.temperature, self.method, self.fd_eps, self.nonfinite = (
@@ -167,7 +150,7 @@ class RadiusLimiter:
         self._named_cache: tuple | None = None
         self._buffers: list[torch.Tensor] = []  # theta_old, reused from step to step
         self._flat: FlatBuffers | None = None  # theta_old and p as flat buffers, when possible
-        self._pending: tuple | None = None
+        self._pending: PendingUpdate | PendingNegGrad | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
         if reuse_forward and method in ("jvp", "fd1") and logits_fn is None:
@@ -204,11 +187,11 @@ class RadiusLimiter:
                 bufs.snapshot()
             else:
                 bufs = TensorBuffers(named, self._snapshot(named))
-            self._pending = ("update", optimizer, named, bufs)
+            self._pending = PendingUpdate(bufs)
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
-        lrs = [g["lr"] for g in optimizer.param_groups]
+        lrs = tuple(g["lr"] for g in optimizer.param_groups)
         d = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -222,20 +205,18 @@ class RadiusLimiter:
             raise ValueError("Invalid gradient: the radius along -g is NaN or Inf")
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * s
-        self._pending = ("neg_grad", optimizer, lrs, (r, rho, tau, s))
+        self._pending = PendingNegGrad(optimizer, lrs, r, rho, tau, s)
 
     def after_step(self, inputs: Any = None) -> dict[str, float]:
         """Measure the update and rescale it (``"update"``) or restore the lr (``"neg_grad"``)."""
         if self._pending is None:
             raise RuntimeError("after_step called without before_step")
-        kind, optimizer, a, b = self._pending
-        self._pending = None
-        if kind == "neg_grad":
-            for group, lr in zip(optimizer.param_groups, a):
-                group["lr"] = lr
-            self._record(*b)
+        pending, self._pending = self._pending, None
+        if isinstance(pending, PendingNegGrad):
+            pending.restore_lrs()
+            self._record(pending.r, pending.rho, pending.tau, pending.scale)
             return self.last
-        bufs = b  # FlatBuffers or TensorBuffers: theta_old, and p once taken
+        bufs = pending.buffers  # FlatBuffers or TensorBuffers: theta_old, and p once taken
         with torch.no_grad():
             norm = bufs.take_update()
             r, rho, tau = self._measure(inputs, bufs.direction, bufs.point, norm=norm)
@@ -254,7 +235,7 @@ class RadiusLimiter:
     # -- helpers ------------------------------------------------------------------------------
     def _flat_buffers(self, named) -> FlatBuffers | None:
         """The flat theta_old / update buffers for these parameters, or None (see
-        :mod:`torchsteer.control._radius_buffers`)."""
+        :mod:`torchsteer.control.radius._buffers`)."""
         flat = self._flat
         if flat is not None and flat.matches(named):
             self._buffers = flat.old_views
@@ -309,12 +290,12 @@ class RadiusLimiter:
                 tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
                 self.reused += int(tangent is not None)
             elif rec.usable(inputs, check_params=False):  # "fd1": the forward's logits
-                extra = {"primal": rec._root_output.detach()}
+                extra = {"primal": rec.root_output.detach()}
                 self.reused += 1
             rec.clear()  # the activations are not needed any more
             if rec.structural_failure:  # operations between modules: never applies
                 self.remove_hooks()
-        worst = _worst_spread(
+        worst = worst_spread(
             self.model,
             inputs,
             d,
@@ -324,6 +305,8 @@ class RadiusLimiter:
             eval_mode=self.eval_mode,
             method=self.method,
             fd_eps=self.fd_eps,
+            channels_last=self.channels_last,
+            fold=self.fold,
             **extra,
         )
         if norm is not None:  # r and |p| to Python in one transfer
@@ -375,9 +358,8 @@ class RadiusLimiter:
         """Drop a pending :meth:`before_step` (the optimizer did not step); in the
         ``"neg_grad"`` direction the learning rates it scaled are restored."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == "neg_grad":
-            for group, lr in zip(pending[1].param_groups, pending[2]):
-                group["lr"] = lr
+        if isinstance(pending, PendingNegGrad):
+            pending.restore_lrs()
 
     @property
     def pending(self) -> bool:

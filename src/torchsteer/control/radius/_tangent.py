@@ -261,6 +261,12 @@ class ActivationRecorder:
             self._root_output = output if isinstance(output, torch.Tensor) else None
             self.valid = self._root_output is not None and bool(self.records)
 
+    @property
+    def root_output(self) -> torch.Tensor | None:
+        """The model's output (the logits) of the recorded forward; ``None`` without a
+        record (see :meth:`usable` for whether it is the measured forward)."""
+        return self._root_output
+
     # -- the tangent pass ---------------------------------------------------------------------
     def usable(self, inputs: Any, check_params: bool = True) -> bool:
         """Whether the record is the forward on ``inputs`` (at the current parameters: call
