@@ -3,7 +3,9 @@
 Checked on the source (imports parsed with ``ast``) and at run time (a fresh interpreter
 imports the Lightning-free packages and must not have loaded Lightning). Also: no private
 module (``_name.py``) is imported from outside the folder that holds it, and no module but
-``distributed.py`` imports ``torch.distributed``.
+``distributed.py`` imports ``torch.distributed``. Modules stay small: at most 400 lines of code
+(docstrings, comments and blank lines not counted: the class docstrings carry the algorithms'
+math, written before the code) and at most 550 lines in all.
 """
 
 import ast
@@ -97,8 +99,43 @@ def test_only_distributed_py_calls_torch_distributed():
 def test_lightning_free_packages_do_not_load_lightning():
     code = (
         "import sys, torchsteer.optim, torchsteer.control, torchsteer.jacobian, "
-        "torchsteer.linalg, torchsteer.distributed; "
+        "torchsteer.linalg, torchsteer.distributed, torchsteer.divergence; "
         "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def code_lines(path: Path) -> int:
+    """Lines of ``path`` that are neither blank, nor a comment, nor part of a docstring."""
+    text = path.read_text()
+    docs: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                if isinstance(first.value.value, str):
+                    docs.update(range(first.lineno, first.end_lineno + 1))
+    lines = text.splitlines()
+    return sum(
+        1
+        for i, line in enumerate(lines, 1)
+        if i not in docs and line.strip() and not line.strip().startswith("#")
+    )
+
+
+def test_code_lines_counts_only_code(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        '"""Doc.\n\nMore."""\n\n# note\nx = 1\n\n\ndef f():\n    """D."""\n    return x\n'
+    )
+    assert code_lines(path) == 3
+
+
+def test_modules_are_small():
+    big = {
+        str(path.relative_to(SRC)): (code_lines(path), len(path.read_text().splitlines()))
+        for path in SRC.rglob("*.py")
+    }
+    bad = {name: n for name, n in big.items() if n[0] > 400 or n[1] > 550}
+    assert not bad, bad
