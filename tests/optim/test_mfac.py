@@ -419,7 +419,7 @@ def test_nonfinite_and_tensor_hyperparameters_are_rejected(kwargs, name):
 @pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(weight_decay=-1.0)])
 def test_param_groups_are_validated_in_the_constructor_and_add_param_group(bad):
     """Issue 18 #12: a group with lr=NaN used to make the parameters NaN silently."""
-    model, x, y = problem()
+    model, _, _ = problem()
     w1, b1, w2, b2 = model.parameters()
     with pytest.raises(ValueError, match="Invalid"):
         MFAC([dict(params=[w1, b1]), dict(params=[w2, b2], **bad)], ngrads=3)
@@ -506,7 +506,7 @@ def test_add_param_group_before_the_first_step_equals_building_with_it():
 
 
 def test_hyperparameters_are_in_defaults_and_in_the_state_dict():
-    model, opt, _, _ = _trained(nonfinite="skip")
+    _, opt, _, _ = _trained(nonfinite="skip")
     keys = {"lr", "ngrads", "damp", "momentum", "weight_decay", "window_dtype", "nonfinite"}
     assert keys | {"shard"} <= opt.defaults.keys()
     group = _roundtrip(opt.state_dict())["param_groups"][0]
