@@ -286,15 +286,9 @@ def test_lightning_automatic_optimization_matches_plain_loop():
             return MFAC(self.parameters(), lr=0.05, ngrads=3, damp=1e-2, momentum=0.5)
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    trainer = lightning.Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Module(), loader)
+    from .._lightning import trainer
+
+    trainer(max_steps=5).fit(Module(), loader)
     opt = MFAC(plain.parameters(), lr=0.05, ngrads=3, damp=1e-2, momentum=0.5)
     train(plain, opt, x, y, 5)
     for p, q in zip(model.parameters(), plain.parameters()):
@@ -310,3 +304,211 @@ def test_cuda_matches_cpu():
     train(gpu, MFAC(gpu.parameters(), **kw), x.cuda(), y.cuda(), 7)
     for p, q in zip(model.parameters(), gpu.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------- the optimizer contract
+# (issue 18: items 8, 12, 18, 20, 23, 25; every test below fails on the code before them)
+
+KW = dict(lr=0.03, ngrads=3, damp=1e-3, momentum=0.5, weight_decay=1e-3)
+
+
+def _trained(seed=10, steps=4, **kw):
+    model, x, y = problem(seed)
+    opt = MFAC(model.parameters(), **{**KW, **kw})
+    train(model, opt, x, y, steps)
+    return model, opt, x, y
+
+
+def _assert_continues_like(model, opt, x, y, ref_model, ref_opt, steps=4):
+    assert train(model, opt, x, y, steps) == train(ref_model, ref_opt, x, y, steps)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def _other_checkpoint(**kw):
+    model, x, y = problem(11)
+    opt = MFAC(model.parameters(), **{**KW, **kw})
+    train(model, opt, x, y, 2)
+    return opt.state_dict()
+
+
+def _wider_model_checkpoint():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(F64)
+    x, y = torch.randn(16, 4, dtype=F64), torch.randn(16, 2, dtype=F64)
+    opt = MFAC(model.parameters(), **KW)
+    train(model, opt, x, y, 2)
+    return opt.state_dict()
+
+
+def _nan_window_checkpoint():
+    sd = _roundtrip(_other_checkpoint())
+    sd["state"][0]["window_grads"][0, 0] = float("nan")
+    return sd
+
+
+def _bad_index_checkpoint():
+    sd = _roundtrip(_other_checkpoint())
+    sd["state"][0]["window_index"] = torch.tensor(7)
+    return sd
+
+
+def _bad_momentum_checkpoint():
+    sd = _roundtrip(_other_checkpoint())
+    sd["state"][1]["momentum_buffer"] = torch.zeros(7, dtype=F64)
+    return sd
+
+
+@pytest.mark.parametrize(
+    ("make", "text"),
+    [
+        (lambda: _other_checkpoint(ngrads=4), "ngrads"),
+        (lambda: _other_checkpoint(damp=1e-2), "damp"),
+        (_wider_model_checkpoint, "window_grads"),
+        (_nan_window_checkpoint, "window_grads"),
+        (_bad_index_checkpoint, "window_index"),
+        (_bad_momentum_checkpoint, "momentum_buffer"),
+        (lambda: {**_other_checkpoint(), "param_groups": []}, "param groups"),
+    ],
+)
+def test_rejected_load_state_dict_raises_and_changes_nothing(make, text):
+    """Issue 18 #8: validate everything, then assign; the optimizer still steps as before."""
+    model, opt, x, y = _trained()
+    ref_model, ref_opt = copy.deepcopy((model, opt))
+    sd = make()
+    with pytest.raises(ValueError, match=text):
+        opt.load_state_dict(sd)
+    _assert_continues_like(model, opt, x, y, ref_model, ref_opt)
+
+
+def test_checkpoint_without_the_new_group_keys_loads():
+    """A checkpoint whose groups lack ngrads/damp/... (saved before they were hyperparameters)
+    resumes bit for bit; the groups get the live values."""
+    model, opt, x, y = _trained()
+    twin = copy.deepcopy(model)
+    sd = _roundtrip(opt.state_dict())
+    for group in sd["param_groups"]:
+        for key in ("ngrads", "damp", "window_dtype", "nonfinite", "shard"):
+            del group[key]
+    opt2 = MFAC(twin.parameters(), **KW)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["ngrads"] == 3
+    _assert_continues_like(model, opt, x, y, twin, opt2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(lr=float("inf")), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(momentum=float("nan")), "momentum"),
+        (dict(damp=float("nan")), "damp"),
+        (dict(ngrads=True), "ngrads"),
+        (dict(lr=torch.tensor([0.1])), "lr"),  # issue 18 #25: only a 0-d tensor lr
+        (dict(lr=torch.ones(2, 2)), "lr"),
+    ],
+)
+def test_nonfinite_and_tensor_hyperparameters_are_rejected(kwargs, name):
+    """Issue 18 #12 and #25: inf lr/weight_decay, NaN anything, non-0-d tensor lr."""
+    model, _, _ = problem()
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        MFAC(model.parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(weight_decay=-1.0)])
+def test_param_groups_are_validated_in_the_constructor_and_add_param_group(bad):
+    """Issue 18 #12: a group with lr=NaN used to make the parameters NaN silently."""
+    model, _, _ = problem()
+    w1, b1, w2, b2 = model.parameters()
+    with pytest.raises(ValueError, match="Invalid"):
+        MFAC([dict(params=[w1, b1]), dict(params=[w2, b2], **bad)], ngrads=3)
+    opt = MFAC([w1, b1], ngrads=3)
+    with pytest.raises(ValueError, match="Invalid"):
+        opt.add_param_group(dict(params=[w2, b2], **bad))
+    assert len(opt.param_groups) == 1  # nothing was added
+
+
+def test_a_group_value_set_directly_is_checked_at_the_step():
+    model, opt, x, y = _trained()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = float("nan")
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+def test_a_0d_tensor_lr_equals_the_float_lr():
+    """Issue 18 #25: a 0-d tensor lr works as torch.optim's does (and with a scheduler)."""
+    model, x, y = problem(12)
+    twin = copy.deepcopy(model)
+    opt = MFAC(model.parameters(), **{**KW, "lr": torch.tensor(0.03, dtype=F64)})
+    opt2 = MFAC(twin.parameters(), **KW)
+    _assert_continues_like(model, opt, x, y, twin, opt2)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_keep_settings_and_continue_bit_for_bit(how):
+    """Issue 18 #20: a copy used to raise AttributeError ('_window') and lose 5 settings."""
+    import pickle
+
+    model, opt, x, y = _trained(nonfinite="skip", window_dtype=F64)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    for key in ("ngrads", "damp", "window_dtype", "nonfinite", "shard"):
+        assert getattr(opt2, key) == getattr(opt, key), key
+    _assert_continues_like(model, opt, x, y, model2, opt2)
+
+
+def test_global_hyperparameters_in_the_first_group_are_honoured():
+    """Issue 18 #23: ngrads/damp given in a param group used to fall back to 1024, 1e-5."""
+    model, x, y = problem(13)
+    twin = copy.deepcopy(model)
+    w1, b1, w2, b2 = model.parameters()
+    opt = MFAC([dict(params=[w1, b1], ngrads=3, damp=1e-2), dict(params=[w2, b2])], lr=0.05)
+    opt2 = MFAC(twin.parameters(), lr=0.05, ngrads=3, damp=1e-2)
+    assert (opt.ngrads, opt.damp) == (3, 1e-2)
+    _assert_continues_like(model, opt, x, y, twin, opt2)
+
+
+@pytest.mark.parametrize("key", ["ngrads", "damp", "nonfinite", "window_dtype"])
+def test_a_group_that_disagrees_on_a_global_hyperparameter_raises(key):
+    model, _, _ = problem()
+    w1, b1, w2, b2 = model.parameters()
+    other = dict(ngrads=5, damp=0.5, nonfinite="skip", window_dtype=torch.float32)[key]
+    with pytest.raises(ValueError, match=f"Invalid param group: {key} is global"):
+        MFAC([dict(params=[w1, b1]), dict(params=[w2, b2], **{key: other})])
+
+
+def test_add_param_group_after_the_first_step_raises_clearly():
+    """Issue 18 #18: it used to fail at the next step with a raw size mismatch."""
+    model, opt, x, y = _trained()
+    ref_model, ref_opt = copy.deepcopy((model, opt))
+    extra = nn.Parameter(torch.randn(3, dtype=F64))
+    with pytest.raises(ValueError, match="before the first step"):
+        opt.add_param_group(dict(params=[extra]))
+    _assert_continues_like(model, opt, x, y, ref_model, ref_opt)
+
+
+def test_add_param_group_before_the_first_step_equals_building_with_it():
+    model, x, y = problem(14)
+    twin = copy.deepcopy(model)
+    w1, b1, w2, b2 = model.parameters()
+    opt = MFAC([w1, b1], **KW)
+    opt.add_param_group(dict(params=[w2, b2], lr=0.01))
+    u1, c1, u2, c2 = twin.parameters()
+    opt2 = MFAC([dict(params=[u1, c1]), dict(params=[u2, c2], lr=0.01)], **KW)
+    _assert_continues_like(model, opt, x, y, twin, opt2)
+
+
+def test_hyperparameters_are_in_defaults_and_in_the_state_dict():
+    _, opt, _, _ = _trained(nonfinite="skip")
+    keys = {"lr", "ngrads", "damp", "momentum", "weight_decay", "window_dtype", "nonfinite"}
+    assert keys | {"shard"} <= opt.defaults.keys()
+    group = _roundtrip(opt.state_dict())["param_groups"][0]
+    assert {k: group[k] for k in keys} == {k: opt.param_groups[0][k] for k in keys}
+    assert opt.skipped_steps == 0

@@ -94,8 +94,8 @@ class GradientWindow:
     ) -> None:
         if not isinstance(ngrads, int) or ngrads < 1:
             raise ValueError(f"Invalid ngrads: {ngrads}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"Invalid dim: {dim}")
+        if not isinstance(dim, int) or dim < (0 if reduce is not None else 1):
+            raise ValueError(f"Invalid dim: {dim}")  # a shard (``reduce``) may hold no column
         if not (float(damp) > 0.0 and float(damp) < float("inf")):
             raise ValueError(f"Invalid damp: {damp}")
         if not dtype.is_floating_point:

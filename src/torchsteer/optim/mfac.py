@@ -9,6 +9,12 @@ import torch
 
 from torchsteer import distributed
 from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+from torchsteer.optim._contract import (
+    NONFINITE_POLICIES,
+    GlobalStateMixin,
+    check_choice,
+    check_hyperparameter,
+)
 
 __all__ = ["MFAC"]
 
@@ -23,7 +29,7 @@ _WINDOW_KEYS = {
 }
 
 
-class MFAC(torch.optim.Optimizer):
+class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     """M-FAC (dynamic algorithm): steps along the inverse empirical Fisher of the last m gradients.
 
     With ``G`` the window (``m x d``) of the last ``m`` gradients over **all** parameters
@@ -39,8 +45,13 @@ class MFAC(torch.optim.Optimizer):
     ``(m lambda I + K)^{-1}`` kept up to date in float64 (see
     :class:`~torchsteer.linalg.gradient_window.GradientWindow`): per step two passes over
     ``G`` (``G g`` and ``G^T x``) plus O(d + m^2). ``lr``, ``momentum`` and ``weight_decay`` may
-    differ per group; ``ngrads``, ``damp`` and the window are global. A parameter whose
-    ``.grad`` is ``None`` contributes zeros and is not updated.
+    differ per group; ``ngrads``, ``damp``, ``window_dtype``, ``nonfinite``, ``shard`` and the
+    window are global: the first param group may set them, every other group must agree
+    (else ``ValueError``). All of them are keys of ``defaults`` and of every group, so
+    ``state_dict()``, ``copy.deepcopy`` and ``pickle`` carry them (the optimizer contract,
+    ``docs/optimizer_contract.md``). Param groups are added before the first step (the window
+    spans them all). A parameter whose ``.grad`` is ``None`` contributes zeros and is not
+    updated.
 
     A plain ``loss.backward(); opt.step()`` loop works; a closure, if given, is re-evaluated
     under ``torch.enable_grad()`` and must zero the gradients, compute the loss, call
@@ -48,7 +59,7 @@ class MFAC(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (official default 1e-3).
+        lr: learning rate (official default 1e-3); a float or a 0-d tensor.
         ngrads: window size ``m`` (official default 1024).
         damp: dampening ``lambda`` (official default 1e-5).
         momentum: EMA coefficient in [0, 1).
@@ -65,7 +76,8 @@ class MFAC(torch.optim.Optimizer):
 
     Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
     would hold the same window. Sharded, rank ``r`` keeps only columns
-    ``[r s, (r + 1) s)`` of ``G`` (``s = ceil(d / R)``): window memory ``m d / R`` per rank.
+    ``[b[r], b[r + 1])`` of ``G`` with ``b = torchsteer.distributed.column_bounds(d, R)`` (the
+    first ``d mod R`` ranks one column more): window memory about ``m d / R`` per rank.
     ``G g`` is a partial product all-reduced over the ranks (``m`` float64 numbers), the
     ``m x m`` Gram and inverse are replicated, each rank computes its slice of
     ``u = F^{-1} g`` and the slices are all-gathered (``d`` numbers), so every rank applies
@@ -89,10 +101,15 @@ class MFAC(torch.optim.Optimizer):
         Second-Order Information." NeurIPS 2021. arXiv:2107.03356.
     """
 
+    global_hyperparameters = ("ngrads", "damp", "window_dtype", "nonfinite", "shard")
+    structural_hyperparameters = ("ngrads", "damp")
+    policy_hyperparameters = ("nonfinite", "shard")  # load_state_dict keeps the live ones
+    global_state_keys = (*_WINDOW_KEYS, "step", "skipped_steps")
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         ngrads: int = 1024,
         damp: float = 1e-5,
         momentum: float = 0.0,
@@ -101,36 +118,78 @@ class MFAC(torch.optim.Optimizer):
         nonfinite: str = "raise",
         shard: bool | None = None,
     ) -> None:
-        if not (lr >= 0.0):
-            raise ValueError(f"Invalid lr: {lr}")
-        if isinstance(ngrads, bool) or not isinstance(ngrads, int) or ngrads < 1:
-            raise ValueError(f"Invalid ngrads: {ngrads}")
-        if not (0.0 < damp < float("inf")):
-            raise ValueError(f"Invalid damp: {damp}")
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum: {momentum}")
-        if not (weight_decay >= 0.0):
-            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            ngrads=ngrads,
+            damp=damp,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            window_dtype=window_dtype,
+            nonfinite=nonfinite,
+            shard=shard,
+        )
+        self._validate_group(defaults)
+        defaults["damp"] = float(damp)
+        super().__init__(params, defaults)
+        for p in self._params():
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
+        self._reset_runtime()
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_hyperparameter("lr", group["lr"], low=0.0, tensor=True)
+        check_hyperparameter("ngrads", group["ngrads"], low=1, integer=True)
+        check_hyperparameter("damp", group["damp"], low=0.0, low_open=True)
+        check_hyperparameter("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_hyperparameter("weight_decay", group["weight_decay"], low=0.0)
+        window_dtype = group["window_dtype"]
         if window_dtype is not None and not (
             isinstance(window_dtype, torch.dtype) and window_dtype.is_floating_point
         ):
             raise ValueError(f"Invalid window_dtype: {window_dtype}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid nonfinite: {nonfinite}")
-        if shard not in (None, True, False):
-            raise ValueError(f"Invalid shard: {shard}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        self.ngrads, self.damp = ngrads, float(damp)
-        self.window_dtype, self.nonfinite, self.shard = window_dtype, nonfinite, shard
-        for p in self._params():
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
+        check_choice("shard", group["shard"], (None, True, False))
+
+    def _reset_runtime(self) -> None:
         self._window: GradientWindow | None = None
         self._flat: torch.Tensor | None = None  # reused buffer for the concatenated gradient
         self._world = 1  # number of shards of the window
+        self._widths: tuple[int, ...] = ()  # every shard's number of columns, rank order
         self._bounds = (0, 0)  # this rank's columns [lo, hi) of the window
         self._consolidated: torch.Tensor | None = None  # the whole window, on the target rank
+
+    # The global hyperparameters, read from the first group (they are the same in all).
+    @property
+    def ngrads(self) -> int:
+        return self.param_groups[0]["ngrads"]
+
+    @property
+    def damp(self) -> float:
+        return float(self.param_groups[0]["damp"])
+
+    @property
+    def window_dtype(self) -> torch.dtype | None:
+        return self.param_groups[0]["window_dtype"]
+
+    @property
+    def nonfinite(self) -> str:
+        return self.param_groups[0]["nonfinite"]
+
+    @property
+    def shard(self) -> bool | None:
+        return self.param_groups[0]["shard"]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer`` (validated; ``ngrads``, ``damp``, ``window_dtype``,
+        ``nonfinite`` and ``shard`` must equal the first group's). Only before the first
+        step: the window's columns are the parameters of all groups, so a group added later
+        raises ``ValueError`` (build a new optimizer, or add the group before training)."""
+        if "window_grads" in self._first_state():
+            raise ValueError(
+                "Invalid param group: MFAC's window spans the parameters of all groups and "
+                "already holds gradients; add every param group before the first step"
+            )
+        super().add_param_group(param_group)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -150,12 +209,13 @@ class MFAC(torch.optim.Optimizer):
         first = params[0]
         dim = sum(p.numel() for p in params)
         self._world = distributed.world_size() if self.shard is not False else 1
-        size = -(-dim // self._world)  # columns per shard; the last one is zero-padded
-        lo = min(distributed.rank() * size, dim) if self._world > 1 else 0
-        self._bounds = (lo, min(lo + size, dim))
+        bounds = distributed.column_bounds(dim, self._world)
+        r = distributed.rank() if self._world > 1 else 0
+        self._bounds = (bounds[r], bounds[r + 1])
+        self._widths = tuple(bounds[s + 1] - bounds[s] for s in range(self._world))
         window = GradientWindow(
             self.ngrads,
-            size,
+            self._bounds[1] - self._bounds[0],
             self.damp,
             dtype=self._default_window_dtype(first),
             device=first.device,
@@ -165,7 +225,7 @@ class MFAC(torch.optim.Optimizer):
         if "window_grads" in state:
             saved = {v: state[k] for k, v in _WINDOW_KEYS.items()}
             if self._world > 1:  # a whole window (the checkpoint format): keep our columns
-                saved["grads"] = self._own_columns(saved["grads"], size)
+                saved["grads"] = self._own_columns(saved["grads"])
             window.load_state_dict(saved)
         else:
             state["step"] = torch.tensor(0.0)
@@ -180,24 +240,20 @@ class MFAC(torch.optim.Optimizer):
         for key, name in _WINDOW_KEYS.items():
             state[key] = window_state[name]
 
-    def _own_columns(self, grads: torch.Tensor, size: int) -> torch.Tensor:
-        """Columns ``[lo, hi)`` of a whole ``(m, d)`` window, zero-padded to ``size``."""
+    def _own_columns(self, grads: torch.Tensor) -> torch.Tensor:
+        """Columns ``[lo, hi)`` of a whole ``(m, d)`` window (a contiguous copy)."""
         lo, hi = self._bounds
         if grads.dim() != 2 or grads.shape[1] < hi:
             raise ValueError(f"Invalid window state: grads {tuple(grads.shape)}")
-        out = grads.new_zeros(grads.shape[0], size)
-        out[:, : hi - lo] = grads[:, lo:hi]
-        return out
+        return grads[:, lo:hi].contiguous()
 
     def _flat_gradient(self, window: GradientWindow) -> torch.Tensor:
         """The concatenated gradient ``grad + weight_decay * w`` in the window dtype (its
-        columns ``[lo, hi)`` when sharded; zeros beyond ``hi``)."""
+        columns ``[lo, hi)`` when sharded)."""
         flat = self._flat
         if flat is None or flat.dtype != window.dtype or flat.device != window.device:
             flat = self._flat = torch.empty(window.dim, dtype=window.dtype, device=window.device)
         lo, hi = self._bounds
-        if hi - lo < window.dim:
-            flat[hi - lo :].zero_()  # the last shard's padding
         offset = 0
         for group in self.param_groups:
             wd = group["weight_decay"]
@@ -231,8 +287,10 @@ class MFAC(torch.optim.Optimizer):
         """One M-FAC step. ``closure`` (optional) re-evaluates the model and returns the loss.
 
         Raises:
-            ValueError: a gradient with NaN/Inf and ``nonfinite="raise"`` (state unchanged).
+            ValueError: a gradient with NaN/Inf and ``nonfinite="raise"``, or a group
+                hyperparameter set to an invalid value (parameters and state unchanged).
         """
+        self._validate_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -242,10 +300,8 @@ class MFAC(torch.optim.Optimizer):
         flat = self._flat_gradient(window)
         try:
             coeffs = window.add_and_coefficients(flat).to(window.dtype)
-        except NonFiniteGradientError:
-            if self.nonfinite == "raise":
-                raise
-            state["skipped_steps"] += 1
+        except NonFiniteGradientError as error:
+            self._nonfinite(error)  # raise, or count the step in skipped_steps
             return loss
         state["step"] += 1
         self._sync_state(window)
@@ -273,7 +329,7 @@ class MFAC(torch.optim.Optimizer):
 
     def _apply_gathered(self, window: GradientWindow, coeffs: torch.Tensor) -> None:
         """Sharded step: our slice of ``u = G^T x``, all-gathered, applied on every rank."""
-        u = torch.cat(distributed.all_gather(torch.mv(window.grads.t(), coeffs)))
+        u = distributed.all_gather_cat(torch.mv(window.grads.t(), coeffs), sizes=self._widths)
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
@@ -296,6 +352,7 @@ class MFAC(torch.optim.Optimizer):
 
         Sends the window in row blocks of about 4 M numbers per rank (all-gathered; the
         ranks other than ``to`` drop them), so only rank ``to`` holds the ``m x d`` copy.
+        Rank ``r`` holds the columns ``column_bounds(d, R)[r : r + 2]`` of the window.
         """
         window = self._window
         if window is None or self._world == 1:
@@ -303,12 +360,12 @@ class MFAC(torch.optim.Optimizer):
         dim = sum(p.numel() for p in self._params())
         keep = distributed.rank() == to
         full = window.grads.new_empty(window.ngrads, dim) if keep else None
-        rows = max(1, (1 << 22) // window.dim)
+        rows = max(1, (1 << 22) // max(1, max(self._widths)))
         for start in range(0, window.ngrads, rows):
-            parts = distributed.all_gather(window.grads[start : start + rows])
+            block = window.grads[start : start + rows]
+            block = distributed.all_gather_cat(block, dim=1, sizes=self._widths)
             if keep:
-                block = torch.cat(parts, dim=1)
-                full[start : start + rows] = block[:, :dim]
+                full[start : start + rows] = block
         self._consolidated = full
 
     def state_dict(self) -> dict[str, Any]:
@@ -331,26 +388,58 @@ class MFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as ``torch.optim.Optimizer`` does, but keep the dtypes of the window buffers
         (float64 Gram and inverse, ``window_dtype`` rows) and of the float32 step counters
-        instead of casting them to the parameter dtype."""
-        state_dict = dict(state_dict)
-        saved_state = dict(state_dict["state"])
-        first_id = state_dict["param_groups"][0]["params"][0]
-        kept: dict[str, torch.Tensor] = {}
-        if first_id in saved_state:
-            first_state = dict(saved_state[first_id])
-            for key in (*_WINDOW_KEYS, "skipped_steps"):
-                if key in first_state:
-                    kept[key] = first_state.pop(key)
-            saved_state[first_id] = first_state
-        state_dict["state"] = saved_state
+        instead of casting them to the parameter dtype. Atomic: a state dict of another
+        ``ngrads``, ``damp`` or model size, or with invalid values, raises ``ValueError`` and
+        leaves the optimizer as it was."""
         super().load_state_dict(state_dict)
-        first = self._params()[0]
-        for key, value in kept.items():
-            big = key in ("window_grads", "window_gram", "window_inverse")
-            self.state[first][key] = value.to(device=first.device) if big else value.cpu()
-        self._window, self._consolidated = None, None
-        if kept:
+
+    def _validate_global_state(self, state: dict[str, Any], saved_groups: list[dict]) -> None:
+        """The saved window: all its keys, whole-window shapes ``(m, d)`` and ``(m, m)``,
+        finite buffers, a ring position inside the window, the live ``damp``."""
+        for key in ("step", "skipped_steps"):
+            if key in state:
+                check_hyperparameter(f"state_dict {key}", _number(state[key]), low=0.0)
+        present = [k for k in _WINDOW_KEYS if k in state]
+        if not present:
+            return
+        missing = [k for k in _WINDOW_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"Invalid state_dict: the window state lacks {missing}")
+        m, d = saved_groups[0]["ngrads"], sum(p.numel() for p in self._params())
+        for key, shape in (("window_grads", (m, d)), ("window_gram", (m, m)),
+                           ("window_inverse", (m, m))):  # fmt: skip
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise ValueError(
+                    f"Invalid state_dict: {key} is {got}, expected {shape} "
+                    f"(ngrads={m}, {d} parameters)"
+                )
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"Invalid state_dict: {key} is not finite floating point")
+        check_hyperparameter("state_dict window_index", _number(state["window_index"]),
+                             low=0, high=m, high_open=True, integer=True)  # fmt: skip
+        check_hyperparameter("state_dict window_count", _number(state["window_count"]),
+                             low=0, high=m, integer=True)  # fmt: skip
+        since = _number(state["window_since_refresh"])
+        check_hyperparameter("state_dict window_since_refresh", since, low=0, integer=True)
+        if float(state["window_damp"]) != float(saved_groups[0]["damp"]):
+            raise ValueError(
+                f"Invalid state_dict: window_damp {float(state['window_damp'])} != damp "
+                f"{saved_groups[0]['damp']}"
+            )
+
+    def _after_load_state_dict(self) -> None:
+        self._reset_runtime()
+        if "window_grads" in self._first_state():
             self._get_window()
+
+
+def _number(value: Any) -> Any:
+    """A 0-d tensor as a Python number (int for integer dtypes), anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
 
 
 def _addmv(out: torch.Tensor, block: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
