@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from torchsteer.control.kl_estimators import double_softmin, kl_estimate, kl_exact, masked_mean
+from torchsteer.control.kl import double_softmin, kl_estimate, kl_exact, masked_mean
 
 
 def _pair(seed, v=6, scale=1.0):

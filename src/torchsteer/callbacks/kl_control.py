@@ -37,7 +37,7 @@ import torch
 from typing_extensions import override
 
 from torchsteer import distributed
-from torchsteer.control.kl_base import KLController, as_statistic
+from torchsteer.control.kl import KLController, as_statistic
 
 __all__ = ["KLControl"]
 
@@ -46,7 +46,7 @@ class KLControl(pl.Callback):
     """Update a KL controller from ``training_step`` outputs once per optimizer step.
 
     Args:
-        controller: a :class:`~torchsteer.control.kl_base.KLController`.
+        controller: a :class:`~torchsteer.control.kl.KLController`.
         kl_key, entropy_key, reward_key: keys of the statistics in the ``training_step``
             output dict; the controller's required ones must be present.
         coef_attr: attribute of the LightningModule that receives ``controller.coef``.

@@ -1,8 +1,7 @@
 """Controllers as plain objects, usable in any training loop. Never imports Lightning.
 
 - :mod:`.radius`: the softmax step-radius limiter ("ghosts of softmax").
-- :mod:`.kl`, :mod:`.safe`, :mod:`.kl_estimators`: KL control (fixed, adaptive, PID, SAFE)
-  and the KL estimators.
+- :mod:`.kl`: KL control (fixed, adaptive, PID, SAFE) and the KL estimators.
 - :mod:`.dro`: KL-regularized DRO instance reweighting.
 """
 
@@ -13,8 +12,10 @@ from torchsteer.control.kl import (
     KLController,
     PIDKLController,
     SAFEController,
+    double_softmin,
+    kl_estimate,
+    kl_exact,
 )
-from torchsteer.control.kl_estimators import double_softmin, kl_estimate, kl_exact
 from torchsteer.control.radius import (
     RadiusLimiter,
     logit_derivative,

@@ -52,8 +52,8 @@ from torchsteer.control.kl import (
     KLController,
     PIDKLController,
     SAFEController,
+    kl_exact,
 )
-from torchsteer.control.kl_estimators import kl_exact
 
 __all__ = [
     "ARMS",

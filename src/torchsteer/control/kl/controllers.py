@@ -4,7 +4,8 @@ A policy pi is trained on a reward with a KL term that keeps it near a reference
 controller reads the statistics of one optimizer step (a KL estimate, the policy entropy, the
 mean reward) through ``update`` and returns the coefficient beta for the next step; the loss
 adds ``controller.penalty(kl) = beta * kl``. All controllers are plain, deterministic objects
-with one interface (:class:`KLController`); SAFE lives in :mod:`torchsteer.control.safe`.
+with one interface (:class:`~torchsteer.control.kl.base.KLController`); SAFE lives in
+:mod:`torchsteer.control.kl.safe`. All are exported from :mod:`torchsteer.control.kl`.
 
 Example::
 
@@ -25,16 +26,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from torchsteer.control.kl_base import KLController, finite_hparam
-from torchsteer.control.safe import SAFEController
+from torchsteer.control.kl.base import KLController, finite_hparam
 
-__all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "KLController",
-    "PIDKLController",
-    "SAFEController",
-]
+__all__ = ["AdaptiveKLController", "FixedKLController", "PIDKLController"]
 
 
 class FixedKLController(KLController):
