@@ -80,7 +80,8 @@ def arms():
 res = {}
 for name, (sec, model) in arms().items():
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    res[name] = {"sec": sec, "param_sum": float(flat.double().sum()), "param_sq": float(flat.double().square().sum())}
+    flat = flat.double()
+    res[name] = {"sec": sec, "param_sum": float(flat.sum()), "param_sq": float(flat.square().sum())}
 print(json.dumps(res))
 """
 

@@ -17,6 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from torchsteer.callbacks.radius_limit import RadiusLimit
 from torchsteer.control.radius import RadiusLimiter
+from torchsteer.distributed import column_bounds
 from torchsteer.optim.mfac import MFAC
 
 from .._lightning import ddp_trainer
@@ -38,7 +39,7 @@ def data():
 
 def net():
     torch.manual_seed(0)
-    # 40 + 8 + 24 + 3 = 75 parameters: odd, so the second shard is zero-padded
+    # 40 + 8 + 24 + 3 = 75 parameters: odd, so the two ranks hold 38 and 37 window columns
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
 
 
@@ -121,8 +122,9 @@ def test_lightning_ddp_mfac_radius_fit_and_resume_equal_one_process(tmp_path):
     params, scales, limiter = oracle(STEPS + MORE)
     assert any(s < 1.0 for s in scales) and any(s == 1.0 for s in scales)  # both regimes
     d = sum(p.numel() for p in params[0])
-    for out in ranks:
-        assert out["window_numel"] == OPT["ngrads"] * -(-d // 2)  # ceil(d / 2) columns
+    bounds = column_bounds(d, 2)  # 38 and 37 columns: the ranks hold unequal slices
+    for r, out in enumerate(ranks):
+        assert out["window_numel"] == OPT["ngrads"] * (bounds[r + 1] - bounds[r])
         for got, want in ((out["params"], params[STEPS - 1]), (out["resumed"], params[-1])):
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
