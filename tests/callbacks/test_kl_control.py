@@ -20,6 +20,8 @@ from torchsteer.control.kl import (
     SAFEController,
 )
 
+from .._lightning import trainer
+
 V = 5
 REWARD = torch.tensor([0.0, 0.2, 0.1, 1.0, 0.4], dtype=torch.float64)
 REF = torch.log_softmax(torch.tensor([0.5, 0.2, 0.0, -1.0, 0.3], dtype=torch.float64), 0)
@@ -67,13 +69,10 @@ class Policy(pl.LightningModule):
 
 
 def _trainer(tmp_path, max_steps, callbacks, accumulate=1, logger=False):
-    return pl.Trainer(
-        accelerator="cpu",
+    return trainer(
         max_steps=max_steps,
         max_epochs=100,
         logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,
