@@ -13,7 +13,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from torchsteer.callbacks.kl_control import KLControl
-from torchsteer.control.kl import AdaptiveKLController, PIDKLController, SAFEController
+from torchsteer.control.kl import (
+    AdaptiveKLController,
+    KLStatistics,
+    PIDKLController,
+    SAFEController,
+)
+
+from .._lightning import trainer
 
 V = 5
 REWARD = torch.tensor([0.0, 0.2, 0.1, 1.0, 0.4], dtype=torch.float64)
@@ -62,13 +69,10 @@ class Policy(pl.LightningModule):
 
 
 def _trainer(tmp_path, max_steps, callbacks, accumulate=1, logger=False):
-    return pl.Trainer(
-        accelerator="cpu",
+    return trainer(
         max_steps=max_steps,
         max_epochs=100,
         logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         accumulate_grad_batches=accumulate,
         log_every_n_steps=1,
@@ -127,6 +131,38 @@ def test_fit_matches_hand_loop(tmp_path, kind, accumulate):
     assert set(ctl.signals()) <= {k.split("/", 1)[1] for k in rows[0] if k.startswith("kl_")}
     logged = [float(r["kl_control/coef"]) for r in rows]
     assert logged == pytest.approx(coefs, rel=1e-6, abs=1e-9)
+
+
+def statistics_loop(controller, steps, accumulate=1):
+    """The hand-written loop with KLStatistics doing the reduction, as a loop without Lightning."""
+    logits = START.clone().requires_grad_(True)
+    opt = torch.optim.SGD([logits], lr=2.0)
+    acc, i = KLStatistics(), 0
+    for _ in range(steps):
+        for _ in range(accumulate):
+            scale = 1.0 + 0.5 * (i % 4)
+            i += 1
+            loss, kl, ent, reward = stats(logits, scale, controller.coef, controller)
+            (loss / accumulate).backward()
+            acc.add(kl=kl.detach(), entropy=ent.detach(), reward=reward.detach())
+        opt.step()
+        opt.zero_grad()
+        step_stats, n_steps = acc.reduce()
+        controller.update(**step_stats, n_steps=n_steps)
+    return logits.detach()
+
+
+@pytest.mark.parametrize("kind", ["pid", "safe"])
+def test_fit_matches_a_loop_with_kl_statistics_exactly(tmp_path, kind):
+    steps, accumulate = 5, 2
+    loop_ctl = _make(kind)
+    logits = statistics_loop(loop_ctl, steps, accumulate)
+    ctl = _make(kind)
+    module = Policy(ctl)
+    _trainer(tmp_path, steps, [KLControl(ctl, log=False)], accumulate).fit(module)
+    assert torch.equal(module.logits.detach(), logits)
+    assert ctl.state_dict() == loop_ctl.state_dict()  # bitwise: the same reduction
+    assert loop_ctl.signals()["kl"] > 0 and loop_ctl.signals() != _make(kind).signals()
 
 
 def _close(a, b):

@@ -2,7 +2,8 @@
 
 ``training_step`` returns a dict with the step's statistics (``loss`` plus, by default,
 ``kl``, ``entropy``, ``reward``, and optionally ``n_steps``); the callback averages them over
-the batches of one optimizer step (gradient accumulation) and over ranks, updates the
+the batches of one optimizer step (gradient accumulation) and over ranks
+(:class:`~torchsteer.control.kl.KLStatistics`, usable without Lightning), updates the
 controller, writes ``controller.coef`` to ``pl_module.<coef_attr>`` for the next step, and
 logs every signal of the controller under ``kl_control/<name>``.
 
@@ -37,7 +38,7 @@ import torch
 from typing_extensions import override
 
 from torchsteer import distributed
-from torchsteer.control.kl import KLController, as_statistic
+from torchsteer.control.kl import KLController, KLStatistics, as_statistic
 
 __all__ = ["KLControl"]
 
@@ -80,9 +81,7 @@ class KLControl(pl.Callback):
         self.coef_attr = coef_attr
         self.n_steps_key = n_steps_key
         self.log = log
-        self._sums: dict[str, float] = {}
-        self._batches = 0
-        self._n_steps = 0
+        self.statistics = KLStatistics()  # the batches of the current optimizer step
         self._last_step = 0
         self.updates = 0
 
@@ -122,26 +121,14 @@ class KLControl(pl.Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stats, n = self._read(outputs)  # raises before touching any state
-        for k, v in stats.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._batches += 1
-        self._n_steps += n
+        self.statistics.add(n_steps=n, **stats)
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients: no optimizer step yet
         self._last_step = trainer.global_step
         self._step(pl_module)
 
     def _step(self, pl_module) -> None:
-        names = sorted(self._sums)
-        local = torch.tensor(
-            [self._sums[k] / self._batches for k in names] + [self._n_steps],
-            dtype=torch.float64,
-            device=pl_module.device,
-        )
-        mean = distributed.all_reduce_mean(local)
-        stats = dict(zip(names, mean[:-1].tolist()))
-        n_steps = round(mean[-1].item() * distributed.world_size())
-        self._sums, self._batches, self._n_steps = {}, 0, 0
+        stats, n_steps = self.statistics.reduce(pl_module.device)
         self.controller.update(**stats, n_steps=n_steps)
         self.updates += 1
         setattr(pl_module, self.coef_attr, self.controller.coef)
@@ -154,15 +141,11 @@ class KLControl(pl.Callback):
         return {
             "controller": self.controller.state_dict(),
             "updates": self.updates,
-            "sums": dict(self._sums),
-            "batches": self._batches,
-            "n_steps": self._n_steps,
+            **self.statistics.state_dict(),  # keys sums, batches, n_steps
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.controller.load_state_dict(state_dict.get("controller", {}))
         self.updates = state_dict.get("updates", self.updates)
-        self._sums = dict(state_dict.get("sums", {}))
-        self._batches = state_dict.get("batches", 0)
-        self._n_steps = state_dict.get("n_steps", 0)
+        self.statistics.load_state_dict(state_dict)

@@ -7,6 +7,8 @@
 - :mod:`.safe`: SAFE (Maity, 2026), entropy-gated and phase-aware.
 - :mod:`.estimators`: the k1 / k2 / k3 estimators of KL(pi || pi_ref), the exact KL, the
   double soft-min critic value.
+- :mod:`.statistics`: :class:`KLStatistics`, a step's statistics averaged over accumulated
+  batches and ranks (one all-reduce), for any training loop.
 
 Every name is importable from ``torchsteer.control.kl`` directly.
 """
@@ -19,11 +21,13 @@ from torchsteer.control.kl.controllers import (
 )
 from torchsteer.control.kl.estimators import double_softmin, kl_estimate, kl_exact, masked_mean
 from torchsteer.control.kl.safe import SAFEController
+from torchsteer.control.kl.statistics import KLStatistics
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLController",
+    "KLStatistics",
     "PIDKLController",
     "SAFEController",
     "as_statistic",
