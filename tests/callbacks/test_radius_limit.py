@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchsteer.callbacks.radius_limit import RadiusLimit
 from torchsteer.control.radius import RadiusLimiter
 
+from .._lightning import trainer as quiet_trainer
+
 LR = 20.0
 
 
@@ -50,13 +52,8 @@ def _loader():
 
 
 def _trainer(tmp_path, steps, callback):
-    return pl.Trainer(
-        accelerator="cpu",
+    return quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         default_root_dir=tmp_path,
         callbacks=[callback],
     )
@@ -104,13 +101,8 @@ def test_monitor_mode_leaves_the_steps_alone(tmp_path):
     module, plain = Module(), Module()
     callback = RadiusLimit(mode="monitor")
     _trainer(tmp_path, 3, callback).fit(module, _loader())
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(plain, _loader())

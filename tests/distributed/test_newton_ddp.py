@@ -23,6 +23,7 @@ from torchsteer.optim._newton_ddp import WoodburySolver
 from torchsteer.optim._newton_solvers import EmpiricalFisherCurvature
 from torchsteer.optim.regularized_newton import RegularizedNewton
 
+from .._lightning import ddp_trainer
 from .harness import run_ranks
 
 F64 = torch.float64
@@ -118,15 +119,8 @@ def lightning_fit(rank):
     os.environ["LOCAL_RANK"] = str(rank)  # as torchrun: the process group exists already
     os.environ["NODE_RANK"] = "0"
     module = NewtonModule()
-    pl.Trainer(
-        strategy="ddp",
-        accelerator="cpu",
-        devices=2,
+    ddp_trainer(
         max_epochs=LIGHTNING_STEPS,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         use_distributed_sampler=False,
     ).fit(module)
     return flatten([p.detach() for p in module.net.parameters()]).clone()

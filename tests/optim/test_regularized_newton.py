@@ -21,6 +21,8 @@ from torchsteer.optim._newton_solvers import (
 )
 from torchsteer.optim.regularized_newton import RegularizedNewton
 
+from .._lightning import trainer as quiet_trainer
+
 DT = torch.float64
 
 
@@ -523,13 +525,8 @@ def test_lightning_manual_optimization_matches_plain_loop():
             return RegularizedNewton(self.parameters(), curvature="hessian")
 
     module = Module()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=6,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's hints about workers and batch counts

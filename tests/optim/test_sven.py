@@ -13,6 +13,8 @@ from torch.func import functional_call, jacrev
 
 from torchsteer.optim.sven import Sven
 
+from .._lightning import trainer as quiet_trainer
+
 F64 = torch.float64
 
 
@@ -634,13 +636,8 @@ def test_lightning_manual_optimization_fit_matches_a_plain_loop():
     module = Fit()
     with torch.no_grad():
         start = float(((module.net(x) - y) ** 2).mean())
-    trainer = lightning.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=40,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
     )
     trainer.fit(module, loader)
     with torch.no_grad():
