@@ -210,6 +210,38 @@ def test_bad_statistics_raise_and_keep_state(tmp_path, bad, error):
     assert ctl.state_dict() == snapshots[-1]  # the failing step changed nothing
 
 
+class TwoPenalties(Policy):
+    """Two KL penalties on one policy: the second controller's coefficient in kl2_coef."""
+
+    def __init__(self, first, second):
+        super().__init__(first)
+        self.second = second
+        self.kl2_coef = second.coef
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["loss"] = out["loss"] + self.kl2_coef * out["kl"]
+        return out
+
+
+def test_two_callbacks_in_one_trainer_keep_their_own_state(tmp_path):
+    # without a state_key of its own a second KLControl makes the Trainer raise
+    first, second = _make("pid"), PIDKLController(target=0.2, kp=1.0, ki=0.1, beta0=0.3)
+    module = TwoPenalties(first, second)
+    callbacks = [KLControl(first), KLControl(second, coef_attr="kl2_coef")]
+    fit = _trainer(tmp_path, 4, callbacks)
+    fit.fit(module)
+    assert module.kl_coef == first.coef and module.kl2_coef == second.coef != first.coef
+    ckpt = tmp_path / "two.ckpt"
+    fit.save_checkpoint(ckpt)
+    stored = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert stored["KLControl"]["controller"] == first.state_dict()
+    assert stored["KLControl{'coef_attr': 'kl2_coef'}"]["controller"] == second.state_dict()
+    logged = fit.callback_metrics
+    assert float(logged["kl_control/coef"]) == pytest.approx(first.coef)
+    assert float(logged["kl_control/kl2_coef/coef"]) == pytest.approx(second.coef)
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="controller"):
         KLControl(object())

@@ -50,7 +50,10 @@ class KLControl(pl.Callback):
         controller: a :class:`~torchsteer.control.kl.KLController`.
         kl_key, entropy_key, reward_key: keys of the statistics in the ``training_step``
             output dict; the controller's required ones must be present.
-        coef_attr: attribute of the LightningModule that receives ``controller.coef``.
+        coef_attr: attribute of the LightningModule that receives ``controller.coef``. It also
+            names the callback: with another value than ``"kl_coef"`` the signals are logged
+            under ``kl_control/<coef_attr>/<name>`` and the checkpoint state under a key of its
+            own, so one Trainer can hold several ``KLControl``s (one per penalty).
         n_steps_key: optional key with the samples of the batch (default: 1 per batch); the
             value passed to the controller is its sum over accumulated batches and ranks.
         log: log the controller's signals with ``pl_module.log``.
@@ -134,7 +137,19 @@ class KLControl(pl.Callback):
         setattr(pl_module, self.coef_attr, self.controller.coef)
         if self.log:
             for name, value in self.controller.signals().items():
-                pl_module.log(f"kl_control/{name}", float(value), on_step=True, on_epoch=False)
+                pl_module.log(self._log_prefix + name, float(value), on_step=True, on_epoch=False)
+
+    @property
+    def _log_prefix(self) -> str:
+        attr = self.coef_attr
+        return "kl_control/" if attr == "kl_coef" else f"kl_control/{attr}/"
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if self.coef_attr == "kl_coef":  # the key of checkpoints written before
+            return type(self).__qualname__
+        return self._generate_state_key(coef_attr=self.coef_attr)
 
     @override
     def state_dict(self) -> dict[str, Any]:
