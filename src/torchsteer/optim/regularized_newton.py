@@ -72,6 +72,24 @@ class TryRecord:
         return rec
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchStart:
+    """Where the tries of one step start and how a trial is evaluated.
+
+    ``loss`` = f(x0), ``grad_norm`` = |g(x0)|, ``scale`` = gamma (gns rule) or M (sqrt rule)
+    of the first try; ``keep``: keep the accepted trial's evaluation for the next step;
+    ``work``: the dtype the trials are computed in.
+    """
+
+    closure: Callable[[], Any]
+    params: list[torch.Tensor]
+    loss: float
+    grad_norm: float
+    scale: float
+    keep: bool
+    work: torch.dtype
+
+
 class RegularizedNewton(torch.optim.Optimizer):
     """Gradient-normalized regularized Newton (Algorithm 1 of Semenov, Jaggi and Doikov).
 
@@ -372,10 +390,10 @@ class RegularizedNewton(torch.optim.Optimizer):
             return WoodburySolver(curv, g)
         return CholeskySolver(curv, g)
 
-    def _search(
-        self, closure, params, group, solver, f0: float, gnorm: float, scale: float, keep, work
-    ):
+    def _search(self, start: SearchStart, group: dict, solver):
         """The tries of one step; ``(TryRecord, scale of the last try, kept evaluation)``."""
+        closure, params, keep, work = start.closure, start.params, start.keep, start.work
+        f0, gnorm, scale = start.loss, start.grad_norm, start.scale
         gns, curvature = group["regularization"] == "gns", group["curvature"]
         x0 = flatten([p.detach() for p in params]).clone()
         eps = torch.finfo(x0.dtype).eps
@@ -482,9 +500,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             scale = gnorm / group["gamma0"] ** 2
         curv = make_curvature(group["curvature"], f, aux, grads, params, work)
         solver = self._make_solver(group, curv, g, gnorm, state)
-        rec, scale, kept = self._search(
-            closure, params, group, solver, f0, gnorm, scale, keep, work
-        )
+        start = SearchStart(closure, params, f0, gnorm, scale, keep, work)
+        rec, scale, kept = self._search(start, group, solver)
         if kept is not None:
             versions = [(p._version, p.data_ptr()) for p in params]
             self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
