@@ -654,3 +654,26 @@ def test_lightning_manual_optimization_fit_matches_a_plain_loop():
                 break
     assert losses == pytest.approx(module.losses, rel=1e-6)
     torch.testing.assert_close(flat(net), flat(module.net), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch_raises_a_clear_error_and_changes_nothing():
+    # issue 18 #11: it used to end in "range() arg 3 must not be zero" (closure path) or a
+    # reshape error (model= path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+
+    def per_sample(out, t):
+        return torch.nn.functional.cross_entropy(out, t, reduction="none")
+
+    x, y = torch.zeros(0, 3, dtype=F64), torch.zeros(0, dtype=torch.long)
+    before = [p.detach().clone() for p in model.parameters()]
+    functional = Sven(model.parameters(), model=model, loss_fn=per_sample)
+    with pytest.raises(ValueError, match="Invalid batch: empty"):
+        functional.step(batch=(x, y))
+    closure = Sven(model.parameters())
+    with pytest.raises(ValueError, match="Invalid per-sample losses: empty"):
+        closure.step(lambda: per_sample(model(x), y))
+    for opt in (functional, closure):
+        assert not opt.state  # no step was counted
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a, b)

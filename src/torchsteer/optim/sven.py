@@ -315,6 +315,12 @@ class Sven(torch.optim.Optimizer):
         return sol, cols
 
     @staticmethod
+    def _check_not_empty(shard: Shard, what: str) -> None:
+        """No sample on any rank: every rank knows (the row counts are global) and raises."""
+        if shard.total == 0:
+            raise ValueError(f"Invalid {what}: empty (0 samples); Sven needs at least one")
+
+    @staticmethod
     def _rows(shard: Shard) -> int:
         """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
         return max(shard.rows)
@@ -384,11 +390,13 @@ class Sven(torch.optim.Optimizer):
                 with torch.enable_grad():
                     closure()
             shard = Shard.create(int(batch[0].shape[0]), first.device)
+            self._check_not_empty(shard, "batch")
             losses, source = self._functional(batch, shard)
         else:
             losses = self._losses_from_closure(closure)
             source = self._graph_source(losses)
             shard = Shard.create(losses.numel(), first.device)
+            self._check_not_empty(shard, "per-sample losses")
         losses = losses.detach()
         losses = shard.gather(losses)  # every rank's: global mean, checks and residuals
         mean_loss = losses.mean()
