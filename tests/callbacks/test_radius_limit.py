@@ -191,3 +191,24 @@ def test_lbfgs_step_is_measured_from_before_its_first_closure(tmp_path):
     assert callback.limiter.last["r"] == pytest.approx(rs[-1], rel=1e-9)
     for p, q in zip(module.net.parameters(), net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+class _WithValidation(Module):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def test_counters_survive_validate_and_a_second_fit(tmp_path):
+    # issue 18 #9: setup() of validate() or of a second fit built a fresh limiter from the
+    # last checkpointed state, so the counters restarted at 0
+    module = _WithValidation()
+    callback = RadiusLimit(r_max=0.05)
+    _trainer(tmp_path, 3, callback).fit(module, _loader())
+    steps, limited = callback.limiter.steps, callback.limiter.limited
+    assert steps == 3 and limited > 0
+    quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(module, _loader())
+    assert (callback.limiter.steps, callback.limiter.limited) == (steps, limited)
+    _trainer(tmp_path, 2, callback).fit(module, _loader())
+    assert callback.limiter.steps == steps + 2
+    assert callback.limiter.limited >= limited

@@ -92,6 +92,8 @@ class RadiusLimit(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         logits_fn = None if self._default_logits else self.logits_fn
         self._remove_hooks()  # a limiter from an earlier fit or stage
+        if self.limiter is not None:  # its counters go on (validate() or a second fit)
+            self._state = self.limiter.state_dict()
         self.limiter = RadiusLimiter(
             pl_module, r_max=self.r_max, mode=self.mode, logits_fn=logits_fn,
             **self.limiter_kwargs,
