@@ -5,19 +5,6 @@ DeprecationWarning; import it from ``torchsteer.control.kl`` (or ``.kl.estimator
 Moved: double_softmin, kl_estimate, kl_exact, masked_mean.
 """
 
-import importlib
-import warnings
+from torchsteer.control._moved import moved_getattr
 
-_NEW = "torchsteer.control.kl.estimators"
-
-
-def __getattr__(name: str):
-    module = importlib.import_module(_NEW)
-    if name.startswith("__") or not hasattr(module, name):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"{__name__}.{name} moved to {_NEW}.{name}; the old path goes in the next release",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(module, name)
+__getattr__ = moved_getattr(__name__, "torchsteer.control.kl.estimators")
