@@ -21,7 +21,6 @@ Torch only; nothing here knows an optimizer exists.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Protocol
 
 import torch
@@ -47,14 +46,15 @@ class Solution:
 
 @dataclasses.dataclass
 class ShiftedCGResult:
-    """Outcome of :func:`shifted_cg`.
+    """Outcome of :func:`shifted_cg` (and of :func:`~torchsteer.linalg.conjugate_gradient`).
 
     Attributes:
-        x: the last iterate (before the breakdown, if one).
+        x: the last iterate (before the breakdown, if one), shaped like ``b``.
         Hx: ``H x`` accumulated along the recurrence (for a warm start without a product).
         iterations: CG iterations run (one product ``H p`` each).
-        converged: ``|r| <= tol |b|`` at the end.
+        converged: every column has ``|r| <= max(tol |b|, atol)`` at the end.
         breakdown: non-positive or NaN curvature ``p^T (H + lambda I) p`` was met.
+        residual_norm: the recurrence's ``|r|`` at the end, per column (a tensor).
     """
 
     x: torch.Tensor
@@ -62,6 +62,7 @@ class ShiftedCGResult:
     iterations: int
     converged: bool
     breakdown: bool
+    residual_norm: torch.Tensor | None = None
 
 
 def shifted_cholesky_solve(
@@ -79,6 +80,11 @@ def shifted_cholesky_solve(
     return x, ""
 
 
+def _dot(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``u^T w`` per column: a 0-d tensor for vectors, (k,) for (P, k) matrices."""
+    return u @ w if u.dim() == 1 else (u * w).sum(0)
+
+
 def shifted_cg(
     matvec,
     b: torch.Tensor,
@@ -88,47 +94,63 @@ def shifted_cg(
     x0: torch.Tensor | None = None,
     Hx0: torch.Tensor | None = None,
     check_every: int = 1,
+    atol: float = 0.0,
 ) -> ShiftedCGResult:
     """Conjugate gradients on ``(H + lam I) x = b``, ``matvec(v) = H v`` (see the module).
 
+    The one CG of the library. ``b`` may be a (P,) vector or a (P, k) matrix whose k columns
+    are independent systems, each with its own step sizes (``matvec`` then takes (P, k)); a
+    column whose residual is exactly zero stays put. The scalars stay tensors; the host
+    synchronizes once an iteration for the breakdown test and once every ``check_every``
+    iterations for the convergence test, which compares in float64.
+
     Args:
-        matvec: ``v -> H v`` for a (P,) vector.
-        b: the right-hand side, shape (P,).
+        matvec: ``v -> H v`` for a (P,) vector (or a (P, k) matrix when ``b`` is one).
+        b: the right-hand side, shape (P,) or (P, k).
         lam: the shift.
         tol: relative residual tolerance (``|r| <= tol |b|``).
         maxiter: most iterations (default ``10 P``).
-        x0: warm start (default zero).
+        x0: warm start (default zero), shaped like ``b``.
         Hx0: ``H x0`` if known (no product for ``r_0``); only with ``x0``.
         check_every: the convergence test runs every ``check_every`` iterations.
+        atol: absolute residual floor (``|r| <= max(tol |b|, atol)``).
     """
-    if not tol >= 0:
-        raise ValueError(f"Invalid tol: {tol}")
+    if not (tol >= 0 and atol >= 0):
+        raise ValueError(f"Invalid tol: {tol}, atol: {atol}")
     if not (isinstance(check_every, int) and check_every >= 1):
         raise ValueError(f"Invalid check_every: {check_every}")
     if Hx0 is not None and x0 is None:
         raise ValueError("Invalid Hx0: given without x0")
-    maxiter = 10 * b.numel() if maxiter is None else maxiter
+    maxiter = 10 * b.shape[0] if maxiter is None else maxiter
     if x0 is None:
         x, Hx = torch.zeros_like(b), torch.zeros_like(b)
     else:
         x = x0.to(b.dtype)
         Hx = matvec(x) if Hx0 is None else Hx0
     r = b - Hx - lam * x
-    threshold = tol * float(b.norm())
-    p, rs = r, float(r @ r)
-    it = 0
-    done = math.sqrt(rs) <= threshold
+    threshold = torch.clamp(tol * torch.linalg.vector_norm(b, dim=0).double(), min=atol)
+
+    def met(rs: torch.Tensor) -> bool:
+        return bool((rs.double().sqrt() <= threshold).all())
+
+    p, rs = r, _dot(r, r)
+    it, breakdown = 0, False
+    done = met(rs)
     while not done and it < maxiter:
         Hp = matvec(p)
         Ap = Hp + lam * p
-        pap = float(p @ Ap)
-        if not pap > 0:  # non-positive (or NaN) curvature along p
-            return ShiftedCGResult(x, Hx, it, False, True)
-        alpha = rs / pap
+        pap = _dot(p, Ap)
+        active = rs > 0
+        if bool((~(pap > 0) & active).any()):  # non-positive (or NaN) curvature along p
+            breakdown = True
+            break
+        one = torch.ones_like(pap)
+        alpha = torch.where(active, rs / torch.where(active, pap, one), 0.0)
         x, Hx, r = x + alpha * p, Hx + alpha * Hp, r - alpha * Ap
-        rs, rs_old = float(r @ r), rs
-        p = r + (rs / rs_old) * p
+        rs, rs_old = _dot(r, r), rs
+        p = r + torch.where(active, rs / torch.where(active, rs_old, one), 0.0) * p
         it += 1
         if it % check_every == 0:
-            done = math.sqrt(rs) <= threshold
-    return ShiftedCGResult(x, Hx, it, math.sqrt(rs) <= threshold, False)
+            done = met(rs)
+    converged = not breakdown and met(rs)
+    return ShiftedCGResult(x, Hx, it, converged, breakdown, rs.sqrt())
