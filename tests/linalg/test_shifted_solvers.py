@@ -90,3 +90,18 @@ def test_invalid_arguments(kwargs, match):
     H, b = spd((1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match=match):
         shifted_cg(Counting(H), b, **kwargs)
+
+
+def test_columns_are_independent_shifted_systems_with_the_same_iterates():
+    """A (P, k) right-hand side solves k shifted systems at once: each column's iterates are
+    the iterates of that column solved alone (same step sizes), bit for bit up to the
+    reduction order of the dot products."""
+    H, b = spd((0.5, 1.0, 2.0, 3.0, 7.0, 11.0))
+    B = torch.stack([b, 2.0 * b.flip(0), torch.zeros_like(b)], dim=1)
+    out = shifted_cg(lambda V: H @ V, B, 0.7, tol=1e-13)
+    assert out.converged and out.residual_norm.shape == (3,)
+    torch.testing.assert_close(out.x, dense(H, B, 0.7), rtol=1e-10, atol=1e-12)
+    assert torch.equal(out.x[:, 2], torch.zeros_like(b))  # a zero column stays zero
+    for j in range(2):
+        alone = shifted_cg(lambda v: H @ v, B[:, j], 0.7, tol=1e-13, maxiter=out.iterations)
+        torch.testing.assert_close(out.x[:, j], alone.x, rtol=1e-12, atol=1e-13)
