@@ -1,4 +1,5 @@
-"""The shared core: JVP / VJP / per-sample Jacobian / HVP / GGN products on ``torch.func``.
+"""The shared core on ``torch.func``: JVP / VJP / per-sample Jacobian / HVP / GGN products and
+the curvature operators (Hessian, Gauss-Newton, empirical Fisher).
 
 Two ways in: the **functional** path (:mod:`.functional`, a module plus a per-sample loss
 through ``functional_call``; fastest, needed for forward mode) and the **graph** path
@@ -6,6 +7,13 @@ through ``functional_call``; fastest, needed for forward mode) and the **graph**
 package imports nothing else of torchsteer.
 """
 
+from torchsteer.jacobian.curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    graph_hvp,
+)
 from torchsteer.jacobian.functional import (
     ggn_vp,
     hvp,
@@ -14,11 +22,12 @@ from torchsteer.jacobian.functional import (
     model_fn,
     vjp,
 )
-from torchsteer.jacobian.graph import graph_hvp, graph_jacobian, graph_jvp, graph_vjp
+from torchsteer.jacobian.graph import graph_jacobian, graph_jvp, graph_vjp
 from torchsteer.jacobian.operator import JacobianOperator
 from torchsteer.jacobian.params import (
     check_finite,
     flatten,
+    flatten_like,
     numel,
     param_dict,
     unflatten,
@@ -27,9 +36,14 @@ from torchsteer.jacobian.params import (
 from torchsteer.jacobian.per_sample import per_sample_jacobian
 
 __all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
     "JacobianOperator",
     "check_finite",
     "flatten",
+    "flatten_like",
     "ggn_vp",
     "graph_hvp",
     "graph_jacobian",

@@ -10,7 +10,8 @@ and the parameter tensors and compute the same products as
 - :func:`graph_jvp`: ``J v`` by the double-VJP trick: with ``g(u) = J^T u`` (linear in u,
   built with ``create_graph=True``), ``J v = d/du <g(u), v>``. Batched over columns of v.
 - :func:`graph_jacobian`: the dense (N, P) Jacobian, rows chunked.
-- :func:`graph_hvp`: ``H v = d/dtheta <grad f, v>``.
+- :func:`~torchsteer.jacobian.curvature.graph_hvp` (in :mod:`.curvature`, the Hessian
+  operator's one product): ``H v = d/dtheta <grad f, v>``.
 
 Every function keeps the graph (``retain_graph=True``) so several products can be taken from
 one forward pass. Parameters that do not influence the output get zero rows, not ``None``.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["graph_hvp", "graph_jacobian", "graph_jvp", "graph_vjp"]
+__all__ = ["graph_jacobian", "graph_jvp", "graph_vjp"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -111,18 +112,3 @@ def graph_jacobian(
         grads = graph_vjp(flat, params, basis, batched=True)
         rows.append(_flat_batched(grads, basis.shape[0]))
     return torch.cat(rows, dim=0)
-
-
-def graph_hvp(loss: torch.Tensor, params: Tensors, v: Tensors) -> list[torch.Tensor]:
-    """``H v`` for a scalar ``loss`` with a live graph (reverse-over-reverse)."""
-    if loss.numel() != 1:
-        raise ValueError(f"Invalid loss: expected a scalar, got shape {tuple(loss.shape)}")
-    g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    pairs = [(gi, vi) for gi, vi in zip(g, v) if gi is not None]
-    if not pairs:
-        return _zeros_for_none([None] * len(params), params)
-    dot = sum((gi * vi).sum() for gi, vi in pairs)
-    if not dot.requires_grad:  # linear loss: zero Hessian
-        return _zeros_for_none([None] * len(params), params)
-    hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
-    return _zeros_for_none(hv, params)

@@ -65,6 +65,16 @@ def flatten(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> tor
     return torch.cat([t.reshape(-1) for t in vals])
 
 
+def flatten_like(
+    tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """One detached (P,) vector in ``dtype`` from per-parameter tensors, ``None`` counting as
+    zeros shaped like its parameter (what ``torch.autograd.grad(..., allow_unused=True)``
+    returns for a parameter the output does not use)."""
+    parts = [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)]
+    return torch.cat(parts).detach().to(dtype)
+
+
 def unflatten(
     vec: torch.Tensor, like: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 ) -> dict[str, torch.Tensor] | list[torch.Tensor]:

@@ -1,15 +1,11 @@
-"""Curvature operators and the regularized solves of :class:`RegularizedNewton`.
+"""The solves of :class:`RegularizedNewton` and the curvature it takes them on.
 
-A curvature object is built once per optimizer step from the live autograd graph of the
-closure's output (the graph path of :mod:`torchsteer.jacobian`) and gives the products of one
-symmetric P x P matrix ``H``:
+The curvature operators are :mod:`torchsteer.jacobian.curvature`'s (built once per optimizer
+step from the live autograd graph of the closure's output), here averaged over ranks:
 
-- :class:`HessianCurvature`: ``H v = d/dtheta <grad f, v>`` (a VJP through the gradient, which
-  was built with ``create_graph=True``); materialized by :func:`graph_jacobian` of the gradient.
-- :class:`GaussNewtonCurvature`: ``G v = J^T H_out J v``, ``J`` the Jacobian of the outputs and
-  ``H_out`` the Hessian of the loss with respect to the outputs (autograd on the output tensor).
-- :class:`EmpiricalFisherCurvature`: ``F v = (1/B) G^T G v``, ``G`` the (B, P) per-sample
-  gradients of the per-sample losses.
+- :class:`HessianCurvature`: ``H v = d/dtheta <grad f, v>``;
+- :class:`GaussNewtonCurvature`: ``G v = J^T H_out J v``;
+- :class:`EmpiricalFisherCurvature`: ``F v = (1/B) G^T G v``.
 
 A solver then returns ``delta = -(H + lambda I)^{-1} g`` for the ``lambda`` of each try of the
 adaptive search: Cholesky of the materialized matrix (:class:`CholeskySolver`), Woodbury with
@@ -39,7 +35,13 @@ import math
 import torch
 
 from torchsteer import distributed as tdist
-from torchsteer.jacobian import graph_jacobian, graph_jvp, graph_vjp, unflatten
+from torchsteer.jacobian.curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
+from torchsteer.jacobian.params import flatten_like
 from torchsteer.linalg.shifted_solvers import Solution, shifted_cg, shifted_cholesky_solve
 from torchsteer.optim._newton_ddp import WoodburySolver  # re-exported
 
@@ -60,140 +62,31 @@ __all__ = [
 ]
 
 
-def _flat_cat(tensors, params, dtype) -> torch.Tensor:
-    """Concatenate per-parameter tensors (None counts as zeros), keeping the graph."""
-    parts = [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, params)]
-    return torch.cat(parts).detach().to(dtype)
-
-
-class _Curvature:
-    """Products with a symmetric P x P matrix; ``products`` counts P-vector products."""
-
-    def __init__(self, params, dtype: torch.dtype) -> None:
-        self.params = list(params)
-        self.dtype = dtype  # the dtype of the flat vectors the solvers work in
-        self.products = 0
-
-    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        return [t.to(p.dtype) for t, p in zip(unflatten(v, self.params), self.params)]
+class _MeanOverRanks:
+    """Products and dense matrices averaged over ranks: the curvature of the global batch
+    (each rank holding a slice of it); in one process the local ones, unchanged."""
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v``, the mean over ranks of the local products (the local one in one process)."""
-        return tdist.all_reduce_mean(self._matvec(v))
+        return tdist.all_reduce_mean(super().matvec(v))
 
     def dense(self) -> torch.Tensor:
-        """The P x P matrix ``H``, the mean over ranks of the local ones."""
-        return tdist.all_reduce_mean(self._dense())
-
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _dense(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+        return tdist.all_reduce_mean(super().dense())
 
 
-class HessianCurvature(_Curvature):
-    """The exact Hessian of ``f`` from its gradient, built with ``create_graph=True``."""
-
-    @torch.enable_grad()
-    def __init__(self, grads, params, dtype: torch.dtype) -> None:
-        super().__init__(params, dtype)
-        self.flat_grad = torch.cat(
-            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-        )
-        self.linear = not self.flat_grad.requires_grad  # f is linear: H = 0
-
-    @torch.enable_grad()
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        if self.linear:
-            return torch.zeros_like(v)
-        u = v.to(self.flat_grad.dtype)
-        return _flat_cat(graph_vjp(self.flat_grad, self.params, u), self.params, self.dtype)
-
-    @torch.enable_grad()
-    def _dense(self) -> torch.Tensor:
-        P = self.flat_grad.numel()
-        self.products += P
-        if self.linear:
-            return torch.zeros(P, P, dtype=self.dtype, device=self.flat_grad.device)
-        H = graph_jacobian(self.flat_grad, self.params).to(self.dtype)
-        return 0.5 * (H + H.T)
+class HessianCurvature(_MeanOverRanks, HessianOperator):
+    """:class:`~torchsteer.jacobian.curvature.HessianOperator`, averaged over ranks."""
 
 
-class GaussNewtonCurvature(_Curvature):
-    """``J^T H_out J`` for ``loss = l(outputs(theta))``.
-
-    Raises:
-        ValueError: if the loss does not depend on the outputs.
-    """
-
-    @torch.enable_grad()
-    def __init__(self, loss, outputs, params, dtype: torch.dtype) -> None:
-        super().__init__(params, dtype)
-        self.outputs = outputs
-        (g_out,) = torch.autograd.grad(
-            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
-        )
-        if g_out is None:
-            raise ValueError(
-                "Invalid closure output for curvature='gauss_newton': the loss does not depend "
-                "on the returned outputs; return (loss, outputs) with loss computed from outputs"
-            )
-        self.g_out = g_out
-        self.linear = not g_out.requires_grad  # the loss is linear in the outputs: H_out = 0
-
-    @torch.enable_grad()
-    def _hout(self, u: torch.Tensor) -> torch.Tensor:
-        if self.linear:
-            return torch.zeros_like(u)
-        (h,) = torch.autograd.grad(self.g_out, self.outputs, u, retain_graph=True)
-        return h
-
-    @torch.enable_grad()
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        jv = graph_jvp(self.outputs, self.params, self._split(v))
-        u = self._hout(jv)
-        return _flat_cat(graph_vjp(self.outputs, self.params, u), self.params, self.dtype)
-
-    @torch.enable_grad()
-    def _dense(self) -> torch.Tensor:
-        J = graph_jacobian(self.outputs, self.params).to(self.dtype)
-        self.products += J.shape[1]
-        if self.linear:
-            return torch.zeros(J.shape[1], J.shape[1], dtype=self.dtype, device=J.device)
-        H_out = graph_jacobian(self.g_out, [self.outputs]).to(self.dtype)
-        G = J.T @ (0.5 * (H_out + H_out.T)) @ J
-        return 0.5 * (G + G.T)
+class GaussNewtonCurvature(_MeanOverRanks, GGNOperator):
+    """:class:`~torchsteer.jacobian.curvature.GGNOperator`, averaged over ranks."""
 
 
-class EmpiricalFisherCurvature(_Curvature):
-    """``(1/B) G^T G`` with ``G`` the per-sample gradients of the losses ``(B,)``."""
+class EmpiricalFisherCurvature(_MeanOverRanks, EmpiricalFisherOperator):
+    """:class:`~torchsteer.jacobian.curvature.EmpiricalFisherOperator`, averaged over ranks
+    (its ``per_sample`` rows stay this rank's: the Woodbury solver shards them itself)."""
 
-    @torch.enable_grad()
-    def __init__(self, losses, params, dtype: torch.dtype) -> None:
-        super().__init__(params, dtype)
-        self.losses = losses
-        self.batch = losses.numel()
 
-    @torch.enable_grad()
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.products += 1
-        gv = graph_jvp(self.losses, self.params, self._split(v))
-        out = _flat_cat(graph_vjp(self.losses, self.params, gv), self.params, self.dtype)
-        return out / self.batch
-
-    @torch.enable_grad()
-    def per_sample(self) -> torch.Tensor:
-        """The (B, P) per-sample gradients of this rank's losses."""
-        self.products += self.batch
-        return graph_jacobian(self.losses, self.params).to(self.dtype)
-
-    @torch.enable_grad()
-    def _dense(self) -> torch.Tensor:
-        G = self.per_sample()
-        return G.T @ G / self.batch
+_flat_cat = flatten_like  # regularized_newton imports it by this name
 
 
 def _finite(delta: torch.Tensor) -> bool:
@@ -203,7 +96,7 @@ def _finite(delta: torch.Tensor) -> bool:
 class CholeskySolver:
     """``delta = -(H + lambda I)^{-1} g`` by Cholesky of the materialized ``H + lambda I``."""
 
-    def __init__(self, curvature: _Curvature, g: torch.Tensor) -> None:
+    def __init__(self, curvature: CurvatureOperator, g: torch.Tensor) -> None:
         self.H = curvature.dense()
         self.g = g
 
@@ -225,7 +118,9 @@ class CGSolver:
     vector costs one.
     """
 
-    def __init__(self, curvature: _Curvature, g: torch.Tensor, tol: float, maxiter: int | None):
+    def __init__(
+        self, curvature: CurvatureOperator, g: torch.Tensor, tol: float, maxiter: int | None
+    ):
         self.curvature = curvature
         self.g = g
         self.tol = tol
@@ -350,7 +245,7 @@ def evaluate_closure(closure, params, curvature: str, graph: bool):
     return f, aux, grads
 
 
-def make_curvature(curvature: str, f, aux, grads, params, dtype) -> _Curvature:
+def make_curvature(curvature: str, f, aux, grads, params, dtype) -> CurvatureOperator:
     """The curvature operator of ``curvature`` from one evaluation ``(f, aux, grads)``."""
     if curvature in ("hessian", "dense"):
         return HessianCurvature(grads, params, dtype)

@@ -1,0 +1,200 @@
+"""Curvature matrices of a live autograd graph as linear operators (the graph path).
+
+Each operator is built once from what a closure returned (its loss or outputs, with their
+graph) and gives products with one symmetric P x P matrix over the flat parameter vector,
+in the style of curvlinops' linear operators (``matvec``, ``@``, ``shape``, ``dense``):
+
+- :class:`HessianOperator`: ``H v = d/dtheta <grad f, v>``, a VJP through the gradient ``g``
+  of ``f`` (built once with ``create_graph=True``; each product reuses it).
+- :class:`GGNOperator`: the generalized Gauss-Newton ``G v = J^T H_out J v`` for
+  ``loss = l(z(theta))``: ``J`` the Jacobian of the outputs ``z``, ``H_out`` the Hessian of the
+  loss in output space. Positive semi-definite whenever ``l`` is convex in ``z``.
+- :class:`EmpiricalFisherOperator`: ``F v = (1/B) G^T G v`` for per-sample losses ``(B,)``,
+  ``G`` the (B, P) per-sample gradients (``F`` uses the loss's own gradients, not the model's
+  sampled ones: the *empirical* Fisher).
+
+Products and dense matrices are those of the one process that holds the graph; a caller that
+splits the batch over processes averages them itself (``RegularizedNewton`` does: the mean over
+ranks of the local products is the product of the global batch). ``products`` counts P-vector
+products (a dense matrix costs P of them; the per-sample gradients B). The vectors are in
+``dtype`` (the solver's working precision); the parameters keep theirs.
+
+The functional path's products of the same matrices are :func:`~torchsteer.jacobian.hvp` and
+:func:`~torchsteer.jacobian.ggn_vp`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from torchsteer.jacobian.graph import graph_jacobian, graph_jvp, graph_vjp
+from torchsteer.jacobian.params import flatten_like, unflatten
+
+__all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "graph_hvp",
+]
+
+
+class CurvatureOperator:
+    """A symmetric P x P matrix given by its products with flat parameter vectors."""
+
+    def __init__(self, params: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
+        self.params = list(params)
+        self.dtype = dtype
+        self.products = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        P = sum(p.numel() for p in self.params)
+        return (P, P)
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(p.dtype) for t, p in zip(unflatten(v, self.params), self.params)]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The product with a (P,) vector, in ``dtype``."""
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The (P, P) matrix, in ``dtype``."""
+        raise NotImplementedError
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for a (P,) vector or ``A @ V`` column by column for a (P, k) matrix."""
+        if V.dim() == 1:
+            return self.matvec(V)
+        return torch.stack([self.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+
+class HessianOperator(CurvatureOperator):
+    """The exact Hessian of ``f`` from its gradients ``grads`` (built with
+    ``torch.autograd.grad(f, params, create_graph=True)``).
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> grads = torch.autograd.grad((w**3).sum(), [w], create_graph=True)
+        >>> HessianOperator(grads, [w], torch.float64).dense()  # diag(6 w)
+        tensor([[ 6.,  0.],
+                [ 0., 12.]], dtype=torch.float64)
+    """
+
+    @torch.enable_grad()
+    def __init__(self, grads, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.flat_grad = torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+        )
+        self.linear = not self.flat_grad.requires_grad  # f is linear: H = 0
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        if self.linear:
+            return torch.zeros_like(v)
+        u = v.to(self.flat_grad.dtype)
+        return flatten_like(graph_vjp(self.flat_grad, self.params, u), self.params, self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        P = self.flat_grad.numel()
+        self.products += P
+        if self.linear:
+            return torch.zeros(P, P, dtype=self.dtype, device=self.flat_grad.device)
+        H = graph_jacobian(self.flat_grad, self.params).to(self.dtype)
+        return 0.5 * (H + H.T)
+
+
+class GGNOperator(CurvatureOperator):
+    """``J^T H_out J`` for ``loss = l(outputs(theta))``.
+
+    Raises:
+        ValueError: if the loss does not depend on the outputs.
+    """
+
+    @torch.enable_grad()
+    def __init__(self, loss, outputs, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.outputs = outputs
+        (g_out,) = torch.autograd.grad(
+            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        if g_out is None:
+            raise ValueError(
+                "Invalid closure output for curvature='gauss_newton': the loss does not depend "
+                "on the returned outputs; return (loss, outputs) with loss computed from outputs"
+            )
+        self.g_out = g_out
+        self.linear = not g_out.requires_grad  # the loss is linear in the outputs: H_out = 0
+
+    @torch.enable_grad()
+    def _hout(self, u: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return torch.zeros_like(u)
+        (h,) = torch.autograd.grad(self.g_out, self.outputs, u, retain_graph=True)
+        return h
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        jv = graph_jvp(self.outputs, self.params, self._split(v))
+        u = self._hout(jv)
+        return flatten_like(graph_vjp(self.outputs, self.params, u), self.params, self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        J = graph_jacobian(self.outputs, self.params).to(self.dtype)
+        self.products += J.shape[1]
+        if self.linear:
+            return torch.zeros(J.shape[1], J.shape[1], dtype=self.dtype, device=J.device)
+        H_out = graph_jacobian(self.g_out, [self.outputs]).to(self.dtype)
+        G = J.T @ (0.5 * (H_out + H_out.T)) @ J
+        return 0.5 * (G + G.T)
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    """``(1/B) G^T G`` with ``G`` the per-sample gradients of the losses ``(B,)``."""
+
+    @torch.enable_grad()
+    def __init__(self, losses, params, dtype: torch.dtype) -> None:
+        super().__init__(params, dtype)
+        self.losses = losses
+        self.batch = losses.numel()
+
+    @torch.enable_grad()
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        gv = graph_jvp(self.losses, self.params, self._split(v))
+        out = flatten_like(graph_vjp(self.losses, self.params, gv), self.params, self.dtype)
+        return out / self.batch
+
+    @torch.enable_grad()
+    def per_sample(self) -> torch.Tensor:
+        """The (B, P) per-sample gradients ``G`` of the losses."""
+        self.products += self.batch
+        return graph_jacobian(self.losses, self.params).to(self.dtype)
+
+    @torch.enable_grad()
+    def dense(self) -> torch.Tensor:
+        G = self.per_sample()
+        return G.T @ G / self.batch
+
+
+def graph_hvp(loss: torch.Tensor, params: Sequence[torch.Tensor], v: Sequence[torch.Tensor]):
+    """``H v`` for a scalar ``loss`` with a live graph (reverse-over-reverse): one product of
+    :class:`HessianOperator`, per parameter (a list shaped like ``params``, in their dtypes)."""
+    if loss.numel() != 1:
+        raise ValueError(f"Invalid loss: expected a scalar, got shape {tuple(loss.shape)}")
+    params = list(params)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+    op = HessianOperator(grads, params, dtype)
+    flat_v = flatten_like(list(v), params, op.dtype)
+    return op._split(op.matvec(flat_v))
