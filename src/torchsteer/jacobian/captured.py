@@ -137,10 +137,12 @@ class GraphRowCapture:
                     uses[id(p)] += 1
         found = _graph_uses(losses.grad_fn, self._index)
         for p in self.params:
-            if p.requires_grad and found.get(id(p), 0) != uses.get(id(p), 0):
+            n_found, n_calls = found.get(id(p), 0), uses.get(id(p), 0)
+            if p.requires_grad and n_found != n_calls:
+                where = "outside its layer" if n_calls else "outside any supported layer"
                 return (
-                    f"a parameter of shape {tuple(p.shape)} is used outside its layer "
-                    f"({found.get(id(p), 0)} uses in the graph, {uses.get(id(p), 0)} layer calls)"
+                    f"a parameter of shape {tuple(p.shape)} is used {where} "
+                    f"({n_found} uses in the graph, {n_calls} layer calls)"
                 )
         return ""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from torchsteer import distributed as dist
 from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
+from torchsteer.jacobian.captured import GraphRowCapture
 from torchsteer.jacobian.per_sample import per_sample_jacobian
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
 from torchsteer.optim._sven_step import (
@@ -31,6 +34,18 @@ _RECORDS = ("kept_rank", "sigma_max", "sigma_min", "linearized_reduction")
 
 class _NonFinite(Exception):
     pass
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchsteer and torch (the user's line)."""
+    import sys
+    from pathlib import Path
+
+    roots = tuple(str(Path(m.__file__).parent) for m in (torch, sys.modules["torchsteer"]))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Sven(torch.optim.Optimizer):
@@ -214,13 +229,14 @@ class Sven(torch.optim.Optimizer):
             out[names[id(p)]] = p
         return out
 
-    def _losses_from_closure(self, closure) -> torch.Tensor:
+    def _losses_from_closure(self, closure) -> tuple[torch.Tensor, GraphRowCapture | None]:
         if closure is None:
             raise ValueError(
                 "Invalid closure: Sven needs a closure returning the per-sample losses (B,), "
                 "or batch=(inputs, targets) with model= and loss_fn= given"
             )
-        with torch.enable_grad():
+        capture = GraphRowCapture(self._params()) if self.jacobian != "matrix_free" else None
+        with torch.enable_grad(), capture or contextlib.nullcontext():
             out = closure()
         if not isinstance(out, torch.Tensor) or out.dim() != 1:
             if not isinstance(out, torch.Tensor):
@@ -235,7 +251,7 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(
                 "Invalid closure output: the per-sample losses carry no autograd graph"
             )
-        return out
+        return out, capture
 
     def _choose_dense(self, rows: int, cols: int, itemsize: int) -> bool:
         if self.jacobian != "auto":
@@ -325,16 +341,38 @@ class Sven(torch.optim.Optimizer):
         """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
         return max(shard.rows)
 
-    def _graph_source(self, out: torch.Tensor):
+    def _graph_source(self, out: torch.Tensor, capture: GraphRowCapture | None):
+        """The rows of the closure's graph: from one backward when every layer allows it
+        (:class:`~torchsteer.jacobian.captured.GraphRowCapture`), else a batched backward
+        (B passes) with one warning that says why."""
         params = self._params()
 
         def source(kind):
             with torch.enable_grad():
-                if kind == "dense":
-                    return graph_jacobian(out, params)
-                return JacobianOperator.from_graph(out, params)
+                if kind != "dense":
+                    return JacobianOperator.from_graph(out, params)
+                if capture is not None:
+                    one_dtype = len({p.dtype for p in params}) == 1
+                    buf = self._jacobian_buffer(out.shape[0]) if one_dtype else None
+                    J = capture.rows(out, out=buf)
+                    if J is not None:
+                        return J
+                    self._warn_exact_path(capture.reason)
+                return graph_jacobian(out, params)
 
         return source
+
+    def _warn_exact_path(self, reason: str) -> None:
+        if getattr(self, "_warned_exact", False):
+            return
+        self._warned_exact = True
+        warnings.warn(
+            f"Sven: the closure path forms the per-sample Jacobian with one backward per "
+            f"sample (exact but slow) because {reason}; the functional path (model=, "
+            f"loss_fn=, step(batch=...)) or supported layers make it one backward",
+            RuntimeWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
         """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
@@ -393,8 +431,8 @@ class Sven(torch.optim.Optimizer):
             self._check_not_empty(shard, "batch")
             losses, source = self._functional(batch, shard)
         else:
-            losses = self._losses_from_closure(closure)
-            source = self._graph_source(losses)
+            losses, capture = self._losses_from_closure(closure)
+            source = self._graph_source(losses, capture)
             shard = Shard.create(losses.numel(), first.device)
             self._check_not_empty(shard, "per-sample losses")
         losses = losses.detach()
