@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from torchsteer.bench import report
+from torchsteer.bench import plots, report, table
 from torchsteer.bench.registry import Run, Suite
 
 NAN = float("nan")
@@ -86,7 +86,8 @@ def test_json_and_csv_round_trip_the_runs(tmp_path):
     report.write_json(tmp_path / "r.json", {"s": (s, runs)}, {"quick": True})
     report.write_csv(tmp_path / "r.csv", runs)
     assert same_runs(report.read_json(tmp_path / "r.json")["s"], runs)
-    assert same_runs(report.read_csv(tmp_path / "r.csv"), runs)
+    no_extra = [dataclasses.replace(r, extra={}) for r in runs]  # extra: results.json only
+    assert same_runs(report.read_csv(tmp_path / "r.csv"), no_extra)
     back = report.read_csv(tmp_path / "r.csv")[0]
     assert back.cpu_time == runs[0].cpu_time and back.step_time == 0.001  # exact floats
     assert math.isnan(back.metric[0])
@@ -96,13 +97,38 @@ def test_json_and_csv_round_trip_the_runs(tmp_path):
     assert json.dumps(data["suites"]["s"]["summary"]) == json.dumps(want)
 
 
+def test_csv_is_long_form_points_and_one_line_per_run_without_extra(tmp_path):
+    blob = {"curves": {"proxy": [0.123456] * 400}, "per_class": list(range(10))}
+    runs = [
+        make_run("SGD", 0, 0.5, ttt=1.5, peak_memory=2048, extra=blob),
+        make_run("Adam", 1, 0.25, metric=(0.5, 0.75)),
+    ]
+    report.write_csv(tmp_path / "results.csv", runs)
+    points = (tmp_path / "results.csv").read_text().splitlines()
+    per_run = (tmp_path / "runs.csv").read_text().splitlines()
+    # make_run: points (10 i, 0.5 i + 0.1 seed, 1 / (i + 1 + seed), metric_i)
+    assert points == [
+        "suite,method,seed,step,cpu_time,loss,metric",
+        "s,SGD,0,0,0.0,1.0,0.2",
+        "s,SGD,0,10,0.5,0.5,0.6",
+        "s,SGD,0,20,1.0,0.3333333333333333,0.9",
+        "s,Adam,1,0,0.1,0.5,0.5",
+        "s,Adam,1,10,0.6,0.3333333333333333,0.75",
+    ]
+    assert per_run == [
+        "suite,method,seed,points,step_time,time_to_target,peak_memory",
+        "s,SGD,0,3,0.5,1.5,2048",
+        "s,Adam,1,2,0.25,,",
+    ]
+
+
 def test_band_on_shared_steps_is_median_min_max():
     runs = [
         make_run("A", 0, 1.0, metric=(1.0, 2.0, 3.0)),
         make_run("A", 1, 1.0, metric=(3.0, 4.0, 5.0)),
         make_run("A", 2, 1.0, metric=(2.0, 9.0, 4.0)),
     ]
-    grid, med, lo, hi = report._band(runs, lambda r: r.steps, lambda r: r.metric)
+    grid, med, lo, hi = plots.band(runs, lambda r: r.steps, lambda r: r.metric)
     np.testing.assert_array_equal(grid, [0, 10, 20])
     np.testing.assert_array_equal(med, [2.0, 4.0, 4.0])
     np.testing.assert_array_equal(lo, [1.0, 2.0, 3.0])
@@ -115,7 +141,7 @@ def test_band_on_different_times_interpolates_and_stops_at_each_end():
         a.record(0, t, v)
     for t, v in [(0.0, 2.0), (4.0, 6.0)]:
         b.record(0, t, v)
-    grid, med, lo, hi = report._band([a, b], lambda r: r.cpu_time, lambda r: r.loss, points=9)
+    grid, med, lo, hi = plots.band([a, b], lambda r: r.cpu_time, lambda r: r.loss, points=9)
     np.testing.assert_allclose(grid, np.linspace(0, 4, 9))
     ya = np.where(grid <= 2.0, np.interp(grid, [0, 1, 2], [0, 1, 4]), NAN)
     yb = 2.0 + grid
@@ -137,15 +163,15 @@ def test_plots_are_written_per_suite(tmp_path):
     ("n", "text"), [(None, "-"), (512, "512 B"), (1536, "1.5 KiB"), (3 * 2**30, "3.0 GiB")]
 )
 def test_bytes_format(n, text):
-    assert report._fmt_bytes(n) == text
+    assert table.fmt_bytes(n) == text
 
 
 def test_log_axis_only_for_positive_values():
     pos = [make_run("A", 0, 1.0)]
     neg = [make_run("A", 0, 1.0, metric=(-1.0, 0.5, NAN))]
-    assert report._all_positive(pos, lambda r: r.loss)
-    assert not report._all_positive(neg, lambda r: r.metric)
-    assert not report._all_positive([Run(suite="s", method="A", seed=0)], lambda r: r.loss)
+    assert plots.all_positive(pos, lambda r: r.loss)
+    assert not plots.all_positive(neg, lambda r: r.metric)
+    assert not plots.all_positive([Run(suite="s", method="A", seed=0)], lambda r: r.loss)
 
 
 def test_numpy_and_torch_values_in_extra_are_written_as_json(tmp_path):
@@ -163,10 +189,8 @@ def test_numpy_and_torch_values_in_extra_are_written_as_json(tmp_path):
         },
     )
     report.write_json(tmp_path / "r.json", {"s": (suite(), [run])})
-    report.write_csv(tmp_path / "r.csv", [run])
     want = {"reached": True, "n": 3, "r": [0.5, 1.5], "t": [1.0, 2.0]}
     assert report.read_json(tmp_path / "r.json")["s"][0].extra == want
-    assert report.read_csv(tmp_path / "r.csv")[0].extra == want
     bad = make_run("A", 0, 1.0, extra={"o": object()})
     with pytest.raises(TypeError, match=r"Invalid Run\.extra value: object"):
         report.write_json(tmp_path / "bad.json", {"s": (suite(), [bad])})

@@ -162,7 +162,7 @@ def test_the_docs_example_suite_runs_and_lbfgs_solves_it(monkeypatch, capsys):
 
     text = (Path(__file__).parents[2] / "docs" / "bench.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    example = next(b for b in blocks if "run_suites(" in b)
+    example = next(b for b in blocks if "register(" in b and "run_suites(" in b)
     registry.suites()
     monkeypatch.setattr(registry, "_SUITES", dict(registry._SUITES))  # undo the registration
     scope = {}
@@ -190,3 +190,95 @@ def test_a_failing_suite_is_reported_and_the_others_still_written(fake, monkeypa
     assert len(data["suites"]["fake"]["runs"]) == 2
     with pytest.raises(RuntimeError, match="boom"):
         run_suites(["broken"], out=tmp_path, keep_going=False, overwrite=True)
+
+
+def test_each_table_is_printed_when_its_suite_ends(fake, monkeypatch, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    seen = []
+
+    def second(ctx):  # runs after "fake": its table must be out already
+        seen.append(console.export_text(clear=False))
+        return [Run(suite="second", method="SGD", seed=s) for s in ctx.seeds]
+
+    suite = Suite(name="second", description="the second", run=second, units=lambda q, s: 0)
+    monkeypatch.setitem(registry._SUITES, "second", suite)
+    run_suites(["fake", "second"], seeds=[0], out=tmp_path, console=console, plots=False)
+    assert "fake: a fake suite" in seen[0] and "second: the second" not in seen[0]
+    assert "second: the second" in console.export_text()
+
+
+def test_progress_shows_on_a_terminal_only(fake, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    plain = Console(width=80, record=True, file=io.StringIO())
+    run_suites(["fake"], seeds=[0, 1], out=tmp_path / "a", console=plain, plots=False)
+    tty = Console(width=80, record=True, file=io.StringIO(), force_terminal=True)
+    run_suites(["fake"], seeds=[0, 1], out=tmp_path / "b", console=tty, plots=False)
+    bar = [line for line in tty.export_text().splitlines() if "4/4" in line]  # 2 arms x 2 seeds
+    assert len(bar) == 1 and bar[0].split()[0] == "fake" and "━" in bar[0]
+    assert not [line for line in plain.export_text().splitlines() if "4/4" in line]
+
+
+def one_line_error(capsys, argv) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("torchsteer bench: ")
+    return err
+
+
+def test_bad_arguments_give_one_clear_line(fake, capsys, tmp_path):
+    afile = tmp_path / "results.txt"
+    afile.write_text("not a folder")
+    err = one_line_error(capsys, ["bench", "fake", "--out", str(afile)])
+    assert f"Invalid --out: {afile} is a file, not a folder" in err
+    err = one_line_error(capsys, ["bench", "fake", "--out", str(afile / "sub")])
+    assert f"Invalid --out: {afile} is a file, not a folder" in err
+    assert afile.read_text() == "not a folder" and not fake.calls
+    err = one_line_error(capsys, ["bench", "--seeds", "abc"])
+    assert "Invalid seeds: 'abc' (must be a whole number >= 1)" in err
+    err = one_line_error(capsys, ["bench", "nope", "--out", str(tmp_path / "o")])
+    assert "Invalid suite: 'nope'; known suites: " in err and "regression" in err
+
+
+HEAVY = ("torch", "numpy", "scipy", "sklearn", "matplotlib", "rich", "lightning")
+
+
+def test_list_imports_no_heavy_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from torchsteer.bench.cli import main\n"
+        "main(['bench', '--list'])\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}\n"
+        "    or m.startswith('torchsteer.bench.suites'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "HEAVY []"
+    names = [line.split()[0] for line in out.splitlines()[:-1]]
+    assert names == sorted(registry.suites())  # the catalog lists exactly the registered ones
+
+
+def test_the_catalog_matches_what_the_suite_modules_register():
+    from torchsteer.bench.catalog import BUILTIN
+
+    real = {
+        n: (s.run.__module__.rsplit(".", 1)[1], s.description, s.quick_default)
+        for n, s in registry.suites().items()
+        if s.run.__module__.startswith("torchsteer.bench.suites.")
+    }
+    assert real == BUILTIN

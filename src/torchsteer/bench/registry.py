@@ -32,7 +32,16 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Context", "Run", "Suite", "discover", "get_suite", "register", "suites"]
+__all__ = [
+    "Context",
+    "Run",
+    "Suite",
+    "discover",
+    "get_suite",
+    "register",
+    "registered",
+    "suites",
+]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -158,6 +167,11 @@ def discover() -> None:
                 importlib.import_module(module)
             except Exception as e:
                 raise ImportError(f"Invalid suite module {module}: {type(e).__name__}: {e}") from e
+
+
+def registered() -> dict[str, Suite]:
+    """The suites registered so far, by name, without importing the suite modules."""
+    return dict(_SUITES)
 
 
 def suites() -> dict[str, Suite]:

@@ -1,16 +1,16 @@
-"""What ``torchsteer bench`` prints and writes: table, results.json, results.csv, plots.
+"""What ``torchsteer bench`` writes: summary rows, results.json, results.csv, runs.csv.
 
 * :func:`summarize` turns a suite's runs into one :class:`Row` per method: medians over seeds
   of the final loss and metric and of the time to target (over the seeds that reached it),
   the step-time ratio ``median step_time(method) / median step_time(baseline runs)``, and the
   largest measured memory.
-* ``results.json`` holds every :class:`~torchsteer.bench.registry.Run` (the full curves) and
-  the summary rows; ``results.csv`` the curves in long form, one line per recorded point with
-  the run's scalar fields repeated; ``summary.csv`` the table. :func:`read_json` and
-  :func:`read_csv` give the runs back.
-* Plots (matplotlib, Agg backend): per suite ``<suite>_loss.png`` (loss against steps and
-  against CPU time) and, when the metric was recorded, ``<suite>_metric.png``; one colour per
-  method, the median over seeds as a line and the min/max over seeds as a band.
+* ``results.json`` holds every :class:`~torchsteer.bench.registry.Run` (the full curves and
+  its ``extra``, once) and the summary rows; ``results.csv`` the curves in long form, one line
+  per recorded point keyed by ``suite, method, seed`` (no per-run field repeated);
+  ``runs.csv`` one line per run with its scalars; ``summary.csv`` the table.
+  :func:`read_json` and :func:`read_csv` give the runs back.
+* The table is :mod:`torchsteer.bench.table`'s, the plots :mod:`torchsteer.bench.plots`'
+  (both re-exported here).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import statistics
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from torchsteer.bench.output import open_output
+from torchsteer.bench.plots import plot_suite
 from torchsteer.bench.registry import Run, Suite
+from torchsteer.bench.table import print_table
 
 __all__ = [
     "Row",
@@ -43,8 +44,9 @@ __all__ = [
     "write_summary_csv",
 ]
 
-_RUN_FIELDS = ("suite", "method", "seed", "step_time", "time_to_target", "peak_memory", "extra")
+_KEY_FIELDS = ("suite", "method", "seed")
 _POINT_FIELDS = ("step", "cpu_time", "loss", "metric")
+_RUN_FIELDS = ("points", "step_time", "time_to_target", "peak_memory")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -112,71 +114,6 @@ def summarize(suite: Suite, runs: Sequence[Run]) -> list[Row]:
     return rows
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _fmt_loss(r: Row) -> str:
-    return _fmt(r.final_loss, ".3g")
-
-
-def _fmt_metric(r: Row) -> str:
-    return _fmt(r.final_metric, ".4g") + (" *" if r.best else "")
-
-
-def _fmt_ttt(r: Row) -> str:
-    text = "-" if r.time_to_target is None else f"{r.time_to_target:.3g}"
-    return text + (f" ({r.reached}/{r.seeds})" if r.seeds > 1 else "")
-
-
-def _fmt_ratio(r: Row) -> str:
-    return _fmt(r.step_time_ratio, ".3g")
-
-
-def _fmt_memory(r: Row) -> str:
-    return _fmt_bytes(r.peak_memory)
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "-"
-
-
-def print_table(console, suite: Suite, rows: Sequence[Row]) -> None:
-    """Print the suite's table with rich (``*`` marks the best final metric).
-
-    The metric column is left out when no method recorded a metric, the time-to-target
-    column when the suite has no target, the step-time ratio when it has no baseline.
-    """
-    from rich.table import Table
-
-    has_metric = any(not math.isnan(r.final_metric) for r in rows)
-    has_target = suite.target is not None
-    columns = [("method", None), (f"final {suite.loss_name}", _fmt_loss)]
-    if has_metric:
-        columns.append((f"final {suite.metric_name}", _fmt_metric))
-    if has_target:
-        sign = ">=" if suite.higher_is_better else "<="
-        columns.append((f"CPU s to {suite.metric_name} {sign} {suite.target:g}", _fmt_ttt))
-    if suite.baseline is not None:
-        columns.append((f"step time / {suite.baseline}", _fmt_ratio))
-    columns.append(("peak memory", _fmt_memory))
-    table = Table(title=f"{suite.name}: {suite.description}")
-    for i, (title, _) in enumerate(columns):
-        table.add_column(title, no_wrap=True, justify="left" if i == 0 else "right")
-    for r in rows:
-        name = r.method + (" (diverged)" if r.diverged else "")
-        table.add_row(name, *(cell(r) for _, cell in columns[1:]))
-    console.print(table)
-
-
 def _jsonable(obj):
     """JSON for what suites put into ``Run.extra``: numpy and torch scalars and arrays."""
     if isinstance(obj, np.generic):
@@ -214,25 +151,29 @@ def read_json(path: Path) -> dict[str, list[Run]]:
     return {name: [Run(**r) for r in s["runs"]] for name, s in data["suites"].items()}
 
 
-def write_csv(path: Path, runs: Sequence[Run]) -> None:
-    """The curves in long form; floats written with ``repr`` (exact round trip)."""
+def write_csv(path: Path, runs: Sequence[Run], runs_path: Path | None = None) -> None:
+    """The curves in long form, one line per recorded point, into ``path``; the runs' scalars,
+    one line per run, into ``runs_path`` (default: ``runs.csv`` beside ``path``).
+
+    ``results.csv``: ``suite, method, seed, step, cpu_time, loss, metric``; ``runs.csv``:
+    ``suite, method, seed, points, step_time, time_to_target, peak_memory``. ``Run.extra``
+    (per-step signals, per-class accuracies, ...) is written once per run into results.json
+    only, not repeated on every line. Floats are written with ``repr`` (exact round trip).
+    """
+    path = Path(path)
+    runs_path = path.with_name("runs.csv") if runs_path is None else Path(runs_path)
     with open_output(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(_RUN_FIELDS + _POINT_FIELDS)
+        w.writerow(_KEY_FIELDS + _POINT_FIELDS)
         for r in runs:
-            head = [
-                r.suite,
-                r.method,
-                r.seed,
-                _cell(r.step_time),
-                _cell(r.time_to_target),
-                _cell(r.peak_memory),
-                json.dumps(r.extra, sort_keys=True, default=_jsonable),
-            ]
             for point in zip(r.steps, r.cpu_time, r.loss, r.metric):
-                w.writerow(head + [_cell(v) for v in point])
-            if not r.steps:
-                w.writerow(head + [""] * len(_POINT_FIELDS))
+                w.writerow([r.suite, r.method, r.seed, *(_cell(v) for v in point)])
+    with open_output(runs_path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_KEY_FIELDS + _RUN_FIELDS)
+        for r in runs:
+            scalars = (r.step_time, r.time_to_target, r.peak_memory)
+            w.writerow([r.suite, r.method, r.seed, len(r.steps), *(_cell(v) for v in scalars)])
 
 
 def _cell(v) -> str:
@@ -246,29 +187,31 @@ def _opt(s: str, cast):
     return None if s == "" else cast(s)
 
 
-def read_csv(path: Path) -> list[Run]:
-    """The runs of a ``results.csv``, in file order."""
+def read_csv(path: Path, runs_path: Path | None = None) -> list[Run]:
+    """The runs of a ``results.csv`` and its ``runs.csv``, in file order (``extra`` is empty:
+    it lives in results.json)."""
+    path = Path(path)
+    runs_path = path.with_name("runs.csv") if runs_path is None else Path(runs_path)
     runs: dict[tuple[str, str, int], Run] = {}
+    with open(runs_path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["suite"], row["method"], int(row["seed"]))
+            runs[key] = Run(
+                suite=key[0],
+                method=key[1],
+                seed=key[2],
+                step_time=_opt(row["step_time"], float),
+                time_to_target=_opt(row["time_to_target"], float),
+                peak_memory=_opt(row["peak_memory"], int),
+            )
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             key = (row["suite"], row["method"], int(row["seed"]))
             if key not in runs:
-                runs[key] = Run(
-                    suite=key[0],
-                    method=key[1],
-                    seed=key[2],
-                    step_time=_opt(row["step_time"], float),
-                    time_to_target=_opt(row["time_to_target"], float),
-                    peak_memory=_opt(row["peak_memory"], int),
-                    extra=json.loads(row["extra"]),
-                )
-            if row["step"] != "":
-                runs[key].record(
-                    int(row["step"]),
-                    float(row["cpu_time"]),
-                    float(row["loss"]),
-                    float(row["metric"]),
-                )
+                raise ValueError(f"Invalid {path}: run {key} is not in {runs_path}")
+            runs[key].record(
+                int(row["step"]), float(row["cpu_time"]), float(row["loss"]), float(row["metric"])
+            )
     return list(runs.values())
 
 
@@ -280,74 +223,3 @@ def write_summary_csv(path: Path, rows: Sequence[Row]) -> None:
         w.writerow(fields)
         for r in rows:
             w.writerow([_cell(getattr(r, k)) for k in fields])
-
-
-def _band(runs: Sequence[Run], x_of, y_of, points: int = 200):
-    """Median and min/max over seeds on a common x grid (linear interpolation, NaN outside)."""
-    curves = [(np.asarray(x_of(r), float), np.asarray(y_of(r), float)) for r in runs]
-    curves = [(x, y) for x, y in curves if len(x)]
-    if not curves:
-        return None
-    if all(len(x) == len(curves[0][0]) and np.array_equal(x, curves[0][0]) for x, _ in curves):
-        grid, ys = curves[0][0], np.stack([y for _, y in curves])
-    else:
-        grid = np.linspace(0.0, max(x[-1] for x, _ in curves), points)
-        ys = np.stack([np.where(grid <= x[-1], np.interp(grid, x, y), np.nan) for x, y in curves])
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after a divergence
-        return grid, np.nanmedian(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
-
-
-def _all_positive(runs: Sequence[Run], y_of) -> bool:
-    values = np.concatenate([np.asarray(y_of(r), float) for r in runs] or [np.zeros(0)])
-    values = values[np.isfinite(values)]
-    return bool(values.size) and bool((values > 0).all())
-
-
-def plot_suite(out: Path, suite: Suite, runs: Sequence[Run]) -> list[Path]:
-    """Write the suite's plots into ``out``; returns the paths written.
-
-    The loss (and a lower-is-better metric) use a log axis when ``suite.log_loss`` is set and
-    every finite value is positive.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(r.method for r in runs))
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-    written = []
-    has_metric = any(not math.isnan(v) for r in runs for v in r.metric)
-    panels = [("loss", suite.loss_name, lambda r: r.loss, suite.log_loss)]
-    if has_metric:
-        panels.append(("metric", suite.metric_name, lambda r: r.metric, not suite.higher_is_better))
-    for kind, label, y_of, log in panels:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, (xlabel, x_of) in zip(
-            axes, (("step", lambda r: r.steps), ("CPU time [s]", lambda r: r.cpu_time))
-        ):
-            for m in methods:
-                band = _band([r for r in runs if r.method == m], x_of, y_of)
-                if band is None:
-                    continue
-                grid, med, lo, hi = band
-                ax.plot(grid, med, color=colors[m], label=m, lw=1.4)
-                ax.fill_between(grid, lo, hi, color=colors[m], alpha=0.2, lw=0)
-            if log and _all_positive(runs, y_of):
-                ax.set_yscale("log")
-            if kind == "metric" and suite.target is not None:
-                ax.axhline(suite.target, color="gray", ls="--", lw=0.8)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7, loc="best")
-        fig.suptitle(f"{suite.name}: {label} (median over seeds, band = min/max)")
-        fig.tight_layout()
-        path = Path(out) / f"{suite.name}_{kind}.png"
-        with open_output(path, "wb") as f:
-            fig.savefig(f, dpi=110, format="png")
-        plt.close(fig)
-        written.append(path)
-    return written

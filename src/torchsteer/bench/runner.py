@@ -3,8 +3,9 @@
 :func:`run_suites` resolves the suite names (none given: every suite with ``quick_default``),
 runs each suite with a :class:`~torchsteer.bench.registry.Context` whose ``advance`` moves
 the suite's progress bar, checks what the suite returned, fills ``time_to_target`` from the
-curves where the suite has a target and left it unset, then prints the tables and writes
-``results.json``, ``results.csv``, ``summary.csv`` and the plots into the output folder.
+curves where the suite has a target and left it unset, prints the suite's table as soon as it
+ends, then writes ``results.json``, ``results.csv``, ``runs.csv``, ``summary.csv`` and the plots
+into the output folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from torchsteer.bench import output, report
+from torchsteer.bench.custom import is_spec, load
 from torchsteer.bench.registry import Context, Run, Suite, suites
 from torchsteer.bench.training import time_to_target
 
@@ -27,18 +29,28 @@ if TYPE_CHECKING:
 __all__ = ["resolve", "run_suites"]
 
 
-def resolve(names: Sequence[str] | None) -> list[Suite]:
-    """The suites to run: those named (in order), else all with ``quick_default``."""
+def resolve(names: Sequence[str | Suite] | None) -> list[Suite]:
+    """The suites to run: those named (in order), else all with ``quick_default``.
+
+    An entry may also be a :class:`Suite` (run as it is, without registering it) or a
+    ``"path/to/file.py:make_suite"`` spec of a user's suite (:func:`torchsteer.bench.custom.load`).
+    """
     known = suites()
     if not names:
         return [s for _, s in sorted(known.items()) if s.quick_default]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if isinstance(n, str) and n not in known and not is_spec(n)]
     if unknown:
         raise ValueError(
             f"Invalid suite: {', '.join(map(repr, unknown))}; known suites: "
             f"{', '.join(sorted(known))}"
         )
-    return [known[n] for n in dict.fromkeys(names)]
+    out: dict[str, Suite] = {}
+    for n in names:
+        suite = n if isinstance(n, Suite) else known[n] if n in known else load(n)
+        if out.get(suite.name, suite) is not suite:
+            raise ValueError(f"Invalid suite: two different suites are named {suite.name!r}")
+        out[suite.name] = suite
+    return list(out.values())
 
 
 def _check(suite: Suite, runs) -> list[Run]:
@@ -55,7 +67,7 @@ def _check(suite: Suite, runs) -> list[Run]:
 
 
 def run_suites(
-    names: Sequence[str] | None = None,
+    names: Sequence[str | Suite] | None = None,
     *,
     quick: bool = False,
     seeds: Sequence[int] = (0,),
@@ -69,13 +81,16 @@ def run_suites(
     """Run suites, print their tables and write the results into ``out``.
 
     Args:
-        names: suite names; ``None`` or empty runs every suite with ``quick_default``.
+        names: suite names, :class:`Suite` objects or ``"file.py:make_suite"`` specs
+            (:func:`resolve`); ``None`` or empty runs every suite with ``quick_default``.
         quick: the small configuration of each suite.
         seeds: the seeds handed to every suite.
         out: output folder (created). It must not hold an earlier run's files unless
             ``overwrite``, and no file is written through a symbolic link
             (:mod:`torchsteer.bench.output`).
-        console: a ``rich.console.Console`` (default: a new one on stdout).
+        console: a ``rich.console.Console`` (default: a new one on stdout). The progress
+            bar shows only when it is a terminal; each suite's table is printed as soon as
+            that suite ends.
         threads: ``torch.set_num_threads`` during the run (restored after); ``None`` leaves it.
         plots: write the PNG plots.
         keep_going: when a suite raises, print its traceback, list it under
@@ -109,7 +124,7 @@ def run_suites(
         TimeElapsedColumn(),
     )
     try:
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
             for suite in selected:
                 units = suite.units(quick, seeds)
                 task = progress.add_task(suite.name, total=units)
@@ -139,6 +154,8 @@ def run_suites(
                     f"{timing[suite.name]['wall_s']:.1f} wall s"
                 )
                 progress.update(task, completed=units)
+                rows = report.summarize(suite, results[suite.name][1])
+                report.print_table(progress.console, suite, rows)
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
@@ -153,11 +170,7 @@ def run_suites(
         "python": platform.python_version(),
         "threads": threads,
     }
-    rows: list[report.Row] = []
-    for suite, runs in results.values():
-        suite_rows = report.summarize(suite, runs)
-        rows += suite_rows
-        report.print_table(console, suite, suite_rows)
+    rows = [row for suite, runs in results.values() for row in report.summarize(suite, runs)]
     report.write_json(out / "results.json", results, meta)
     report.write_csv(out / "results.csv", [r for _, runs in results.values() for r in runs])
     report.write_summary_csv(out / "summary.csv", rows)

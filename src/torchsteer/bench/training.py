@@ -28,19 +28,17 @@ call ``backward``: Sven's contract).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from torchsteer.bench.memory import peak_memory
 from torchsteer.bench.registry import Context, Run
 
 __all__ = [
@@ -210,20 +208,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(size(s) for s in optimizer.state.values())
 
 
-@contextlib.contextmanager
-def _silence_stderr():
-    """Mute file descriptor 2 (the profiler's C++ start/stop lines)."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-
-
 def peak_step_memory(
     method: Method,
     model: nn.Module,
@@ -235,28 +219,18 @@ def peak_step_memory(
     """Peak CPU bytes torch allocates during ``steps`` steps of ``method`` on ``(x, y)``.
 
     Runs on a deep copy of ``model`` with a fresh optimizer (the RNG state is restored after),
-    under ``torch.profiler`` with ``profile_memory=True``; the peak of the running sum of the
-    allocation events, above the start. Returns ``None`` when the profiler does not expose
-    its memory events.
+    measured by :func:`torchsteer.bench.memory.peak_memory` (torch's allocations only): the
+    peak of the running sum of the profiler's allocation events, above the start. Returns
+    ``None`` when the profiler does not expose its memory events.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     probe = copy.deepcopy(model)
     optimizer = method.make(probe)
-    try:
-        with torch.random.fork_rng(devices=[]), _silence_stderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                for _ in range(steps):
-                    method.step(optimizer, probe, loss_fn, x, y)
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        events.sort(key=lambda e: e.start_ns())
-        total = peak = 0
-        for e in events:
-            total += e.nbytes()
-            peak = max(peak, total)
-    except (AttributeError, RuntimeError):
-        return None
-    return peak
+
+    def steps_on_probe():
+        for _ in range(steps):
+            method.step(optimizer, probe, loss_fn, x, y)
+
+    return peak_memory(steps_on_probe)
 
 
 def _evaluate(model, loss_fn, x, y, metric_fn) -> tuple[float, float]:

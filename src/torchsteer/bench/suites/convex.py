@@ -18,10 +18,11 @@ per iteration, CPU time to the target in ``time_to_target`` and, in ``extra``: `
 tries included: RegularizedNewton's tries, SciPy trust-region iterations, Newton-CG's CG
 solves; None for the first-order arms), ``accepted`` (steps that moved x), ``fg_calls``
 (function and gradient evaluations), ``hvp_calls`` (curvature-vector products), ``hessians``
-(dense curvature matrices), ``reached``. ``iterations`` is what each method calls one: an
+(dense curvature matrices), ``reached``; ``peak_memory`` from two iterations of a second
+run. ``iterations`` is what each method calls one: an
 accepted step for RegularizedNewton and torch L-BFGS, SciPy's iteration count (one per
 subproblem solve, rejected trust-region steps included) for SciPy. Quick mode: d = 100,
-breast-cancer, digits and the MLP (~1 CPU minute).
+breast-cancer, digits and the MLP (~50 CPU s with the memory probes).
 
 References:
     Semenov, Jaggi, Doikov, arXiv:2506.13710 (2026).
@@ -34,6 +35,7 @@ import warnings
 import numpy as np
 import torch
 
+from torchsteer.bench.memory import peak_memory
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.suites import _convex_problems as problems
 from torchsteer.bench.suites._convex_arms import (
@@ -136,9 +138,16 @@ def budget(arm: Arm, quick: bool) -> int:
 
 
 def run_arm(arm: Arm, problem: problems.Problem, quick: bool, seed: int = 0) -> Run:
-    """One arm on one problem, labelled ``"<problem> | <arm>"``."""
+    """One arm on one problem, labelled ``"<problem> | <arm>"``.
+
+    ``peak_memory``: a second run of the arm from the same start, two iterations, after the
+    timed one: torch's CPU allocations plus what tracemalloc traces (Python objects and NumPy
+    arrays: the SciPy and gradient-descent arms compute in NumPy), see
+    :mod:`torchsteer.bench.memory`.
+    """
     torch.manual_seed(seed)
     r = arm.run(problem, budget(arm, quick))
+    r.peak_memory = peak_memory(lambda: arm.run(problem, 2), python=True)
     r.method, r.seed = f"{problem.name} | {arm.name}", seed
     r.extra.update(problem=problem.name, arm=arm.name, d=problem.d)
     return r

@@ -13,6 +13,8 @@ streaming KL-DRO and KL-DRO with Group-DRO class weights (:class:`DROWeighting`)
 training loss of the epoch (unweighted), ``Run.extra`` holds ``clean_acc``, ``robust_acc``,
 ``worst_class_robust_acc``, ``worst_class``, ``per_class_robust_acc`` at the end, the
 ``tail_*`` averages and, with ``Config.diagnose``, the same on the training set and the ESS.
+``Run.peak_memory``: two steps on a copy of the fresh model, optimizer and weighting, on the
+first batch (torch's CPU allocations, :mod:`torchsteer.bench.memory`).
 :func:`measure_overhead` times one training step of every arm against plain AT, interleaved.
 
 Splits (``Config.split``): ``"legacy"``, the data loader's (the first 359 rows are the test
@@ -30,6 +32,7 @@ average is kept as the ``tail_*`` metrics (less epoch-to-epoch noise than the la
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -44,6 +47,7 @@ from torch import nn
 
 from torchsteer.bench import data
 from torchsteer.bench.attacks import pgd_attack
+from torchsteer.bench.memory import peak_memory
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.bench.suites._dro_splits import (
     SPLITS,
@@ -212,6 +216,12 @@ def train_arm(arm: Arm, seed: int, config: Config, dataset=None) -> Run:
     weighting = arm.make()
     generator = torch.Generator().manual_seed(seed)
     run = Run(suite=NAME, method=arm.name, seed=seed)
+    probe = copy.deepcopy((model, optimizer, weighting))
+    probe_gen = torch.Generator().set_state(generator.get_state())
+    xb, yb = xtr[: config.batch_size], ytr[: config.batch_size]
+    run.peak_memory = peak_memory(
+        lambda: [at_step(*probe, xb, yb, config, probe_gen) for _ in range(2)]
+    )
     cpu, steps = 0.0, 0
     tail: list[dict] = []
     ess: list[float] = []

@@ -17,7 +17,10 @@ The metric is the final test accuracy; ``Run.extra`` keeps ``spike``, ``model``,
 for the limiter arms, the per-step ``r`` (before limiting) and ``scale``. Each run trains the
 50 steps before the spike once and branches for every spike size (the trajectories are
 identical up to the spike). Quick mode: the 10,000x spike, seed 0, the MLP and the
-Transformer. Full mode: spikes 1x (none), 10x, 100x, 1,000x, 10,000x and all three models.
+Transformer, 100 steps (50 after the spike) on the first 720 training rows (the test set is
+the same). Full mode: 200 steps on all the training rows, spikes 1x (none), 10x, 100x,
+1,000x, 10,000x and all three models. ``peak_memory``: two steps on a copy of the fresh
+state, torch's CPU allocations (:mod:`torchsteer.bench.memory`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchsteer.bench import data
+from torchsteer.bench.memory import peak_memory
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.control.radius import RadiusLimiter
 
@@ -39,6 +43,7 @@ NAME = "lr-spike"
 LR, STEPS, SPIKE_AT = 0.015, 200, 50
 FULL_SPIKES = (1, 10, 100, 1_000, 10_000)
 QUICK_SPIKES = (10_000,)
+QUICK_STEPS, QUICK_TRAIN = 100, 720  # quick: 50 steps after the spike, half the training rows
 ARMS = ("plain", "clip", "limiter", "limiter -g")
 
 
@@ -143,9 +148,17 @@ def _train(state, arm, steps, spike, x, y, xt, yt, run, clock_state):
             run.record(t + 1, clock_state[0], loss, _accuracy(model, xt, yt))
 
 
-def run_branches(model_name: str, arm: str, seed: int, spikes, steps: int = STEPS) -> list[Run]:
-    """One (model, arm, seed): the steps before the spike once, then one branch per spike."""
+def run_branches(
+    model_name: str, arm: str, seed: int, spikes, steps: int = STEPS, n_train: int | None = None
+) -> list[Run]:
+    """One (model, arm, seed): the steps before the spike once, then one branch per spike.
+
+    ``n_train`` keeps the first rows of the training set (``None``: all); ``peak_memory`` is
+    measured on two steps of a copy of the fresh model, optimizer and limiter
+    (:func:`torchsteer.bench.memory.peak_memory`, torch's CPU allocations).
+    """
     x, y, xt, yt = data.digits()
+    x, y = x[:n_train], y[:n_train]
     model = make_model(model_name, seed)
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     limiter = None
@@ -153,6 +166,8 @@ def run_branches(model_name: str, arm: str, seed: int, spikes, steps: int = STEP
         limiter = RadiusLimiter(model, direction="neg_grad" if arm.endswith("-g") else "update")
     method = f"{model_name} | {arm}"
     head = Run(suite=NAME, method=method, seed=seed, extra={"r": [], "scale": []})
+    probe = copy.deepcopy((model, opt, limiter))
+    head.peak_memory = peak_memory(lambda: [_step(arm, *probe, x, y) for _ in range(2)])
     head.record(0, 0.0, float("nan"), _accuracy(model, xt, yt))
     clock = [0.0, 0]
     _train((model, opt, limiter), arm, range(SPIKE_AT), 1, x, y, xt, yt, head, clock)
@@ -179,9 +194,10 @@ def jobs(quick: bool, seeds) -> list[tuple[str, str, int]]:
 
 def run(ctx: Context) -> list[Run]:
     spikes = QUICK_SPIKES if ctx.quick else FULL_SPIKES
+    steps, n_train = (QUICK_STEPS, QUICK_TRAIN) if ctx.quick else (STEPS, None)
     out = []
     for model_name, arm, seed in jobs(ctx.quick, ctx.seeds):
-        out += run_branches(model_name, arm, seed, spikes)
+        out += run_branches(model_name, arm, seed, spikes, steps, n_train)
         ctx.advance()
     return out
 

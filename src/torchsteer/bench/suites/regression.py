@@ -22,8 +22,9 @@ and Sven at the issue's lr 0.1, rank 64 (its functional path ``step(batch=(x, y)
   the effective step, so it is reported as its own arm, not as "Sven at lr 0.1").
 
 Evaluation every 10 steps (the time to 1e-4 is resolved to 10 steps: about 15 ms of Adam,
-50 ms of Sven). Quick mode: 2k/2k points, 150 epochs, seed 0 (a CPU minute or two). Full mode:
-10k/10k points, 200 epochs, the seeds given (``--seeds 3`` = 0, 1, 2).
+50 ms of Sven). Quick mode: 2k/2k points, 60 epochs (960 steps; L-BFGS 40 full-batch steps),
+seed 0 (see ``docs/bench.md`` for its measured CPU time). Full mode: 10k/10k points, 200
+epochs, the seeds given (``--seeds 3`` = 0, 1, 2).
 
 Adding a method: append a :class:`~torchsteer.bench.training.Method` to the list that
 :func:`methods` returns. An optimizer with the Sven closure contract (the closure returns the
@@ -77,7 +78,7 @@ class Config:
         return self.epochs * -(-self.n_train // self.batch_size)
 
 
-QUICK = Config(n_train=2_000, n_val=2_000, epochs=150, lbfgs_steps=100)
+QUICK = Config(n_train=2_000, n_val=2_000, epochs=60, lbfgs_steps=40)
 FULL = Config(n_train=10_000, n_val=10_000, epochs=200, lbfgs_steps=500)
 
 

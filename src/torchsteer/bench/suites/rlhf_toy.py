@@ -39,12 +39,14 @@ than 20 % below its running max within 50 steps; counted per onset), mean and fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 
+from torchsteer.bench.memory import peak_memory
 from torchsteer.bench.registry import Context, Run, Suite, register
 from torchsteer.control.kl import (
     AdaptiveKLController,
@@ -165,6 +167,36 @@ def crashes(series: list[float], ma: int = 20, drop: float = 0.2, within: int = 
     return count
 
 
+def _ppo_step(task, cfg, table, bias, opt, controller, gen, pos):
+    """One PPO step (sample, ``cfg.epochs`` epochs, controller update); returns the batch's
+    proxy and gold rewards, the per-token KL and the entropy of the first epoch."""
+    with torch.no_grad():
+        theta = task.ref + table + cfg.shared * bias
+        x, prev = _sample(theta, cfg, gen)
+        gold = task.quality[x].mean(1)
+        frac = (x == task.star).to(gold.dtype).mean(1)
+        proxy = gold + cfg.spike * frac**cfg.spike_power
+        adv = ((proxy - proxy.mean()) / (proxy.std() + 1e-8))[:, None]
+        lp_old = torch.log_softmax(theta[pos, prev], -1).gather(-1, x[..., None])[..., 0]
+    for epoch in range(cfg.epochs):
+        logits = task.ref[pos, prev] + table[pos, prev] + cfg.shared * bias
+        logp = torch.log_softmax(logits, -1)
+        ratio = (logp.gather(-1, x[..., None])[..., 0] - lp_old).exp()
+        loss = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv).mean()
+        kl = kl_exact(logits, task.ref[pos, prev]).mean()
+        if epoch == 0:
+            kl_step = kl.detach()
+            entropy = -(logp.exp() * logp).sum(-1).mean().detach()
+        if controller is not None:
+            loss = loss + controller.penalty(kl)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if controller is not None:
+        controller.update(kl=kl_step, entropy=entropy, reward=proxy.mean(), n_steps=cfg.batch_size)
+    return proxy, gold, kl_step, entropy
+
+
 def train_arm(arm: str, seed: int, cfg: Config) -> Run:
     """Train one arm on one seed's task; returns the Run with curves and metrics."""
     task = make_task(seed, cfg)
@@ -177,34 +209,15 @@ def train_arm(arm: str, seed: int, cfg: Config) -> Run:
     run = Run(suite=NAME, method=arm, seed=seed)
     curves = {"proxy": [], "entropy": [], "coef": [], "threshold": []}
     cpu = 0.0
+    state = (table, bias, opt, controller)
+    probe = copy.deepcopy(state)
+    probe_gen = torch.Generator().set_state(gen.get_state())
+    run.peak_memory = peak_memory(
+        lambda: [_ppo_step(task, cfg, *probe, probe_gen, pos) for _ in range(2)]
+    )
     for step in range(cfg.steps):
         t0 = time.process_time()
-        with torch.no_grad():
-            theta = task.ref + table + cfg.shared * bias
-            x, prev = _sample(theta, cfg, gen)
-            gold = task.quality[x].mean(1)
-            frac = (x == task.star).to(gold.dtype).mean(1)
-            proxy = gold + cfg.spike * frac**cfg.spike_power
-            adv = ((proxy - proxy.mean()) / (proxy.std() + 1e-8))[:, None]
-            lp_old = torch.log_softmax(theta[pos, prev], -1).gather(-1, x[..., None])[..., 0]
-        for epoch in range(cfg.epochs):
-            logits = task.ref[pos, prev] + table[pos, prev] + cfg.shared * bias
-            logp = torch.log_softmax(logits, -1)
-            ratio = (logp.gather(-1, x[..., None])[..., 0] - lp_old).exp()
-            loss = -torch.min(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv).mean()
-            kl = kl_exact(logits, task.ref[pos, prev]).mean()
-            if epoch == 0:
-                kl_step = kl.detach()
-                entropy = -(logp.exp() * logp).sum(-1).mean().detach()
-            if controller is not None:
-                loss = loss + controller.penalty(kl)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if controller is not None:
-            controller.update(
-                kl=kl_step, entropy=entropy, reward=proxy.mean(), n_steps=cfg.batch_size
-            )
+        proxy, gold, kl_step, entropy = _ppo_step(task, cfg, *state, gen, pos)
         cpu += time.process_time() - t0
         run.record(step + 1, cpu, kl_step.item(), gold.mean().item())
         curves["proxy"].append(proxy.mean().item())
