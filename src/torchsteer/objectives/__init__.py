@@ -4,6 +4,7 @@
 - :mod:`.preference`: f-DPO (DPO under reverse KL, JS, alpha and forward-KL constraints).
 - :mod:`.penalties`: per-token reverse-KL / forward-KL / JS penalties whose value and gradient
   are the named divergence, on policy or reference (DPH-RL rehearsal) samples.
+- :mod:`.reference`: a SALSA weight-soup reference (averaged state dicts).
 - :mod:`.weights`: PACED Beta-kernel weights, APO's difficulty-adaptive KL (a KL controller) and
   its length-aware advantage (STCR).
 
@@ -13,6 +14,7 @@ k3 estimators, in :data:`torchsteer.control.kl.estimators.ESTIMATORS`).
 
 from torchsteer.objectives.penalties import PENALTIES, divergence_penalty, rehearsal_prompts
 from torchsteer.objectives.preference import DIVERGENCES, f_dpo_logits, f_dpo_loss
+from torchsteer.objectives.reference import soup_reference
 from torchsteer.objectives.target import kl_regularized_target, kl_regularized_value
 from torchsteer.objectives.weights import (
     DifficultyAdaptiveKL,
@@ -35,5 +37,6 @@ __all__ = [
     "kl_regularized_value",
     "pass_rates",
     "rehearsal_prompts",
+    "soup_reference",
     "stcr_advantages",
 ]
