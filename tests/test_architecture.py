@@ -26,6 +26,7 @@ ALLOWED = {
     "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
     "bench": {"bench", "callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
     "divergence": {"divergence", "distributed"},
+    "objectives": {"objectives", "control", "distributed"},
     "distributed.py": set(),
 }
 LIGHTNING_OK = {"callbacks", "bench"}
@@ -99,7 +100,7 @@ def test_only_distributed_py_calls_torch_distributed():
 def test_lightning_free_packages_do_not_load_lightning():
     code = (
         "import sys, torchsteer.optim, torchsteer.control, torchsteer.jacobian, "
-        "torchsteer.linalg, torchsteer.distributed, torchsteer.divergence; "
+        "torchsteer.linalg, torchsteer.distributed, torchsteer.divergence, torchsteer.objectives; "
         "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,9 +17,10 @@ Example::
 
         def training_step(self, batch, batch_idx):
             ...
-            kl = kl_estimate(logp, logp_ref, mask)
-            loss = pg_loss + self.kl_coef * kl            # or self.kl_controller.penalty(kl)
-            return {"loss": loss, "kl": kl.detach(), "entropy": ent, "reward": r.mean()}
+            pen = kl_estimate(logp, logp_ref, mask, kind="k2")  # gradient: reverse KL
+            loss = pg_loss + self.kl_coef * pen           # or self.kl_controller.penalty(pen)
+            kl = kl_estimate(logp.detach(), logp_ref, mask, kind="k3")  # unbiased value
+            return {"loss": loss, "kl": kl, "entropy": ent, "reward": r.mean()}
 
     ctl = PIDKLController(target=0.3)
     trainer = L.Trainer(callbacks=[KLControl(ctl)])

@@ -11,10 +11,14 @@ Example::
 
     ctl = PIDKLController(target=0.3, kp=1.0, ki=0.05)
     for batch in data:
-        kl = kl_estimate(logp, logp_ref, mask)          # differentiable
-        loss = pg_loss + ctl.penalty(kl)
+        pen = kl_estimate(logp, logp_ref, mask, kind="k2")  # gradient: grad KL(pi || pi_ref)
+        loss = pg_loss + ctl.penalty(pen)
         loss.backward(); opt.step(); opt.zero_grad()
-        ctl.update(kl=kl.detach(), entropy=entropy, reward=reward.mean())
+        kl = kl_estimate(logp.detach(), logp_ref, mask, kind="k3")  # unbiased value
+        ctl.update(kl=kl, entropy=entropy, reward=reward.mean())
+
+(k3 in the loss would have the gradient of the *forward* KL(pi_ref || pi); see
+:data:`~torchsteer.control.kl.estimators.ESTIMATORS`.)
 
 References:
     Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv 1909.08593

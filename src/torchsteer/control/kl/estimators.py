@@ -7,6 +7,21 @@ Tokens x_t are sampled from pi. With the log-ratio r_t = log pi_ref(x_t) - log p
     k3 = (exp(r_t) - 1) - r_t        unbiased, non-negative, low variance
 
 E_pi[k1] = E_pi[k3] = KL(pi || pi_ref) exactly; E_pi[k2] = KL + O(|pi - pi_ref|^3).
+
+Used as a *loss* (the sampled tokens held fixed, the gradient through log pi only), their
+expected gradients are not all the gradient of the KL they estimate. With g = grad log pi(x)
+and E_pi[g] = 0:
+
+    E_pi[grad k1] = E_pi[g]                          = 0
+    E_pi[grad k2] = E_pi[(log pi - log pi_ref) g]    = grad KL(pi || pi_ref)   (reverse KL)
+    E_pi[grad k3] = E_pi[(1 - pi_ref / pi) g]
+                  = -sum_x pi_ref(x) grad log pi(x)  = grad KL(pi_ref || pi)   (forward KL)
+
+so k3 in the loss (TRL GRPO's default, verl's ``low_var_kl``) is a forward-KL penalty. The
+table :data:`ESTIMATORS` declares each estimator's value and gradient;
+``tests/control/test_kl_gradient_semantics.py`` checks both by exact enumeration. For a
+penalty whose gradient is the reverse KL use ``kind="k2"`` (or the exact KL); k1 and k3 are
+the unbiased *values* (for logging and for the controllers' ``update``).
 Where the full distributions are at hand (small vocabularies) :func:`kl_exact` gives
 sum_v pi(v) (log pi(v) - log pi_ref(v)) per position, with no sampling noise at all.
 
@@ -19,12 +34,31 @@ References:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["double_softmin", "kl_estimate", "kl_exact", "masked_mean"]
+__all__ = ["ESTIMATORS", "Semantics", "double_softmin", "kl_estimate", "kl_exact", "masked_mean"]
 
-_KINDS = ("k1", "k2", "k3")
+
+class Semantics(NamedTuple):
+    """What an estimator's expected value and expected loss gradient equal (samples x ~ pi).
+
+    ``value`` / ``gradient``: ``"reverse_kl"`` (KL(pi || pi_ref) and its gradient),
+    ``"forward_kl"`` (KL(pi_ref || pi)), ``"zero"``, or ``"half_squared_log_ratio"``
+    (E_pi[(log pi - log pi_ref)^2] / 2, which equals the reverse KL to second order).
+    """
+
+    value: str
+    gradient: str
+
+
+ESTIMATORS: dict[str, Semantics] = {
+    "k1": Semantics(value="reverse_kl", gradient="zero"),
+    "k2": Semantics(value="half_squared_log_ratio", gradient="reverse_kl"),
+    "k3": Semantics(value="reverse_kl", gradient="forward_kl"),
+}
+_KINDS = tuple(ESTIMATORS)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None, dim=None) -> torch.Tensor:
@@ -61,7 +95,9 @@ def kl_estimate(
         logp: log pi(x_t) of the sampled tokens, shape ``(B, T)`` (any shape works).
         logp_ref: log pi_ref(x_t), same shape.
         mask: 1 for response tokens, 0 for padding; None means all tokens count.
-        kind: ``"k1"``, ``"k2"`` or ``"k3"`` (see the module docstring).
+        kind: ``"k1"``, ``"k2"`` or ``"k3"`` (see the module docstring). As a loss term only
+            ``"k2"`` has the reverse-KL gradient (``"k3"``: forward KL, ``"k1"``: zero); see
+            :data:`ESTIMATORS`.
         reduction: ``"none"`` (per-token estimates, padding zeroed), ``"mean"`` (mean over the
             unmasked tokens: per-token KL), ``"sequence"`` (sum over the last dimension, mean
             over sequences: per-sequence KL).
