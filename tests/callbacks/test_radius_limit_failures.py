@@ -203,3 +203,30 @@ def test_a_nan_gradient_is_skipped_before_adam_sees_it(tmp_path):
     for k, state in opt.state_dict()["state"].items():
         for name, t in state.items():
             torch.testing.assert_close(ours[k][name], t, rtol=1e-12, atol=1e-12)
+
+
+class _InfAt(Module):
+    def on_after_backward(self):
+        if self.trainer.global_step == 1:
+            self.net[3].weight.grad[0, 1] = float("inf")  # a loss-scale overflow
+
+
+def test_a_grad_scaler_skips_inf_steps_itself(tmp_path):
+    """Under fp16 AMP's GradScaler an Inf gradient is an overflow the scaler skips (and then
+    lowers the scale): the limiter does not raise on it, and the run equals the hand-written
+    loop without that step (the model is float64, so scaling by 2^16 is exact)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu")
+    module, callback = _InfAt(), RadiusLimit(r_max=0.05)
+    trainer = quiet_trainer(
+        max_steps=4,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    trainer.fit(module, _loader())
+    assert scaler.get_scale() == 2.0**15  # the overflow step was the scaler's to skip
+    net, _, limiter = _hand_loop(3, r_max=0.05)
+    assert callback.limiter.limited == limiter.limited == 3 and callback.limiter.skipped == 0
+    _assert_params(module, net)

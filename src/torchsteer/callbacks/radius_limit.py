@@ -161,8 +161,10 @@ class RadiusLimit(pl.Callback):
             # a later closure call of the same step (LBFGS evaluates it several times inside
             # step(), and Lightning runs this hook after each): theta_old is the first call's
             return
-        # another optimizer of this batch (manual optimization) joins the pending step
-        self.limiter.before_step(optimizer, self._inputs(self._batch))
+        # another optimizer of this batch (manual optimization) joins the pending step; under
+        # a GradScaler (fp16 AMP) an Inf gradient is the scaler's to skip, not an error
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self.limiter.before_step(optimizer, self._inputs(self._batch), check_gradients=not scaled)
 
     @override
     def on_train_batch_end(

@@ -242,9 +242,10 @@ class RadiusLimiter:
         """Snapshot theta_old (``"update"``), or measure along -g and scale the lr.
 
         ``"update"``: with ``check_gradients`` the gradients present are checked first (see
-        ``nonfinite``). Called again, for another optimizer, before :meth:`after_step`: that
-        optimizer joins this step (its theta_old is taken now, before it steps); for an
-        optimizer already in this step it starts the step over.
+        ``nonfinite``; pass False under a ``GradScaler``, which skips overflow steps itself).
+        Called again, for another optimizer, before :meth:`after_step`: that optimizer joins
+        this step (its theta_old is taken now, before it steps); for an optimizer already in
+        this step it starts the step over.
         """
         pending = self._pending
         if pending is not None and pending.has(optimizer):
