@@ -50,16 +50,24 @@ class _Slot:
 
 
 def _gradients_finite(named) -> bool:
-    """``max_i |g_i|`` over the gradients present is finite (the infinity norm: NaN and Inf
-    propagate, and unlike ``|g|_2`` it cannot overflow for finite gradients). One reduction
-    per tensor on its device and one transfer of a flag."""
+    """Every entry of the gradients present is finite.
+
+    ``sum_t |g_t|_2`` is finite exactly when every entry is, unless a finite gradient's
+    squares overflow; so that sum (one foreach norm, one transfer) decides, and only when it
+    is not finite does ``max_i |g_i|`` (the infinity norm: NaN and Inf propagate, no
+    overflow) settle whether an entry is NaN/Inf. Measured (``benchmarks/radius_guard.py``,
+    lr-spike MLP, 1 thread, a loaded machine): about 0.2 ms, 1.3 % of a limited step.
+    """
     grads = [p.grad for _, p in named if p.grad is not None]
     if not grads:
         return True
     grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    norms = torch._foreach_norm(grads, ord=math.inf)
-    if len({(n.dtype, n.device) for n in norms}) > 1:
-        norms = [n.double().cpu() for n in norms]
+    for order in (2.0, math.inf):
+        norms = torch._foreach_norm(grads, ord=order)
+        if len({(n.dtype, n.device) for n in norms}) > 1:
+            norms = [n.double().cpu() for n in norms]
+        if order == 2.0 and math.isfinite(torch.stack(norms).sum().item()):
+            return True
     return bool(torch.stack(norms).isfinite().all())
 
 
