@@ -111,7 +111,7 @@ class RadiusLimiter:
         nonfinite: when a gradient, r or the update is NaN/Inf: ``"raise"`` (restore
             theta_old, then ValueError) or ``"skip"`` (restore theta_old and count the step as
             skipped). The gradients present at :meth:`before_step` are checked there, before
-            the optimizer steps (``max |g|`` finite), so a bad batch never reaches the
+            the optimizer steps (every entry finite), so a bad batch never reaches the
             optimizer's state (Adam's moments): ``"raise"`` raises with the optimizer
             untouched, ``"skip"`` sets those gradients to None, so that the optimizer's
             ``step()`` leaves every parameter and its state alone (torch.optim skips a
