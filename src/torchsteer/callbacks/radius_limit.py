@@ -22,6 +22,18 @@ parameters per step; with the default logits and a ``training_step`` that calls
 that forward's activations (see :class:`RadiusLimiter`, ``reuse_forward``; its forward hooks
 on the module are removed in ``teardown``).
 
+Several optimizers (manual optimization): each one's ``on_before_optimizer_step`` adds its
+parameters to the batch's snapshot, and ``on_train_batch_end`` measures and rescales their
+combined update. A failure after a step and before ``on_train_batch_end`` (an exception in
+``training_step`` after ``opt.step()``, in another callback's ``on_train_batch_end``) restores
+the snapshot in ``on_exception``, which runs before ``OnExceptionCheckpoint`` saves (Lightning
+orders checkpoint callbacks last): no unlimited step is written. ``direction="neg_grad"``
+with ``Trainer(gradient_clip_val=...)`` raises in ``setup``: Lightning clips the gradients
+after ``on_before_optimizer_step``, so the radius would be measured along the unclipped
+gradient and the step limited twice (``direction="update"`` measures the update after
+clipping). ``state_key`` carries the configuration, so several instances (say a limiter and
+a monitor of the applied step with another ``log_prefix``) can share a Trainer.
+
 References:
     P. Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in
     Cross-Entropy", arXiv:2603.13552 (2026).
@@ -88,8 +100,25 @@ class RadiusLimit(pl.Callback):
         self._state: dict[str, Any] = {}
         self._batch: Any = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        config = {"r_max": self.r_max, "mode": self.mode, "log_prefix": self.log_prefix}
+        config.update(sorted(self.limiter_kwargs.items()))
+        if config == {"r_max": 1.0, "mode": "limit", "log_prefix": "radius/"}:
+            return type(self).__qualname__  # the key of checkpoints written before
+        return self._generate_state_key(**config)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        clip = getattr(trainer, "gradient_clip_val", None)
+        if self.limiter_kwargs.get("direction") == "neg_grad" and clip:
+            raise ValueError(
+                f"Invalid direction: 'neg_grad' with Trainer(gradient_clip_val={clip}): "
+                "Lightning clips the gradients after on_before_optimizer_step, where the "
+                "limiter measures -lr g, so the step would be limited twice; use "
+                "direction='update' (the actual update, after clipping) or no clipping"
+            )
         logits_fn = None if self._default_logits else self.logits_fn
         self._remove_hooks()  # a limiter from an earlier fit or stage
         if self.limiter is not None:  # its counters go on (validate() or a second fit)
@@ -109,6 +138,13 @@ class RadiusLimit(pl.Callback):
             self.limiter.remove_hooks()
 
     @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self.limiter is not None:
+            self.limiter.abort()  # a step not yet limited: theta_old back (or the lrs)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -120,12 +156,15 @@ class RadiusLimit(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.limiter.pending:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
+        if self.limiter.pending_for(optimizer):
             # a later closure call of the same step (LBFGS evaluates it several times inside
             # step(), and Lightning runs this hook after each): theta_old is the first call's
             return
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer
-        self.limiter.before_step(optimizer, self._inputs(self._batch))
+        # another optimizer of this batch (manual optimization) joins the pending step; under
+        # a GradScaler (fp16 AMP) an Inf gradient is the scaler's to skip, not an error
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self.limiter.before_step(optimizer, self._inputs(self._batch), check_gradients=not scaled)
 
     @override
     def on_train_batch_end(

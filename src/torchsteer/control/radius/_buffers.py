@@ -103,7 +103,8 @@ class TensorBuffers:
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_(self.new, self.old)
+        """theta = theta_old (also before :meth:`take_update`: after a failed step)."""
+        torch._foreach_copy_([p.detach() for _, p in self.named], self.old)
 
     @torch.no_grad()
     def apply_scaled(self, s: float) -> None:

@@ -63,8 +63,25 @@ def _eval_mode(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 def _forward(model: nn.Module, inputs: Any, logits_fn: LogitsFn | None):
     if logits_fn is None:
-        return model_fn(model, inputs), ""
-    return model_fn(_LogitsModule(model, logits_fn), inputs), "model."
+        return _logits_only(model_fn(model, inputs), None), ""
+    return _logits_only(model_fn(_LogitsModule(model, logits_fn), inputs), logits_fn), "model."
+
+
+def _logits_only(f, logits_fn: LogitsFn | None):
+    """``f`` that raises a clear error when its output is not one logits tensor (a model
+    returning ``(logits, aux)`` needs ``logits_fn``)."""
+
+    def logits(params):
+        out = f(params)
+        if not isinstance(out, torch.Tensor):
+            what = "the model" if logits_fn is None else "logits_fn"
+            raise ValueError(
+                f"Invalid logits: {what} returned a {type(out).__name__}, not a tensor; pass "
+                "logits_fn=lambda model, x: model(x)[0] (the element that holds the logits)"
+            )
+        return out
+
+    return logits
 
 
 def _channels_last(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,7 +142,7 @@ def logit_derivative(
     folded = folded_module(model) if method == "jvp" and logits_fn is None and fold else None
     if folded is not None:  # conv-BatchNorm pairs as one convolution: same J_z v, cheaper
         folded.channels_last = channels_last  # (the cached module: set for this call)
-        f, prefix = model_fn(folded, inputs), "gm."
+        f, prefix = _logits_only(model_fn(folded, inputs), None), "gm."
         used = {k for k, _ in folded.gm.named_parameters()}
         theta = {k: t for k, t in theta.items() if k in used}
         v = {k: t for k, t in v.items() if k in used}
