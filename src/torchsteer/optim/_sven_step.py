@@ -17,11 +17,25 @@ is :mod:`torchsteer.linalg.truncated`; here it is fed: the dense exact solve use
 smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``, the randomized one
 :func:`torchsteer.linalg.randomized_svd` on the matrix or the operator. Every solver takes
 its settings as one :class:`SolveConfig`.
+
+**Scale.** ``d = M^+ R`` is unchanged when M and R are scaled together, and scales as
+``s_R / s_M`` when they are scaled apart (``(s_M M)^+ (s_R R) = (s_R / s_M) M^+ R``; the
+relative damping and the keep rule see the same ratios). The solves form ``M M^T`` and
+``|R|^2``, which overflow float32 at entries near 1e19 and underflow near 1e-19, so M and R
+are brought to ``max |.| ~ 1`` by powers of two (exact: no digit changes) when they leave
+``[2^-16, 2^16]``, and ``d`` and the singular values are scaled back
+(:func:`power_of_two_scale`, :class:`CheckedOperator`, :func:`unscale`). Inside that band
+nothing is multiplied, so the step is bit for bit the unscaled one.
+
+**Non-finite.** A Jacobian with NaN/Inf raises :class:`NonFinite` (dense: from ``max |M|``
+before the solve; matrix-free: from the first product that holds one), so the optimizer's
+``nonfinite`` policy applies to exactly that and every other error keeps its own type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -30,15 +44,75 @@ from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.linalg.truncated import gram_solve, truncated_solve
 
 __all__ = [
+    "CheckedOperator",
+    "NonFinite",
     "ResidualOperator",
     "Solution",
     "SolveConfig",
     "group_rows",
+    "power_of_two_scale",
     "residuals",
     "reuse_buffer",
     "solve_dense",
     "solve_operator",
+    "unscale",
 ]
+
+_BAND = 16  # |log2 max|x|| up to which nothing is rescaled
+
+
+class NonFinite(Exception):
+    """A step rejected for NaN/Inf; ``args[0]`` names where ("per-sample losses", ...)."""
+
+
+def power_of_two_scale(amax: float, dtype: torch.dtype) -> float:
+    """The factor ``2^-e`` with ``amax = m 2^e``, ``0.5 <= m < 1``, that brings ``amax`` into
+    [0.5, 1); 1.0 when ``2^-16 <= amax <= 2^16`` or ``amax = 0`` (kept representable in
+    ``dtype``). Raises :class:`NonFinite` (the Jacobian) when ``amax`` is NaN/Inf."""
+    if not math.isfinite(amax):
+        raise NonFinite("Jacobian")
+    if amax == 0.0 or 2.0**-_BAND <= amax <= 2.0**_BAND:
+        return 1.0
+    limit = math.frexp(torch.finfo(dtype).max)[1] - 2
+    return math.ldexp(1.0, max(-limit, min(limit, -math.frexp(amax)[1])))
+
+
+def unscale(sol: Solution, scale_m: float, scale_r: float) -> Solution:
+    """The solution of ``(M, R)`` from that of ``(scale_m M, scale_r R)``: ``d`` times
+    ``scale_m / scale_r``, singular values divided by ``scale_m`` (rank, reduction kept)."""
+    if scale_m == 1.0 and scale_r == 1.0:
+        return sol
+    return dataclasses.replace(
+        sol,
+        direction=sol.direction * (scale_m / scale_r),
+        sigma_max=sol.sigma_max / scale_m,
+        sigma_min=sol.sigma_min / scale_m,
+    )
+
+
+class CheckedOperator:
+    """``scale M`` as products of the operator ``op`` (M), ``scale`` a power of two fixed by
+    the first product (:func:`power_of_two_scale` of its ``max |.|``); a product holding
+    NaN/Inf raises :class:`NonFinite` ("Jacobian")."""
+
+    def __init__(self, op) -> None:
+        self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
+        self.scale: float | None = None
+
+    def _checked(self, Y: torch.Tensor) -> torch.Tensor:
+        amax = torch.linalg.vector_norm(Y, float("inf")) if Y.numel() else Y.new_zeros(())
+        amax = float(amax)  # NaN/Inf anywhere in Y shows in its max
+        if not math.isfinite(amax):
+            raise NonFinite("Jacobian")
+        if self.scale is None:
+            self.scale = power_of_two_scale(amax, Y.dtype)
+        return Y if self.scale == 1.0 else Y * self.scale
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.op.matmat(V))
+
+    def rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.op.rmatmat(U))
 
 
 @dataclasses.dataclass(frozen=True)
