@@ -27,6 +27,8 @@ from torchsteer.optim._sven_step import (
     Solution,
     SolveConfig,
     group_rows,
+    max_abs,
+    plausible,
     power_of_two_scale,
     residuals,
     reuse_buffer,
@@ -293,9 +295,11 @@ class Sven(SvenContract, torch.optim.Optimizer):
     def _solve(self, losses, source, dense, gen, shard) -> tuple[Solution, torch.Tensor | None]:
         """The direction on the kept coordinates (and their indices, None for all).
 
-        Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows. M and
-        R are solved at ``max |.| ~ 1`` when far from it (powers of two, see ``_sven_step``):
-        ``d(M, R) = (s_M / s_R) d(s_M M, s_R R)``. NaN/Inf in M raises :class:`NonFinite`."""
+        Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows. A
+        solve that fails or looks over/underflowed (``plausible``) is redone on M scaled to
+        ``max |M| ~ 1`` (``d(M, R) = (s_M / s_R) d(s_M M, s_R R)``, see ``_sven_step``), from
+        the same generator state; NaN/Inf in M raises :class:`NonFinite`, any other error of
+        the solve propagates as it is."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
         cols = self._columns(gen)
         lg = group(shard, losses.to(alg), mb)
@@ -310,10 +314,6 @@ class Sven(SvenContract, torch.optim.Optimizer):
             M = group_rows(source("dense").to(alg), mb)
             M = M if cols is None else M[:, cols]
             M = M if self.kappa == 2.0 else M.mul_(D_local.unsqueeze(1))
-            amax = torch.linalg.vector_norm(M, float("inf")) if M.numel() else M.new_zeros(())
-            amax = dist.all_reduce_max(torch.nan_to_num(amax, nan=math.inf))  # one decision
-            scale_m = power_of_two_scale(float(amax), alg)  # NaN/Inf in M: NonFinite
-            M = M if scale_m == 1.0 else M.mul_(scale_m)
             config = self._config(not self._randomized_dense(shard.total, M.shape[1]))
             if shard.world == 1:
                 solver, system, extra = solve_dense, M, gen
@@ -326,12 +326,23 @@ class Sven(SvenContract, torch.optim.Optimizer):
             system = ResidualOperator(source("matrix_free"), D_local, mb, cols, alg)
             if shard.world > 1:
                 system = RowShardedOperator(system, shard)
-            system = CheckedOperator(system)  # the gathered products: one decision
             solver, extra = solve_operator, gen
+        start = gen.get_state()
+        try:
+            sol = solver(system, R, config, extra)
+        except (RuntimeError, ValueError):
+            sol = None  # looked at below: NaN/Inf in M, or the error again
+        if sol is not None and plausible(sol):  # every rank: the same global quantities
+            return unscale(sol, 1.0, scale_r), cols
+        gen.set_state(start)
+        if dense:
+            amax = dist.all_reduce_max(torch.nan_to_num(max_abs(M), nan=math.inf))
+            scale_m = power_of_two_scale(float(amax), alg, band=0)  # NaN/Inf: NonFinite
+            M.mul_(scale_m)  # in place: ``system`` sees it
+        else:
+            system = CheckedOperator(system)
         sol = solver(system, R, config, extra)
-        if not dense:
-            scale_m = 1.0 if system.scale is None else system.scale
-        sol = unscale(sol, scale_m, scale_r)
+        sol = unscale(sol, scale_m if dense else (system.scale or 1.0), scale_r)
         if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
             raise NonFinite("step")
         return sol, cols
