@@ -89,9 +89,10 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
 
 def plausible(sol: Solution) -> bool:
     """A finite step and ``S_max`` 0 or in ``[2^-30, 2^30]``: no sign of over/underflow."""
-    smax = float(sol.sigma_max)  # one sync for both checks
-    finite = bool(torch.isfinite(sol.direction).all()) and math.isfinite(smax)
-    return finite and (smax == 0.0 or 2.0**-30 <= smax <= 2.0**30)
+    smax = sol.sigma_max.reshape(()).to(torch.float64)
+    finite, smax = torch.stack([torch.isfinite(sol.direction).all().to(smax), smax]).tolist()
+    ok = finite == 1.0 and math.isfinite(smax)  # one sync for both checks
+    return ok and (smax == 0.0 or 2.0**-30 <= smax <= 2.0**30)
 
 
 def unscale(sol: Solution, scale_m: float, scale_r: float) -> Solution:
