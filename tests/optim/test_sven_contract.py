@@ -277,3 +277,46 @@ def test_a_state_dict_of_the_old_format_loads_and_continues_bit_for_bit():
         opt.step(closure(model, x, y))
         opt2.step(closure(model2, x, y))
     assert torch.equal(flat(model2), flat(model))
+
+
+# ---------------------------------------------------------------- PyTorch's generic checks
+def test_a_non_tensor_step_and_records_load_and_continue_bit_for_bit():
+    # torch.optim's test_load_nontensor_step: the counters as Python numbers (was refused)
+    model, opt, x, y = trained()
+    sd = snapshot(opt)
+    for key in ("step", "skipped_steps", "kept_rank", "sigma_max"):
+        sd["state"][0][key] = sd["state"][0][key].item()
+    model2 = copy.deepcopy(model)
+    opt2 = Sven(model2.parameters(), lr=0.3, rank=4, momentum=0.5, seed=0)
+    opt2.load_state_dict(sd)
+    assert isinstance(opt2.state[next(model2.parameters())]["step"], torch.Tensor)
+    for _ in range(2):
+        opt.step(closure(model, x, y))
+        opt2.step(closure(model2, x, y))
+    assert torch.equal(flat(model2), flat(model))
+    assert int(opt2.state[next(model2.parameters())]["step"]) == 4
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_step_hooks_run_around_every_path_and_gradients_are_never_written(functional):
+    # torch.optim's register_step_pre_hook / post_hook and test_grads_are_never_inplaced_into
+    x, y = batch(6)
+    model = mlp()
+    kw = dict(model=model, loss_fn=per_sample) if functional else {}
+    opt = Sven(model.parameters(), rank=4, seed=0, **kw)
+    grads = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", flat(model))))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", flat(model))))
+    t0 = flat(model)
+    if functional:
+        opt.step(batch=(x, y))
+    else:
+        opt.step(lambda: per_sample(model(x), y))
+    assert [c[0] for c in calls] == ["pre", "post"]
+    assert torch.equal(calls[0][1], t0) and torch.equal(calls[1][1], flat(model))
+    assert not torch.equal(flat(model), t0)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert p.grad is g and bool((g == 7.0).all())

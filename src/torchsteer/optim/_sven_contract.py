@@ -109,7 +109,9 @@ class SvenContract(GlobalStateMixin):
                 )
 
     def _validate_global_state(self, state: dict[str, Any], saved_groups: list[dict]) -> None:
-        """The saved global state: counters >= 0, a CPU generator state, 0-d records."""
+        """The saved global state: counters >= 0, a CPU generator state, finite records; a
+        counter or record may be a 0-d tensor or a number (as ``torch.optim`` loads a
+        non-tensor ``step``)."""
         for key, value in state.items():
             if key == "generator_state":
                 ok = isinstance(value, torch.Tensor) and value.dtype == torch.uint8
@@ -118,10 +120,12 @@ class SvenContract(GlobalStateMixin):
                         "Invalid state_dict: generator_state must be a uint8 tensor of "
                         f"{_GENERATOR_BYTES} bytes (torch.Generator().get_state())"
                     )
-            elif not isinstance(value, torch.Tensor) or value.dim() != 0:
-                raise ValueError(f"Invalid state_dict: state {key!r} must be a 0-d tensor")
-            elif key in ("step", "skipped_steps", "kept_rank"):
-                check_hyperparameter(f"state_dict {key}", float(value), low=0.0)
+            elif isinstance(value, torch.Tensor) and value.dim() == 0:
+                value = float(value)
+            if key in ("step", "skipped_steps", "kept_rank"):
+                check_hyperparameter(f"state_dict {key}", value, low=0.0)
+            elif key != "generator_state":  # a record: any real number (inf/NaN refused)
+                check_hyperparameter(f"state_dict {key}", value)
 
     def _validate_param_state(self, param: torch.Tensor, pstate: dict[str, Any]) -> None:
         """A parameter's saved state: only a floating ``momentum_buffer`` of its shape."""
@@ -150,6 +154,9 @@ class SvenContract(GlobalStateMixin):
         state = self._first_state()
         if "generator_state" in state:
             state["generator_state"] = state["generator_state"].cpu()
+        for key in ("step", "skipped_steps", *RECORDS):
+            if key in state and not isinstance(state[key], torch.Tensor):
+                state[key] = torch.tensor(float(state[key]))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """The mixin's, and ``differentiable`` (one of Sven's keys) for older groups too."""
