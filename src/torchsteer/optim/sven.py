@@ -103,7 +103,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
     that gives another value raises ``ValueError``). Values are checked at construction, in
     ``add_param_group`` and at each step; ``load_state_dict`` validates everything (groups,
     state keys, shapes, dtypes) before it assigns anything, keeps the saved dtypes and keeps
-    the live ``nonfinite``. More than :data:`SKIP_WARNING` skipped steps in a row warn once.
+    the live ``nonfinite``. :data:`SKIP_WARNING` (5) skipped steps in a row warn once.
 
     Args:
         params: parameters or param groups (``lr``, ``momentum`` and ``maximize`` may differ
