@@ -17,11 +17,24 @@ is :mod:`torchsteer.linalg.truncated`; here it is fed: the dense exact solve use
 smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``, the randomized one
 :func:`torchsteer.linalg.randomized_svd` on the matrix or the operator. Every solver takes
 its settings as one :class:`SolveConfig`.
+
+**Scale.** ``d = M^+ R`` is unchanged when M and R are scaled together, and scales as
+``s_R / s_M`` when they are scaled apart (``(s_M M)^+ (s_R R) = (s_R / s_M) M^+ R``; the
+relative damping and the keep rule see the same ratios). The solves form ``M M^T`` and
+``|R|^2``, which overflow float32 at entries near 1e19 and underflow near 1e-19. R (B
+numbers) is brought to ``max |R| ~ 1`` by a power of two when it leaves ``[2^-16, 2^16]``.
+M is solved as it is first; only when that solve fails, or gives a non-finite step or
+``S_max`` outside ``[2^-30, 2^30]`` (:func:`plausible`), is M looked at: NaN/Inf in it is a
+non-finite Jacobian (:class:`NonFinite`), otherwise it is scaled to ``max |M|`` in [0.5, 1)
+by a power of two and solved again (:class:`CheckedOperator` for the matrix-free path), and
+``d`` and the singular values are scaled back (:func:`unscale`). Powers of two are exact,
+and a well-scaled step pays nothing: it is bit for bit the unscaled one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -30,15 +43,93 @@ from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.linalg.truncated import gram_solve, truncated_solve
 
 __all__ = [
+    "CheckedOperator",
+    "NonFinite",
     "ResidualOperator",
     "Solution",
     "SolveConfig",
     "group_rows",
+    "max_abs",
+    "plausible",
+    "power_of_two_scale",
     "residuals",
     "reuse_buffer",
     "solve_dense",
     "solve_operator",
+    "unscale",
 ]
+
+_BAND = 16  # |log2 max|x|| up to which nothing is rescaled
+
+
+class NonFinite(Exception):
+    """A step rejected for NaN/Inf; ``args[0]`` names where ("per-sample losses", ...)."""
+
+
+def power_of_two_scale(amax: float, dtype: torch.dtype, band: int = _BAND) -> float:
+    """The factor ``2^-e`` with ``amax = m 2^e``, ``0.5 <= m < 1``, that brings ``amax`` into
+    [0.5, 1); 1.0 when ``2^-band <= amax <= 2^band`` or ``amax = 0`` (``band = 0``: whenever
+    ``amax`` is not in [0.5, 1); kept representable in ``dtype``). Raises
+    :class:`NonFinite` (the Jacobian) when ``amax`` is NaN/Inf."""
+    if not math.isfinite(amax):
+        raise NonFinite("Jacobian")
+    if amax == 0.0 or (band > 0 and 2.0**-band <= amax <= 2.0**band):
+        return 1.0
+    limit = math.frexp(torch.finfo(dtype).max)[1] - 2
+    return math.ldexp(1.0, max(-limit, min(limit, -math.frexp(amax)[1])))
+
+
+def max_abs(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a 0-d tensor (NaN if x holds one, 0 for an empty x); one fast pass."""
+    if x.numel() == 0:
+        return x.new_zeros(())
+    low, high = torch.aminmax(x)
+    return torch.maximum(-low, high)
+
+
+def plausible(sol: Solution) -> bool:
+    """A finite step and ``S_max`` 0 or in ``[2^-30, 2^30]``: no sign of over/underflow."""
+    smax = sol.sigma_max.reshape(()).to(torch.float64)
+    finite, smax = torch.stack([torch.isfinite(sol.direction).all().to(smax), smax]).tolist()
+    ok = finite == 1.0 and math.isfinite(smax)  # one sync for both checks
+    return ok and (smax == 0.0 or 2.0**-30 <= smax <= 2.0**30)
+
+
+def unscale(sol: Solution, scale_m: float, scale_r: float) -> Solution:
+    """The solution of ``(M, R)`` from that of ``(scale_m M, scale_r R)``: ``d`` times
+    ``scale_m / scale_r``, singular values divided by ``scale_m`` (rank, reduction kept)."""
+    if scale_m == 1.0 and scale_r == 1.0:
+        return sol
+    return dataclasses.replace(
+        sol,
+        direction=sol.direction * (scale_m / scale_r),
+        sigma_max=sol.sigma_max / scale_m,
+        sigma_min=sol.sigma_min / scale_m,
+    )
+
+
+class CheckedOperator:
+    """``scale M`` as products of the operator ``op`` (M), ``scale`` a power of two that brings
+    the first product's ``max |.|`` into [0.5, 1); a product holding NaN/Inf raises
+    :class:`NonFinite` ("Jacobian")."""
+
+    def __init__(self, op) -> None:
+        self.op, self.shape, self.dtype, self.device = op, op.shape, op.dtype, op.device
+        self.scale: float | None = None
+
+    def _checked(self, Y: torch.Tensor) -> torch.Tensor:
+        amax = float(max_abs(Y))  # NaN/Inf anywhere in Y shows in its max
+        if not math.isfinite(amax):
+            raise NonFinite("Jacobian")
+        if self.scale is None:
+            self.scale = power_of_two_scale(amax, Y.dtype, band=0)
+        return Y if self.scale == 1.0 else Y * self.scale
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.op.matmat(V))
+
+    def rmatmat(self, U: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.op.rmatmat(U))
 
 
 @dataclasses.dataclass(frozen=True)

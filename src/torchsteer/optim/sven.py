@@ -15,40 +15,36 @@ from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
 from torchsteer.jacobian.captured import GraphRowCapture
 from torchsteer.jacobian.per_sample import per_sample_jacobian
+from torchsteer.optim._sven_contract import (
+    GLOBAL,
+    RECORDS,
+    SKIP_WARNING,
+    SvenContract,
+    _user_stacklevel,
+    explained,
+)
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
 from torchsteer.optim._sven_step import (
+    CheckedOperator,
+    NonFinite,
     ResidualOperator,
     Solution,
     SolveConfig,
     group_rows,
+    max_abs,
+    plausible,
+    power_of_two_scale,
     residuals,
     reuse_buffer,
     solve_dense,
     solve_operator,
+    unscale,
 )
 
-__all__ = ["Sven"]
-
-_RECORDS = ("kept_rank", "sigma_max", "sigma_min", "linearized_reduction")
+__all__ = ["SKIP_WARNING", "Sven"]
 
 
-class _NonFinite(Exception):
-    pass
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside torchsteer and torch (the user's line)."""
-    import sys
-    from pathlib import Path
-
-    roots = tuple(str(Path(m.__file__).parent) for m in (torch, sys.modules["torchsteer"]))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(roots):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-class Sven(torch.optim.Optimizer):
+class Sven(SvenContract, torch.optim.Optimizer):
     r"""Sven (singular value descent): the minimum-norm step that zeroes the linearized residuals.
 
     With per-sample losses ``l_a(theta)``, ``a = 1..B`` (what the closure returns)::
@@ -59,7 +55,10 @@ class Sven(torch.optim.Optimizer):
         keep S_i > rtol * S_max and S_i > 0
         d = V_k diag(1/S_k) U_k^T R           = argmin |d| over argmin |R - M d| (in the kept space)
         b = momentum * b + d                  (b = d when momentum = 0)
-        theta_g <- theta_g - lr_g * b_g       per parameter group g
+        theta_g <- theta_g - lr_g * b_g       per parameter group g (+ with maximize)
+
+    Only the parameters with ``requires_grad`` enter M and move; a frozen one
+    (``requires_grad=False``) is skipped as ``torch.optim`` skips it, on every path.
 
     By default there is no damping: the regularization is spectral (``rank`` and ``rtol``), as
     in the paper. Two optional safeguards (off by default): ``damping = mu`` replaces the
@@ -101,9 +100,19 @@ class Sven(torch.optim.Optimizer):
     ``skipped_steps``, and ``generator_state`` (the random source of sketches and parameter
     subsets, so a resumed run continues bit-for-bit).
 
+    **The optimizer contract** (``optim/_contract.py``, as M-FAC): every hyperparameter is a
+    key of ``defaults`` and of every param group, so ``state_dict()``, ``copy.deepcopy`` and
+    ``pickle`` carry it (``model`` and ``loss_fn`` travel with deepcopy/pickle too); ``lr``,
+    ``momentum`` and ``maximize`` may differ per group, all others are global (a later group
+    that gives another value raises ``ValueError``). Values are checked at construction, in
+    ``add_param_group`` and at each step; ``load_state_dict`` validates everything (groups,
+    state keys, shapes, dtypes) before it assigns anything, keeps the saved dtypes and keeps
+    the live ``nonfinite``. :data:`SKIP_WARNING` (5) skipped steps in a row warn once.
+
     Args:
-        params: parameters or param groups (``lr`` and ``momentum`` may differ per group).
-        lr: learning rate (authors' default 0.1).
+        params: parameters or param groups (``lr``, ``momentum`` and ``maximize`` may differ
+            per group).
+        lr: learning rate (authors' default 0.1); a float or a 0-d tensor.
         rank: number of singular triplets k (authors' default B // 2).
         rtol: relative cut-off of singular values, ``0 <= rtol < 1`` (default 1e-3).
         kappa: residual exponent, ``R = l^(kappa/2)`` (losses must be >= 0 unless kappa = 2).
@@ -127,6 +136,11 @@ class Sven(torch.optim.Optimizer):
         max_step_norm: trust-region radius on the norm of the step, in parameter units
             (None: no limit).
         model, loss_fn: enable the functional path (``step(batch=...)``).
+        maximize: step up the residuals instead of down (``theta + lr b``), as ``torch.optim``.
+        foreach, differentiable: accepted as ``torch.optim`` (``None``/``False``); Sven applies
+            one flat direction and is not differentiable, so ``True`` raises ``ValueError``.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) raise ``ValueError``: M is dense.
 
     Memory: dense, the Jacobian B x P in the algebra dtype plus one transient copy while it
     is assembled, plus a B x B Gram; on the functional path of an all-``nn.Linear`` network
@@ -145,7 +159,7 @@ class Sven(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.1,
+        lr: float | torch.Tensor = 0.1,
         rank: int = 64,
         rtol: float = 1e-3,
         kappa: float = 2.0,
@@ -164,69 +178,55 @@ class Sven(torch.optim.Optimizer):
         max_step_norm: float | None = None,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        checks = {
-            "lr": math.isfinite(lr) and lr >= 0.0,
-            "rank": is_int(rank) and rank >= 1,
-            "rtol": 0.0 <= rtol < 1.0,
-            "kappa": math.isfinite(kappa) and kappa > 0.0,
-            "svd": svd in ("auto", "exact", "randomized"),
-            "jacobian": jacobian in ("auto", "dense", "matrix_free"),
-            "oversample": is_int(oversample) and oversample >= 0,
-            "power_iters": is_int(power_iters) and power_iters >= 0,
-            "param_fraction": 0.0 < param_fraction <= 1.0,
-            "microbatch_size": microbatch_size is None
-            or (is_int(microbatch_size) and microbatch_size >= 1),
-            "momentum": 0.0 <= momentum < 1.0,
-            "nonfinite": nonfinite in ("raise", "skip"),
-            "memory_budget": is_int(memory_budget) and memory_budget > 0,
-            "seed": seed is None or is_int(seed),
-            "gram_dtype": gram_dtype is None
-            or (isinstance(gram_dtype, torch.dtype) and gram_dtype.is_floating_point),
-            "damping": math.isfinite(damping) and damping >= 0.0,
-            "max_step_norm": max_step_norm is None
-            or (math.isfinite(max_step_norm) and max_step_norm > 0.0),
-        }
-        values = dict(locals())
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"Invalid {name}: {values[name]}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        defaults = dict(lr=lr, momentum=momentum, maximize=maximize)
+        defaults.update({k: v for k, v in locals().items() if k in GLOBAL})
+        self._validate_group(defaults)
         if loss_fn is not None and model is None:
             raise ValueError("Invalid loss_fn: the functional path needs model= as well")
-        super().__init__(params, dict(lr=lr, momentum=momentum))
-        self.rank, self.rtol, self.kappa = rank, float(rtol), float(kappa)
-        self.svd, self.jacobian, self.nonfinite = svd, jacobian, nonfinite
-        self.oversample, self.power_iters = oversample, power_iters
-        self.param_fraction, self.microbatch_size = float(param_fraction), microbatch_size
-        self.memory_budget, self.model, self.loss_fn = memory_budget, model, loss_fn
-        self.gram_dtype = gram_dtype
-        self.damping = float(damping)
-        self.max_step_norm = None if max_step_norm is None else float(max_step_norm)
+        for key in ("rtol", "kappa", "param_fraction", "damping"):
+            defaults[key] = float(defaults[key])
+        if max_step_norm is not None:
+            defaults["max_step_norm"] = float(max_step_norm)
+        super().__init__(params, defaults)
+        self.model, self.loss_fn = model, loss_fn
         for p in self._params():
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self._initial_generator_state = torch.Generator().manual_seed(seed).get_state()
+        self._reset_runtime()
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _active(self) -> list[torch.Tensor]:
+        """The parameters the step moves: those that require grad (frozen ones skipped)."""
+        return [p for p in self._params() if p.requires_grad]
+
     def _algebra_dtype(self) -> torch.dtype:
-        dtypes = {p.dtype for p in self._params()}
+        dtypes = {p.dtype for p in self._active()}
         return torch.float64 if torch.float64 in dtypes else torch.float32
 
     def _named_params(self) -> dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
+        module = unwrap_model(self.model)
+        names = {id(p): n for n, p in module.named_parameters()}
         out = {}
-        for p in self._params():
+        for p in self._active():
             if id(p) not in names:
                 raise ValueError("Invalid model: an optimized parameter is not in the model")
             out[names[id(p)]] = p
+        for m in module.modules():
+            if getattr(m, "sparse", False) is True and any(p.requires_grad for p in m.parameters()):
+                raise ValueError(
+                    f"Invalid model: {type(m).__name__}(sparse=True) gives sparse gradients, "
+                    "which Sven does not support (its Jacobian is dense); use sparse=False"
+                )
         return out
 
     def _losses_from_closure(self, closure) -> tuple[torch.Tensor, GraphRowCapture | None]:
@@ -235,7 +235,7 @@ class Sven(torch.optim.Optimizer):
                 "Invalid closure: Sven needs a closure returning the per-sample losses (B,), "
                 "or batch=(inputs, targets) with model= and loss_fn= given"
             )
-        capture = GraphRowCapture(self._params()) if self.jacobian != "matrix_free" else None
+        capture = GraphRowCapture(self._active()) if self.jacobian != "matrix_free" else None
         with torch.enable_grad(), capture or contextlib.nullcontext():
             out = closure()
         if not isinstance(out, torch.Tensor) or out.dim() != 1:
@@ -251,6 +251,12 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(
                 "Invalid closure output: the per-sample losses carry no autograd graph"
             )
+        for p in self._active():
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(
+                    "Invalid gradient: a sparse gradient (e.g. nn.Embedding(sparse=True)); "
+                    "Sven's Jacobian is dense, use sparse=False"
+                )
         return out, capture
 
     def _choose_dense(self, rows: int, cols: int, itemsize: int) -> bool:
@@ -266,7 +272,7 @@ class Sven(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _n_params(self) -> int:
-        return sum(p.numel() for p in self._params())
+        return sum(p.numel() for p in self._active())
 
     def _itemsize(self) -> int:
         return torch.finfo(self._algebra_dtype()).bits // 8
@@ -289,18 +295,24 @@ class Sven(torch.optim.Optimizer):
         n_params = self._n_params()
         n_keep = max(1, math.ceil(self.param_fraction * n_params))
         cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
-        return cols.to(self._params()[0].device)
+        return cols.to(self._active()[0].device)
 
     def _solve(self, losses, source, dense, gen, shard) -> tuple[Solution, torch.Tensor | None]:
         """The direction on the kept coordinates (and their indices, None for all).
 
-        Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows."""
+        Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows. A
+        solve that fails or looks over/underflowed (``plausible``) is redone on M scaled to
+        ``max |M| ~ 1`` (``d(M, R) = (s_M / s_R) d(s_M M, s_R R)``, see ``_sven_step``), from
+        the same generator state; NaN/Inf in M raises :class:`NonFinite`, any other error of
+        the solve propagates as it is."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
         cols = self._columns(gen)
         lg = group(shard, losses.to(alg), mb)
         if self.kappa != 2.0 and bool((lg < 0).any()):
             raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
+        scale_r = power_of_two_scale(float(R.abs().max()), alg)  # R is finite here
+        R = R if scale_r == 1.0 else R * scale_r
         shard = grouped(shard, mb)  # rows after the micro-batch means
         D_local = shard.local(D)
         if dense:  # M = diag(D) G J[:, cols], this rank's rows
@@ -320,14 +332,24 @@ class Sven(torch.optim.Optimizer):
             if shard.world > 1:
                 system = RowShardedOperator(system, shard)
             solver, extra = solve_operator, gen
+        start = gen.get_state()
         try:
             sol = solver(system, R, config, extra)
-        except (RuntimeError, ValueError) as err:
-            # NaN/Inf in M: eigh/QR/SVD may fail to converge, randomized_svd refuses it.
-            # (Otherwise NaN reaches the direction and S_max, checked below.)
-            raise _NonFinite("Jacobian") from err
+        except (RuntimeError, ValueError):
+            sol = None  # looked at below: NaN/Inf in M, or the error again
+        if sol is not None and plausible(sol):  # every rank: the same global quantities
+            return unscale(sol, 1.0, scale_r), cols
+        gen.set_state(start)
+        if dense:
+            amax = dist.all_reduce_max(torch.nan_to_num(max_abs(M), nan=math.inf))
+            scale_m = power_of_two_scale(float(amax), alg, band=0)  # NaN/Inf: NonFinite
+            M.mul_(scale_m)  # in place: ``system`` sees it
+        else:
+            system = CheckedOperator(system)
+        sol = solver(system, R, config, extra)
+        sol = unscale(sol, scale_m if dense else (system.scale or 1.0), scale_r)
         if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
-            raise _NonFinite("Jacobian")
+            raise NonFinite("step")
         return sol, cols
 
     @staticmethod
@@ -345,7 +367,7 @@ class Sven(torch.optim.Optimizer):
         """The rows of the closure's graph: from one backward when every layer allows it
         (:class:`~torchsteer.jacobian.captured.GraphRowCapture`), else a batched backward
         (B passes) with one warning that says why."""
-        params = self._params()
+        params = self._active()
 
         def source(kind):
             with torch.enable_grad():
@@ -376,8 +398,8 @@ class Sven(torch.optim.Optimizer):
 
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
         """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
-        first = self._params()[0]
-        self._jac_buf = reuse_buffer(getattr(self, "_jac_buf", None), rows, self._n_params(), first)
+        first = self._active()[0]
+        self._jac_buf = reuse_buffer(self._jac_buf, rows, self._n_params(), first)
         return self._jac_buf[:rows]
 
     def _functional(self, batch, shard) -> tuple[torch.Tensor, Callable]:
@@ -407,6 +429,12 @@ class Sven(torch.optim.Optimizer):
         values = f({k: v.detach() for k, v in named.items()})
         return values, lambda kind: JacobianOperator.from_function(f, named)
 
+    def _initial_generator(self) -> torch.Tensor:
+        """The generator state of the first step: from ``seed`` (rank 0's under DDP)."""
+        if self._synced_generator is not None:
+            return self._synced_generator
+        return torch.Generator().manual_seed(self.seed).get_state()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, batch=None):
         """One Sven step; returns the mean loss before the step.
@@ -419,10 +447,18 @@ class Sven(torch.optim.Optimizer):
                 ``loss_fn=``).
 
         Raises:
-            ValueError: a scalar or graph-less closure output, invalid losses, or NaN/Inf in
-                the losses, Jacobian or step with ``nonfinite="raise"`` (nothing changed).
+            ValueError: a scalar or graph-less closure output, invalid losses, no parameter
+                that requires grad, sparse gradients, an invalid hyperparameter set in a
+                group, or NaN/Inf in the losses, Jacobian or step with ``nonfinite="raise"``
+                (nothing changed). Any other error of the model, the closure or the solve
+                propagates as it is (with ``nonfinite="skip"`` too).
         """
+        self._validate_groups()
         first = self._params()[0]
+        if not self._active():
+            raise ValueError(
+                "Invalid parameters: none requires grad (all frozen); Sven has nothing to step"
+            )
         if batch is not None:
             if closure is not None:
                 with torch.enable_grad():
@@ -438,29 +474,38 @@ class Sven(torch.optim.Optimizer):
         losses = losses.detach()
         losses = shard.gather(losses)  # every rank's: global mean, checks and residuals
         mean_loss = losses.mean()
-        state = self.state[first]
+        state = self._first_state()  # no entry is created until the step is taken
         if shard.world > 1 and "generator_state" not in state:  # rank 0's sketches for all
-            synced = dist.broadcast(self._initial_generator_state.to(first.device, copy=True))
-            self._initial_generator_state = synced.cpu()
+            synced = dist.broadcast(self._initial_generator().to(first.device, copy=True))
+            self._synced_generator = synced.cpu()
         gen = torch.Generator()
-        gen.set_state(state.get("generator_state", self._initial_generator_state).to(torch.uint8))
+        gen.set_state(state.get("generator_state", self._initial_generator()).to(torch.uint8))
         try:
             if not bool(torch.isfinite(losses).all()):
-                raise _NonFinite("per-sample losses")
+                raise NonFinite("per-sample losses")
             rows = self._rows(shard)
             dense = self._choose_dense(rows, self._n_params(), self._itemsize())
             sol, cols = self._solve(losses, source, dense, gen, shard)
-        except _NonFinite as err:
+        except NonFinite as err:
             if self.nonfinite == "raise":
-                raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err.__cause__
+                raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err
+            state = self.state[first]
             self._init_state(state)
             state["skipped_steps"] += 1
+            self._skipped(err.args[0])
             return mean_loss
+        except RuntimeError as err:  # not NaN/Inf: the error as it is, or a clearer one
+            clearer = explained(err)
+            if clearer is err:
+                raise
+            raise clearer from err
+        self._skips_in_row = 0
         self._apply(sol, cols)
+        state = self.state[first]
         self._init_state(state)
         state["step"] += 1
         state["generator_state"] = gen.get_state()
-        for key in _RECORDS:
+        for key in RECORDS:
             state[key] = getattr(sol, key).detach().clone()
         return mean_loss
 
@@ -468,18 +513,18 @@ class Sven(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state["skipped_steps"] = torch.tensor(0.0)
-            state["generator_state"] = self._initial_generator_state.clone()
+            state["generator_state"] = self._initial_generator().clone()
 
     def _apply(self, sol: Solution, cols: torch.Tensor | None) -> None:
         d = sol.direction
         if cols is not None:
-            full = d.new_zeros(sum(p.numel() for p in self._params()))
+            full = d.new_zeros(self._n_params())
             full[cols] = d
             d = full
         if self.max_step_norm is not None:  # trust region on the step lr_g d_g (no momentum)
             pieces, offset = [], 0
             for group in self.param_groups:  # |lr_g d_g| per group: no P-sized temporary
-                n = sum(p.numel() for p in group["params"])
+                n = sum(p.numel() for p in group["params"] if p.requires_grad)
                 pieces.append(group["lr"] * torch.linalg.vector_norm(d[offset : offset + n]))
                 offset += n
             norm = torch.linalg.vector_norm(torch.stack(pieces))
@@ -487,7 +532,10 @@ class Sven(torch.optim.Optimizer):
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            sign = 1.0 if group["maximize"] else -1.0
             for p in group["params"]:
+                if not p.requires_grad:  # frozen: skipped, as torch.optim does
+                    continue
                 n = p.numel()
                 dp = d[offset : offset + n].view_as(p)
                 offset += n
@@ -498,16 +546,4 @@ class Sven(torch.optim.Optimizer):
                     else:
                         pstate["momentum_buffer"].mul_(momentum).add_(dp)
                     dp = pstate["momentum_buffer"]
-                p.add_(dp.to(p.dtype), alpha=-lr)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer``, but every state tensor keeps its saved dtype (the base
-        class casts state to the parameter's dtype: fp32 momentum of bf16 parameters, the
-        uint8 generator state and the counters stay as they were saved)."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        for index, p in enumerate(self._params()):
-            for key, value in saved.get(index, {}).items():
-                if isinstance(value, torch.Tensor):
-                    device = "cpu" if key == "generator_state" else p.device
-                    self.state[p][key] = value.to(device=device, copy=True)
+                p.add_(dp.to(p.dtype), alpha=sign * lr)
