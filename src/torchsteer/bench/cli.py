@@ -1,5 +1,6 @@
 """The ``torchsteer`` console script.
 
+``torchsteer --version`` prints the version.
 ``torchsteer bench [SUITE ...] [--quick] [--seeds N] [--out DIR] [--overwrite] [--list]`` runs
 the named suites (none named: every suite marked ``quick_default``), shows a progress bar, prints
 a table per suite and writes ``results.json``, ``results.csv``, ``summary.csv`` and plots into
@@ -15,6 +16,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torchsteer
+from torchsteer.extras import MissingExtraError
+
 __all__ = ["main", "parser"]
 
 
@@ -27,6 +31,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchsteer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"torchsteer {torchsteer.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run convergence benchmark suites")
     b.add_argument(
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             overwrite=args.overwrite,
         )
-    except (FileExistsError, ValueError) as e:  # the output folder, checked before any suite
+    except (FileExistsError, ValueError, MissingExtraError) as e:  # checked before any suite
         print(f"torchsteer bench: {e}", file=sys.stderr)
         return 2
     return 0 if all(name in results for name in selected) else 1
