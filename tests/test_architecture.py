@@ -23,10 +23,20 @@ ALLOWED = {
     "linalg": {"linalg"},
     "optim": {"optim", "jacobian", "linalg", "distributed"},
     "control": {"control", "jacobian", "linalg", "distributed"},
-    "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
-    "bench": {"bench", "callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
+    "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed", "extras"},
+    "bench": {
+        "bench",
+        "callbacks",
+        "control",
+        "optim",
+        "jacobian",
+        "linalg",
+        "distributed",
+        "extras",
+    },
     "divergence": {"divergence", "distributed"},
     "distributed.py": set(),
+    "extras.py": set(),
 }
 LIGHTNING_OK = {"callbacks", "bench"}
 
