@@ -8,7 +8,9 @@ or processes started by ``torchrun``); the test reports it as skipped with that 
 fails if a page marks a block without a reason. A block marked ``<!-- docs-test: script -->``
 is a whole program that starts its own processes (``mp.spawn``, Lightning's ``strategy="ddp"``
 on CPU): it is written to a file and run as ``python file.py``, as its reader would, in a test
-marked ``distributed``. The assertions inside the examples (and the numbers they print) are
+marked ``distributed`` and ``slow`` (1-2 minutes each of process start-up on the shared 2-core
+machine, so ``make test-all`` runs them; ``tests/distributed/`` checks the same DDP fits'
+numbers in ``make test``). The assertions inside the examples (and the numbers they print) are
 theirs; this test checks that none raises.
 """
 
@@ -70,6 +72,7 @@ def test_every_python_block_runs(page, tmp_path, monkeypatch, capsys):
         pytest.skip(f"{page}: every block is marked: " + "; ".join(skipped))
 
 
+@pytest.mark.slow  # 1-2 min each on a loaded 2-core machine (process start-up): make test-all
 @pytest.mark.distributed
 @pytest.mark.parametrize(("page", "line"), SCRIPTS)
 def test_script_blocks_run(page, line, tmp_path):

@@ -26,7 +26,8 @@ def test_require_returns_the_module_when_installed():
 
 
 def test_missing_module_names_its_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lightning", None)
+    for name in ("lightning", "lightning.pytorch"):  # also when another test imported it
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingExtraError, match=r"pip install 'torchsteer\[lightning\]'") as e:
         require("lightning.pytorch", "torchsteer.callbacks")
     assert isinstance(e.value, ModuleNotFoundError)  # `except ImportError` still catches it
