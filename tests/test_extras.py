@@ -5,18 +5,13 @@ import fail with ``ModuleNotFoundError``), in a fresh interpreter where the impo
 must not have happened yet.
 """
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from torchsteer.extras import EXTRAS, MissingExtraError, install_hint, require
-
-
-def fresh(code: str, *hide: str):
-    """Run ``code`` in a new interpreter in which the modules ``hide`` cannot be imported."""
-    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in hide)
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True)
 
 
 def test_require_returns_the_module_when_installed():
@@ -61,56 +56,101 @@ def test_unknown_module_without_an_extra_is_refused():
         require("numpy", "a test")
 
 
-def test_callbacks_without_lightning_name_the_extra():
-    out = fresh("import torchsteer.callbacks", "lightning")
-    assert out.returncode == 1
-    assert "MissingExtraError" in out.stderr
-    assert "torchsteer.callbacks needs 'lightning'" in out.stderr
-    assert "pip install 'torchsteer[lightning]'" in out.stderr
+# One fresh interpreter without any extra (starting one costs seconds on a loaded machine): the
+# core imports; each entry point that needs an extra raises, or prints, the error naming it.
+WITHOUT_EXTRAS = """
+import contextlib, io, json, sys, traceback
+out = {}
+import torchsteer.optim, torchsteer.control, torchsteer.linalg, torchsteer.jacobian
+out["core"] = "ok"
 
 
-def test_core_imports_without_any_extra():
-    out = fresh(
-        "import torchsteer.optim, torchsteer.control, torchsteer.linalg, torchsteer.jacobian",
-        "lightning",
-        "rich",
-        "matplotlib",
-        "sklearn",
+def attempt(key, fn):
+    try:
+        fn()
+        out[key] = "no error"
+    except Exception as e:
+        out[key] = f"{type(e).__name__}: {e}"
+
+
+def callbacks():
+    import torchsteer.callbacks
+
+
+def suites():
+    from torchsteer.bench.runner import run_suites
+
+    run_suites(["regression"], quick=True, out=sys.argv[1] + "/a", plots=False)
+
+
+def cli():
+    from torchsteer.bench.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out["cli_status"] = main(["bench", "regression", "--quick", "--out", sys.argv[1] + "/b"])
+    out["cli_stderr"] = err.getvalue()
+
+
+def digits():
+    from torchsteer.bench.data import digits
+
+    digits()
+
+
+for key, fn in [("callbacks", callbacks), ("suites", suites), ("cli", cli), ("digits", digits)]:
+    attempt(key, fn)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def without_extras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("out")
+    hide = "".join(
+        f"sys.modules[{m!r}] = None\n" for m in ("lightning", "rich", "matplotlib", "sklearn")
     )
-    assert out.returncode == 0, out.stderr
+    code = "import sys\n" + hide + WITHOUT_EXTRAS
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1]), folder
 
 
-def test_run_suites_without_rich_names_the_bench_extra(tmp_path):
-    code = (
-        "from torchsteer.bench.runner import run_suites\n"
-        f"run_suites(['regression'], quick=True, out={str(tmp_path / 'o')!r}, plots=False)\n"
+def test_core_imports_without_any_extra(without_extras):
+    assert without_extras[0]["core"] == "ok"
+
+
+def test_callbacks_without_lightning_name_the_extra(without_extras):
+    assert without_extras[0]["callbacks"] == (
+        "MissingExtraError: torchsteer.callbacks needs 'lightning', which is not installed: "
+        "pip install 'torchsteer[lightning]'"
     )
-    out = fresh(code, "rich")
-    assert out.returncode == 1
-    assert "torchsteer bench needs 'rich'" in out.stderr
-    assert "pip install 'torchsteer[bench]'" in out.stderr
-    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
-def test_cli_without_rich_prints_one_line(tmp_path):
-    code = (
-        "from torchsteer.bench.cli import main\n"
-        f"raise SystemExit(main(['bench', 'regression', '--quick', '--out', "
-        f"{str(tmp_path / 'o')!r}]))\n"
+def test_run_suites_without_rich_names_the_bench_extra(without_extras):
+    got, folder = without_extras
+    assert got["suites"] == (
+        "MissingExtraError: torchsteer bench needs 'rich', which is not installed: "
+        "pip install 'torchsteer[bench]'"
     )
-    out = fresh(code, "rich")
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
+    assert not (folder / "a").exists()  # refused before anything was written
+
+
+def test_cli_without_rich_prints_one_line(without_extras):
+    got, folder = without_extras
+    assert got["cli"] == "no error" and got["cli_status"] == 2
+    assert got["cli_stderr"].strip().splitlines() == [
         "torchsteer bench: torchsteer bench needs 'rich', which is not installed: "
         "pip install 'torchsteer[bench]'"
     ]
+    assert not (folder / "b").exists()
 
 
-def test_digits_without_scikit_learn_names_the_bench_extra():
-    out = fresh("from torchsteer.bench.data import digits\ndigits()", "sklearn")
-    assert out.returncode == 1
-    assert "the digits data needs 'sklearn'" in out.stderr
-    assert "pip install 'torchsteer[bench]'" in out.stderr
+def test_digits_without_scikit_learn_names_the_bench_extra(without_extras):
+    assert without_extras[0]["digits"] == (
+        "MissingExtraError: the digits data needs 'sklearn', which is not installed: "
+        "pip install 'torchsteer[bench]'"
+    )
 
 
 def test_version_flag(capsys):
