@@ -23,11 +23,21 @@ ALLOWED = {
     "linalg": {"linalg"},
     "optim": {"optim", "jacobian", "linalg", "distributed"},
     "control": {"control", "jacobian", "linalg", "distributed"},
-    "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
-    "bench": {"bench", "callbacks", "control", "optim", "jacobian", "linalg", "distributed"},
+    "callbacks": {"callbacks", "control", "optim", "jacobian", "linalg", "distributed", "extras"},
+    "bench": {
+        "bench",
+        "callbacks",
+        "control",
+        "optim",
+        "jacobian",
+        "linalg",
+        "distributed",
+        "extras",
+    },
     "divergence": {"divergence", "distributed"},
     "objectives": {"objectives", "control", "distributed"},
     "distributed.py": set(),
+    "extras.py": set(),
 }
 LIGHTNING_OK = {"callbacks", "bench"}
 

@@ -1,5 +1,6 @@
 """The ``torchsteer`` console script.
 
+``torchsteer --version`` prints the version.
 ``torchsteer bench [SUITE ...] [--suite FILE.py:FUNC ...] [--quick] [--seeds N] [--out DIR]
 [--overwrite] [--list]`` runs the named suites (none named: every suite marked
 ``quick_default``) and the user suites of ``--suite`` (:mod:`torchsteer.bench.custom`), shows
@@ -21,6 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+import torchsteer
+from torchsteer.extras import MissingExtraError
 
 __all__ = ["main", "parser"]
 
@@ -46,6 +50,7 @@ def _positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="torchsteer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"torchsteer {torchsteer.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run convergence benchmark suites")
     b.add_argument(
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             overwrite=args.overwrite,
         )
-    except (FileExistsError, ValueError) as e:  # checked before any suite runs
+    except (FileExistsError, ValueError, MissingExtraError) as e:  # checked before any suite
         print(f"torchsteer bench: {e}", file=sys.stderr)
         return 2
     return 0 if all(s.name in results for s in selected) else 1

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from torchsteer.extras import require
+
 __all__ = ["breast_cancer", "digits", "regression_1d"]
 
 
@@ -42,9 +44,7 @@ def digits(test_fraction: float = 0.2, dtype: torch.dtype = torch.float32):
     Returns:
         (x_train, y_train, x_test, y_test); labels are int64 in [0, 10).
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = require("sklearn.datasets", "the digits data").load_digits()
     x = torch.as_tensor(d.data / 16.0, dtype=dtype)
     y = torch.as_tensor(d.target, dtype=torch.int64)
     n_test = math.floor(test_fraction * len(y))
@@ -53,8 +53,6 @@ def digits(test_fraction: float = 0.2, dtype: torch.dtype = torch.float32):
 
 def breast_cancer(dtype: torch.dtype = torch.float64):
     """scikit-learn's bundled breast-cancer data (569 x 30), standardized; labels in {0, 1}."""
-    from sklearn.datasets import load_breast_cancer
-
-    d = load_breast_cancer()
+    d = require("sklearn.datasets", "the breast-cancer data").load_breast_cancer()
     x = (d.data - d.data.mean(0)) / d.data.std(0)
     return torch.as_tensor(x, dtype=dtype), torch.as_tensor(d.target, dtype=dtype)

@@ -22,6 +22,7 @@ from torchsteer.bench import output, report
 from torchsteer.bench.custom import is_spec, load
 from torchsteer.bench.registry import Context, Run, Suite, suites
 from torchsteer.bench.training import time_to_target
+from torchsteer.extras import require
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -100,6 +101,9 @@ def run_suites(
     Returns:
         ``{suite name: (suite, runs)}`` of the suites that finished.
     """
+    require("rich", "torchsteer bench")
+    if plots:
+        require("matplotlib", "torchsteer bench's plots")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
