@@ -407,7 +407,7 @@ def test_invalid_arguments_raise(kw, name):
 
 def test_param_groups_with_different_hyperparameters_raise():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    with pytest.raises(ValueError, match=r"Invalid param groups.*gamma0"):
+    with pytest.raises(ValueError, match=r"Invalid param group.*gamma0"):
         RegularizedNewton([{"params": [a]}, {"params": [b], "gamma0": 2.0}])
 
 

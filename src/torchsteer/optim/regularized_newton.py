@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -13,6 +12,22 @@ import torch
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, unflatten
 from torchsteer.linalg.lanczos import LanczosSolver
+from torchsteer.optim._contract import GlobalStateMixin
+from torchsteer.optim._newton_inputs import (
+    COUNTERS,
+    HYPERPARAMETERS,
+    LEGACY_DEFAULTS,
+    LIGHTNING_AUTOMATIC,
+    ScaledCurvature,
+    check_gradients,
+    check_parameters,
+    gradient_scale,
+    lightning_automatic,
+    maximizing,
+    validate_group,
+    validate_state,
+)
+from torchsteer.optim._newton_records import SearchStart, TryRecord
 from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
@@ -21,14 +36,11 @@ from torchsteer.optim._newton_solvers import (
     cg_tolerance,
     evaluate_closure,
     make_curvature,
+    parse_closure_output,
 )
 
 __all__ = ["RegularizedNewton"]
 
-CURVATURES = ("hessian", "gauss_newton", "empirical_fisher", "dense")
-REGULARIZATIONS = ("gns", "sqrt")
-SOLVERS = ("auto", "cg", "lanczos", "cholesky", "woodbury")
-GROWTHS = ("double", "margin")
 _MARGIN = 2.0  # growth="margin": gamma grows only if the accept test holds with this factor
 _AUTO_SOLVER = {
     "hessian": "cg",
@@ -39,58 +51,7 @@ _AUTO_SOLVER = {
 _SCALE_MAX = 2.0**200  # gamma <= _SCALE_MAX and M >= 1 / _SCALE_MAX: lambda never hits 0 or inf
 
 
-@dataclasses.dataclass
-class TryRecord:
-    """What the tries of one step did; :meth:`as_record` is the public per-step record."""
-
-    tries: int = 0
-    accepted: bool = False
-    cg_iterations: int = 0
-    evals: int = 0
-    reasons: list[str] = dataclasses.field(default_factory=list)
-    gamma: float | None = None
-    M: float | None = None
-    lam: float = float("nan")
-    margin: bool | None = None  # set on acceptance only
-    new_loss: float = float("nan")
-
-    def as_record(self, reused: bool, loss: float, grad_norm: float) -> dict[str, Any]:
-        """The dict of ``state["record"]``, keys in their documented order."""
-        rec: dict[str, Any] = dict(
-            tries=self.tries,
-            accepted=self.accepted,
-            cg_iterations=self.cg_iterations,
-            reasons=self.reasons,
-            gamma=self.gamma,
-            M=self.M,
-        )
-        if self.margin is not None:
-            rec["margin"] = self.margin
-        rec.update(new_loss=self.new_loss, reused=reused)
-        rec["lambda"] = self.lam
-        rec.update(loss=loss, grad_norm=grad_norm)
-        return rec
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchStart:
-    """Where the tries of one step start and how a trial is evaluated.
-
-    ``loss`` = f(x0), ``grad_norm`` = |g(x0)|, ``scale`` = gamma (gns rule) or M (sqrt rule)
-    of the first try; ``keep``: keep the accepted trial's evaluation for the next step;
-    ``work``: the dtype the trials are computed in.
-    """
-
-    closure: Callable[[], Any]
-    params: list[torch.Tensor]
-    loss: float
-    grad_norm: float
-    scale: float
-    keep: bool
-    work: torch.dtype
-
-
-class RegularizedNewton(torch.optim.Optimizer):
+class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
     """Gradient-normalized regularized Newton (Algorithm 1 of Semenov, Jaggi and Doikov).
 
     With ``H`` the curvature chosen by ``curvature`` at the current point ``x``::
@@ -152,7 +113,20 @@ class RegularizedNewton(torch.optim.Optimizer):
     between steps (the memory of one evaluation).
 
     The method is global: the parameters of all groups form one vector, and every group must
-    have the same hyperparameters.
+    have the same hyperparameters. The optimizer contract (``optim/_contract.py``): every
+    hyperparameter below is a key of ``defaults`` and of every group, so ``state_dict``,
+    ``copy.deepcopy`` and ``pickle`` carry it; each is validated in the constructor, in
+    ``add_param_group`` and at the start of ``step`` (``ValueError("Invalid <name>: ...")``);
+    ``load_state_dict`` validates everything first (a rejected state dict changes nothing) and
+    keeps the live ``nonfinite`` and ``reuse_trial``. Parameters: real floating point, one dtype
+    and device; gradients dense; frozen ones are left alone (all frozen: ``step`` returns the
+    closure's loss). A closure that raises leaves the parameters and the state as they were.
+
+    Loss scale: with ``f`` scaled by ``s``, ``g``, ``H`` (Hessian, Gauss-Newton) and ``lambda``
+    scale by ``s``, so ``delta`` and the accept test do not change; the solves and the test are
+    computed in units of ``c = 4^k ~ max |g_i|`` (exact powers of two), so float32 takes the same
+    steps at ``s = 1e-20`` as at ``1e20``. Not scale-free by construction: the empirical Fisher
+    (``s^2 F``) and the default ``cg_tol`` (``sqrt(|g|)``); give ``cg_tol`` a number for that.
 
     Under DDP (a process group of R ranks, each closure evaluating its rank's slice of the
     batch) the loss, the gradient and every curvature product are means over the ranks
@@ -192,6 +166,15 @@ class RegularizedNewton(torch.optim.Optimizer):
             NaN/Inf.
         reuse_trial: reuse the accepted trial point's evaluation as the next step's (above);
             only for a closure that computes the same function at every step (full batch).
+        lr: step-size multiplier (>= 0, a float or a 0-d tensor), for ``torch.optim``'s
+            schedulers: the search and its accept test are those of ``delta``, and the step
+            taken is ``x <- x + lr delta`` (``lr = 1``: Algorithm 1, bit for bit; for a convex
+            ``f`` and ``lr`` in ``[0, 1]``, ``f`` still decreases). With ``lr != 1`` no trial
+            evaluation is kept for reuse (it is not at the new point).
+        maximize: maximize ``f`` (the closure's value): the step minimizes ``-f``; ``step``
+            returns ``f`` and the record's ``loss``/``new_loss`` are values of ``f``.
+        foreach: ``None`` or ``False`` only (the step works on one flat vector; nothing to fuse).
+        differentiable: ``False`` only (an accept/reject search is not differentiable).
 
     State (on the first parameter, for logging): ``step``; ``gamma`` (or ``M``) for the next
     step; ``record``, the last step's ``{tries, accepted, gamma, lambda, cg_iterations,
@@ -220,6 +203,10 @@ class RegularizedNewton(torch.optim.Optimizer):
         "Gradient regularization of Newton method with Bregman distances", 2023.
     """
 
+    global_hyperparameters = HYPERPARAMETERS  # all of them: the method is global
+    policy_hyperparameters = ("nonfinite", "reuse_trial")  # load_state_dict keeps the live ones
+    global_state_keys = ("step", "gamma", "M", "forcing", *COUNTERS)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -233,78 +220,85 @@ class RegularizedNewton(torch.optim.Optimizer):
         cg_maxiter: int | None = None,
         nonfinite: str = "raise",
         reuse_trial: bool = False,
+        lr: float | torch.Tensor = 1.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
-        if curvature not in CURVATURES:
-            raise ValueError(f"Invalid curvature: {curvature!r}; expected one of {CURVATURES}")
-        if regularization not in REGULARIZATIONS:
-            raise ValueError(
-                f"Invalid regularization: {regularization!r}; expected one of {REGULARIZATIONS}"
-            )
-        if not (isinstance(gamma0, int | float) and math.isfinite(gamma0) and gamma0 > 0):
-            raise ValueError(f"Invalid gamma0: {gamma0}")
-        if growth not in GROWTHS:
-            raise ValueError(f"Invalid growth: {growth!r}; expected one of {GROWTHS}")
-        if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-            raise ValueError(f"Invalid max_tries: {max_tries}")
-        if solver not in SOLVERS:
-            raise ValueError(f"Invalid solver: {solver!r}; expected one of {SOLVERS}")
-        if solver == "woodbury" and curvature != "empirical_fisher":
-            raise ValueError(
-                f"Invalid solver: 'woodbury' needs curvature='empirical_fisher', got {curvature!r}"
-            )
-        if cg_tol not in (None, "eisenstat_walker") and not (
-            isinstance(cg_tol, int | float) and math.isfinite(cg_tol) and 0 < cg_tol < 1
-        ):
-            raise ValueError(f"Invalid cg_tol: {cg_tol!r}")
-        if cg_maxiter is not None and (
-            isinstance(cg_maxiter, bool) or not isinstance(cg_maxiter, int) or cg_maxiter < 1
-        ):
-            raise ValueError(f"Invalid cg_maxiter: {cg_maxiter}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid nonfinite: {nonfinite!r}")
-        if not isinstance(reuse_trial, bool):
-            raise ValueError(f"Invalid reuse_trial: {reuse_trial!r}")
         defaults = dict(
             curvature=curvature,
             regularization=regularization,
-            gamma0=float(gamma0),
+            gamma0=gamma0,
             growth=growth,
             max_tries=max_tries,
             solver=solver,
             cg_tol=cg_tol,
             cg_maxiter=cg_maxiter,
+            lr=lr,
+            maximize=maximize,
+            nonfinite=nonfinite,
+            reuse_trial=reuse_trial,
+            foreach=foreach,
+            differentiable=differentiable,
         )
+        validate_group(defaults)
+        defaults["gamma0"] = float(gamma0)
         super().__init__(params, defaults)
-        self.nonfinite = nonfinite  # a policy, not a hyperparameter: load_state_dict keeps it
-        self.reuse_trial = reuse_trial  # a policy too: it changes the cost, not the iterates
+        self._reset_runtime()
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        validate_group(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer``, validated: every hyperparameter is global (a group
+        that gives another value than the first group's raises ``ValueError``), and the
+        parameters must be real floating point."""
+        super().add_param_group(param_group)
+        try:
+            check_parameters(self.param_groups[-1]["params"], uniform=False)
+        except ValueError:
+            self.param_groups.pop()  # nothing is added
+            raise
+
+    def _reset_runtime(self) -> None:
         self._cache: dict | None = None  # the accepted trial's evaluation (never serialized)
         self._last_closure = None
-        for group in self.param_groups[1:]:
-            differ = [k for k in defaults if group[k] != self.param_groups[0][k]]
-            if differ:
-                raise ValueError(
-                    f"Invalid param groups: RegularizedNewton's hyperparameters are global, but "
-                    f"the groups differ in {', '.join(differ)}"
-                )
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle/deepcopy: the state and the policies; never the kept graph or the closure."""
-        return {
-            **super().__getstate__(),
-            "nonfinite": self.nonfinite,
-            "reuse_trial": self.reuse_trial,
-        }
+    @property
+    def nonfinite(self) -> str:
+        return self.param_groups[0]["nonfinite"]
+
+    @property
+    def reuse_trial(self) -> bool:
+        return self.param_groups[0]["reuse_trial"]
+
+    def __repr__(self) -> str:
+        """The class and its (global) hyperparameters, then the parameters it holds."""
+        group = self.param_groups[0]
+        keys = [k for k in HYPERPARAMETERS if k not in ("foreach", "differentiable")]
+        params = [p for g in self.param_groups for p in g["params"]]
+        return (
+            f"{type(self).__name__}({', '.join(f'{k}={group[k]!r}' for k in keys)}; "
+            f"{len(self.param_groups)} param group(s), {len(params)} tensors, "
+            f"{sum(p.numel() for p in params)} parameters)"
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle / deepcopy / ``load_state_dict``: the state and the settings, never the
+        kept graph or the closure; older checkpoints get the defaults of newer keys."""
+        legacy = {k: state.pop(k) for k in ("nonfinite", "reuse_trial") if k in state}
         super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite", "raise")
-        self.__dict__.setdefault("reuse_trial", False)
-        self._cache, self._last_closure = None, None
         for group in self.param_groups:  # checkpoints from before these keys existed
-            group.setdefault("growth", "double")
-        first = self.state.get(self.param_groups[0]["params"][0]) if self.param_groups else None
+            for key, value in {**LEGACY_DEFAULTS, **legacy}.items():
+                group.setdefault(key, value)
+        for key, value in LEGACY_DEFAULTS.items():
+            self.defaults.setdefault(key, value)
+        first = self._first_state()
         if first and "step" in first:
             first.setdefault("tries", 0)
+
+    def _validate_global_state(self, state: dict[str, Any], saved_groups: list[dict]) -> None:
+        validate_state(state)
 
     # -- the step -------------------------------------------------------------------------
 
@@ -313,8 +307,8 @@ class RegularizedNewton(torch.optim.Optimizer):
         for p, v in zip(params, unflatten(flat, params)):
             p.copy_(v)
 
-    def _trial(self, closure, params, curvature: str, x_new: torch.Tensor, keep: bool, work):
-        """``f``, ``|grad f|^2`` at ``x_new`` and, when ``keep``, the whole evaluation there.
+    def _trial(self, start: SearchStart, curvature: str, x_new: torch.Tensor):
+        """``f``, ``|grad f / c|^2`` at ``x_new`` and, when ``keep``, the whole evaluation there.
 
         The parameters' ``.data`` is swapped for the trial values and back (instead of writing
         in place): their version counters stay as they were, so the graph of the evaluation at
@@ -324,6 +318,8 @@ class RegularizedNewton(torch.optim.Optimizer):
         the trial values get their own storage, which the graph's views of the parameters
         refer to after the swap back.
         """
+        closure, params, keep, work = start.closure, start.params, start.keep, start.work
+        inv = start.inv
         saved = [p.data for p in params]
         values = unflatten(x_new, params)
         if keep:
@@ -338,13 +334,13 @@ class RegularizedNewton(torch.optim.Optimizer):
         if tdist.is_distributed():  # the global f and gradient: one all-reduce of P + 1 numbers
             flat = _flat_cat(grads_t, params, torch.float64)
             packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
-            gn2 = sum(float((t**2).sum()) for t in unflatten(packed[:-1], params))
+            gn2 = sum(float(((t * inv) ** 2).sum()) for t in unflatten(packed[:-1], params))
             ev = None
             if keep:
                 loss_t = packed[-1].to(f_t.dtype)
                 ev = (f_t, aux_t, grads_t, packed[:-1].to(work), loss_t)
             return float(packed[-1]), gn2, ev
-        gn2 = sum(float((t.detach().double() ** 2).sum()) for t in grads_t if t is not None)
+        gn2 = sum(float(((t.detach().double() * inv) ** 2).sum()) for t in grads_t if t is not None)
         ev = (f_t, aux_t, grads_t, _flat_cat(grads_t, params, work), f_t.detach()) if keep else None
         return f_t.item(), gn2, ev
 
@@ -359,22 +355,11 @@ class RegularizedNewton(torch.optim.Optimizer):
             p.data.copy_(v)
 
     @staticmethod
-    def _init_state(state: dict, group: dict) -> None:
-        if "step" in state:
-            return
-        state["step"] = torch.tensor(0.0)
-        state["gamma"] = group["gamma0"]
-        state["M"] = None
+    def _initial_state(group: dict) -> dict[str, Any]:
+        state: dict[str, Any] = dict(step=torch.tensor(0.0), gamma=group["gamma0"], M=None)
         state["record"] = {}
-        for key in (
-            "closure_evals",
-            "tries",
-            "curvature_products",
-            "cg_iterations",
-            "failed_steps",
-            "skipped_steps",
-        ):
-            state[key] = 0
+        state.update({key: 0 for key in COUNTERS})
+        return state
 
     @staticmethod
     def _lambda(gns: bool, scale: float, gnorm: float) -> float:
@@ -392,7 +377,7 @@ class RegularizedNewton(torch.optim.Optimizer):
 
     def _search(self, start: SearchStart, group: dict, solver):
         """The tries of one step; ``(TryRecord, scale of the last try, kept evaluation)``."""
-        closure, params, keep, work = start.closure, start.params, start.keep, start.work
+        params = start.params
         f0, gnorm, scale = start.loss, start.grad_norm, start.scale
         gns, curvature = group["regularization"] == "gns", group["curvature"]
         x0 = flatten([p.detach() for p in params]).clone()
@@ -403,7 +388,8 @@ class RegularizedNewton(torch.optim.Optimizer):
             rec.tries += 1
             lam = self._lambda(gns, scale, gnorm)
             rec.gamma, rec.M, rec.lam = scale if gns else gnorm / lam, None if gns else scale, lam
-            sol = solver.solve(lam, warm) if isinstance(solver, CGSolver) else solver.solve(lam)
+            lam_c = lam * start.inv  # the solvers see H / c, g / c and lambda / c: same delta
+            sol = solver.solve(lam_c, warm) if isinstance(solver, CGSolver) else solver.solve(lam_c)
             rec.cg_iterations += sol.cg_iterations
             if not sol.ok:
                 rec.reasons.append(sol.reason)
@@ -414,12 +400,15 @@ class RegularizedNewton(torch.optim.Optimizer):
                     rec.reasons.append("below resolution")
                     break
                 warm = sol.delta
-                f_new, gn2, ev = self._trial(closure, params, curvature, x_new, keep, work)
+                f_new, gn2, ev = self._trial(start, curvature, x_new)
                 rec.evals += 1
-                if math.isfinite(f_new) and math.isfinite(gn2) and f0 - f_new >= gn2 / (8 * lam):
+                drop = (f0 - f_new) * start.inv  # the test in units of c: exact, no overflow
+                if math.isfinite(f_new) and math.isfinite(gn2) and drop >= gn2 / (8 * lam_c):
                     rec.accepted = True
-                    rec.margin = f0 - f_new >= _MARGIN * gn2 / (8 * lam)
-                    if ev is None:
+                    rec.margin = drop >= _MARGIN * gn2 / (8 * lam_c)
+                    if start.lr != 1.0:  # x <- x + lr delta; the test was on x + delta
+                        self._write(params, x0 + (start.lr * sol.delta).to(x0.dtype))
+                    elif ev is None:
                         self._write(params, x_new)
                     else:
                         self._write_kept(params, x_new)
@@ -429,7 +418,7 @@ class RegularizedNewton(torch.optim.Optimizer):
                 finite = math.isfinite(f_new + gn2)
                 rec.reasons.append("decrease" if finite else "nonfinite trial")
                 tiny = float(sol.delta.norm()) <= math.sqrt(eps) * (float(x0.norm()) + 1)
-                if finite and tiny and abs(f0 - f_new) <= 4 * eps * max(abs(f0), 1e-30):
+                if finite and tiny and abs(f0 - f_new) <= 4 * eps * abs(f0):
                     rec.reasons.append("below resolution")  # f cannot tell the tries apart
                     break
             scale = scale / 2 if gns else scale * 2
@@ -450,6 +439,9 @@ class RegularizedNewton(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any]) -> torch.Tensor:  # type: ignore[override]
         """One step of the adaptive search.
 
+        Everything the step changes (the parameters, ``state``) is written at its end: a
+        closure or a solve that raises leaves the optimizer and the parameters as they were.
+
         Args:
             closure: recomputes and returns the loss (see the class docstring for its form
                 per curvature) without calling ``backward()``.
@@ -459,20 +451,33 @@ class RegularizedNewton(torch.optim.Optimizer):
         """
         if closure is None:
             raise ValueError("Invalid closure: RegularizedNewton needs a closure")
+        if lightning_automatic(closure):
+            raise RuntimeError(LIGHTNING_AUTOMATIC)
+        self._validate_groups()  # values set directly (a scheduler's lr, say)
         group = self.param_groups[0]
+        differ = [k for k in HYPERPARAMETERS if any(g[k] != group[k] for g in self.param_groups)]
+        if differ:  # all are global; set per group directly (a scheduler with per-group factors)
+            raise ValueError(f"Invalid param groups: they differ in {', '.join(differ)} (global)")
         params = [p for grp in self.param_groups for p in grp["params"] if p.requires_grad]
+        if not params:  # every parameter frozen: nothing to update (as torch.optim)
+            with torch.enable_grad():
+                return parse_closure_output(closure(), group["curvature"])[0].detach()
+        check_parameters(params)
+        lr, sign = float(group["lr"]), -1.0 if group["maximize"] else 1.0
+        fn = maximizing(closure) if group["maximize"] else closure  # minimizes -f
         dtype = params[0].dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         cache, self._cache = self._cache, None
         reused = cache is not None and self._reusable(cache, closure, params)
         evaluation = cache["evaluation"] if reused else None
         del cache  # a stale kept graph goes before a fresh evaluation builds another
-        keep = self.reuse_trial and (self._last_closure is None or closure == self._last_closure)
-        self._last_closure = closure if self.reuse_trial else None
+        last = self._last_closure
+        keep = self.reuse_trial and lr == 1.0 and (last is None or closure == last)
         if reused:  # the last step's accepted trial point is this step's x
             f, aux, grads, g, loss = evaluation
         else:
-            f, aux, grads = evaluate_closure(closure, params, group["curvature"], graph=True)
+            f, aux, grads = evaluate_closure(fn, params, group["curvature"], graph=True)
+            check_gradients(grads, params)
             g = _flat_cat(grads, params, work)
             loss = f.detach()  # what the step reports: the global mean under a process group
             if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
@@ -481,27 +486,29 @@ class RegularizedNewton(torch.optim.Optimizer):
         finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
-        state = self.state[group["params"][0]]
-        self._init_state(state, group)
+        saved = self._first_state()
+        state = dict(saved) if "step" in saved else self._initial_state(group)  # a draft
         state["closure_evals"] += 0 if reused else 1
         f0 = loss.item()
         if not finite:
             state["skipped_steps"] += 1
-            state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": f0}
-            return loss
-        state["step"] += 1
-        gnorm = g.norm().item()
+            state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": sign * f0}
+            return self._commit(state, closure, sign * loss)
+        state["step"] = state["step"] + 1
+        c = gradient_scale(g)  # 4^k ~ max |g_i|: the solves in units of order one
+        g_c = g * (1.0 / c) if c else g
+        gnorm = g_c.norm().item() * c  # |g| without over- or underflow (exact scaling)
         if gnorm == 0.0:  # stationary: nothing to do
-            state["record"] = {"accepted": False, "tries": 0, "loss": f0, "grad_norm": 0.0}
-            return loss
+            state["record"] = {"accepted": False, "tries": 0, "loss": sign * f0, "grad_norm": 0.0}
+            return self._commit(state, closure, sign * loss)
         gns = group["regularization"] == "gns"
         scale = state["gamma"] if gns else state["M"]
         if scale is None:  # the sqrt rule's M, so that the first try has gamma0
             scale = gnorm / group["gamma0"] ** 2
         curv = make_curvature(group["curvature"], f, aux, grads, params, work)
-        solver = self._make_solver(group, curv, g, gnorm, state)
-        start = SearchStart(closure, params, f0, gnorm, scale, keep, work)
-        rec, scale, kept = self._search(start, group, solver)
+        solver = self._make_solver(group, ScaledCurvature(curv, 1.0 / c), g_c, gnorm, state)
+        start = SearchStart(fn, params, f0, gnorm, scale, keep, work, 1.0 / c, lr)
+        rec, scale, kept = self._search(start, group, solver)  # writes x only when it ends
         if kept is not None:
             versions = [(p._version, p.data_ptr()) for p in params]
             self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
@@ -510,13 +517,14 @@ class RegularizedNewton(torch.optim.Optimizer):
         state["curvature_products"] += curv.products
         state["cg_iterations"] += rec.cg_iterations
         state["record"] = rec = rec.as_record(reused, f0, gnorm)
+        rec["loss"], rec["new_loss"] = sign * rec["loss"], sign * rec["new_loss"]
         if rec["accepted"]:
             if rec["margin"] or group["growth"] == "double":
                 scale = min(2 * scale, _SCALE_MAX) if gns else max(scale / 2, 1 / _SCALE_MAX)
             state["gamma" if gns else "M"] = scale
             if group["cg_tol"] == "eisenstat_walker":  # this step's |g| and tolerance
                 state["forcing"] = (gnorm, solver.tol)
-            return loss
+            return self._commit(state, closure, sign * loss)
         state["failed_steps"] += 1
         if not gns and state["M"] is None:
             state["M"] = gnorm / group["gamma0"] ** 2
@@ -526,4 +534,10 @@ class RegularizedNewton(torch.optim.Optimizer):
             RuntimeWarning,
             stacklevel=2,
         )
+        return self._commit(state, closure, sign * loss)
+
+    def _commit(self, state: dict[str, Any], closure, loss: torch.Tensor) -> torch.Tensor:
+        """Write the step's drafted global state and remember its closure; return ``loss``."""
+        self.state[self.param_groups[0]["params"][0]].update(state)
+        self._last_closure = closure if self.reuse_trial else None
         return loss
