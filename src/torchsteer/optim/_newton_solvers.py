@@ -41,7 +41,6 @@ from torchsteer.jacobian.curvature import (
     GGNOperator,
     HessianOperator,
 )
-from torchsteer.jacobian.params import flatten_like
 from torchsteer.linalg.shifted_solvers import Solution, shifted_cg, shifted_cholesky_solve
 from torchsteer.optim._newton_ddp import WoodburySolver  # re-exported
 
@@ -84,9 +83,6 @@ class GaussNewtonCurvature(_MeanOverRanks, GGNOperator):
 class EmpiricalFisherCurvature(_MeanOverRanks, EmpiricalFisherOperator):
     """:class:`~torchsteer.jacobian.curvature.EmpiricalFisherOperator`, averaged over ranks
     (its ``per_sample`` rows stay this rank's: the Woodbury solver shards them itself)."""
-
-
-_flat_cat = flatten_like  # regularized_newton imports it by this name
 
 
 def _finite(delta: torch.Tensor) -> bool:

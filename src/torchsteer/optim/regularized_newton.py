@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from torchsteer import distributed as tdist
-from torchsteer.jacobian import flatten, unflatten
+from torchsteer.jacobian import flatten, flatten_like, unflatten
 from torchsteer.linalg.lanczos import LanczosSolver
 from torchsteer.optim._contract import GlobalStateMixin
 from torchsteer.optim._newton_inputs import (
@@ -32,7 +32,6 @@ from torchsteer.optim._newton_solvers import (
     CGSolver,
     CholeskySolver,
     WoodburySolver,
-    _flat_cat,
     cg_tolerance,
     evaluate_closure,
     make_curvature,
@@ -332,7 +331,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             for p, d in zip(params, saved):
                 p.data = d
         if tdist.is_distributed():  # the global f and gradient: one all-reduce of P + 1 numbers
-            flat = _flat_cat(grads_t, params, torch.float64)
+            flat = flatten_like(grads_t, params, torch.float64)
             packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
             gn2 = sum(float(((t * inv) ** 2).sum()) for t in unflatten(packed[:-1], params))
             ev = None
@@ -341,7 +340,11 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
                 ev = (f_t, aux_t, grads_t, packed[:-1].to(work), loss_t)
             return float(packed[-1]), gn2, ev
         gn2 = sum(float(((t.detach().double() * inv) ** 2).sum()) for t in grads_t if t is not None)
-        ev = (f_t, aux_t, grads_t, _flat_cat(grads_t, params, work), f_t.detach()) if keep else None
+        ev = (
+            (f_t, aux_t, grads_t, flatten_like(grads_t, params, work), f_t.detach())
+            if keep
+            else None
+        )
         return f_t.item(), gn2, ev
 
     @staticmethod
@@ -478,7 +481,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         else:
             f, aux, grads = evaluate_closure(fn, params, group["curvature"], graph=True)
             check_gradients(grads, params)
-            g = _flat_cat(grads, params, work)
+            g = flatten_like(grads, params, work)
             loss = f.detach()  # what the step reports: the global mean under a process group
             if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
                 packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
