@@ -61,7 +61,7 @@ class RadiusLimitCallback(SteeringCallback):
     scheduler steps. These two hooks are enough: they bracket exactly the one
     ``optimizer.step()`` of every optimizer step (no optimizer wrapper needed). What the hooks
     do not receive is the batch; the callback records the keyword inputs of the model's
-    latest training forward with a forward pre-hook (the last micro-batch under gradient
+    latest train-mode forward with a forward pre-hook (the last micro-batch under gradient
     accumulation, as the Lightning callback). Tokens of a sequence model are samples of the
     maximum. Logged: ``radius/r``, ``radius/rho_a``, ``radius/scale``,
     ``radius/fraction_limited``; checkpointed: the limiter's counters and last signals.
@@ -95,6 +95,7 @@ class RadiusLimitCallback(SteeringCallback):
         self._state: dict[str, Any] = {}
         self._inputs: dict[str, Any] | None = None
         self._hook = None
+        self._measuring = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.limiter is not None:  # a second train(): the counters go on
@@ -110,7 +111,7 @@ class RadiusLimitCallback(SteeringCallback):
         self._hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
 
     def _record_inputs(self, module, args, kwargs) -> None:
-        if module.training and torch.is_grad_enabled():  # not the limiter's no-grad measurement
+        if module.training and not self._measuring:  # a training forward, not the limiter's
             self._inputs = dict(kwargs)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -122,8 +123,11 @@ class RadiusLimitCallback(SteeringCallback):
         self.limiter.before_step(_inner_optimizer(optimizer), self._inputs)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        signals = self.limiter.after_step(self._inputs)
-        self._inputs = None
+        self._measuring = True
+        try:
+            signals = self.limiter.after_step(self._inputs)
+        finally:
+            self._measuring, self._inputs = False, None
         self._set_logs({k: signals[k] for k in ("r", "rho_a", "scale", "fraction_limited")})
 
     def on_step_end(self, args, state, control, **kwargs):

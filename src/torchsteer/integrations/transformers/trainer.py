@@ -29,6 +29,7 @@ log). Gradient accumulation and gradient clipping do not apply to these optimize
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,22 @@ def dro_compute_loss(
     return (loss, logits) if return_outputs else loss
 
 
+class NoLearningRate:
+    """The scheduler of an optimizer that has no learning rate: ``step`` does nothing."""
+
+    def step(self, *args, **kwargs) -> None:
+        pass
+
+    def get_last_lr(self) -> list[float]:
+        return [math.nan]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class SteeringTrainer(Trainer):
     """A ``Trainer`` for the torchsteer callbacks and optimizers.
 
@@ -133,6 +150,15 @@ class SteeringTrainer(Trainer):
             model, inputs, dro[0].weighting, self.per_sample_loss, return_outputs
         )
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler; for an optimizer without ``lr`` (RegularizedNewton, whose
+        step size is its own ``gamma``) a no-op one that logs the learning rate as NaN."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        groups = getattr(optimizer, "param_groups", [])
+        if self.lr_scheduler is None and groups and "lr" not in groups[0]:
+            self.lr_scheduler = NoLearningRate()
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _closure_optimizer(self) -> Sven | RegularizedNewton | None:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         return opt if isinstance(opt, CLOSURE_OPTIMIZERS) else None
@@ -177,9 +203,11 @@ class SteeringTrainer(Trainer):
 
     def _pass_closure(self, optimizer, args, kwargs):
         """Step pre-hook: give the Trainer's ``optimizer.step()`` this batch's closure."""
-        if len(args) > 1 or kwargs.get("closure") is not None:
+        given = args[1] if len(args) > 1 else kwargs.get("closure")
+        if given is not None:
             return None  # the caller passed its own closure
         if self._closure is None:
             raise RuntimeError(f"{type(optimizer).__name__}.step() without a closure")
         closure, self._closure = self._closure, None
-        return args, {**kwargs, "closure": closure}
+        # accelerate calls step(closure) with closure=None positionally
+        return args[:1], {**kwargs, "closure": closure}
