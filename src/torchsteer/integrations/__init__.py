@@ -5,6 +5,8 @@
   DRO reweighting) and :class:`SteeringTrainer`, the ``Trainer`` subclass that logs their
   signals, computes per-sample losses and runs the closure optimizers (Sven,
   RegularizedNewton).
+- :mod:`torchsteer.integrations.trl`: :class:`KLControlledGRPOTrainer`, TRL's GRPO trainer
+  with its KL coefficient ``beta`` set by a KL controller after every step.
 
 Needs the ``hf`` extra (``pip install torchsteer[hf]``); importing this package alone imports
 neither library.
