@@ -17,7 +17,7 @@ PAGE = Path(__file__).resolve().parents[2] / "docs" / "huggingface.md"
 def test_every_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     ns = {"__name__": "example"}
     for code in blocks:
         exec(compile(code, str(PAGE), "exec"), ns)
@@ -26,3 +26,4 @@ def test_every_example_runs(tmp_path, monkeypatch):
     assert ns["dro"].weighting.step == 3
     assert next(iter(ns["sven"].state.values()))["step"] == 3
     assert ns["grpo"].beta == ns["ctl"].coef and ns["grpo"].beta_control.updates == 3
+    assert ns["gkd"].state.global_step == 2

@@ -6,7 +6,8 @@
   signals, computes per-sample losses and runs the closure optimizers (Sven,
   RegularizedNewton).
 - :mod:`torchsteer.integrations.trl`: :class:`KLControlledGRPOTrainer`, TRL's GRPO trainer
-  with its KL coefficient ``beta`` set by a KL controller after every step.
+  with its KL coefficient ``beta`` set by a KL controller after every step;
+  :class:`FDivergenceGKDTrainer`, TRL's GKD trainer with a :mod:`torchsteer.divergence` loss.
 
 Needs the ``hf`` extra (``pip install torchsteer[hf]``); importing this package alone imports
 neither library.

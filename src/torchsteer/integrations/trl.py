@@ -18,6 +18,18 @@ checkpoints (``trainer_state.json``, as the callbacks of
 ``kl_control/``. PPO is not wired: TRL 1.16 keeps its adaptive KL controller inside the PPO
 trainer's loop, which has no per-step hook to replace it.
 
+GKD: :func:`gkd_f_divergence_loss` is :func:`torchsteer.divergence.f_divergence` in the form
+of TRL's ``GKDTrainer.generalized_jsd_loss`` (shifted logits, labels ``-100`` masked, the sum
+over the unmasked tokens divided by ``num_items_in_batch`` or by their count), and
+:class:`FDivergenceGKDTrainer` is TRL's GKD trainer with that loss, any generator of
+:mod:`torchsteer.divergence` (``"generalized_js"`` with GKD's ``beta`` by default, the
+divergence GKD computes itself). With q the student and p the teacher at temperature T:
+
+.. math::
+    \\mathcal{L} = \\frac{1}{N} \\sum_{(b,t):\\, y_{bt} \\ne -100} D_f(p_{bt} \\,\\|\\, q_{bt}),
+
+with N = ``num_items_in_batch``, or the count of those tokens.
+
 References:
     Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024) (GRPO); Stooke, Achiam, Abbeel,
     ICML 2020 (PID Lagrangian).
@@ -28,12 +40,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from trl import GRPOTrainer
+from trl.experimental.gkd import GKDTrainer
 
 from torchsteer.control.kl import KLController
+from torchsteer.divergence import f_divergence, generator
 from torchsteer.integrations.transformers.base import SteeringCallback
 
-__all__ = ["MIN_BETA", "KLControlledGRPOTrainer"]
+__all__ = [
+    "MIN_BETA",
+    "FDivergenceGKDTrainer",
+    "KLControlledGRPOTrainer",
+    "gkd_f_divergence_loss",
+]
 
 MIN_BETA = 1e-12
 _STATISTICS = {"kl": "kl", "entropy": "entropy", "reward": "reward"}
@@ -116,3 +136,78 @@ class KLControlledGRPOTrainer(GRPOTrainer):
             logs.update(self.beta_control.pop_logs())
         super().log(logs, start_time)
         self.beta_control.after_log()
+
+
+def gkd_f_divergence_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "generalized_js",
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    **kind_args,
+) -> torch.Tensor:
+    """``sum over unmasked tokens of D_f(p || q) / N`` (see the module docstring).
+
+    Args:
+        student_logits, teacher_logits: ``(B, T, V)``, already shifted (position t predicts
+            token t + 1); the teacher's without graph.
+        labels: ``(B, T)``, ``-100`` where nothing is scored; ``None`` scores every token
+            and divides by ``B`` (TRL's ``batchmean`` without labels).
+        kind, **kind_args: the generator of :func:`~torchsteer.divergence.f_divergence`.
+        temperature: T, both logits divided by it.
+        num_items_in_batch: the Trainer's token count across accumulated batches (``N``).
+    """
+    mask = None if labels is None else labels != -100
+    total = f_divergence(
+        student_logits, teacher_logits, kind, temperature=temperature, mask=mask,
+        reduction="sum", **kind_args,
+    )  # fmt: skip
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    if mask is None:
+        return total / max(student_logits.shape[0], 1)
+    return total / mask.sum().clamp_min(1)
+
+
+class FDivergenceGKDTrainer(GKDTrainer):
+    """TRL's ``GKDTrainer`` whose distillation loss is :func:`gkd_f_divergence_loss`.
+
+    Args:
+        *args, **kwargs: those of ``trl.experimental.gkd.GKDTrainer``.
+        divergence: the generator's kind (default ``"generalized_js"``, which then takes
+            GKD's ``beta``; another kind ignores ``beta``).
+        divergence_args: the generator's arguments (e.g. ``{"alpha": 0.5}``).
+    """
+
+    def __init__(self, *args, divergence: str = "generalized_js", divergence_args=None, **kw):
+        generator(divergence, **self._kind_args(divergence, divergence_args, 0.5))  # validates
+        self.divergence, self.divergence_args = divergence, dict(divergence_args or {})
+        super().__init__(*args, **kw)
+
+    @staticmethod
+    def _kind_args(kind, args, beta) -> dict[str, Any]:
+        args = dict(args or {})
+        if kind == "generalized_js":
+            args.setdefault("beta", beta)
+        return args
+
+    def generalized_jsd_loss(
+        self,
+        student_logits,
+        teacher_logits,
+        labels=None,
+        beta=0.5,
+        temperature=1.0,
+        reduction="batchmean",
+        num_items_in_batch=None,
+    ):
+        """GKD's loss hook (its signature): :func:`gkd_f_divergence_loss` of the chosen kind."""
+        if reduction != "batchmean":
+            raise ValueError(f"Invalid reduction: {reduction!r} (only 'batchmean')")
+        return gkd_f_divergence_loss(
+            student_logits, teacher_logits, labels, kind=self.divergence,
+            temperature=temperature, num_items_in_batch=num_items_in_batch,
+            **self._kind_args(self.divergence, self.divergence_args, beta),
+        )  # fmt: skip
