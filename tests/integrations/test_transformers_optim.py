@@ -128,3 +128,32 @@ def test_closure_optimizers_refuse_gradient_accumulation(tmp_path):
     with pytest.raises(ValueError, match="Invalid gradient_accumulation_steps"):
         fit(SteeringTrainer, tmp_path, model, opt, gradient_accumulation_steps=2)
     assert opt.state == {} or all(s.get("step", 0) == 0 for s in opt.state.values())
+
+
+def test_per_sample_losses_are_the_masked_token_means():
+    """l_b = mean over t with y_{b,t+1} != -100 of CE(z_{bt}, y_{b,t+1}), by enumeration."""
+    model = _hf.tiny_gpt2()
+    ids = _hf.Sentences(3).ids
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    labels[1, 1] = -100
+    losses, logits = per_sample_losses(model, {"input_ids": ids, "labels": labels})
+    logp = logits.double().log_softmax(-1)
+    for b in range(3):
+        terms = [-logp[b, t, labels[b, t + 1]] for t in range(ids.shape[1] - 1)
+                 if labels[b, t + 1] != -100]  # fmt: skip
+        assert losses[b].item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    # the model's own loss on unmasked sequences is their mean
+    full, _ = per_sample_losses(model, {"input_ids": ids, "labels": ids})
+    assert full.mean().item() == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), 1e-5)
+
+
+def test_bad_inputs_are_named():
+    model = _hf.tiny_gpt2()
+    ids = _hf.Sentences(2).ids
+    with pytest.raises(ValueError, match="Invalid inputs"):
+        per_sample_losses(model, {"input_ids": ids})
+    with pytest.raises(ValueError, match="Invalid logits / labels"):
+        per_sample_losses(model, {"input_ids": ids, "labels": ids[:, :3]})
+    with pytest.raises(ValueError, match="Invalid per_sample_loss"):
+        SteeringTrainer(model=model, per_sample_loss=3)

@@ -32,7 +32,8 @@ with N = ``num_items_in_batch``, or the count of those tokens.
 
 References:
     Shao et al., "DeepSeekMath", arXiv 2402.03300 (2024) (GRPO); Stooke, Achiam, Abbeel,
-    ICML 2020 (PID Lagrangian).
+    ICML 2020 (PID Lagrangian); Agarwal et al., "On-Policy Distillation of Language Models:
+    Learning from Self-Generated Mistakes", arXiv 2306.13649 (2023) (GKD).
 """
 
 from __future__ import annotations
