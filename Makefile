@@ -1,6 +1,7 @@
 # Each target creates .venv when it is missing; all are idempotent.
 # torch is installed first, pinned: on these machines torch==2.13.0 is a CPU build on disk,
-# and any other request would pull a multi-GB CUDA build.
+# and any other request would pull a multi-GB CUDA build. The hf extra (transformers, trl)
+# is installed too, so that tests/integrations runs in CI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,hf]'
 	touch $(STAMP)
 
 test: $(STAMP)

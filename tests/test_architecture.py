@@ -1,7 +1,8 @@
 """The arrows run one way: callbacks -> control, optim -> linalg, jacobian.
 
 Checked on the source (imports parsed with ``ast``) and at run time (a fresh interpreter
-imports the Lightning-free packages and must not have loaded Lightning). Also: no private
+imports the Lightning-free packages and must not have loaded Lightning; nothing but
+``integrations/`` may import transformers, trl or their companions). Also: no private
 module (``_name.py``) is imported from outside the folder that holds it, and no module but
 ``distributed.py`` imports ``torch.distributed``. Modules stay small: at most 400 lines of code
 (docstrings, comments and blank lines not counted: the class docstrings carry the algorithms'
@@ -36,10 +37,23 @@ ALLOWED = {
     },
     "divergence": {"divergence", "distributed"},
     "objectives": {"objectives", "control", "distributed"},
+    "integrations": {
+        "integrations",
+        "control",
+        "optim",
+        "divergence",
+        "objectives",
+        "jacobian",
+        "linalg",
+        "distributed",
+        "extras",
+    },
     "distributed.py": set(),
     "extras.py": set(),
 }
 LIGHTNING_OK = {"callbacks", "bench"}
+HF = ("transformers", "trl", "accelerate", "datasets", "tokenizers", "peft")
+HF_OK = {"integrations"}
 
 
 def sources(package: str):
@@ -67,6 +81,8 @@ def test_package_imports_only_what_it_may(package):
             if parts[0] == "torchsteer" and len(parts) > 1 and parts[1] not in ALLOWED[package]:
                 bad.append(f"{path.name}: {mod}")
             if parts[0] in ("lightning", "pytorch_lightning") and package not in LIGHTNING_OK:
+                bad.append(f"{path.name}: {mod}")
+            if parts[0] in HF and package not in HF_OK:
                 bad.append(f"{path.name}: {mod}")
     assert not bad, bad
 
@@ -115,6 +131,19 @@ def test_lightning_free_packages_do_not_load_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_only_integrations_load_hugging_face():
+    """Importing every other package (and ``torchsteer.integrations`` itself) loads neither
+    transformers nor trl: only ``torchsteer.integrations.transformers`` / ``.trl`` do."""
+    code = (
+        "import sys, torchsteer.optim, torchsteer.control, torchsteer.jacobian, "
+        "torchsteer.linalg, torchsteer.distributed, torchsteer.divergence, torchsteer.bench, "
+        "torchsteer.integrations; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HF!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def code_lines(path: Path) -> int:

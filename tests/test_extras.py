@@ -36,7 +36,7 @@ def test_each_optional_module_maps_to_a_declared_extra():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    declared = set(meta["project"]["optional-dependencies"]) | {"transformers"}  # planned
+    declared = set(meta["project"]["optional-dependencies"])
     assert set(EXTRAS.values()) <= declared
     assert install_hint("bench") == "pip install 'torchsteer[bench]'"
 

@@ -6,7 +6,7 @@ only torch, NumPy and SciPy. The rest comes with an extra of the package:
 - ``lightning``: ``lightning``, for ``torchsteer.callbacks``;
 - ``bench``: ``rich``, ``matplotlib``, ``scikit-learn``, ``threadpoolctl``, for
   ``torchsteer bench``;
-- ``transformers`` (planned): ``transformers``, ``trl``, for ``torchsteer.integrations``.
+- ``hf``: ``transformers``, ``accelerate``, ``trl``, for ``torchsteer.integrations``.
 
 :func:`require` imports a module and, when it (or the top-level package it lives in) is not
 installed, raises :class:`MissingExtraError` whose message names the module, what needs it and
@@ -32,8 +32,9 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "bench",
     "sklearn": "bench",
     "threadpoolctl": "bench",
-    "transformers": "transformers",
-    "trl": "transformers",
+    "transformers": "hf",
+    "accelerate": "hf",
+    "trl": "hf",
 }
 
 
