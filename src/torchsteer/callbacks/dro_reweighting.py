@@ -38,7 +38,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from torchsteer.control.dro import DROWeighting
+from torchsteer.control.dro import DROWeighting, check_reweighting_args
 
 __all__ = ["DROReweighting"]
 
@@ -62,10 +62,7 @@ class DROReweighting(pl.Callback):
         temperature_schedule: Callable[[int], float] | None = None,
         log_prefix: str = "dro/",
     ):
-        if not isinstance(weighting, DROWeighting):
-            raise ValueError(f"Invalid weighting: {type(weighting).__name__}")
-        if temperature_schedule is not None and not callable(temperature_schedule):
-            raise ValueError(f"Invalid temperature_schedule: {temperature_schedule!r}")
+        check_reweighting_args(weighting, temperature_schedule)
         self.weighting = weighting
         self.temperature_schedule = temperature_schedule
         self.log_prefix = log_prefix

@@ -29,7 +29,16 @@ import torch
 
 from torchsteer import distributed as dist
 
-__all__ = ["DROWeighting", "kl_dro_value", "kl_dro_weights"]
+__all__ = ["DROWeighting", "check_reweighting_args", "kl_dro_value", "kl_dro_weights"]
+
+
+def check_reweighting_args(weighting, temperature_schedule) -> None:
+    """The checks of every reweighting adapter (the Lightning and Transformers callbacks)."""
+    if not isinstance(weighting, DROWeighting):
+        raise ValueError(f"Invalid weighting: {type(weighting).__name__}")
+    if temperature_schedule is not None and not callable(temperature_schedule):
+        raise ValueError(f"Invalid temperature_schedule: {temperature_schedule!r}")
+
 
 _MODES = ("batch", "streaming")
 

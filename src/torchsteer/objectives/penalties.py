@@ -50,7 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from torchsteer.control.kl.estimators import Semantics, masked_mean
+from torchsteer.control.kl.estimators import Semantics, check_token_shapes, masked_mean
 
 __all__ = ["PENALTIES", "divergence_penalty", "rehearsal_prompts"]
 
@@ -125,12 +125,7 @@ def divergence_penalty(
     for name, t in (("logp", logp), ("ref_logp", ref_logp)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"Invalid {name}: {type(t).__name__} (a float tensor)")
-    if ref_logp.shape != logp.shape:
-        raise ValueError(
-            f"Invalid ref_logp shape: {tuple(ref_logp.shape)} (logp {tuple(logp.shape)})"
-        )
-    if mask is not None and mask.shape != logp.shape:
-        raise ValueError(f"Invalid mask shape: {tuple(mask.shape)} (logp {tuple(logp.shape)})")
+    check_token_shapes(logp, ref_logp, mask, "ref_logp")
     ref_logp = ref_logp.detach()
     if mask is not None:
         keep = mask.bool()

@@ -38,7 +38,25 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ESTIMATORS", "Semantics", "double_softmin", "kl_estimate", "kl_exact", "masked_mean"]
+__all__ = [
+    "ESTIMATORS",
+    "Semantics",
+    "check_token_shapes",
+    "double_softmin",
+    "kl_estimate",
+    "kl_exact",
+    "masked_mean",
+]
+
+
+def check_token_shapes(logp, other, mask, other_name: str = "logp_ref") -> None:
+    """``other`` (the reference log-probabilities) and ``mask`` must have ``logp``'s shape."""
+    if other.shape != logp.shape:
+        raise ValueError(
+            f"Invalid {other_name} shape: {tuple(other.shape)} (logp {tuple(logp.shape)})"
+        )
+    if mask is not None and mask.shape != logp.shape:
+        raise ValueError(f"Invalid mask shape: {tuple(mask.shape)} (logp {tuple(logp.shape)})")
 
 
 class Semantics(NamedTuple):
@@ -109,12 +127,7 @@ def kl_estimate(
         raise ValueError(f"Invalid kind: {kind!r}; expected one of {_KINDS}")
     if reduction not in ("none", "mean", "sequence"):
         raise ValueError(f"Invalid reduction: {reduction!r}")
-    if logp.shape != logp_ref.shape:
-        raise ValueError(
-            f"Invalid logp_ref shape: {tuple(logp_ref.shape)} (logp {tuple(logp.shape)})"
-        )
-    if mask is not None and mask.shape != logp.shape:
-        raise ValueError(f"Invalid mask shape: {tuple(mask.shape)} (logp {tuple(logp.shape)})")
+    check_token_shapes(logp, logp_ref, mask)
     r = logp_ref - logp
     if kind == "k1":
         k = -r

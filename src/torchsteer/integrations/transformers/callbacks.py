@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torchsteer.control.dro import DROWeighting
+from torchsteer.control.dro import DROWeighting, check_reweighting_args
 from torchsteer.control.kl import KLController, KLStatistics, as_statistic
 from torchsteer.control.radius import RadiusLimiter
 from torchsteer.integrations.transformers.base import SteeringCallback
@@ -250,10 +250,7 @@ class DROReweightingCallback(SteeringCallback):
         log_prefix: str = "dro/",
     ):
         super().__init__(log_prefix)
-        if not isinstance(weighting, DROWeighting):
-            raise ValueError(f"Invalid weighting: {type(weighting).__name__}")
-        if temperature_schedule is not None and not callable(temperature_schedule):
-            raise ValueError(f"Invalid temperature_schedule: {temperature_schedule!r}")
+        check_reweighting_args(weighting, temperature_schedule)
         self.weighting = weighting
         self.temperature_schedule = temperature_schedule
 
