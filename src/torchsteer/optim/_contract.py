@@ -27,12 +27,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["NONFINITE_POLICIES", "GlobalStateMixin", "check_choice", "check_hyperparameter"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "GlobalStateMixin",
+    "check_choice",
+    "check_hyperparameter",
+    "user_stacklevel",
+]
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -297,3 +304,15 @@ class GlobalStateMixin:
                     f"Invalid state_dict: state {key!r} has shape {tuple(value.shape)}, "
                     f"its parameter {tuple(param.shape)}"
                 )
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the caller that names the first frame
+    outside torch and torchsteer (the user's line, past torch's step wrappers)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "torch",
+        "torchsteer",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

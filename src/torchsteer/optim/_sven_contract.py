@@ -17,7 +17,6 @@ and only then is anything assigned (the mixin's atomic ``load_state_dict``). A r
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any
 
@@ -28,6 +27,7 @@ from torchsteer.optim._contract import (
     GlobalStateMixin,
     check_choice,
     check_hyperparameter,
+    user_stacklevel,
 )
 
 __all__ = ["GLOBAL", "RECORDS", "SKIP_WARNING", "SvenContract", "explained"]
@@ -40,18 +40,6 @@ GLOBAL = (
 )  # fmt: skip
 SKIP_WARNING = 5  # skipped steps in a row after which Sven warns (once per run of skips)
 _GENERATOR_BYTES = torch.Generator().get_state().numel()
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` for a ``warnings.warn`` in the caller that names the first frame
-    outside torch and torchsteer (the user's line, past torch's step wrappers)."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
-        "torch",
-        "torchsteer",
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def explained(err: RuntimeError) -> Exception:
@@ -189,7 +177,7 @@ class SvenContract(GlobalStateMixin):
                 "keep holding NaN or Inf, so the parameters do not move; check the losses "
                 "and the model (nonfinite='raise' shows the first bad step)",
                 RuntimeWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
 

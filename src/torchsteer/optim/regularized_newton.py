@@ -12,7 +12,7 @@ import torch
 from torchsteer import distributed as tdist
 from torchsteer.jacobian import flatten, flatten_like, unflatten
 from torchsteer.linalg.lanczos import LanczosSolver
-from torchsteer.optim._contract import GlobalStateMixin
+from torchsteer.optim._contract import GlobalStateMixin, user_stacklevel
 from torchsteer.optim._newton_inputs import (
     COUNTERS,
     HYPERPARAMETERS,
@@ -535,7 +535,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             f"RegularizedNewton: every try was rejected ({rec['tries']} tries, last: "
             f"{rec['reasons'][-1]}); the parameters are unchanged",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return self._commit(state, closure, sign * loss)
 

@@ -15,12 +15,12 @@ from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
 from torchsteer.jacobian.captured import GraphRowCapture
 from torchsteer.jacobian.per_sample import per_sample_jacobian
+from torchsteer.optim._contract import user_stacklevel
 from torchsteer.optim._sven_contract import (
     GLOBAL,
     RECORDS,
     SKIP_WARNING,
     SvenContract,
-    _user_stacklevel,
     explained,
 )
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
@@ -393,7 +393,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
             f"sample (exact but slow) because {reason}; the functional path (model=, "
             f"loss_fn=, step(batch=...)) or supported layers make it one backward",
             RuntimeWarning,
-            stacklevel=_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
 
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
