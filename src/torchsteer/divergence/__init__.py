@@ -1,7 +1,19 @@
-"""Divergences for distillation: f-divergences on logits, Z-loss (framework-free, torch only)."""
+"""Divergences for distillation: f-divergences on logits, NKD and PS-KD, Z-loss (torch only)."""
 
 from .f_divergence import f_divergence
 from .generators import KINDS, Generator, generator
+from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
 from .z_loss import logz_penalty, z_loss
 
-__all__ = ["KINDS", "Generator", "f_divergence", "generator", "logz_penalty", "z_loss"]
+__all__ = [
+    "KINDS",
+    "Generator",
+    "PSKDTargets",
+    "f_divergence",
+    "generator",
+    "logz_penalty",
+    "nkd_loss",
+    "ps_kd_alpha",
+    "soft_cross_entropy",
+    "z_loss",
+]
