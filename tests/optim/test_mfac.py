@@ -512,3 +512,27 @@ def test_hyperparameters_are_in_defaults_and_in_the_state_dict():
     group = _roundtrip(opt.state_dict())["param_groups"][0]
     assert {k: group[k] for k in keys} == {k: opt.param_groups[0][k] for k in keys}
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_duplicate_gradients_never_step_uphill(scale):
+    """The same gradient 200 times, float32 window, default damp (issue 18 #6: 80 of 200
+    updates went uphill). Oracle: with k copies of g in the window, F^{-1} g = g / (damp +
+    k |g|^2 / m) in closed form; the update must be -lr times that, never uphill."""
+    m, d, damp = 256, 1000, 1e-5
+    g = torch.randn(d, generator=torch.Generator().manual_seed(0)) * scale
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp)
+    gg = float(g.double() @ g.double())
+    errors = []
+    for k in range(1, 201):
+        before = p.detach().double().clone()
+        p.grad = g.clone()
+        opt.step()
+        step = p.detach().double() - before
+        assert float(g.double() @ step) < 0, k  # downhill on every step
+        want = -gg / (damp + k * gg / m)  # g^T (-F^{-1} g)
+        errors.append(abs(float(g.double() @ step) - want) / abs(want))
+    errors.sort()
+    assert errors[189] < 1e-2  # 95 % of the steps within 1 % of the closed form
+    assert opt._window.float64_passes > 0  # the regime this test is about was reached

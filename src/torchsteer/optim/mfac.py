@@ -8,7 +8,11 @@ from typing import Any
 import torch
 
 from torchsteer import distributed
-from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+from torchsteer.linalg.gradient_window import (
+    PASS_TOLERANCE,
+    GradientWindow,
+    NonFiniteGradientError,
+)
 from torchsteer.optim._contract import (
     NONFINITE_POLICIES,
     GlobalStateMixin,
@@ -299,16 +303,22 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         state = self.state[self._params()[0]]
         flat = self._flat_gradient(window)
         try:
-            coeffs = window.add_and_coefficients(flat).to(window.dtype)
+            x = window.add_and_coefficients(flat)
         except NonFiniteGradientError as error:
             self._nonfinite(error)  # raise, or count the step in skipped_steps
             return loss
         state["step"] += 1
         self._sync_state(window)
         self._consolidated = None
-        if self._world > 1:
-            self._apply_gathered(window, coeffs)
+        if self._world > 1 or window.pass_error > PASS_TOLERANCE:
+            # sharded: our slice of u = G^T x, all-gathered; or the rows cancel (duplicate
+            # gradients): G^T x accumulated in float64 (``GradientWindow.combine``)
+            u = window.combine(x)
+            if self._world > 1:
+                u = distributed.all_gather_cat(u, sizes=self._widths)
+            self._apply_vector(u)
             return loss
+        coeffs = x.to(window.dtype)
         # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
         # the second pass over the window writes straight into the parameter (or its buffer).
         offset = 0
@@ -327,9 +337,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                 offset += n
         return loss
 
-    def _apply_gathered(self, window: GradientWindow, coeffs: torch.Tensor) -> None:
-        """Sharded step: our slice of ``u = G^T x``, all-gathered, applied on every rank."""
-        u = distributed.all_gather_cat(torch.mv(window.grads.t(), coeffs), sizes=self._widths)
+    def _apply_vector(self, u: torch.Tensor) -> None:
+        """Apply a whole ``u = F^{-1} g`` (every column): the momentum EMA and ``w -= lr v``."""
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
