@@ -536,3 +536,24 @@ def test_duplicate_gradients_never_step_uphill(scale):
     errors.sort()
     assert errors[189] < 1e-2  # 95 % of the steps within 1 % of the closed form
     assert opt._window.float64_passes > 0  # the regime this test is about was reached
+
+
+def test_maximize_equals_minimizing_the_negated_objective():
+    """torch.optim's ``maximize``: the step on f with maximize=True equals the step on -f
+    (the oracle), weight decay included; bad values raise; the flag is in state_dict."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    runs = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        w = torch.nn.Parameter(w0.clone())
+        opt = MFAC([w], lr=0.1, ngrads=3, damp=1e-2, weight_decay=0.1, maximize=maximize)
+        for _ in range(5):
+            opt.zero_grad()
+            (sign * -(a @ w).square().mean()).backward()  # maximize f = -mean((a w)^2)
+            opt.step()
+        runs.append(w.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert opt.state_dict()["param_groups"][0]["maximize"] is False
+    with pytest.raises(ValueError, match="maximize"):
+        MFAC([torch.nn.Parameter(torch.zeros(2))], maximize="yes")

@@ -73,6 +73,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         nonfinite: ``"raise"`` (ValueError, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``state["skipped_steps"]`` of the first parameter) when a
             gradient has NaN/Inf.
+        maximize: maximize the objective, as ``torch.optim`` does: the gradient enters as
+            ``-grad`` (then ``+ weight_decay * w``); per group.
         shard: split the window across the ranks of ``torch.distributed`` (see below).
             ``None`` (default): shard when a process group of more than one process is
             initialized at the first step; ``False``: every rank keeps the whole window;
@@ -121,6 +123,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         window_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         shard: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -131,6 +135,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             window_dtype=window_dtype,
             nonfinite=nonfinite,
             shard=shard,
+            maximize=maximize,
         )
         self._validate_group(defaults)
         defaults["damp"] = float(damp)
@@ -153,6 +158,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             raise ValueError(f"Invalid window_dtype: {window_dtype}")
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
         check_choice("shard", group["shard"], (None, True, False))
+        check_choice("maximize", group["maximize"], (False, True))
 
     def _reset_runtime(self) -> None:
         self._window: GradientWindow | None = None
@@ -260,7 +266,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         lo, hi = self._bounds
         offset = 0
         for group in self.param_groups:
-            wd = group["weight_decay"]
+            wd, sign = group["weight_decay"], -1.0 if group["maximize"] else 1.0
             for p in group["params"]:
                 n = p.numel()
                 a, b = max(lo, offset), min(hi, offset + n)  # overlap with our columns
@@ -272,6 +278,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                         cut = b - a != n  # a parameter split by the shard boundary
                         grad = p.grad.reshape(-1)
                         part.copy_(grad[a - offset : b - offset] if cut else grad)
+                        if sign < 0:
+                            part.neg_()  # maximize: ascend the objective (torch.optim's sign)
                         if wd != 0.0:
                             w = p.detach().reshape(-1)
                             part.add_(w[a - offset : b - offset] if cut else w, alpha=wd)
