@@ -557,3 +557,23 @@ def test_maximize_equals_minimizing_the_negated_objective():
     assert opt.state_dict()["param_groups"][0]["maximize"] is False
     with pytest.raises(ValueError, match="maximize"):
         MFAC([torch.nn.Parameter(torch.zeros(2))], maximize="yes")
+
+
+def test_compiled_step_trains_like_the_eager_step():
+    """torch.compile(opt.step) used to train for one step and then leave the parameters
+    unchanged (issue 18 #16). Oracle: the same steps uncompiled, bit for bit."""
+    runs = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 7, dtype=torch.float64))
+        opt = MFAC([p], lr=0.1, ngrads=4, damp=1e-2, momentum=0.5)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        trajectory = []
+        for _ in range(6):
+            p.grad = p.detach() ** 3 - 0.5  # the gradient of sum(p^4 / 4 - p / 2)
+            step()
+            trajectory.append(p.detach().clone())
+        runs.append(trajectory)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][-1], runs[0][-2])  # still moving at the last step

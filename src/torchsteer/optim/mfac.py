@@ -294,9 +294,16 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             pstate["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return pstate["momentum_buffer"]
 
+    @torch.compiler.disable(recursive=True)  # see the docstring: runs eagerly when compiled
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One M-FAC step. ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` (``torch.compile(opt.step)`` or a compiled training step that
+        calls it) the step runs eagerly (``torch.compiler.disable``): traced, its window's
+        Python-side state was baked into the graph and the parameters silently stopped
+        changing after the first step. With ``fullgraph=True`` torch.compile raises
+        (``Unsupported: Skip calling torch.compiler.disable()d function``).
 
         Raises:
             ValueError: a gradient with NaN/Inf and ``nonfinite="raise"``, or a group
