@@ -319,3 +319,27 @@ def _state_close(a, b):
         else:
             assert va == pytest.approx(vb, rel=1e-12)
     return True
+
+
+@pytest.mark.parametrize(
+    ("junk", "name"),
+    [
+        ({"controller": {"integral": float("nan")}}, "integral"),
+        ({"controller": {"integral": 0.4}, "sums": {"kl": "x"}}, "sums"),
+        ({"controller": {"integral": 0.4}, "batches": -1}, "batches"),
+        ({"controller": {"integral": 0.4}, "sums": {"kl": 0.3}, "batches": 0}, "0 batches"),
+        ({"controller": {"integral": 0.4}, "updates": 2.5}, "updates"),
+        ({"controller": {"beta": 0.4}}, "unknown keys"),  # an adaptive controller's state
+    ],
+)
+def test_load_state_dict_is_atomic(junk, name):
+    ctl = _make("pid")
+    cb = KLControl(ctl)
+    for step in range(3):
+        ctl.update(kl=0.1 * step)
+    cb.statistics.add(kl=0.2, n_steps=3)
+    cb.updates = 3
+    before = copy.deepcopy(cb.state_dict())
+    with pytest.raises(ValueError, match=name):
+        cb.load_state_dict(junk)
+    assert cb.state_dict() == before

@@ -64,6 +64,103 @@ def test_adaptive_sequence_by_hand():
     assert got == pytest.approx(expected, rel=1e-12)
 
 
+def trl_adaptive(kls, n_steps, beta0=0.2, target=6.0, horizon=10_000):
+    """TRL's ``AdaptiveKLController.update(current, n_steps)``, written out (the oracle)."""
+    value, out = beta0, []
+    for current, n in zip(kls, n_steps):
+        proportional_error = min(max(current / target - 1, -0.2), 0.2)  # np.clip
+        mult = 1 + proportional_error * n / horizon
+        value *= mult
+        out.append(value)
+    return out
+
+
+def test_adaptive_is_trl_bitwise_inside_trls_valid_range():
+    gen = torch.Generator().manual_seed(0)
+    kls = (3 + 6 * torch.rand(200, generator=gen, dtype=torch.float64)).tolist()
+    # n_steps up to horizon / (2 clip) = 25,000: the factor stays in [1/2, 2]
+    ns = torch.randint(1, 25_001, (200,), generator=gen).tolist()
+    c = AdaptiveKLController()
+    got = [c.update(kl=k, n_steps=n) for k, n in zip(kls, ns)]
+    assert got == trl_adaptive(kls, ns)  # bit for bit
+    assert 1e-8 < min(got) < 0.01 and 0.5 < max(got) < 1e8  # inside beta_bounds, moving
+
+
+@pytest.mark.parametrize(
+    ("kl", "n_steps", "trl", "ours"),
+    [
+        (0.0, 60_000, -0.04, 0.1),  # TRL: 0.2 (1 - 0.2 * 6): the penalty becomes a reward
+        (0.0, 50_000, 0.0, 0.1),  # TRL: exactly 0, and 0 forever after
+        (60.0, 60_000, 0.44, 0.4),  # TRL's factor 2.2, ours clamped to 2
+        (0.0, 20_000, 0.12, 0.12),  # factor 0.6: inside the valid range, TRL's value
+    ],
+)
+def test_adaptive_factor_is_clamped_beyond_horizon_over_clip(kl, n_steps, trl, ours):
+    assert trl_adaptive([kl], [n_steps])[0] == pytest.approx(trl, abs=1e-15)
+    c = AdaptiveKLController()
+    assert c.update(kl=kl, n_steps=n_steps) == pytest.approx(ours, rel=1e-15)
+    # the sign flip of TRL, alternating: 0.2 -> -0.04 -> 0.008 ...; ours stays positive
+    for _ in range(5):
+        assert c.update(kl=0.0, n_steps=60_000) > 0
+
+
+def test_adaptive_beta_stays_finite_and_positive_and_recovers():
+    lo, hi = 1e-8, 1e8
+    n, steps = 1280, 30_000
+    trl = trl_adaptive([60.0] * steps, [n] * steps)
+    assert math.isinf(trl[-1])  # TRL: sustained high KL overflows
+    c = AdaptiveKLController()
+    got = [c.update(kl=60.0, n_steps=n) for _ in range(steps)]
+    assert got == [min(t, hi) for t in trl]  # TRL's values until the bound, then the bound
+    assert got[-1] == hi
+    # back below target: beta decreases from the bound at once, factor 1 - 0.2 n / horizon
+    f = 1 - 0.2 * n / 10_000
+    down = [c.update(kl=0.0, n_steps=n) for _ in range(10)]
+    assert down == pytest.approx([hi * f**k for k in range(1, 11)], rel=1e-12)
+    # sustained low KL: TRL underflows to a denormal (the penalty is gone and beta can never
+    # climb back: x (1 + 0.0256) rounds to x); ours stops at the floor
+    stuck = trl_adaptive([0.0] * steps + [60.0] * 100, [n] * (steps + 100))
+    assert stuck[steps - 1] < 1e-320 and stuck[-1] == stuck[steps - 1]
+    for _ in range(steps):
+        c.update(kl=0.0, n_steps=n)
+    assert c.coef == lo
+    assert c.update(kl=60.0, n_steps=n) == pytest.approx(lo * (1 + 0.2 * n / 10_000), rel=1e-15)
+
+
+def test_adaptive_beta_bounds_validated():
+    for bounds in [(0.0, 1.0), (1.0, 0.5), (1e-3, float("inf")), (1.0,), "ab"]:
+        with pytest.raises(ValueError, match="beta_bounds"):
+            AdaptiveKLController(beta_bounds=bounds)
+    with pytest.raises(ValueError, match="beta0"):
+        AdaptiveKLController(beta0=2.0, beta_bounds=(1e-3, 1.0))
+
+
+# ---------------------------------------------------------------- TRL's call convention
+
+
+def test_trl_call_convention_runs_unchanged():
+    import numpy as np
+
+    def trl_style_loop(kl_ctl, kls):  # as TRL's PPOTrainer drives its controller
+        coefs = []
+        for mean_kl in kls:
+            coefs.append(kl_ctl.value)
+            kl_ctl.update(np.float64(mean_kl), np.int64(64) * 2)  # batch size x processes
+        return [*coefs, kl_ctl.value]
+
+    kls = [5.0, 7.5, 6.2, 2.0, 9.0]
+    for make in (lambda: AdaptiveKLController(), lambda: FixedKLController(0.05)):
+        ours, twin = make(), make()
+        want = [twin.coef] + [twin.update(kl=k, n_steps=128) for k in kls]
+        assert trl_style_loop(ours, kls) == want
+        assert ours.state_dict() == twin.state_dict()
+    assert trl_style_loop(AdaptiveKLController(), kls) == [0.2, *trl_adaptive(kls, [128] * 5)]
+    pid = PIDKLController(target=6.0)
+    assert pid.update(7.0, 128) == pid.value == pid.coef > 0
+    with pytest.raises(ValueError, match="kl"):
+        pid.update(7.0, kl=7.0)  # the KL given twice
+
+
 # ---------------------------------------------------------------- PID Lagrangian
 
 
@@ -366,3 +463,69 @@ def test_invalid_hyperparameters(make, name):
 def test_n_steps_validated():
     with pytest.raises(ValueError, match="n_steps"):
         AdaptiveKLController().update(kl=1.0, n_steps=0)
+
+
+def _pid():
+    return PIDKLController(target=0.5, kp=1.0, ki=0.1, kd=2.0, delay=10)
+
+
+@pytest.mark.parametrize(
+    ("make", "junk", "name"),
+    [
+        (_pid, {"integral": "abc"}, "integral"),
+        (_pid, {"integral": float("nan")}, "integral"),
+        (_pid, {"integral": -1.0}, "integral"),  # the clamp keeps I >= 0
+        (_pid, {"p_ema": 0.1, "integral": None}, "integral"),  # atomic: p_ema not assigned
+        (_pid, {"cost_hist": [0.1] * 11}, "cost_hist"),  # longer than delay 10
+        (_pid, {"cost_hist": []}, "cost_hist"),
+        (_pid, {"cost_hist": "0.1"}, "cost_hist"),
+        (_pid, {"cost_hist": [0.1, float("inf")]}, "cost_hist"),
+        (_pid, {"gate": 0.5}, "gate"),  # the gate is >= 1
+        (_pid, {"deriv": -0.1}, "deriv"),
+        (_pid, {"kl": True}, "kl"),
+        (_pid, {"intergal": 0.3}, "intergal"),  # a key it does not have
+        (_pid, {"beta": 0.3}, "beta"),  # another controller's state
+        (AdaptiveKLController, {"beta": -0.2}, "beta"),
+        (AdaptiveKLController, {"beta": float("inf")}, "beta"),
+        (AdaptiveKLController, {"beta": 0.0}, "beta"),
+        (AdaptiveKLController, {"error": 0.1, "beta": "0.2"}, "beta"),
+        (FixedKLController, {"kl": [1.0]}, "kl"),
+        (SAFEController, {"phase": "bogus"}, "phase"),
+        (SAFEController, {"rewards": [0.1, float("nan")]}, "rewards"),
+        (SAFEController, {"rewards": [0.1] * 101}, "rewards"),  # longer than 2 x window
+        (SAFEController, {"integral": 5.0}, "integral"),  # clipped to [-1, 1]
+        (SAFEController, {"reward_ema": "x"}, "reward_ema"),
+        (SAFEController, {"threshold": 0.9}, "threshold"),  # outside threshold_bounds
+        (SAFEController, {"gate": 0.1}, "gate"),
+        (SAFEController, {"kl_short": torch.ones(2)}, "kl_short"),
+    ],
+)
+def test_load_state_dict_rejects_junk_and_changes_nothing(make, junk, name):
+    c = make()
+    _feed(c, 30)
+    before = copy.deepcopy(c.state_dict())
+    with pytest.raises(ValueError, match=name):
+        c.load_state_dict(junk)
+    assert c.state_dict() == before
+    assert _feed(c, 5, offset=30) == _feed(_replay(make, 30), 5, offset=30)  # still works
+
+
+def _replay(make, n):
+    c = make()
+    _feed(c, n)
+    return c
+
+
+@pytest.mark.parametrize("c", _controllers(), ids=lambda c: type(c).__name__)
+def test_load_state_dict_takes_tensors_and_rejects_a_non_dict(c):
+    _feed(c, 60)
+    state = {
+        k: torch.tensor(v, dtype=torch.float64) if isinstance(v, (float, list)) else v
+        for k, v in c.state_dict().items()
+    }
+    fresh = copy.deepcopy(_controllers()[[type(x) for x in _controllers()].index(type(c))])
+    fresh.differentiable = getattr(c, "differentiable", None)
+    fresh.load_state_dict(state)  # 0-d and 1-d tensors, as torch.load may give them back
+    assert fresh.state_dict() == c.state_dict()
+    with pytest.raises(ValueError, match="state_dict"):
+        fresh.load_state_dict([("kl", 1.0)])

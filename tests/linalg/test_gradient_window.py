@@ -328,3 +328,30 @@ def test_identity_reduce_takes_the_shard_path_and_equals_the_plain_window():
         shard.add(torch.full((d,), float("inf"), dtype=F64))
     with pytest.raises(ValueError, match="gradient shape"):
         shard.add(torch.zeros(d + 1, dtype=F64))
+
+
+def test_duplicate_float32_gradients_take_the_float64_pass_and_stay_downhill():
+    """Exact duplicates: the coefficients x = m M e_j are ~1/damp in directions that G^T
+    annihilates, so a float32 pass G^T x cancels to noise (uphill steps); the window notices
+    (pass_error) and accumulates in float64, and the solve check refreshes a drifted M.
+    Oracle: F^{-1} g = g / (damp + k |g|^2 / m) with k copies of g."""
+    m, d, damp = 1024, 500, 1e-5
+    g = 3.0 * torch.randn(d, generator=torch.Generator().manual_seed(3))
+    window = GradientWindow(m, d, damp, dtype=torch.float32)
+    gg = float(g.double() @ g.double())
+    for k in range(1, 61):
+        u = window.add_and_solve(g).double()
+        want = gg / (damp + k * gg / m)
+        assert float(g.double() @ u) == pytest.approx(want, rel=1e-2)
+    assert window.float64_passes > 0 and window.accuracy_refreshes > 0
+
+
+def test_independent_float32_gradients_keep_the_fused_pass():
+    """Normal input: neither check fires, so the numerics are the plain window's."""
+    m, d, damp = 64, 2000, 1e-5
+    gen = torch.Generator().manual_seed(4)
+    window = GradientWindow(m, d, damp, dtype=torch.float32)
+    for t in range(2 * m):
+        window.add_and_solve(torch.randn(d, generator=gen) * (1 + t % 5))
+        assert window.pass_error <= 1e-2
+    assert (window.float64_passes, window.accuracy_refreshes, window.robust_refreshes) == (0, 0, 0)

@@ -512,3 +512,68 @@ def test_hyperparameters_are_in_defaults_and_in_the_state_dict():
     group = _roundtrip(opt.state_dict())["param_groups"][0]
     assert {k: group[k] for k in keys} == {k: opt.param_groups[0][k] for k in keys}
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_duplicate_gradients_never_step_uphill(scale):
+    """The same gradient 200 times, float32 window, default damp (issue 18 #6: 80 of 200
+    updates went uphill). Oracle: with k copies of g in the window, F^{-1} g = g / (damp +
+    k |g|^2 / m) in closed form; the update must be -lr times that, never uphill."""
+    m, d, damp = 256, 1000, 1e-5
+    g = torch.randn(d, generator=torch.Generator().manual_seed(0)) * scale
+    p = torch.nn.Parameter(torch.zeros(d))
+    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp)
+    gg = float(g.double() @ g.double())
+    errors = []
+    for k in range(1, 201):
+        before = p.detach().double().clone()
+        p.grad = g.clone()
+        opt.step()
+        step = p.detach().double() - before
+        assert float(g.double() @ step) < 0, k  # downhill on every step
+        want = -gg / (damp + k * gg / m)  # g^T (-F^{-1} g)
+        errors.append(abs(float(g.double() @ step) - want) / abs(want))
+    errors.sort()
+    assert errors[189] < 1e-2  # 95 % of the steps within 1 % of the closed form
+    assert opt._window.float64_passes > 0  # the regime this test is about was reached
+
+
+def test_maximize_equals_minimizing_the_negated_objective():
+    """torch.optim's ``maximize``: the step on f with maximize=True equals the step on -f
+    (the oracle), weight decay included; bad values raise; the flag is in state_dict."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(4, generator=gen, dtype=torch.float64)
+    runs = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        w = torch.nn.Parameter(w0.clone())
+        opt = MFAC([w], lr=0.1, ngrads=3, damp=1e-2, weight_decay=0.1, maximize=maximize)
+        for _ in range(5):
+            opt.zero_grad()
+            (sign * -(a @ w).square().mean()).backward()  # maximize f = -mean((a w)^2)
+            opt.step()
+        runs.append(w.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert opt.state_dict()["param_groups"][0]["maximize"] is False
+    with pytest.raises(ValueError, match="maximize"):
+        MFAC([torch.nn.Parameter(torch.zeros(2))], maximize="yes")
+
+
+def test_compiled_step_trains_like_the_eager_step():
+    """torch.compile(opt.step) used to train for one step and then leave the parameters
+    unchanged (issue 18 #16). Oracle: the same steps uncompiled, bit for bit."""
+    runs = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 7, dtype=torch.float64))
+        opt = MFAC([p], lr=0.1, ngrads=4, damp=1e-2, momentum=0.5)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        trajectory = []
+        for _ in range(6):
+            p.grad = p.detach() ** 3 - 0.5  # the gradient of sum(p^4 / 4 - p / 2)
+            step()
+            trajectory.append(p.detach().clone())
+        runs.append(trajectory)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][-1], runs[0][-2])  # still moving at the last step

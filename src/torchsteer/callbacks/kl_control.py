@@ -32,6 +32,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import lightning.pytorch as pl
@@ -42,6 +44,19 @@ from torchsteer import distributed
 from torchsteer.control.kl import KLController, KLStatistics, as_statistic
 
 __all__ = ["KLControl"]
+
+_NAMES = ("kl", "entropy", "reward")
+_SLOTS = ("output", *_NAMES, "n_steps")  # what a batch's check can fail on
+
+
+def _sample_count(value: Any) -> int:
+    """The batch's ``n_steps`` entry: a positive whole number (or a one-element tensor)."""
+    n = value.detach().item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n):
+        raise ValueError(f"Invalid n_steps: {value!r} (expected a positive integer)")
+    if n != int(n) or n < 1:
+        raise ValueError(f"Invalid n_steps: {value!r} (expected a positive integer)")
+    return int(n)
 
 
 class KLControl(pl.Callback):
@@ -89,33 +104,59 @@ class KLControl(pl.Callback):
         self._last_step = 0
         self.updates = 0
 
-    def _read(self, outputs) -> tuple[dict[str, float], int]:
-        if not isinstance(outputs, dict):
-            raise ValueError(
-                f"Invalid training_step output: {type(outputs).__name__}; KLControl needs a "
-                f"dict with the keys {sorted(self.keys.values())}"
-            )
-        stats = {}
-        for name, key in self.keys.items():
-            required = name in self.controller.needs
-            if key not in outputs:
-                if required:
-                    raise KeyError(f"KLControl: training_step output has no key {key!r} ({name})")
-                continue
-            value = outputs[key]
-            if distributed.is_distributed():
-                # checked after the rank average (NaN anywhere -> NaN everywhere): every
-                # rank raises together instead of one rank leaving the others in a collective
-                if isinstance(value, torch.Tensor) and value.numel() == 1:
-                    value = value.detach().item()
-                stats[name] = float(value)
-            else:
+    def _read_checked(self, outputs):
+        """``(stats, n, failed, error)``: the batch's validated statistics (floats) and sample
+        count; ``failed`` names what was wrong (one of ``_SLOTS``) and ``error`` is the error
+        to raise (``KeyError`` for a missing required key, ``ValueError`` for a bad value),
+        both ``None`` when the batch is valid."""
+        slot = "output"
+        try:
+            if not isinstance(outputs, dict):
+                raise ValueError(
+                    f"Invalid training_step output: {type(outputs).__name__}; KLControl needs "
+                    f"a dict with the keys {sorted(self.keys.values())}"
+                )
+            stats = {}
+            for name, key in self.keys.items():
+                slot = name
+                required = name in self.controller.needs
+                if key not in outputs:
+                    if required:
+                        raise KeyError(
+                            f"KLControl: training_step output has no key {key!r} ({name})"
+                        )
+                    continue
+                value = outputs[key]
                 stats[name] = as_statistic(name, value, required=required, nonneg=name == "entropy")
-        n = outputs.get(self.n_steps_key, 1)
-        n = int(n.item()) if isinstance(n, torch.Tensor) else int(n)
-        if n < 1:
-            raise ValueError(f"Invalid n_steps: {n}")
-        return stats, n
+            slot = "n_steps"
+            return stats, _sample_count(outputs.get(self.n_steps_key, 1)), None, None
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            return {}, 0, slot, error
+
+    def _agree(self, stats, failed, error, device) -> None:
+        """Under DDP: one all-reduce (a sum) of a small float64 flag vector -- which check
+        failed on how many ranks, and on how many ranks each statistic is present -- before
+        any other collective of the batch. A bad batch on any rank then raises on every rank
+        (the failing rank its own error, the others a ``ValueError`` naming the statistic),
+        with nothing changed, instead of leaving the others in a reduction it never joins."""
+        flags = [float(failed == slot) for slot in _SLOTS] + [float(n in stats) for n in _NAMES]
+        total = distributed.all_reduce_sum(torch.tensor(flags, dtype=torch.float64, device=device))
+        counts = total.tolist()
+        bad = [slot for slot, c in zip(_SLOTS, counts) if c > 0]
+        if bad:
+            if error is not None:
+                raise error
+            raise ValueError(
+                f"Invalid {', '.join(bad)} in the training_step output on another rank: every "
+                "rank raises, the controller's state is unchanged"
+            )
+        world = distributed.world_size()
+        partial = [n for n, c in zip(_NAMES, counts[len(_SLOTS) :]) if 0 < c < world]
+        if partial:
+            raise ValueError(
+                f"Invalid training_step outputs: {partial} given on some ranks only (give each "
+                "statistic on every rank or on none)"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -124,7 +165,11 @@ class KLControl(pl.Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats, n = self._read(outputs)  # raises before touching any state
+        stats, n, failed, error = self._read_checked(outputs)
+        if distributed.is_distributed():
+            self._agree(stats, failed, error, pl_module.device)  # every rank, every batch
+        elif error is not None:
+            raise error  # before touching any state
         self.statistics.add(n_steps=n, **stats)
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients: no optimizer step yet
@@ -162,6 +207,16 @@ class KLControl(pl.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state_dict.get("controller", {}))
-        self.updates = state_dict.get("updates", self.updates)
-        self.statistics.load_state_dict(state_dict)
+        """Restore the controller, the update count and a half-accumulated step. Atomic:
+        everything is checked first; a bad state raises ``ValueError`` and changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"Invalid KLControl state: {type(state_dict).__name__}")
+        statistics = KLStatistics()
+        statistics.load_state_dict(state_dict)  # validates, raises before anything changes
+        updates = state_dict.get("updates", self.updates)
+        if isinstance(updates, torch.Tensor) and updates.numel() == 1:
+            updates = updates.item()
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise ValueError(f"Invalid KLControl state updates: {updates!r}")
+        self.controller.load_state_dict(state_dict.get("controller", {}))  # atomic itself
+        self.updates, self.statistics = updates, statistics

@@ -24,8 +24,15 @@ e_j - m λ M e_j``, so
 .. math::  F^{-1} g = m\\, G^\\top M e_j ,
 
 one more pass over ``G`` and no cancellation between ``g`` and ``G^T c`` (the primal form
-loses ``|g|^2 / (m λ)`` in relative accuracy). A step therefore costs exactly the two passes
-``G g`` and ``G^T x`` plus O(d + m^2).
+loses ``|g|^2 / (m λ)`` in relative accuracy). With duplicate (exactly dependent) gradients
+``x = m M e_j`` is ~1/λ in directions that ``G^T`` annihilates: the pass ``G^T x`` then
+cancels, and in float32 it is noise (uphill steps). Each step therefore checks, in O(m) to
+O(m^2), the solve's residual (a drifted ``M`` is refreshed) and the predicted error of a
+window-dtype pass (:attr:`~GradientWindow.pass_error`); above ``PASS_TOLERANCE`` the pass is
+accumulated in float64 (:meth:`~GradientWindow.combine`). On independent gradients neither
+fires and the numerics are unchanged. Not covered: *nearly* dependent float32 gradients whose
+float32 Gram rounding (~1e-7 |g|^2) exceeds ``m λ`` (the Gram row itself would need float64).
+A normal step costs exactly the two passes ``G g`` and ``G^T x`` plus O(d + m^2).
 
 **Column shards** (distributed M-FAC): with ``reduce`` given, the window holds only a slice of
 the ``d`` columns (``dim`` is the slice's length) and ``reduce`` sums a float64 tensor over the
@@ -47,7 +54,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["GradientWindow", "NonFiniteGradientError"]
+__all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
+
+PASS_TOLERANCE = 1e-2  # relative error of g^T u allowed to the solve and to the second pass
 
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
 
@@ -113,6 +122,9 @@ class GradientWindow:
         self.count = 0  # rows written so far, at most ngrads
         self.since_refresh = 0
         self.robust_refreshes = 0  # diagnostics: times rounding forced the eigh fallback
+        self.accuracy_refreshes = 0  # diagnostics: refreshes forced by the solve check
+        self.float64_passes = 0  # diagnostics: second passes accumulated in float64
+        self.pass_error = 0.0  # predicted relative error of a window-dtype pass G^T x
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -245,26 +257,99 @@ class GradientWindow:
         """Write ``g`` into the window; return ``x`` (float64, length m) with
         ``F^{-1} g = G^T x``, namely ``x = m M e_j`` (``j`` the slot just written).
 
-        Lets a caller fuse the second pass ``G^T x`` with its own update (``addmv``).
+        Lets a caller fuse the second pass ``G^T x`` with its own update (``addmv``) when
+        :attr:`pass_error` is at most :data:`PASS_TOLERANCE`; above it, call :meth:`combine`.
+
+        Two checks in O(m^2), with ``A = m λ I + K``, ``k = G g = K e_j`` and the product
+        ``K x`` (float64):
+
+        1. the bound ``||F^{-1} g||^2 = x^T K x <= K_jj / λ^2``; a violation means rounding
+           broke ``M``: it is recomputed by the clamped eigendecomposition;
+        2. the solve itself: the residual ``r = A x - m e_j`` gives ``u - u* = G^T A^{-1} r``
+           and ``||G^T A^{-1}|| = max_σ √σ / (σ + m λ) <= 1 / (2 √(m λ))``, so the change
+           of ``g^T u = k^T x = (K x)_j`` is at most ``|g| |r| / (2 √(m λ))``. Above
+           ``PASS_TOLERANCE * g^T u`` (or ``g^T u <= 0``: an ascent direction, impossible
+           for the exact ``F^{-1}``) ``M`` has drifted -- e.g. duplicate gradients, where
+           ``A`` has condition ``1 + k |g|^2 / (m λ)`` and the O(m^2) updates lose it -- and
+           is recomputed by Cholesky, then by the clamped eigendecomposition if that is not
+           enough (O(m^3), only on such steps).
         """
         j = self.add(g)
         x = self.ngrads * self.inverse[:, j]
-        # ||F^{-1} g||^2 = x^T K x <= ||g||^2 / lambda^2 = K_jj / lambda^2 (O(m^2) check);
-        # a violation means rounding broke M: recompute it robustly.
+        kx = torch.mv(self.gram, x)
         bound = float(self.gram[j, j]) * (1.0 + 1e-3) / self.damp**2
-        if not float(torch.dot(x, torch.mv(self.gram, x))) <= bound:
+        if not float(torch.dot(x, kx)) <= bound:
             self.refresh(robust=True)
             x = self.ngrads * self.inverse[:, j]
+            kx = torch.mv(self.gram, x)
+        for robust in (False, True):  # Cholesky; if still off, the clamped eigh
+            if self._solved(j, x, kx):
+                break
+            self.accuracy_refreshes += 1
+            self.refresh(robust=robust)
+            x = self.ngrads * self.inverse[:, j]
+            kx = torch.mv(self.gram, x)
+        self.pass_error = self._pass_error(j, x, kx)
         return x
+
+    def _solved(self, j: int, x: torch.Tensor, kx: torch.Tensor) -> bool:
+        """Check 2 of :meth:`add_and_coefficients`: the change ``|g| |u - u*|`` of ``g^T u``
+        that the residual ``r`` can cause is at most ``PASS_TOLERANCE * g^T u`` (always true
+        for ``g = 0``, where ``u = 0``). First by the bound ``|u - u*| <= |r| / (2 √(m λ))``
+        (O(m)); when that is not enough, by the estimate ``|u - u*|^2 = δ^T K δ`` with
+        ``δ = A^{-1} r ≈ M r`` (two more O(m^2) products)."""
+        kjj = float(self.gram[j, j])
+        if kjj == 0.0:
+            return True
+        gu = float(kx[j])
+        if not gu > 0.0:
+            return False
+        residual = kx + self._shift * x
+        residual[j] -= self.ngrads
+        limit = PASS_TOLERANCE * gu / kjj**0.5  # allowed |u - u*|
+        if float(residual.norm()) / (2.0 * self._shift**0.5) <= limit:
+            return True
+        delta = torch.mv(self.inverse, residual)
+        return float(torch.dot(delta, torch.mv(self.gram, delta))) <= limit**2
+
+    def _pass_error(self, j: int, x: torch.Tensor, kx: torch.Tensor) -> float:
+        """The relative error of ``g^T u`` that the pass ``G^T x`` in the window dtype may
+        make: rounding ``x`` and summing ``sum_i x_i g_i`` in the window dtype errs by about
+        ``eps √m sum_i |x_i| |g_i|`` (``|g_i| = √K_ii``), which changes ``g^T u`` by at most
+        ``|g|`` times that. Duplicate gradients make ``x`` large (``~1/λ``) in directions
+        that ``G^T`` annihilates, so the sum cancels and float32 loses everything."""
+        gu = float(kx[j])
+        if self.dtype == torch.float64 or float(self.gram[j, j]) == 0.0:
+            return 0.0
+        eps = torch.finfo(self.dtype).eps
+        spread = float(torch.dot(x.abs(), self.gram.diagonal().clamp(min=0.0).sqrt()))
+        error = eps * self.ngrads**0.5 * spread * float(self.gram[j, j]) ** 0.5
+        return error / gu if gu > 0.0 else float("inf")
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        """``G^T x`` in the window dtype: one pass in that dtype when :attr:`pass_error`
+        (of the last :meth:`add_and_coefficients`) is at most ``PASS_TOLERANCE``, else
+        accumulated in float64 over column blocks of about 4 M numbers (float64 temporaries
+        of ``m x block``), so the cancellation between the rows is exact to float64."""
+        if self.pass_error <= PASS_TOLERANCE:
+            return torch.mv(self.grads.t(), x.to(self.dtype))
+        self.float64_passes += 1
+        x = x.to(torch.float64)
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        block = max(1, (1 << 22) // self.ngrads)
+        for start in range(0, self.dim, block):
+            gb = self.grads[:, start : start + block].to(torch.float64)
+            out[start : start + block] = torch.mv(gb.t(), x)
+        return out
 
     def add_and_solve(self, g: torch.Tensor) -> torch.Tensor:
         """Write ``g`` into the window, then return ``F^{-1} g`` (dtype of ``g``).
 
         Uses ``F^{-1} g = m G^T M e_j``: two passes over ``G`` in all, the Gram row and this
-        product.
+        product (:meth:`combine`).
         """
-        x = self.add_and_coefficients(g).to(self.dtype)
-        return torch.mv(self.grads.t(), x).to(g.dtype)
+        x = self.add_and_coefficients(g)
+        return self.combine(x).to(g.dtype)
 
     def solve(self, v: torch.Tensor) -> torch.Tensor:
         """``F^{-1} v`` for the current window (nothing added), O(m d). (A shard: ``v`` and

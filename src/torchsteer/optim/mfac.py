@@ -8,7 +8,11 @@ from typing import Any
 import torch
 
 from torchsteer import distributed
-from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+from torchsteer.linalg.gradient_window import (
+    PASS_TOLERANCE,
+    GradientWindow,
+    NonFiniteGradientError,
+)
 from torchsteer.optim._contract import (
     NONFINITE_POLICIES,
     GlobalStateMixin,
@@ -69,6 +73,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         nonfinite: ``"raise"`` (ValueError, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``state["skipped_steps"]`` of the first parameter) when a
             gradient has NaN/Inf.
+        maximize: maximize the objective, as ``torch.optim`` does: the gradient enters as
+            ``-grad`` (then ``+ weight_decay * w``); per group.
         shard: split the window across the ranks of ``torch.distributed`` (see below).
             ``None`` (default): shard when a process group of more than one process is
             initialized at the first step; ``False``: every rank keeps the whole window;
@@ -117,6 +123,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         window_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         shard: bool | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -127,6 +135,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             window_dtype=window_dtype,
             nonfinite=nonfinite,
             shard=shard,
+            maximize=maximize,
         )
         self._validate_group(defaults)
         defaults["damp"] = float(damp)
@@ -149,6 +158,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             raise ValueError(f"Invalid window_dtype: {window_dtype}")
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
         check_choice("shard", group["shard"], (None, True, False))
+        check_choice("maximize", group["maximize"], (False, True))
 
     def _reset_runtime(self) -> None:
         self._window: GradientWindow | None = None
@@ -256,7 +266,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         lo, hi = self._bounds
         offset = 0
         for group in self.param_groups:
-            wd = group["weight_decay"]
+            wd, sign = group["weight_decay"], -1.0 if group["maximize"] else 1.0
             for p in group["params"]:
                 n = p.numel()
                 a, b = max(lo, offset), min(hi, offset + n)  # overlap with our columns
@@ -268,6 +278,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                         cut = b - a != n  # a parameter split by the shard boundary
                         grad = p.grad.reshape(-1)
                         part.copy_(grad[a - offset : b - offset] if cut else grad)
+                        if sign < 0:
+                            part.neg_()  # maximize: ascend the objective (torch.optim's sign)
                         if wd != 0.0:
                             w = p.detach().reshape(-1)
                             part.add_(w[a - offset : b - offset] if cut else w, alpha=wd)
@@ -282,9 +294,16 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             pstate["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return pstate["momentum_buffer"]
 
+    @torch.compiler.disable(recursive=True)  # see the docstring: runs eagerly when compiled
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One M-FAC step. ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` (``torch.compile(opt.step)`` or a compiled training step that
+        calls it) the step runs eagerly (``torch.compiler.disable``): traced, its window's
+        Python-side state was baked into the graph and the parameters silently stopped
+        changing after the first step. With ``fullgraph=True`` torch.compile raises
+        (``Unsupported: Skip calling torch.compiler.disable()d function``).
 
         Raises:
             ValueError: a gradient with NaN/Inf and ``nonfinite="raise"``, or a group
@@ -299,16 +318,22 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         state = self.state[self._params()[0]]
         flat = self._flat_gradient(window)
         try:
-            coeffs = window.add_and_coefficients(flat).to(window.dtype)
+            x = window.add_and_coefficients(flat)
         except NonFiniteGradientError as error:
             self._nonfinite(error)  # raise, or count the step in skipped_steps
             return loss
         state["step"] += 1
         self._sync_state(window)
         self._consolidated = None
-        if self._world > 1:
-            self._apply_gathered(window, coeffs)
+        if self._world > 1 or window.pass_error > PASS_TOLERANCE:
+            # sharded: our slice of u = G^T x, all-gathered; or the rows cancel (duplicate
+            # gradients): G^T x accumulated in float64 (``GradientWindow.combine``)
+            u = window.combine(x)
+            if self._world > 1:
+                u = distributed.all_gather_cat(u, sizes=self._widths)
+            self._apply_vector(u)
             return loss
+        coeffs = x.to(window.dtype)
         # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
         # the second pass over the window writes straight into the parameter (or its buffer).
         offset = 0
@@ -327,9 +352,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                 offset += n
         return loss
 
-    def _apply_gathered(self, window: GradientWindow, coeffs: torch.Tensor) -> None:
-        """Sharded step: our slice of ``u = G^T x``, all-gathered, applied on every rank."""
-        u = distributed.all_gather_cat(torch.mv(window.grads.t(), coeffs), sizes=self._widths)
+    def _apply_vector(self, u: torch.Tensor) -> None:
+        """Apply a whole ``u = F^{-1} g`` (every column): the momentum EMA and ``w -= lr v``."""
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]

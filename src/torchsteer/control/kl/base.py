@@ -6,12 +6,14 @@ See :mod:`torchsteer.control.kl` for the controllers and the usage.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["KLController", "as_statistic", "finite_hparam"]
+__all__ = ["KLController", "as_statistic", "finite_hparam", "state_number", "state_sequence"]
 
 
 def finite_hparam(name: str, value: float, *, positive: bool = False, nonneg: bool = False):
@@ -45,36 +47,76 @@ def as_statistic(name: str, value: Any, *, required: bool, nonneg: bool = False)
     return x
 
 
+def state_number(name: str, value: Any, low: float | None = None, high: float | None = None):
+    """One saved state value: a finite real number (or a one-element real tensor) in
+    ``[low, high]``, returned as a float; anything else raises ``ValueError`` naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid state_dict {name}: {value!r} (expected a finite number)")
+    x = float(value)
+    if not math.isfinite(x) or (low is not None and x < low) or (high is not None and x > high):
+        where = f" in [{low}, {high}]" if low is not None or high is not None else ""
+        raise ValueError(f"Invalid state_dict {name}: {x} (expected a finite number{where})")
+    return x
+
+
+def state_sequence(name: str, value: Any, maxlen: int, min_len: int = 0) -> deque:
+    """A saved history: a list (or 1-d tensor) of ``min_len..maxlen`` finite numbers, as the
+    ``deque(maxlen=maxlen)`` the controller keeps."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
+    if not isinstance(value, (list, tuple, deque)) or not min_len <= len(value) <= maxlen:
+        got = f"{len(value)} entries" if isinstance(value, (list, tuple, deque)) else repr(value)
+        raise ValueError(
+            f"Invalid state_dict {name}: {got} (expected a list of {min_len} to {maxlen} "
+            "finite numbers; a checkpoint of another window or delay?)"
+        )
+    return deque((state_number(name, x) for x in value), maxlen=maxlen)
+
+
 class KLController:
     """The shared interface of the KL controllers.
 
     Subclasses implement ``_update(kl, entropy, reward, n_steps)`` (statistics already
-    validated, floats or None) and keep their state in the attributes named by ``_state``.
+    validated, floats or None), keep their state in the attributes named by ``_state`` and
+    give in ``_state_rules()`` the check of every saved value (``load_state_dict`` runs them
+    all before it assigns anything).
+
+    TRL's call convention works too: ``update(current, n_steps)`` (``current`` is the KL) and
+    ``value`` (the coefficient), so code written for TRL's ``AdaptiveKLController`` /
+    ``FixedKLController`` runs unchanged with any controller here.
     """
 
     _state: tuple[str, ...] = ()
     needs: tuple[str, ...] = ("kl",)  # statistics that ``update`` requires
 
-    def update(self, *, kl=None, entropy=None, reward=None, n_steps: int = 1) -> float:
+    def update(
+        self, current=None, n_steps: int = 1, *, kl=None, entropy=None, reward=None
+    ) -> float:
         """Read one optimizer step's statistics and return the coefficient for the next step.
 
         Args:
+            current: the KL, under TRL's name (``update(current, n_steps)``); give ``kl`` or
+                ``current``, not both.
+            n_steps: samples the step consumed (batch size x processes), a positive integer;
+                only the adaptive controller uses it.
             kl: KL(pi || pi_ref) estimate of the step (float or 0-d tensor; finite).
             entropy: mean policy entropy (>= 0).
             reward: mean reward.
-            n_steps: samples the step consumed (batch size x processes); only the adaptive
-                controller uses it.
 
         Raises:
-            ValueError: a non-finite or missing statistic, a negative entropy; the state is
-                left as it was.
+            ValueError: a non-finite or missing statistic, a negative entropy, an invalid
+                ``n_steps``; the state is left as it was.
         """
+        if current is not None:
+            if kl is not None:
+                raise ValueError("Invalid kl: given twice (as kl= and as current, TRL's name)")
+            kl = current
         kl = as_statistic("kl", kl, required="kl" in self.needs)
         entropy = as_statistic("entropy", entropy, required="entropy" in self.needs, nonneg=True)
         reward = as_statistic("reward", reward, required="reward" in self.needs)
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"Invalid n_steps: {n_steps}")
-        self._update(kl, entropy, reward, n_steps)
+        self._update(kl, entropy, reward, _check_n_steps(n_steps))
         return self.coef
 
     def _update(self, kl, entropy, reward, n_steps) -> None:
@@ -84,6 +126,11 @@ class KLController:
     def coef(self) -> float:
         """The KL coefficient beta for the next step."""
         return self.beta
+
+    @property
+    def value(self) -> float:
+        """``coef`` under TRL's name (``kl_ctl.value``)."""
+        return self.coef
 
     def penalty(self, kl: torch.Tensor) -> torch.Tensor:
         """The KL term to add to the loss: ``coef * kl`` (differentiable in ``kl``)."""
@@ -100,18 +147,43 @@ class KLController:
             out[k] = list(v) if isinstance(v, deque) else v
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the state; keys that are missing keep their current values."""
-        for k in self._state:
-            if k in state:
-                cur = getattr(self, k)
-                v = state[k]
-                if isinstance(cur, deque):
-                    v = deque((float(x) for x in v), maxlen=cur.maxlen)
-                elif isinstance(v, torch.Tensor):
-                    v = v.item()
-                setattr(self, k, v)
+    def _state_rules(self) -> dict[str, Callable[[str, Any], Any]]:
+        """For each key of ``_state``: a function ``(key, saved value) -> value to assign``
+        that raises ``ValueError`` for a value this controller cannot hold."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state; keys that are missing keep their current values.
+
+        Atomic: every value is checked first (a finite number in its range, a history of
+        the right length, a known phase), then all are assigned. A key this controller does
+        not have, or a value it cannot hold, raises ``ValueError`` naming it and leaves the
+        controller exactly as it was.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"Invalid state_dict: {type(state).__name__}, expected a dict")
+        unknown = sorted(str(k) for k in state if k not in self._state)
+        if unknown:
+            raise ValueError(
+                f"Invalid state_dict: unknown keys {unknown} for {type(self).__name__} "
+                f"(expected some of {list(self._state)}; another controller's checkpoint?)"
+            )
+        rules = self._state_rules()
+        checked = {k: rules[k](k, state[k]) for k in self._state if k in state}
+        for k, v in checked.items():
+            setattr(self, k, v)
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{k}={v:.4g}" for k, v in self.signals().items())
         return f"{type(self).__name__}({sig})"
+
+
+def _check_n_steps(n_steps: Any) -> int:
+    """``n_steps`` as an int: a positive integer (``numbers.Integral``: Python or NumPy) or an
+    integer tensor of one element."""
+    value = n_steps
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Invalid n_steps: {n_steps!r} (expected a positive integer)")
+    return int(value)

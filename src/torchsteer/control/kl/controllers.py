@@ -29,8 +29,9 @@ References:
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 
-from torchsteer.control.kl.base import KLController, finite_hparam
+from torchsteer.control.kl.base import KLController, finite_hparam, state_number, state_sequence
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "PIDKLController"]
 
@@ -56,41 +57,76 @@ class FixedKLController(KLController):
     def signals(self):
         return {"coef": self.beta, "kl": self.kl}
 
+    def _state_rules(self):
+        return {"kl": state_number}
+
 
 class AdaptiveKLController(KLController):
-    """The adaptive controller of Ziegler et al. (2019), as in HuggingFace TRL.
+    """The adaptive controller of Ziegler et al. (2019), as in HuggingFace TRL, kept positive.
 
     .. math::
-        e = \\mathrm{clip}(\\mathrm{KL} / \\mathrm{target} - 1, -0.2, 0.2), \\qquad
-        \\beta \\leftarrow \\beta \\, (1 + e \\cdot n_{steps} / \\mathrm{horizon})
+        e = \\mathrm{clip}(\\mathrm{KL} / \\mathrm{target} - 1, -c, c), \\qquad
+        f = \\mathrm{clip}(1 + e \\cdot n_{steps} / \\mathrm{horizon}, 1/2, 2), \\qquad
+        \\beta \\leftarrow \\mathrm{clip}(\\beta f, \\beta_{min}, \\beta_{max})
+
+    TRL multiplies by ``1 + e n_steps / horizon`` unclamped: once ``n_steps > horizon / c``
+    that factor can be negative (beta flips sign, the KL penalty becomes a reward; 0 at
+    equality, after which beta stays 0), and under a KL held above target beta grows
+    geometrically until it overflows to inf. Here the factor is clamped to [1/2, 2] (beta at
+    most halves or doubles in one update) and beta to ``beta_bounds``, so beta stays positive
+    and finite. Inside TRL's valid range this is TRL's update bit for bit: the factor never
+    exceeds 2 while ``n_steps <= horizon / c``, is at least 1/2 while ``n_steps <= horizon /
+    (2 c)`` (25,000 samples at TRL's defaults), and beta is only clamped once it leaves
+    ``beta_bounds``.
 
     Args:
-        beta0: initial coefficient (TRL: 0.2).
+        beta0: initial coefficient (TRL: 0.2), inside ``beta_bounds``.
         target: KL target (TRL: 6, a per-sequence KL).
         horizon: samples over which beta may change by a factor ~e^0.2 (TRL: 10000).
-        clip: the error clip (0.2).
+        clip: the error clip c (0.2).
+        beta_bounds: ``(beta_min, beta_max)``, ``0 < beta_min <= beta_max < inf``
+            (default ``(1e-8, 1e8)``).
 
     References:
         Ziegler et al., arXiv 1909.08593 (2019), Sec. 2.2.
     """
 
     _state = ("beta", "error", "kl")
+    min_factor, max_factor = 0.5, 2.0  # the clamp of one update's factor f
 
-    def __init__(self, beta0=0.2, target=6.0, horizon=10_000, clip=0.2):
+    def __init__(self, beta0=0.2, target=6.0, horizon=10_000, clip=0.2, beta_bounds=(1e-8, 1e8)):
         self.beta = finite_hparam("beta0", beta0, positive=True)
         self.target = finite_hparam("target", target, positive=True)
         self.horizon = finite_hparam("horizon", horizon, positive=True)
         self.clip = finite_hparam("clip", clip, positive=True)
+        try:
+            lo, hi = beta_bounds
+        except (TypeError, ValueError):
+            raise ValueError(f"Invalid beta_bounds: {beta_bounds!r}") from None
+        lo = finite_hparam("beta_bounds", lo, positive=True)
+        hi = finite_hparam("beta_bounds", hi, positive=True)
+        if lo > hi:
+            raise ValueError(f"Invalid beta_bounds: {beta_bounds!r} (expected min <= max)")
+        if not lo <= self.beta <= hi:
+            raise ValueError(f"Invalid beta0: {beta0} (outside beta_bounds {beta_bounds!r})")
+        self.beta_bounds = (lo, hi)
         self.error = 0.0
         self.kl = 0.0
 
     def _update(self, kl, entropy, reward, n_steps):
         e = min(max(kl / self.target - 1.0, -self.clip), self.clip)
-        self.beta *= 1.0 + e * n_steps / self.horizon
+        factor = min(max(1.0 + e * n_steps / self.horizon, self.min_factor), self.max_factor)
+        lo, hi = self.beta_bounds
+        self.beta = min(max(self.beta * factor, lo), hi)
         self.error, self.kl = e, kl
 
     def signals(self):
         return {"coef": self.beta, "error": self.error, "kl": self.kl}
+
+    def _state_rules(self):
+        lo, hi = self.beta_bounds
+        return {"beta": partial(state_number, low=lo, high=hi), "error": state_number,
+                "kl": state_number}  # fmt: skip
 
 
 class PIDKLController(KLController):
@@ -167,6 +203,19 @@ class PIDKLController(KLController):
         if self.entropy_floor is not None:
             self.gate = max(1.0, (self.entropy_floor + 0.1) / (entropy + 0.1))
         self.error, self.kl = e, kl
+
+    def _state_rules(self):
+        nonneg = partial(state_number, low=0.0)
+        return {
+            "integral": nonneg,
+            "p_ema": state_number,
+            "cost_ema": state_number,
+            "cost_hist": partial(state_sequence, maxlen=self.cost_hist.maxlen, min_len=1),
+            "gate": partial(state_number, low=1.0),
+            "error": state_number,
+            "deriv": nonneg,
+            "kl": state_number,
+        }
 
     @property
     def coef(self) -> float:

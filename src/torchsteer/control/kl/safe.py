@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import partial
 
 import torch
 
-from torchsteer.control.kl.base import KLController, as_statistic, finite_hparam
+from torchsteer.control.kl.base import (
+    KLController,
+    as_statistic,
+    finite_hparam,
+    state_number,
+    state_sequence,
+)
 
 __all__ = ["SAFEController"]
 
@@ -148,6 +155,31 @@ class SAFEController(KLController):
         self.threshold = self._clip_tau((self.base_threshold + self.u) * _PHASES[self.phase])
         self.gate = max(0.5, self.entropy_floor / (entropy + 0.1))
         self.kl = kl
+
+    def _state_rules(self):
+        lo, hi = self.threshold_bounds
+
+        def reward_ema(key, value):
+            return None if value is None else state_number(key, value)
+
+        def phase(key, value):
+            if not isinstance(value, str) or value not in _PHASES:
+                raise ValueError(f"Invalid state_dict {key}: {value!r} (one of {list(_PHASES)})")
+            return value
+
+        return {
+            "kl_short": state_number,
+            "kl_long": state_number,
+            "reward_ema": reward_ema,
+            "integral": partial(state_number, low=-1.0, high=1.0),
+            "prev_error": state_number,
+            "u": state_number,
+            "rewards": partial(state_sequence, maxlen=self.rewards.maxlen),
+            "phase": phase,
+            "threshold": partial(state_number, low=lo, high=hi),
+            "gate": partial(state_number, low=0.5),
+            "kl": state_number,
+        }
 
     def penalty(self, kl) -> torch.Tensor:
         """P for this step's KL (a tensor; with ``differentiable=False`` it has no gradient)."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from torchsteer import distributed
+from torchsteer.control.kl.base import state_number
 
 __all__ = ["KLStatistics"]
 
@@ -92,6 +93,23 @@ class KLStatistics:
         return {"sums": dict(self.sums), "batches": self.batches, "n_steps": self.n_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = dict(state.get("sums", {}))
-        self.batches = state.get("batches", 0)
-        self.n_steps = state.get("n_steps", 0)
+        """Restore a half-accumulated step. Atomic: ``sums`` (name -> finite number),
+        ``batches`` and ``n_steps`` (integers >= 0) are checked first; a bad value raises
+        ``ValueError`` naming it and leaves the accumulator as it was."""
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid KLStatistics state: {type(state).__name__}, not a dict")
+        sums = state.get("sums", {})
+        if not isinstance(sums, dict) or not all(isinstance(k, str) for k in sums):
+            raise ValueError(f"Invalid KLStatistics state sums: {sums!r}")
+        sums = {k: state_number(f"sums[{k!r}]", v) for k, v in sums.items()}
+        counts = []
+        for key in ("batches", "n_steps"):
+            value = state.get(key, 0)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Invalid KLStatistics state {key}: {value!r}")
+            counts.append(value)
+        if bool(sums) and counts[0] == 0:
+            raise ValueError("Invalid KLStatistics state: sums of statistics but 0 batches")
+        self.sums, (self.batches, self.n_steps) = sums, counts
