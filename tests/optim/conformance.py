@@ -128,6 +128,8 @@ INFOS: list[OptimInfo] = [
             ({"ngrads": 0}, "Invalid ngrads"),
             ({"damp": 0.0}, "Invalid damp"),
             ({"nonfinite": "x"}, "Invalid nonfinite"),
+            ({"foreach": True}, "Invalid foreach"),
+            ({"differentiable": True}, "Invalid differentiable"),
         ],
         nonfinite=True,
     ),

@@ -280,7 +280,7 @@ class GlobalStateMixin:
         old = {"state": self.state, "param_groups": self.param_groups}
         policies = {k: self.param_groups[0][k] for k in self.policy_hyperparameters}
         try:
-            super().load_state_dict({**state_dict, "state": saved_state})
+            super().load_state_dict({**state_dict, "state": saved_state, "param_groups": merged})
             for group in self.param_groups:
                 group.update(policies)
             first = self.param_groups[0]["params"][0]

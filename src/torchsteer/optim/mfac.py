@@ -125,6 +125,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         shard: bool | None = None,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -136,6 +138,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             nonfinite=nonfinite,
             shard=shard,
             maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
         )
         self._validate_group(defaults)
         defaults["damp"] = float(damp)
@@ -159,6 +163,16 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
         check_choice("shard", group["shard"], (None, True, False))
         check_choice("maximize", group["maximize"], (False, True))
+        if group.get("foreach") not in (None, False):
+            raise ValueError(
+                f"Invalid foreach: {group['foreach']!r}; MFAC's step is one pass over the "
+                "window per parameter, not a per-parameter loop to fuse: leave foreach=None"
+            )
+        if group.get("differentiable", False) is not False:
+            raise ValueError(
+                f"Invalid differentiable: {group['differentiable']!r}; MFAC's step is not "
+                "differentiable (its window is updated in place): leave differentiable=False"
+            )
 
     def _reset_runtime(self) -> None:
         self._window: GradientWindow | None = None
