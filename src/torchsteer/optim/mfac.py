@@ -350,38 +350,36 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         coeffs = x.to(window.dtype)
         # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
         # the second pass over the window writes straight into the parameter (or its buffer).
+        for p, offset, lr, momentum in self._updated():
+            block = window.grads[:, offset : offset + p.numel()].t()
+            if momentum != 0.0:
+                buf = self._momentum_buffer(p)
+                _addmv(buf.mul_(momentum), block, coeffs, 1.0 - momentum)
+                p.add_(buf, alpha=-lr)
+            else:
+                _addmv(p, block, coeffs, -lr)
+        return loss
+
+    def _updated(self):
+        """``(parameter, its first column in the window, lr, momentum)`` for every parameter
+        with a gradient, in window order."""
         offset = 0
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
-                n = p.numel()
                 if p.grad is not None:
-                    block = window.grads[:, offset : offset + n].t()
-                    if momentum != 0.0:
-                        buf = self._momentum_buffer(p)
-                        _addmv(buf.mul_(momentum), block, coeffs, 1.0 - momentum)
-                        p.add_(buf, alpha=-lr)
-                    else:
-                        _addmv(p, block, coeffs, -lr)
-                offset += n
-        return loss
+                    yield p, offset, group["lr"], group["momentum"]
+                offset += p.numel()
 
     def _apply_vector(self, u: torch.Tensor) -> None:
         """Apply a whole ``u = F^{-1} g`` (every column): the momentum EMA and ``w -= lr v``."""
-        offset = 0
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                n = p.numel()
-                if p.grad is not None:
-                    piece = u[offset : offset + n].view_as(p)
-                    if momentum != 0.0:
-                        buf = self._momentum_buffer(p).mul_(momentum)
-                        buf.add_(piece.to(buf.dtype), alpha=1.0 - momentum)
-                        p.add_(buf, alpha=-lr)
-                    else:
-                        p.add_(piece.to(p.dtype), alpha=-lr)
-                offset += n
+        for p, offset, lr, momentum in self._updated():
+            piece = u[offset : offset + p.numel()].view_as(p)
+            if momentum != 0.0:
+                buf = self._momentum_buffer(p).mul_(momentum)
+                buf.add_(piece.to(buf.dtype), alpha=1.0 - momentum)
+                p.add_(buf, alpha=-lr)
+            else:
+                p.add_(piece.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
     def consolidate_state_dict(self, to: int = 0) -> None:
