@@ -51,6 +51,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +60,16 @@ __all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
 PASS_TOLERANCE = 1e-2  # relative error of g^T u allowed to the solve and to the second pass
 
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
+
+
+class _Checks(NamedTuple):
+    """The scalars of one step's checks, read from the device in one transfer."""
+
+    kjj: float  # K_jj = |g|^2
+    xkx: float  # x^T K x = |F^{-1} g|^2
+    gu: float  # (K x)_j = g^T u
+    rnorm: float  # |A x - m e_j|
+    spread: float  # sum_i |x_i| sqrt(K_ii)
 
 
 class NonFiniteGradientError(ValueError):
@@ -275,56 +286,58 @@ class GradientWindow:
            enough (O(m^3), only on such steps).
         """
         j = self.add(g)
-        x = self.ngrads * self.inverse[:, j]
-        kx = torch.mv(self.gram, x)
-        bound = float(self.gram[j, j]) * (1.0 + 1e-3) / self.damp**2
-        if not float(torch.dot(x, kx)) <= bound:
+        x, kx, c = self._coefficients(j)
+        if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
             self.refresh(robust=True)
-            x = self.ngrads * self.inverse[:, j]
-            kx = torch.mv(self.gram, x)
+            x, kx, c = self._coefficients(j)
         for robust in (False, True):  # Cholesky; if still off, the clamped eigh
-            if self._solved(j, x, kx):
+            if self._solved(j, x, kx, c):
                 break
             self.accuracy_refreshes += 1
             self.refresh(robust=robust)
-            x = self.ngrads * self.inverse[:, j]
-            kx = torch.mv(self.gram, x)
-        self.pass_error = self._pass_error(j, x, kx)
+            x, kx, c = self._coefficients(j)
+        self.pass_error = self._pass_error(c)
         return x
 
-    def _solved(self, j: int, x: torch.Tensor, kx: torch.Tensor) -> bool:
+    def _coefficients(self, j: int) -> tuple[torch.Tensor, torch.Tensor, _Checks]:
+        """``x = m M e_j``, ``K x`` and the checks' scalars (one host synchronization)."""
+        x = self.ngrads * self.inverse[:, j]
+        kx = torch.mv(self.gram, x)
+        residual = kx + self._shift * x
+        residual[j] -= self.ngrads
+        spread = torch.dot(x.abs(), self.gram.diagonal().clamp(min=0.0).sqrt())
+        values = torch.stack([self.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread])
+        return x, kx, _Checks(*values.tolist())
+
+    def _solved(self, j: int, x: torch.Tensor, kx: torch.Tensor, c: _Checks) -> bool:
         """Check 2 of :meth:`add_and_coefficients`: the change ``|g| |u - u*|`` of ``g^T u``
         that the residual ``r`` can cause is at most ``PASS_TOLERANCE * g^T u`` (always true
         for ``g = 0``, where ``u = 0``). First by the bound ``|u - u*| <= |r| / (2 √(m λ))``
         (O(m)); when that is not enough, by the estimate ``|u - u*|^2 = δ^T K δ`` with
         ``δ = A^{-1} r ≈ M r`` (two more O(m^2) products)."""
-        kjj = float(self.gram[j, j])
-        if kjj == 0.0:
+        if c.kjj == 0.0:
             return True
-        gu = float(kx[j])
-        if not gu > 0.0:
+        if not c.gu > 0.0:
             return False
+        limit = PASS_TOLERANCE * c.gu / c.kjj**0.5  # allowed |u - u*|
+        if c.rnorm / (2.0 * self._shift**0.5) <= limit:
+            return True
         residual = kx + self._shift * x
         residual[j] -= self.ngrads
-        limit = PASS_TOLERANCE * gu / kjj**0.5  # allowed |u - u*|
-        if float(residual.norm()) / (2.0 * self._shift**0.5) <= limit:
-            return True
         delta = torch.mv(self.inverse, residual)
         return float(torch.dot(delta, torch.mv(self.gram, delta))) <= limit**2
 
-    def _pass_error(self, j: int, x: torch.Tensor, kx: torch.Tensor) -> float:
+    def _pass_error(self, c: _Checks) -> float:
         """The relative error of ``g^T u`` that the pass ``G^T x`` in the window dtype may
         make: rounding ``x`` and summing ``sum_i x_i g_i`` in the window dtype errs by about
         ``eps √m sum_i |x_i| |g_i|`` (``|g_i| = √K_ii``), which changes ``g^T u`` by at most
         ``|g|`` times that. Duplicate gradients make ``x`` large (``~1/λ``) in directions
         that ``G^T`` annihilates, so the sum cancels and float32 loses everything."""
-        gu = float(kx[j])
-        if self.dtype == torch.float64 or float(self.gram[j, j]) == 0.0:
+        if self.dtype == torch.float64 or c.kjj == 0.0:
             return 0.0
         eps = torch.finfo(self.dtype).eps
-        spread = float(torch.dot(x.abs(), self.gram.diagonal().clamp(min=0.0).sqrt()))
-        error = eps * self.ngrads**0.5 * spread * float(self.gram[j, j]) ** 0.5
-        return error / gu if gu > 0.0 else float("inf")
+        error = eps * self.ngrads**0.5 * c.spread * c.kjj**0.5
+        return error / c.gu if c.gu > 0.0 else float("inf")
 
     def combine(self, x: torch.Tensor) -> torch.Tensor:
         """``G^T x`` in the window dtype: one pass in that dtype when :attr:`pass_error`
