@@ -308,10 +308,15 @@ class Sven(SvenContract, torch.optim.Optimizer):
         alg, mb = self._algebra_dtype(), self.microbatch_size
         cols = self._columns(gen)
         lg = group(shard, losses.to(alg), mb)
-        if self.kappa != 2.0 and bool((lg < 0).any()):
-            raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
         R, D = residuals(lg, self.kappa)
-        scale_r = power_of_two_scale(float(R.abs().max()), alg)  # R is finite here
+        # one host synchronization for the three checks on the losses and the residuals
+        checks = torch.stack([torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)])
+        finite, negative, r_max = checks.tolist()
+        if finite != 1.0:  # NaN/Inf in a loss shows in its micro-batch mean
+            raise NonFinite("per-sample losses")
+        if self.kappa != 2.0 and negative == 1.0:
+            raise ValueError(f"Invalid losses: kappa = {self.kappa} needs losses >= 0")
+        scale_r = power_of_two_scale(r_max, alg)  # R is finite here
         R = R if scale_r == 1.0 else R * scale_r
         shard = grouped(shard, mb)  # rows after the micro-batch means
         D_local = shard.local(D)
@@ -481,8 +486,6 @@ class Sven(SvenContract, torch.optim.Optimizer):
         gen = torch.Generator()
         gen.set_state(state.get("generator_state", self._initial_generator()).to(torch.uint8))
         try:
-            if not bool(torch.isfinite(losses).all()):
-                raise NonFinite("per-sample losses")
             rows = self._rows(shard)
             dense = self._choose_dense(rows, self._n_params(), self._itemsize())
             sol, cols = self._solve(losses, source, dense, gen, shard)
