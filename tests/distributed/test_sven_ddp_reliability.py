@@ -8,6 +8,7 @@ from torch import nn
 
 from torchsteer.optim.sven import Sven
 
+from .._autograd import NaNGrad
 from .harness import run_ranks
 
 F64 = torch.float64
@@ -16,16 +17,6 @@ PATHS = {
     "dense_randomized": dict(jacobian="dense", svd="randomized", rank=3, oversample=2),
     "matrix_free": dict(jacobian="matrix_free", svd="randomized", rank=3, oversample=2),
 }
-
-
-class NaNGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
 
 
 def mlp(dtype=F64):

@@ -13,6 +13,7 @@ from torch.func import functional_call, jacrev
 
 from torchsteer.optim.sven import Sven
 
+from .._autograd import NaNGrad
 from .._lightning import trainer as quiet_trainer
 
 F64 = torch.float64
@@ -474,16 +475,6 @@ def test_bf16_parameters_use_fp32_algebra_and_keep_fp32_state():
     buf2 = opt_l2.state[opt_l2.param_groups[0]["params"][0]]["momentum_buffer"]
     assert buf2.dtype == torch.float32
     torch.testing.assert_close(buf2, buf, rtol=0, atol=0)
-
-
-class NaNGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
 
 
 @pytest.mark.parametrize("where", ["loss", "jacobian"])
