@@ -309,9 +309,8 @@ class Sven(SvenContract, torch.optim.Optimizer):
         cols = self._columns(gen)
         lg = group(shard, losses.to(alg), mb)
         R, D = residuals(lg, self.kappa)
-        # one host synchronization for the three checks on the losses and the residuals
-        checks = torch.stack([torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)])
-        finite, negative, r_max = checks.tolist()
+        checks = [torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)]
+        finite, negative, r_max = torch.stack(checks).tolist()  # one host synchronization
         if finite != 1.0:  # NaN/Inf in a loss shows in its micro-batch mean
             raise NonFinite("per-sample losses")
         if self.kappa != 2.0 and negative == 1.0:
@@ -393,13 +392,10 @@ class Sven(SvenContract, torch.optim.Optimizer):
         if getattr(self, "_warned_exact", False):
             return
         self._warned_exact = True
-        warnings.warn(
-            f"Sven: the closure path forms the per-sample Jacobian with one backward per "
-            f"sample (exact but slow) because {reason}; the functional path (model=, "
-            f"loss_fn=, step(batch=...)) or supported layers make it one backward",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
-        )
+        text = "the closure path forms the per-sample Jacobian with one backward per sample"
+        hint = "the functional path (model=, loss_fn=, step(batch=...)) or supported layers"
+        msg = f"Sven: {text} (exact but slow) because {reason}; {hint} make it one backward"
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
         """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
