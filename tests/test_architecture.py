@@ -34,6 +34,8 @@ ALLOWED = {
         "linalg",
         "distributed",
         "extras",
+        "divergence",
+        "objectives",
     },
     "divergence": {"divergence", "distributed"},
     "objectives": {"objectives", "control", "distributed"},
