@@ -38,4 +38,9 @@ BUILTIN: dict[str, tuple[str, str, bool]] = {
         "KL control vs reward hacking: toy RLHF policy (V=32, L=8), 6 controllers",
         True,
     ),
+    "rlvr-diversity": (
+        "rlvr_diversity",
+        "RLVR pass@k collapse: shared-parameter policy, reverse/forward KL, JS, DPH-RL",
+        True,
+    ),
 }
