@@ -43,4 +43,9 @@ BUILTIN: dict[str, tuple[str, str, bool]] = {
         "RLVR pass@k collapse: shared-parameter policy, reverse/forward KL, JS, DPH-RL",
         True,
     ),
+    "rlvr-paced": (
+        "rlvr_paced",
+        "RLVR prompts of spread difficulty: PACED weights, APO's adaptive KL, uniform",
+        True,
+    ),
 }
