@@ -64,9 +64,11 @@ __all__ = [
     "Policy",
     "arms",
     "evaluate",
+    "fit",
     "make_task",
     "pass_at_k",
     "pass_at_k_exact",
+    "reference_metrics",
     "reward",
     "run",
     "train_arm",
@@ -260,6 +262,11 @@ def _step(task, cfg, policy, opt, kind, beta, ctl, gen, dph):
 
 def train_arm(arm: str, seed: int, cfg: Config) -> Run:
     """Train one arm on one seed's task; the Run's curve is the exact pass@1 and KL."""
+    return fit(arm, seed, cfg)[0]
+
+
+def fit(arm: str, seed: int, cfg: Config) -> tuple[Run, Policy]:
+    """:func:`train_arm`, also returning the trained policy."""
     kind, beta, pid = _parse(arm)
     task = make_task(seed, cfg)
     policy = Policy(task, cfg, seed)
@@ -303,7 +310,7 @@ def train_arm(arm: str, seed: int, cfg: Config) -> Run:
     if dph is not None:
         run.extra["dph_pef"] = int(dph[1].sum())
     run.extra["curves"] = {k: [round(v, 6) for v in vs] for k, vs in curves.items()}
-    return run
+    return run, policy
 
 
 @torch.no_grad()
