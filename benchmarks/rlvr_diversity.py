@@ -64,14 +64,14 @@ def interpolate(points, level):
     return None
 
 
-def matched(data, seed, label, f):
-    """(level, pass@256 at that level) of one penalty's sweep on one seed."""
+def matched(data, seed, label, f, key="pass@256"):
+    """(level, ``key`` at that level) of one penalty's sweep on one seed."""
     ref = data["reference"][str(seed)]
     runs = [r for r in data["runs"] if r["seed"] == seed]
     none = next(r["extra"] for r in runs if r["method"] == "no penalty")
     level = ref["pass@1"] + f * (none["pass@1"] - ref["pass@1"])
-    pts = [(ref["pass@1"], ref["pass@256"]), (none["pass@1"], none["pass@256"])]
-    pts += [(r["extra"]["pass@1"], r["extra"]["pass@256"]) for r in runs
+    pts = [(ref["pass@1"], ref[key]), (none["pass@1"], none[key])]
+    pts += [(r["extra"]["pass@1"], r["extra"][key]) for r in runs
             if r["method"].startswith(label + " beta=")]  # fmt: skip
     return level, interpolate(pts, level)
 
@@ -117,6 +117,26 @@ def verdict(data):
     return out
 
 
+def posthoc(data):
+    seeds = sorted(int(s) for s in data["reference"])
+    rows = []
+    for key, f, unit, bar in (("pass@256", 0.9, 100, 2), ("pass@8", 0.5, 100, 2),
+                              ("pass@32", 0.5, 100, 2), ("distinct@256", 0.5, 1, 0.1)):  # fmt: skip
+        cells = []
+        for lab in ("forward KL", "JS"):
+            d = []
+            for seed in seeds:
+                a, r = (
+                    matched(data, seed, lab, f, key)[1],
+                    matched(data, seed, "reverse KL", f, key)[1],
+                )
+                if a is not None and r is not None:
+                    d.append(unit * (a - r))
+            cells.append(f"{statistics.mean(d):+.2f} ({sum(x >= bar for x in d)}/{len(seeds)})")
+        rows.append(f"| {key} | {f:g} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
 def _fmt(ms):
     m, s = ms
     return f"{m:.3f} ± {s:.3f}"
@@ -160,6 +180,15 @@ def report(data, rows, ver):
         f"(differences in points of pass@256.) **Verdict at the primary level f = 0.5: forward "
         f"KL counts on {prim['forward KL']}/{n} seeds, JS on {prim['JS']}/{n}: the hypothesis "
         f"{'HOLDS' if holds else 'is REJECTED'}.**",
+        "",
+        "### After the run (post hoc, not part of the test)",
+        "",
+        "The same interpolation for other metrics and levels; mean difference to reverse KL "
+        "in points, and the seeds where it is >= +2 points (distinct@256: >= +0.1 answers):",
+        "",
+        "| metric | f | forward KL | JS |",
+        "|---|---|---|---|",
+        *posthoc(data),
         "",
         "### Every arm",
         "",
@@ -265,8 +294,10 @@ def analyze(data):
     rows = summarize(data)
     ver = verdict(data)
     text = MD.read_text()
-    head = text.split("\n## Results\n")[0].rstrip("\n")
-    MD.write_text(head + "\n\n" + report(data, rows, ver))
+    head, _, rest = text.partition("\n## Results\n")
+    reading = rest.partition("\n## Reading")[1:]  # the hand-written section is kept
+    tail = "\n" + "".join(reading).lstrip("\n") if reading[0] else ""
+    MD.write_text(head.rstrip("\n") + "\n\n" + report(data, rows, ver) + tail)
     plots(data, rows)
     print(report(data, rows, ver))
 
