@@ -169,6 +169,9 @@ def test_paced_with_flat_kernel_is_uniform_bit_for_bit():
     assert flat.extra["reward_curve"] == uniform.extra["reward_curve"]
     assert flat.metric == uniform.metric
     assert paced.metric[1:] != uniform.metric[1:]
+    curve = uniform.extra["reward_curve"]
+    assert uniform.extra["reward_avg"] == pytest.approx(sum(curve) / len(curve), abs=1e-5)
+    assert uniform.extra["pass@1"] == uniform.metric[-1] and uniform.steps == [0, 10]
     assert get_suite("rlvr-paced").units(True, [0]) == len(rp.arms(rp.QUICK))
 
 
