@@ -2,8 +2,6 @@
 with ``nonfinite="skip"`` (beyond the base optimizer's own), once with ``"raise"``; the
 masked decisions match the host-decided run bit for bit, and the device part compiles."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -80,7 +78,7 @@ def test_under_adam_only_adams_own_syncs_remain():
 @pytest.mark.parametrize("make_opt", [_sgd, lambda p: torch.optim.Adam(p, lr=0.05)])
 @pytest.mark.parametrize("bad", [None, 2])
 def test_device_decisions_equal_the_host_decisions_bit_for_bit(make_opt, bad):
-    """"skip" (decided on the device) against "raise" (read on the host) on the same
+    """ "skip" (decided on the device) against "raise" (read on the host) on the same
     steps, limited ones included; the NaN step skipped by one, refused by the other."""
     a_model, a_opt, a, _ = _run("skip", make_opt, steps=6, bad=bad)
     b_model = _model()

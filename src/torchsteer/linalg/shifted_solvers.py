@@ -172,5 +172,5 @@ def shifted_cg(
         r, rs = r_new, rs_new
         stop = stop | met(rs)
         it += 1
-    stopped, broke, converged, finite, iterations = flags
+    _, broke, converged, finite, iterations = flags
     return ShiftedCGResult(x, Hx, iterations, bool(converged), bool(broke), rs.sqrt(), bool(finite))

@@ -1,7 +1,7 @@
 """What :meth:`RadiusLimiter.before_step` hands :meth:`RadiusLimiter.after_step`, one frozen
 record per direction (``"update"``: the theta_old buffers of every optimizer that steps in
-this step and the optimizers' state; ``"neg_grad"``: the measurement along ``-lr g`` and the learning rates to
-restore)."""
+this step and the optimizers' state; ``"neg_grad"``: the measurement along ``-lr g`` and
+the learning rates to restore)."""
 
 from __future__ import annotations
 
