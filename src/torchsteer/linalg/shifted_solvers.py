@@ -109,10 +109,11 @@ def shifted_cg(
     and the breakdown test run on the device at every iteration; once either is met every
     later update is masked (``torch.where``), so the iterates, ``iterations`` and the result
     are the same for every ``check_every``. The host reads the tests (one transfer of four
-    flags and the iteration count) before the first iteration, after every
-    ``check_every``-th and at ``maxiter``: a solve of k iterations synchronizes
-    ``floor(k / check_every) + 1`` times (+1 when it runs to ``maxiter`` off a multiple),
-    and runs up to ``check_every - 1`` masked products past the stop.
+    flags and the iteration count) after every ``check_every``-th iteration, at ``maxiter``
+    and, for a warm start (or ``tol >= 1``, ``atol > 0``), before the first: a cold solve
+    that stops after k iterations synchronizes ``ceil(k / check_every)`` times (at most
+    ``ceil(maxiter / check_every)``) and runs up to ``check_every - 1`` masked products
+    past the stop.
 
     Args:
         matvec: ``v -> H v`` for a (P,) vector (or a (P, k) matrix when ``b`` is one).
@@ -147,8 +148,11 @@ def shifted_cg(
     stop = met(rs)  # converged or broken down: every later update is masked
     broken, n = torch.zeros_like(stop), torch.zeros((), dtype=torch.int64, device=b.device)
     it = 0
+    # from x = 0 the test can hold at the start only for b = 0 (masked on the device anyway)
+    # or tol >= 1 or atol > 0: the read before the first iteration is skipped otherwise
+    cold = x0 is None and tol < 1 and atol == 0
     while True:
-        if it % check_every == 0 or it == maxiter:  # the one host read of a check
+        if (it % check_every == 0 and not (cold and it == 0)) or it == maxiter:  # one read
             read = torch.stack([stop, broken, ~broken & met(rs), x.isfinite().all()])
             flags = torch.cat([read.to(n), n.reshape(1)]).tolist()
             if flags[0] or it == maxiter:
