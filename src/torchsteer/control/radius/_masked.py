@@ -47,9 +47,10 @@ def device_scale(mode: str, r_max: float, r: torch.Tensor) -> torch.Tensor:
     one = torch.ones_like(r)
     if mode == "monitor":
         return one
+    ratio = torch.div(torch.full_like(r, r_max), r)  # (float / tensor would round twice)
     if mode == "rho_set":
-        return torch.where(r == 0, one, r_max / r)
-    return torch.where(r <= r_max, one, r_max / r)  # r = 0 is <= r_max
+        return torch.where(r == 0, one, ratio)
+    return torch.where(r <= r_max, one, ratio)  # r = 0 is <= r_max
 
 
 def _where_into(ok: torch.Tensor, t: torch.Tensor, saved: torch.Tensor) -> None:
