@@ -77,7 +77,7 @@ def test_raise_names_the_statistic_and_keeps_the_state():
     for kl in _kls(6):
         _feed(ctl, kl, True)
     state = {k: v for k, v in ctl.state_dict().items()}
-    with pytest.raises(ValueError, match="Invalid entropy: -1.0"):
+    with pytest.raises(ValueError, match=r"Invalid entropy: -1\.0"):
         ctl.update(kl=torch.tensor(0.1), entropy=torch.tensor(-1.0))
     assert ctl.state_dict().keys() == state.keys()
     for k, v in state.items():
