@@ -36,10 +36,12 @@ def limiter_cases():
 
     out = {}
     x, y = _data()
+    adam = lambda p: torch.optim.Adam(p, lr=0.05)  # noqa: E731
     for name, make, nonfinite, mode, bad in (
-        ("limiter adam raise limit", lambda p: torch.optim.Adam(p, lr=0.05), "raise", "limit", None),
-        ("limiter sgd skip limit nan@3", lambda p: torch.optim.SGD(p, lr=2.0, momentum=0.9), "skip", "limit", 3),
-        ("limiter adam skip rho_set", lambda p: torch.optim.Adam(p, lr=0.05), "skip", "rho_set", None),
+        ("limiter adam raise limit", adam, "raise", "limit", None),
+        ("limiter sgd skip limit nan@3",
+         lambda p: torch.optim.SGD(p, lr=2.0, momentum=0.9), "skip", "limit", 3),
+        ("limiter adam skip rho_set", adam, "skip", "rho_set", None),
         ("limiter sgd raise monitor", lambda p: torch.optim.SGD(p, lr=1.0), "raise", "monitor", None),
     ):  # fmt: skip
         model = _mlp()
