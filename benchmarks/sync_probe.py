@@ -42,7 +42,8 @@ def limiter_cases():
         ("limiter sgd skip limit nan@3",
          lambda p: torch.optim.SGD(p, lr=2.0, momentum=0.9), "skip", "limit", 3),
         ("limiter adam skip rho_set", adam, "skip", "rho_set", None),
-        ("limiter sgd raise monitor", lambda p: torch.optim.SGD(p, lr=1.0), "raise", "monitor", None),
+        ("limiter sgd raise monitor",
+         lambda p: torch.optim.SGD(p, lr=1.0), "raise", "monitor", None),
     ):  # fmt: skip
         model = _mlp()
         opt = make(model.parameters())
