@@ -90,16 +90,13 @@ class RadiusLimiter:
         fd_eps: the finite-difference step length (see
             :func:`~torchsteer.control.radius.measure.logit_derivative`).
         nonfinite: when a gradient, r or the update is NaN/Inf: ``"raise"`` (restore
-            theta_old, then ValueError) or ``"skip"`` (restore theta_old and count the step as
-            skipped). The gradients present at :meth:`before_step` are checked there, before
-            the optimizer steps (every entry finite), so a bad batch never reaches the
-            optimizer's state (Adam's moments): ``"raise"`` raises with the optimizer
-            untouched, ``"skip"`` sets those gradients to None, so that the optimizer's
-            ``step()`` leaves every parameter and its state alone (torch.optim skips a
-            parameter without a gradient), and :meth:`step` does not call it. Gradients a
-            closure computes inside the step are checked through the update only (theta_old
-            is restored; the optimizer's own state is its own). With ``"neg_grad"`` a
-            non-finite gradient always raises, before the optimizer steps.
+            theta_old and the optimizer's state, then ValueError) or ``"skip"`` (restore
+            both, count the step as skipped). The gradients present at :meth:`before_step`
+            are checked on the device, the optimizer's state is snapshotted, and a bad step
+            is undone after the optimizer's step with ``torch.where`` (``"skip"``: no host
+            sync; ``"raise"``: one read per step; :mod:`~torchsteer.control.radius._masked`),
+            so a bad batch never stays in the optimizer's state (Adam's moments). With
+            ``"neg_grad"`` a non-finite gradient always raises, before the optimizer steps.
         reuse_forward: with ``method="jvp"`` and no ``logits_fn``, keep (by forward hooks) the
             activations of the model's latest forward and, when that forward is exactly the
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
@@ -112,8 +109,9 @@ class RadiusLimiter:
             (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
             only to measure what they save (``benchmarks/radius.py``).
 
-    Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
-    to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the
+    Memory: one copy of the optimized parameters and the update (2 P numbers) and one of the
+    optimizer's state (2 P for Adam), kept from step to step so the snapshot is a copy into
+    the same buffers; with ``reuse_forward`` the
     latest forward's activations are kept until the step (autograd keeps them until the
     backward anyway) and the tangent pass keeps its buffers (about one tensor per recorded
     module, the size of that module's output) between steps: no allocation (and no page
@@ -125,8 +123,8 @@ class RadiusLimiter:
     combined update ``p = p_1 + p_2`` of this step is measured (one JVP) and every
     optimizer's part is rescaled by the same ``s``, so the step actually taken has
     ``r <= r_max`` (``"update"`` only; ``"neg_grad"`` raises). Failures: an exception in the
-    optimizer's step or in the measurement restores theta_old before it propagates (the
-    optimizer's state has advanced; see :meth:`abort`). The forward hooks of
+    optimizer's step or in the measurement restores theta_old and the optimizer's state
+    before it propagates (see :meth:`abort`). The forward hooks of
     ``reuse_forward`` are removed when the limiter is garbage collected (or by
     :meth:`remove_hooks`).
     """
@@ -226,9 +224,10 @@ class RadiusLimiter:
 
         With ``direction="neg_grad"`` the gradients must be present before the call (a closure
         is then evaluated once more by the optimizer, as usual). Without a closure the
-        gradients are checked first: a NaN/Inf one raises or (``nonfinite="skip"``) skips
-        the step without calling ``optimizer.step()``. If the optimizer's step raises,
-        theta_old is restored before the error propagates.
+        gradients are checked (on the device) before ``optimizer.step()``: a step with a
+        NaN/Inf one is undone (parameters and optimizer state) and raises or
+        (``nonfinite="skip"``) is skipped. If the optimizer's step raises, theta_old and the
+        optimizer's state are restored before the error propagates.
         """
         self.before_step(optimizer, inputs, check_gradients=closure is None)
         try:
@@ -497,8 +496,8 @@ class RadiusLimiter:
 
     def abort(self) -> None:
         """Undo a pending step after a failure between :meth:`before_step` and
-        :meth:`after_step`: theta_old is restored (``"update"``; the optimizer's own state,
-        e.g. Adam's moments, has advanced and is not), the learning rates in ``"neg_grad"``
+        :meth:`after_step`: theta_old and the optimizer's state (Adam's moments, its step)
+        are restored (``"update"``), the learning rates in ``"neg_grad"``
         (its step was already limited). Nothing is recorded; a no-op when nothing is pending."""
         pending, self._pending = self._pending, None
         if isinstance(pending, PendingNegGrad):
