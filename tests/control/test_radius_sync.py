@@ -2,6 +2,8 @@
 with ``nonfinite="skip"`` (beyond the base optimizer's own), once with ``"raise"``; the
 masked decisions match the host-decided run bit for bit, and the device part compiles."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -144,3 +146,35 @@ def test_the_masked_update_compiles_fullgraph():
         fn(torch.tensor(2.0, dtype=torch.float64))
         outs.append(torch.cat([p.detach().reshape(-1) for p in params]))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-7)
+
+
+class _Boom(torch.optim.Adam):
+    """Adam that updates its moments and the parameters, then fails."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("where", ["optimizer", "measurement"])
+def test_a_failure_mid_step_restores_the_optimizers_state_too(where):
+    """Issue 18 #3: after an exception between the base step and the correction, theta_old
+    and Adam's moments and step are those before the step, bit for bit."""
+    model = _model()
+    opt = _Boom(model.parameters(), lr=0.05) if where == "optimizer" else None
+    opt = opt or torch.optim.Adam(model.parameters(), lr=0.05)
+    limiter = RadiusLimiter(model, r_max=0.05)
+    x, y = _data()
+    _grad(model, x, y)
+    torch.optim.Adam.step(opt)  # one plain step: the state exists
+    state = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    _grad(model, x, y)
+    with pytest.raises(RuntimeError):
+        limiter.step(opt, x if where == "optimizer" else torch.randn(16, 5))
+    after = opt.state_dict()
+    for k in state["state"]:
+        for name, t in state["state"][k].items():
+            assert torch.equal(after["state"][k][name], t), (k, name)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert not limiter.pending and limiter.steps == 0
