@@ -70,7 +70,9 @@ def test_a_nan_gradient_never_reaches_adams_state(nonfinite):
     assert limiter.limited == clean.limited >= 1
 
 
-def test_nan_gradient_skip_does_not_call_the_optimizer():
+def test_nan_gradient_skip_undoes_the_optimizers_step():
+    """The skip is decided on the device (issue 17): the optimizer steps, and its parameters
+    and state are put back bit for bit; on its first step (the state created) by the host."""
     model, x, y = _problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     calls = []
@@ -80,8 +82,16 @@ def test_nan_gradient_skip_does_not_call_the_optimizer():
     model[0].bias.grad[0] = float("inf")
     before = _flat_params(model)
     assert limiter.step(opt, x) is None
-    assert calls == [] and opt.state_dict()["state"] == {} and not limiter.pending
+    assert calls == [1] and opt.state_dict()["state"] == {} and not limiter.pending
     assert torch.equal(_flat_params(model), before) and limiter.skipped == 1
+    _grad(model, x, y)
+    limiter.step(opt, x)  # the state exists now: the next skip is masked on the device
+    state, before = copy.deepcopy(opt.state_dict()), _flat_params(model)
+    _grad(model, x, y)
+    model[3].weight.grad[0, 0] = float("nan")
+    limiter.step(opt, x)
+    _assert_same_state(opt.state_dict(), state)
+    assert torch.equal(_flat_params(model), before) and limiter.skipped == 2
 
 
 def test_finite_huge_gradients_are_not_called_nonfinite():

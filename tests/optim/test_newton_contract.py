@@ -115,7 +115,8 @@ def test_foreach_and_differentiable_accepted_where_meaningful_else_clear_errors(
 def test_every_hyperparameter_is_in_defaults_and_the_state_dict():
     kw = dict(
         curvature="gauss_newton", regularization="sqrt", gamma0=0.5, growth="margin",
-        max_tries=7, solver="lanczos", cg_tol=1e-3, cg_maxiter=9, lr=0.5, maximize=True,
+        max_tries=7, solver="lanczos", cg_tol=1e-3, cg_maxiter=9, cg_check_every=3, lr=0.5,
+        maximize=True,
         nonfinite="skip", reuse_trial=True, foreach=False, differentiable=False,
     )  # fmt: skip
     opt = RegularizedNewton([quadratic()[2]], **kw)
@@ -127,7 +128,8 @@ def test_repr_shows_the_hyperparameters():
     opt = RegularizedNewton([quadratic()[2]], curvature="dense", gamma0=0.5, nonfinite="skip")
     assert repr(opt) == (
         "RegularizedNewton(curvature='dense', regularization='gns', gamma0=0.5, "
-        "growth='double', max_tries=40, solver='auto', cg_tol=None, cg_maxiter=None, lr=1.0, "
+        "growth='double', max_tries=40, solver='auto', cg_tol=None, cg_maxiter=None, "
+        "cg_check_every=None, lr=1.0, "
         "maximize=False, nonfinite='skip', reuse_trial=False; 1 param group(s), 1 tensors, "
         "5 parameters)"
     )

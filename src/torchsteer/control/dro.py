@@ -141,6 +141,15 @@ class DROWeighting:
         warmup_steps: calls of plain averaging before reweighting starts.
         max_growth: the most the carried streaming normalizer may grow in one call
             (``> 1``), or ``None`` for no cap.
+        nonfinite: a weighted loss that is NaN/Inf (NaN/Inf losses, or ``l / r``
+            overflowing): ``"raise"`` (``ValueError``, the state unchanged; the check reads
+            the loss: one host sync per call) or ``"skip"`` (decided on the device, no host
+            sync: the state update is masked, so the state stays as it was, and the call
+            returns a zero loss with zero weights).
+
+    Host synchronization: the streaming normalizer is a device tensor (``log_normalizer``
+    reads it), so a call syncs only for the ``"raise"`` check; under ``torch.distributed``
+    the validity all-reduce is read once per call as well.
 
     References:
         Sow et al., ICLR 2024 (arXiv 2308.00311); Sagawa et al., ICLR 2020 (Group DRO).
@@ -158,6 +167,7 @@ class DROWeighting:
         max_weight: float | None = None,
         warmup_steps: int = 0,
         max_growth: float | None = 2.0,
+        nonfinite: str = "raise",
     ):
         if mode not in _MODES:
             raise ValueError(f"Invalid mode: {mode!r}; expected one of {_MODES}")
@@ -187,6 +197,9 @@ class DROWeighting:
             or not 1.0 < max_growth < math.inf
         ):
             raise ValueError(f"Invalid max_growth: {max_growth}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}; expected 'raise' or 'skip'")
+        self.nonfinite = nonfinite
         self._temperature = _check_temperature(temperature)
         self.mode = mode
         self.momentum = float(momentum)
@@ -198,7 +211,7 @@ class DROWeighting:
         self.warmup_steps = warmup_steps
         self.max_growth = None if max_growth is None else float(max_growth)
         self.step = 0
-        self.log_normalizer: float | None = None  # log u, streaming mode
+        self._log_u: torch.Tensor | None = None  # log u, streaming mode (NaN: not yet set)
         self.log_class_weights: torch.Tensor | None = None  # log q, class level
         self.class_losses: torch.Tensor | None = None  # running class losses (NaN: unseen)
         if self.class_level:
@@ -217,6 +230,16 @@ class DROWeighting:
     @temperature.setter
     def temperature(self, value: float) -> None:
         self._temperature = _check_temperature(value)
+
+    @property
+    def log_normalizer(self) -> float | None:
+        """``log u`` of the streaming mode (``None`` before the first call; a host read)."""
+        v = None if self._log_u is None else float(self._log_u)
+        return None if v is None or math.isnan(v) else v
+
+    @log_normalizer.setter
+    def log_normalizer(self, value: float | None) -> None:
+        self._log_u = None if value is None else torch.tensor(float(value), dtype=torch.float64)
 
     @property
     def class_weights(self) -> torch.Tensor | None:
@@ -254,9 +277,10 @@ class DROWeighting:
         n = self._global_count(z)
         scale = dist.world_size() / n  # local loss = scale * sum_i w_i l_i
         warm = self.step < self.warmup_steps
-        log_u, log_q, run_l = self.log_normalizer, self.log_class_weights, self.class_losses
+        log_u, log_q, run_l = self._log_u, self.log_class_weights, self.class_losses
         if self.mode == "streaming":
             log_u = self._updated_normalizer(self._log_mean_exp(z, z_max, n))
+            log_u = log_u.to(z.device)
         if y is not None and not warm:
             log_q, run_l = self._class_update(losses.detach(), y, counts)
         if warm:
@@ -266,18 +290,25 @@ class DROWeighting:
                 z = z + log_q.to(z)[y]
             coeffs = self._batch_coeffs(z)
         else:
-            coeffs = (z - (log_u - math.log(scale))).exp()  # e^{l/r} / u * scale
+            coeffs = (z - (log_u - math.log(scale)).to(z.device)).exp()  # e^{l/r} / u * scale
             if y is not None:
                 coeffs = coeffs * (self.num_classes * log_q.to(z)[y].exp())
         if self.max_weight is not None:
             coeffs = coeffs.clamp(max=self.max_weight * scale)
         loss = torch.dot(coeffs, losses)
-        if not dist.is_distributed() and not math.isfinite(float(loss.detach())):
-            raise ValueError(
-                "Invalid losses: the weighted loss is not finite (NaN or Inf losses, or "
-                "l / r overflowing at this temperature)"
-            )
-        self.log_normalizer = self._carried_normalizer(log_u)
+        log_u = self._carried_normalizer(log_u)
+        if not dist.is_distributed() and self.nonfinite == "raise":
+            if not math.isfinite(float(loss.detach())):  # the one host sync of a call
+                raise ValueError(
+                    "Invalid losses: the weighted loss is not finite (NaN or Inf losses, or "
+                    "l / r overflowing at this temperature)"
+                )
+        elif not dist.is_distributed():  # "skip": the state update masked on the device
+            ok = loss.detach().isfinite()
+            coeffs = torch.where(ok, coeffs, 0.0)
+            loss = torch.dot(coeffs, torch.where(ok, losses, 0.0))
+            log_u, log_q, run_l = _masked(ok, (log_u, log_q, run_l), (self._log_u, *_q(self)))
+        self._log_u = log_u
         self.log_class_weights, self.class_losses = log_q, run_l
         self._coeffs, self._scale = coeffs, scale
         self.step += 1
@@ -300,14 +331,15 @@ class DROWeighting:
         else:
             flags = torch.tensor([-math.inf, 0.0, 0.0, 1.0], dtype=f64, device=device)
         glob = dist.all_reduce_max(flags)
-        if bool(glob[3]):
+        z_max, nonfinite, bad, failed = glob.tolist()  # one host read of every rank's verdict
+        if failed:
             raise error or ValueError(
                 "Invalid losses or labels on another rank (a wrong shape or dtype, an empty "
                 "batch or bad labels): every rank raises, the state is unchanged"
             )
-        if bool(glob[1]) or not bool(torch.isfinite(glob[0])):
+        if nonfinite or not math.isfinite(z_max):
             raise ValueError("Invalid losses: contain NaN or Inf (or overflow at this temperature)")
-        if bool(glob[2]):
+        if bad:
             raise ValueError(f"Invalid labels: expected values in [0, {self.num_classes})")
         return glob[0].to(losses.dtype)
 
@@ -326,28 +358,33 @@ class DROWeighting:
         return int(dist.all_reduce_sum(torch.tensor([z.numel()], device=z.device)))
 
     @staticmethod
-    def _log_mean_exp(z: torch.Tensor, z_max: torch.Tensor | None, n: int) -> float:
-        """``log mean exp(z)`` over the global batch (one host sync)."""
+    def _log_mean_exp(z: torch.Tensor, z_max: torch.Tensor | None, n: int) -> torch.Tensor:
+        """``log mean exp(z)`` over the global batch (a 0-d float64 tensor, no host sync)."""
         if not dist.is_distributed():
-            return float(torch.logsumexp(z, dim=0)) - math.log(n)
+            return torch.logsumexp(z, dim=0).double() - math.log(n)
         s = dist.all_reduce_sum((z - z_max).exp().sum())
-        return float(z_max) + math.log(float(s)) - math.log(n)
+        return z_max.double() + s.double().log() - math.log(n)
 
-    def _updated_normalizer(self, batch_log_u: float) -> float:
-        """``log u`` after ``u <- (1 - gamma) u + gamma u_batch`` (first call: ``u_batch``)."""
-        if self.log_normalizer is None or self.momentum == 1.0:
+    def _updated_normalizer(self, batch_log_u: torch.Tensor) -> torch.Tensor:
+        """``log u`` after ``u <- (1 - gamma) u + gamma u_batch`` (first call, or a NaN
+        ``log u`` left by a skipped first call: ``u_batch``), in float64 on the device."""
+        prev = self._log_u
+        if prev is None or self.momentum == 1.0:
             return batch_log_u
-        a = self.log_normalizer + math.log1p(-self.momentum)
+        prev = prev.to(batch_log_u.device)
+        a = prev + math.log1p(-self.momentum)
         b = batch_log_u + math.log(self.momentum)
-        if a == b:  # also when both are infinite
-            return a + math.log(2.0)
-        return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+        mixed = torch.where(  # a == b also when both are infinite
+            a == b, a + math.log(2.0), torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+        )
+        return torch.where(prev.isnan(), batch_log_u, mixed)
 
-    def _carried_normalizer(self, log_u: float | None) -> float | None:
+    def _carried_normalizer(self, log_u: torch.Tensor | None) -> torch.Tensor | None:
         """``log u`` kept for the next call: at most ``log u_prev + log max_growth``."""
-        if log_u is None or self.log_normalizer is None or self.max_growth is None:
+        if log_u is None or self._log_u is None or self.max_growth is None:
             return log_u
-        return min(log_u, self.log_normalizer + math.log(self.max_growth))
+        cap = self._log_u.to(log_u.device) + math.log(self.max_growth)
+        return torch.where(cap < log_u, cap, log_u)  # min(log_u, cap); a NaN cap: log_u
 
     def _check_labels(self, labels: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
         if labels is None:
@@ -427,7 +464,7 @@ class DROWeighting:
             "temperature": self._temperature,
             "log_normalizer": None
             if self.log_normalizer is None
-            else torch.tensor(self.log_normalizer, dtype=torch.float64),
+            else self._log_u.detach().cpu().clone(),
             "log_class_weights": None
             if self.log_class_weights is None
             else self.log_class_weights.detach().cpu().clone(),
@@ -472,3 +509,20 @@ class DROWeighting:
         if self.class_level and v.shape != (self.num_classes,):
             raise ValueError(f"Invalid {key}: shape {tuple(v.shape)}")
         return v.clone()
+
+
+def _q(weighting: DROWeighting):
+    return weighting.log_class_weights, weighting.class_losses
+
+
+def _masked(ok: torch.Tensor, new, old):
+    """``where(ok, new, old)`` for each state tensor (``None`` stays ``None``; a first value
+    with no old one becomes NaN where not ok: "not yet set")."""
+    out = []
+    for n, o in zip(new, old):
+        if n is None or n is o:
+            out.append(n)
+        else:
+            ok_n = ok.to(n.device)
+            out.append(torch.where(ok_n, n, math.nan if o is None else o.to(n)))
+    return out

@@ -34,8 +34,10 @@ def conjugate_gradient(
 
     Batched: ``b`` may be (n,) or (n, k); the k columns are independent systems, each with its
     own step sizes, and ``matvec`` must accept the same shape. Stops when every column has
-    ``|r| <= max(tol |b|, atol)``, tested every ``check_every`` iterations (a host
-    synchronization), or at ``maxiter`` (default ``10 n``).
+    ``|r| <= max(tol |b|, atol)``, or at ``maxiter`` (default ``10 n``). The test runs on
+    the device at every iteration and the host reads it every ``check_every`` iterations
+    (one synchronization each; the iterates do not depend on ``check_every``, see
+    :func:`~torchsteer.linalg.shifted_solvers.shifted_cg`).
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)

@@ -11,9 +11,10 @@
       H x_{k+1} = H x_k + alpha_k H p_k,  r_{k+1} = r_k - alpha_k A p_k,
       p_{k+1} = r_{k+1} + (r_{k+1}^T r_{k+1} / r_k^T r_k) p_k.
 
-  It stops at ``|r_k| <= tol |b|`` (tested before the first iteration and then after every
-  ``check_every``-th one, and at ``maxiter``), and breaks down on non-positive (or NaN)
-  curvature ``p_k^T A p_k <= 0``: ``A`` is not positive definite on the Krylov space.
+  It stops at ``|r_k| <= tol |b|`` (tested on the device at every iteration, read by the
+  host every ``check_every`` iterations; see :func:`shifted_cg`), and breaks down on
+  non-positive (or NaN) curvature ``p_k^T A p_k <= 0``: ``A`` is not positive definite on
+  the Krylov space.
 
 Torch only; nothing here knows an optimizer exists.
 """
@@ -55,6 +56,7 @@ class ShiftedCGResult:
         converged: every column has ``|r| <= max(tol |b|, atol)`` at the end.
         breakdown: non-positive or NaN curvature ``p^T (H + lambda I) p`` was met.
         residual_norm: the recurrence's ``|r|`` at the end, per column (a tensor).
+        finite: every entry of ``x`` is finite.
     """
 
     x: torch.Tensor
@@ -63,6 +65,7 @@ class ShiftedCGResult:
     converged: bool
     breakdown: bool
     residual_norm: torch.Tensor | None = None
+    finite: bool = True
 
 
 def shifted_cholesky_solve(
@@ -100,9 +103,17 @@ def shifted_cg(
 
     The one CG of the library. ``b`` may be a (P,) vector or a (P, k) matrix whose k columns
     are independent systems, each with its own step sizes (``matvec`` then takes (P, k)); a
-    column whose residual is exactly zero stays put. The scalars stay tensors; the host
-    synchronizes once an iteration for the breakdown test and once every ``check_every``
-    iterations for the convergence test, which compares in float64.
+    column whose residual is exactly zero stays put.
+
+    Host synchronization: the scalars stay tensors, and the convergence test (in float64)
+    and the breakdown test run on the device at every iteration; once either is met every
+    later update is masked (``torch.where``), so the iterates, ``iterations`` and the result
+    are the same for every ``check_every``. The host reads the tests (one transfer of four
+    flags and the iteration count) after every ``check_every``-th iteration, at ``maxiter``
+    and, for a warm start (or ``tol >= 1``, ``atol > 0``), before the first: a cold solve
+    that stops after k iterations synchronizes ``ceil(k / check_every)`` times (at most
+    ``ceil(maxiter / check_every)``) and runs up to ``check_every - 1`` masked products
+    past the stop.
 
     Args:
         matvec: ``v -> H v`` for a (P,) vector (or a (P, k) matrix when ``b`` is one).
@@ -130,27 +141,40 @@ def shifted_cg(
     r = b - Hx - lam * x
     threshold = torch.clamp(tol * torch.linalg.vector_norm(b, dim=0).double(), min=atol)
 
-    def met(rs: torch.Tensor) -> bool:
-        return bool((rs.double().sqrt() <= threshold).all())
+    def met(rs: torch.Tensor) -> torch.Tensor:  # on the device
+        return (rs.double().sqrt() <= threshold).all()
 
     p, rs = r, _dot(r, r)
-    it, breakdown = 0, False
-    done = met(rs)
-    while not done and it < maxiter:
+    stop = met(rs)  # converged or broken down: every later update is masked
+    broken, n = torch.zeros_like(stop), torch.zeros((), dtype=torch.int64, device=b.device)
+    it = 0
+    # from x = 0 the test can hold at the start only for b = 0 (masked on the device anyway)
+    # or tol >= 1 or atol > 0: the read before the first iteration is skipped otherwise
+    cold = x0 is None and tol < 1 and atol == 0
+    while True:
+        if (it % check_every == 0 and not (cold and it == 0)) or it == maxiter:  # one read
+            read = torch.stack([stop, broken, ~broken & met(rs), x.isfinite().all()])
+            flags = torch.cat([read.to(n), n.reshape(1)]).tolist()
+            if flags[0] or it == maxiter:
+                break
         Hp = matvec(p)
         Ap = Hp + lam * p
         pap = _dot(p, Ap)
         active = rs > 0
-        if bool((~(pap > 0) & active).any()):  # non-positive (or NaN) curvature along p
-            breakdown = True
-            break
+        # non-positive (or NaN) curvature along p: stop at the iterate before it
+        broken = broken | (((~(pap > 0) & active).any()) & ~stop)
+        stop = stop | broken
         one = torch.ones_like(pap)
         alpha = torch.where(active, rs / torch.where(active, pap, one), 0.0)
-        x, Hx, r = x + alpha * p, Hx + alpha * Hp, r - alpha * Ap
-        rs, rs_old = _dot(r, r), rs
-        p = r + torch.where(active, rs / torch.where(active, rs_old, one), 0.0) * p
+        x = torch.where(stop, x, x + alpha * p)
+        Hx = torch.where(stop, Hx, Hx + alpha * Hp)
+        r_new = torch.where(stop, r, r - alpha * Ap)
+        rs_new = torch.where(stop, rs, _dot(r_new, r_new))
+        beta = torch.where(active, rs_new / torch.where(active, rs, one), 0.0)
+        p = torch.where(stop, p, r_new + beta * p)
+        n = n + (~stop).to(n)
+        r, rs = r_new, rs_new
+        stop = stop | met(rs)
         it += 1
-        if it % check_every == 0:
-            done = met(rs)
-    converged = not breakdown and met(rs)
-    return ShiftedCGResult(x, Hx, it, converged, breakdown, rs.sqrt())
+    _, broke, converged, finite, iterations = flags
+    return ShiftedCGResult(x, Hx, iterations, bool(converged), bool(broke), rs.sqrt(), bool(finite))

@@ -50,11 +50,12 @@ SOLVERS = ("auto", "cg", "lanczos", "cholesky", "woodbury")
 GROWTHS = ("double", "margin")
 HYPERPARAMETERS = (
     "curvature", "regularization", "gamma0", "growth", "max_tries", "solver", "cg_tol",
-    "cg_maxiter", "lr", "maximize", "nonfinite", "reuse_trial", "foreach", "differentiable",
+    "cg_maxiter", "cg_check_every", "lr", "maximize", "nonfinite", "reuse_trial", "foreach",
+    "differentiable",
 )  # fmt: skip
 LEGACY_DEFAULTS = dict(  # what a checkpoint from before a key existed meant
     growth="double", lr=1.0, maximize=False, nonfinite="raise", reuse_trial=False,
-    foreach=None, differentiable=False,
+    foreach=None, differentiable=False, cg_check_every=None,
 )  # fmt: skip
 
 LIGHTNING_AUTOMATIC = (
@@ -90,6 +91,8 @@ def validate_group(group: dict[str, Any]) -> None:
         check_hyperparameter("cg_tol", cg_tol, low=0.0, high=1.0, low_open=True, high_open=True)
     if group["cg_maxiter"] is not None:
         check_hyperparameter("cg_maxiter", group["cg_maxiter"], low=1, integer=True)
+    if group.get("cg_check_every") is not None:
+        check_hyperparameter("cg_check_every", group["cg_check_every"], low=1, integer=True)
     check_hyperparameter("lr", group["lr"], low=0.0, tensor=True)
     check_choice("maximize", group["maximize"], (False, True))
     check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)

@@ -115,26 +115,32 @@ class CGSolver:
     """
 
     def __init__(
-        self, curvature: CurvatureOperator, g: torch.Tensor, tol: float, maxiter: int | None
+        self,
+        curvature: CurvatureOperator,
+        g: torch.Tensor,
+        tol: float,
+        maxiter: int | None,
+        check_every: int = 1,
     ):
         self.curvature = curvature
         self.g = g
-        self.tol = tol
+        self.tol, self.check_every = tol, check_every
         self.maxiter = 10 * g.numel() if maxiter is None else maxiter
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, H x)
 
     def solve(self, lam: float, x0: torch.Tensor | None = None) -> Solution:
-        g = self.g
-        if x0 is not None and not _finite(x0):
-            x0 = None
-        Hx0 = None
+        g, Hx0 = self.g, None
         if x0 is not None and self._last is not None and x0 is self._last[0]:
-            x0, Hx0 = self._last
-        out = shifted_cg(self.curvature.matvec, -g, lam, self.tol, self.maxiter, x0, Hx0)
+            x0, Hx0 = self._last  # the last solution: known finite
+        elif x0 is not None and not _finite(x0):
+            x0 = None
+        out = shifted_cg(
+            self.curvature.matvec, -g, lam, self.tol, self.maxiter, x0, Hx0, self.check_every
+        )
         if out.breakdown:
             self._last = None
             return Solution(None, False, "breakdown", out.iterations)
-        if not _finite(out.x):
+        if not out.finite:
             self._last = None
             return Solution(None, False, "nonfinite", out.iterations)
         self._last = (out.x, out.Hx)

@@ -21,7 +21,6 @@ from torchsteer.optim._newton_inputs import (
     ScaledCurvature,
     check_gradients,
     check_parameters,
-    gradient_scale,
     lightning_automatic,
     maximizing,
     validate_group,
@@ -37,6 +36,7 @@ from torchsteer.optim._newton_solvers import (
     make_curvature,
     parse_closure_output,
 )
+from torchsteer.optim._newton_trial import evaluate_trial, start_numbers
 
 __all__ = ["RegularizedNewton"]
 
@@ -160,6 +160,8 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             ``"eisenstat_walker"``: their choice 2, ``0.9 (|g_k| / |g_{k-1}|)^2`` safeguarded
             (``eisenstat_walker_tolerance``), from the last accepted step's ``|g|`` and tolerance.
         cg_maxiter: CG iterations per solve (Lanczos: basis vectors per step); ``None``: ``10 P``.
+        cg_check_every: the host reads CG's convergence test every this many iterations
+            (the iterates do not depend on it); ``None``: 1 on CPU, 10 on accelerators.
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
             NaN/Inf.
@@ -217,6 +219,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         solver: str = "auto",
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
+        cg_check_every: int | None = None,
         nonfinite: str = "raise",
         reuse_trial: bool = False,
         lr: float | torch.Tensor = 1.0,
@@ -233,6 +236,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             solver=solver,
             cg_tol=cg_tol,
             cg_maxiter=cg_maxiter,
+            cg_check_every=cg_check_every,
             lr=lr,
             maximize=maximize,
             nonfinite=nonfinite,
@@ -306,47 +310,6 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         for p, v in zip(params, unflatten(flat, params)):
             p.copy_(v)
 
-    def _trial(self, start: SearchStart, curvature: str, x_new: torch.Tensor):
-        """``f``, ``|grad f / c|^2`` at ``x_new`` and, when ``keep``, the whole evaluation there.
-
-        The parameters' ``.data`` is swapped for the trial values and back (instead of writing
-        in place): their version counters stay as they were, so the graph of the evaluation at
-        ``x`` stays valid for more curvature products after a rejection. With ``keep`` the
-        evaluation keeps its graph (``create_graph`` for the Hessian) and is returned as
-        ``(f, aux, grads, g, loss)``, ``g`` and ``loss`` reduced over ranks as in :meth:`step`;
-        the trial values get their own storage, which the graph's views of the parameters
-        refer to after the swap back.
-        """
-        closure, params, keep, work = start.closure, start.params, start.keep, start.work
-        inv = start.inv
-        saved = [p.data for p in params]
-        values = unflatten(x_new, params)
-        if keep:
-            values = [v.clone() for v in values]
-        try:
-            for p, v in zip(params, values):
-                p.data = v
-            f_t, aux_t, grads_t = evaluate_closure(closure, params, curvature, graph=keep)
-        finally:
-            for p, d in zip(params, saved):
-                p.data = d
-        if tdist.is_distributed():  # the global f and gradient: one all-reduce of P + 1 numbers
-            flat = flatten_like(grads_t, params, torch.float64)
-            packed = tdist.all_reduce_mean(torch.cat([flat, f_t.detach().double().reshape(1)]))
-            gn2 = sum(float(((t * inv) ** 2).sum()) for t in unflatten(packed[:-1], params))
-            ev = None
-            if keep:
-                loss_t = packed[-1].to(f_t.dtype)
-                ev = (f_t, aux_t, grads_t, packed[:-1].to(work), loss_t)
-            return float(packed[-1]), gn2, ev
-        gn2 = sum(float(((t.detach().double() * inv) ** 2).sum()) for t in grads_t if t is not None)
-        ev = (
-            (f_t, aux_t, grads_t, flatten_like(grads_t, params, work), f_t.detach())
-            if keep
-            else None
-        )
-        return f_t.item(), gn2, ev
-
     @staticmethod
     def _write_kept(params, flat: torch.Tensor) -> None:
         """Write ``flat`` into the parameters' storage without bumping their version counters.
@@ -373,7 +336,10 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
         if name in ("cg", "lanczos"):
             tol = cg_tolerance(group["cg_tol"], gnorm, state.get("forcing"))
-            return (CGSolver if name == "cg" else LanczosSolver)(curv, g, tol, group["cg_maxiter"])
+            if name == "lanczos":
+                return LanczosSolver(curv, g, tol, group["cg_maxiter"])
+            every = group["cg_check_every"] or (1 if g.device.type == "cpu" else 10)
+            return CGSolver(curv, g, tol, group["cg_maxiter"], every)
         if name == "woodbury":
             return WoodburySolver(curv, g)
         return CholeskySolver(curv, g)
@@ -397,14 +363,16 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             if not sol.ok:
                 rec.reasons.append(sol.reason)
                 warm = None
-            else:
+            else:  # the trial's numbers in one transfer (_newton_trial)
                 x_new = x0 + sol.delta.to(x0.dtype)
-                if torch.equal(x_new, x0):  # smaller steps would not move x either
+                same, f_t, gn2, d_norm, x_norm, ev = evaluate_trial(
+                    start, curvature, x_new, x0, sol.delta
+                )
+                rec.evals += 1
+                if same:  # smaller steps would not move x either
                     rec.reasons.append("below resolution")
                     break
-                warm = sol.delta
-                f_new, gn2, ev = self._trial(start, curvature, x_new)
-                rec.evals += 1
+                warm, f_new = sol.delta, f_t
                 drop = (f0 - f_new) * start.inv  # the test in units of c: exact, no overflow
                 if math.isfinite(f_new) and math.isfinite(gn2) and drop >= gn2 / (8 * lam_c):
                     rec.accepted = True
@@ -420,7 +388,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
                 del ev
                 finite = math.isfinite(f_new + gn2)
                 rec.reasons.append("decrease" if finite else "nonfinite trial")
-                tiny = float(sol.delta.norm()) <= math.sqrt(eps) * (float(x0.norm()) + 1)
+                tiny = d_norm <= math.sqrt(eps) * (x_norm + 1)
                 if finite and tiny and abs(f0 - f_new) <= 4 * eps * abs(f0):
                     rec.reasons.append("below resolution")  # f cannot tell the tries apart
                     break
@@ -486,21 +454,18 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
                 packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
                 g, loss = packed[:-1], packed[-1].to(loss.dtype)
-        finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
+        finite, f0, c, gnorm, g_c = start_numbers(loss, g)  # one transfer
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         saved = self._first_state()
         state = dict(saved) if "step" in saved else self._initial_state(group)  # a draft
         state["closure_evals"] += 0 if reused else 1
-        f0 = loss.item()
         if not finite:
             state["skipped_steps"] += 1
             state["record"] = {"accepted": False, "skipped": True, "tries": 0, "loss": sign * f0}
             return self._commit(state, closure, sign * loss)
         state["step"] = state["step"] + 1
-        c = gradient_scale(g)  # 4^k ~ max |g_i|: the solves in units of order one
-        g_c = g * (1.0 / c) if c else g
-        gnorm = g_c.norm().item() * c  # |g| without over- or underflow (exact scaling)
+        # c = 4^k ~ max |g_i|: the solves in units of order one; |g| = |g / c| c exactly
         if gnorm == 0.0:  # stationary: nothing to do
             state["record"] = {"accepted": False, "tries": 0, "loss": sign * f0, "grad_norm": 0.0}
             return self._commit(state, closure, sign * loss)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from torchsteer.control.kl._device import device_statistic, masked_state
+
 __all__ = ["KLController", "as_statistic", "finite_hparam", "state_number", "state_sequence"]
 
 
@@ -91,6 +93,18 @@ class KLController:
     _state: tuple[str, ...] = ()
     needs: tuple[str, ...] = ("kl",)  # statistics that ``update`` requires
 
+    @property
+    def nonfinite(self) -> str:
+        """The tensor path's policy for a bad statistic: ``"raise"`` (default; one host read
+        per update) or ``"skip"`` (masked on the device; :mod:`torchsteer.control.kl._device`)."""
+        return getattr(self, "_nonfinite", "raise")
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        if value not in ("raise", "skip"):
+            raise ValueError(f"Invalid nonfinite: {value!r}; expected 'raise' or 'skip'")
+        self._nonfinite = value
+
     def update(
         self, current=None, n_steps: int = 1, *, kl=None, entropy=None, reward=None
     ) -> float:
@@ -108,11 +122,18 @@ class KLController:
         Raises:
             ValueError: a non-finite or missing statistic, a negative entropy, an invalid
                 ``n_steps``; the state is left as it was.
+
+        Tensor path: when a statistic is a tensor, the update runs on its device and the
+        coefficient returned (and ``coef``) is a 0-d float64 tensor; with
+        ``nonfinite="skip"`` a bad statistic leaves the state as it was, decided on the
+        device (no host sync); ``"raise"`` reads the check once.
         """
         if current is not None:
             if kl is not None:
                 raise ValueError("Invalid kl: given twice (as kl= and as current, TRL's name)")
             kl = current
+        if any(isinstance(v, torch.Tensor) for v in (kl, entropy, reward)):
+            return self._update_on_device(kl, entropy, reward, n_steps)
         kl = as_statistic("kl", kl, required="kl" in self.needs)
         entropy = as_statistic("entropy", entropy, required="entropy" in self.needs, nonneg=True)
         reward = as_statistic("reward", reward, required="reward" in self.needs)
@@ -121,6 +142,32 @@ class KLController:
 
     def _update(self, kl, entropy, reward, n_steps) -> None:
         raise NotImplementedError
+
+    def _update_on_device(self, kl, entropy, reward, n_steps):
+        names, stats, oks = ("kl", "entropy", "reward"), [], []
+        for name, v in zip(names, (kl, entropy, reward)):
+            x, ok = device_statistic(name, v, required=name in self.needs, nonneg=name == "entropy")
+            stats.append(x)
+            if ok is not None:
+                oks.append((name, x, ok))
+        n = _check_n_steps(n_steps)
+        ok = oks[0][2] if oks else None
+        for _, _, o in oks[1:]:
+            ok = ok & o.to(ok.device)
+        if self.nonfinite == "raise" and oks:  # one transfer: the checks and the values
+            read = torch.stack([t for _, x, o in oks for t in (o.double(), x)]).tolist()
+            for (name, _, _), good, x in zip(oks, read[::2], read[1::2]):
+                if not good:
+                    raise ValueError(f"Invalid {name}: {x}")
+        old = {k: (list(v) if isinstance(v, deque) else v) for k in self._state
+               for v in (getattr(self, k),)}  # fmt: skip
+        self._update(*stats, n)
+        if self.nonfinite == "skip" and oks and not masked_state(self, ok, old):
+            if not bool(ok):  # a history filling up: decided on the host (one read)
+                for k, v in old.items():
+                    cur = getattr(self, k)
+                    setattr(self, k, deque(v, maxlen=cur.maxlen) if isinstance(cur, deque) else v)
+        return self.coef
 
     @property
     def coef(self) -> float:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import deque
 from functools import partial
 
+from torchsteer.control.kl._device import clamp, divide, maximum
 from torchsteer.control.kl.base import KLController, finite_hparam, state_number, state_sequence
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "PIDKLController"]
@@ -114,10 +115,10 @@ class AdaptiveKLController(KLController):
         self.kl = 0.0
 
     def _update(self, kl, entropy, reward, n_steps):
-        e = min(max(kl / self.target - 1.0, -self.clip), self.clip)
-        factor = min(max(1.0 + e * n_steps / self.horizon, self.min_factor), self.max_factor)
+        e = clamp(kl / self.target - 1.0, -self.clip, self.clip)
+        factor = clamp(1.0 + e * n_steps / self.horizon, self.min_factor, self.max_factor)
         lo, hi = self.beta_bounds
-        self.beta = min(max(self.beta * factor, lo), hi)
+        self.beta = clamp(self.beta * factor, lo, hi)
         self.error, self.kl = e, kl
 
     def signals(self):
@@ -195,13 +196,13 @@ class PIDKLController(KLController):
 
     def _update(self, kl, entropy, reward, n_steps):
         e = kl - self.target
-        self.integral = max(0.0, self.integral + self.ki * e)
+        self.integral = maximum(0.0, self.integral + self.ki * e)
         self.p_ema = self.ema * self.p_ema + (1.0 - self.ema) * e
         self.cost_ema = self.d_ema * self.cost_ema + (1.0 - self.d_ema) * kl
-        self.deriv = max(0.0, self.cost_ema - self.cost_hist[0])
+        self.deriv = maximum(0.0, self.cost_ema - self.cost_hist[0])
         self.cost_hist.append(self.cost_ema)
         if self.entropy_floor is not None:
-            self.gate = max(1.0, (self.entropy_floor + 0.1) / (entropy + 0.1))
+            self.gate = maximum(1.0, divide(self.entropy_floor + 0.1, entropy + 0.1))
         self.error, self.kl = e, kl
 
     def _state_rules(self):
@@ -220,7 +221,7 @@ class PIDKLController(KLController):
     @property
     def coef(self) -> float:
         raw = self.kp * self.p_ema + self.integral + self.kd * self.deriv
-        return self.gate * max(0.0, raw)
+        return self.gate * maximum(0.0, raw)
 
     def signals(self):
         return {

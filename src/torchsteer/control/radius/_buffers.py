@@ -84,6 +84,15 @@ class FlatBuffers:
         self.update.mul_(s).add_(self.old)
         torch._foreach_copy_(self.params, self.update_views)
 
+    @torch.no_grad()
+    def apply_masked(self, s: torch.Tensor, ok: torch.Tensor, keep: torch.Tensor) -> None:
+        """``theta = where(ok, where(keep, theta, theta_old + s p), theta_old)`` on the
+        device (``keep``: ``ok & (s == 1)``; :mod:`torchsteer.control.radius._masked`)."""
+        self.update.mul_(s).add_(self.old)
+        torch.where(ok, self.update, self.old, out=self.update)
+        for p, u in zip(self.params, self.update_views):
+            torch.where(keep, p, u, out=p)
+
 
 class TensorBuffers:
     """The per-tensor path, with :class:`FlatBuffers`' interface: theta_old in kept buffers
@@ -111,3 +120,11 @@ class TensorBuffers:
         torch._foreach_mul_(self.update, s)
         torch._foreach_add_(self.update, self.old)
         torch._foreach_copy_(self.new, self.update)
+
+    @torch.no_grad()
+    def apply_masked(self, s: torch.Tensor, ok: torch.Tensor, keep: torch.Tensor) -> None:
+        """As :meth:`FlatBuffers.apply_masked`, per tensor."""
+        for new, u, old in zip(self.new, self.update, self.old):
+            u.mul_(s.to(u.device)).add_(old)
+            torch.where(ok.to(u.device), u, old, out=u)
+            torch.where(keep.to(u.device), new, u, out=new)

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._masked import StateSnapshot, device_scale, gradients_finite
 from torchsteer.control.radius._pending import PendingNegGrad, PendingUpdate
+from torchsteer.control.radius._record import Tally
 from torchsteer.control.radius._tangent import ActivationRecorder
 from torchsteer.control.radius.measure import METHODS, LogitsFn, worst_spread
 from torchsteer.jacobian import unwrap_model
@@ -41,34 +43,13 @@ _DIRECTIONS = ("update", "neg_grad")
 
 class _Slot:
     """What the limiter keeps for one optimizer from step to step: its (parameters, names)
-    list and the theta_old buffers (flat, or one per tensor)."""
+    list, the theta_old buffers (flat, or one per tensor) and the snapshot of its state."""
 
     def __init__(self):
         self.named_cache: tuple | None = None
         self.flat: FlatBuffers | None = None
         self.buffers: list[torch.Tensor] = []
-
-
-def _gradients_finite(named) -> bool:
-    """Every entry of the gradients present is finite.
-
-    ``sum_t |g_t|_2`` is finite exactly when every entry is, unless a finite gradient's
-    squares overflow; so that sum (one foreach norm, one transfer) decides, and only when it
-    is not finite does ``max_i |g_i|`` (the infinity norm: NaN and Inf propagate, no
-    overflow) settle whether an entry is NaN/Inf. Measured (``benchmarks/radius_guard.py``,
-    lr-spike MLP, 1 thread, a loaded machine): about 0.2 ms, 1.3 % of a limited step.
-    """
-    grads = [p.grad for _, p in named if p.grad is not None]
-    if not grads:
-        return True
-    grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
-    for order in (2.0, math.inf):
-        norms = torch._foreach_norm(grads, ord=order)
-        if len({(n.dtype, n.device) for n in norms}) > 1:
-            norms = [n.double().cpu() for n in norms]
-        if order == 2.0 and math.isfinite(torch.stack(norms).sum().item()):
-            return True
-    return bool(torch.stack(norms).isfinite().all())
+        self.snapshot = StateSnapshot()
 
 
 class RadiusLimiter:
@@ -109,16 +90,13 @@ class RadiusLimiter:
         fd_eps: the finite-difference step length (see
             :func:`~torchsteer.control.radius.measure.logit_derivative`).
         nonfinite: when a gradient, r or the update is NaN/Inf: ``"raise"`` (restore
-            theta_old, then ValueError) or ``"skip"`` (restore theta_old and count the step as
-            skipped). The gradients present at :meth:`before_step` are checked there, before
-            the optimizer steps (every entry finite), so a bad batch never reaches the
-            optimizer's state (Adam's moments): ``"raise"`` raises with the optimizer
-            untouched, ``"skip"`` sets those gradients to None, so that the optimizer's
-            ``step()`` leaves every parameter and its state alone (torch.optim skips a
-            parameter without a gradient), and :meth:`step` does not call it. Gradients a
-            closure computes inside the step are checked through the update only (theta_old
-            is restored; the optimizer's own state is its own). With ``"neg_grad"`` a
-            non-finite gradient always raises, before the optimizer steps.
+            theta_old and the optimizer's state, then ValueError) or ``"skip"`` (restore
+            both, count the step as skipped). The gradients present at :meth:`before_step`
+            are checked on the device, the optimizer's state is snapshotted, and a bad step
+            is undone after the optimizer's step with ``torch.where`` (``"skip"``: no host
+            sync; ``"raise"``: one read per step; :mod:`~torchsteer.control.radius._masked`),
+            so a bad batch never stays in the optimizer's state (Adam's moments). With
+            ``"neg_grad"`` a non-finite gradient always raises, before the optimizer steps.
         reuse_forward: with ``method="jvp"`` and no ``logits_fn``, keep (by forward hooks) the
             activations of the model's latest forward and, when that forward is exactly the
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
@@ -131,8 +109,9 @@ class RadiusLimiter:
             (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
             only to measure what they save (``benchmarks/radius.py``).
 
-    Memory: one copy of the optimized parameters and the update (2 P numbers), kept from step
-    to step so the snapshot is a copy into the same buffers; with ``reuse_forward`` the
+    Memory: one copy of the optimized parameters and the update (2 P numbers) and one of the
+    optimizer's state (2 P for Adam), kept from step to step so the snapshot is a copy into
+    the same buffers; with ``reuse_forward`` the
     latest forward's activations are kept until the step (autograd keeps them until the
     backward anyway) and the tangent pass keeps its buffers (about one tensor per recorded
     module, the size of that module's output) between steps: no allocation (and no page
@@ -144,8 +123,8 @@ class RadiusLimiter:
     combined update ``p = p_1 + p_2`` of this step is measured (one JVP) and every
     optimizer's part is rescaled by the same ``s``, so the step actually taken has
     ``r <= r_max`` (``"update"`` only; ``"neg_grad"`` raises). Failures: an exception in the
-    optimizer's step or in the measurement restores theta_old before it propagates (the
-    optimizer's state has advanced; see :meth:`abort`). The forward hooks of
+    optimizer's step or in the measurement restores theta_old and the optimizer's state
+    before it propagates (see :meth:`abort`). The forward hooks of
     ``reuse_forward`` are removed when the limiter is garbage collected (or by
     :meth:`remove_hooks`).
     """
@@ -195,8 +174,8 @@ class RadiusLimiter:
             fd_eps,
             nonfinite,
         )
-        self.steps, self.limited, self.skipped, self.reused = 0, 0, 0, 0
-        self.last: dict[str, float] = {}
+        self.reused = 0
+        self._tally = Tally()  # steps; limited, skipped and the last signals (device tensors)
         self._names: dict[torch.Tensor, str] = {}
         # per optimizer: theta_old (flat buffers when possible), reused from step to step
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -214,6 +193,24 @@ class RadiusLimiter:
                 weakref.finalize(self, self._recorder.remove)
 
     @property
+    def steps(self) -> int:
+        return self._tally.steps
+
+    @property
+    def limited(self) -> int:
+        """Steps limited so far (reading it moves the device count to the host)."""
+        return self._tally.counts()[0]
+
+    @property
+    def skipped(self) -> int:
+        return self._tally.counts()[1]
+
+    @property
+    def last(self) -> dict[str, float]:
+        """The last step's signals (see :attr:`signals`; reading them is one transfer)."""
+        return self._tally.last
+
+    @property
     def _flat(self) -> FlatBuffers | None:
         return self._slot.flat
 
@@ -227,15 +224,12 @@ class RadiusLimiter:
 
         With ``direction="neg_grad"`` the gradients must be present before the call (a closure
         is then evaluated once more by the optimizer, as usual). Without a closure the
-        gradients are checked first: a NaN/Inf one raises or (``nonfinite="skip"``) skips
-        the step without calling ``optimizer.step()``. If the optimizer's step raises,
-        theta_old is restored before the error propagates.
+        gradients are checked (on the device) before ``optimizer.step()``: a step with a
+        NaN/Inf one is undone (parameters and optimizer state) and raises or
+        (``nonfinite="skip"``) is skipped. If the optimizer's step raises, theta_old and the
+        optimizer's state are restored before the error propagates.
         """
         self.before_step(optimizer, inputs, check_gradients=closure is None)
-        pending = self._pending
-        if isinstance(pending, PendingUpdate) and pending.skip:
-            self.after_step(inputs)  # restores theta_old, records the skipped step
-            return None
         try:
             loss = optimizer.step(closure) if closure is not None else optimizer.step()
         except BaseException:
@@ -276,27 +270,17 @@ class RadiusLimiter:
         else:  # the first optimizer has stepped: the record is no longer at theta_old alone
             self._reuse_ok = False
         if self.direction == "update":
-            finite = not check_gradients or _gradients_finite(named)
-            if not finite and self.nonfinite == "raise":
-                self.abort()
-                nan = math.nan
-                self._record(nan, nan, nan, 0.0, skipped=True)
-                raise ValueError(
-                    "Invalid gradient: NaN or Inf (the optimizer has not stepped; its "
-                    "parameters and state are unchanged)"
-                )
+            grads_ok = gradients_finite(named) if check_gradients else None  # (device)
             bufs = self._flat_buffers(named, slot)
             if bufs is not None:
                 bufs.snapshot()
             else:
                 bufs = TensorBuffers(named, self._snapshot(named, slot))
-            if not finite:  # "skip": torch.optim leaves a parameter without gradient alone
-                for _, p in named:
-                    p.grad = None
+            slot.snapshot.take(optimizer, [p for _, p in named])
             if pending is None:
-                self._pending = PendingUpdate((optimizer,), (bufs,), skip=not finite)
+                self._pending = PendingUpdate((optimizer,), (bufs,), (slot.snapshot,), grads_ok)
             else:
-                self._pending = pending.joined(optimizer, bufs, skip=not finite)
+                self._pending = pending.joined(optimizer, bufs, slot.snapshot, grads_ok)
             return
         if inputs is None:
             raise ValueError("Invalid inputs: direction='neg_grad' measures before the step")
@@ -307,7 +291,7 @@ class RadiusLimiter:
                 name = self._names.get(p)
                 if name is not None and p.grad is not None:
                     d[name] = -group["lr"] * p.grad.detach()
-        r, rho, tau = self._measure(inputs, d)
+        r, rho, tau = torch.stack(self._measure(inputs, d)).tolist()  # (one transfer)
         s = self._scale(r, tau)
         if s is None:  # non-finite gradient: nothing has stepped yet; always an error
             self._record(r, rho, tau, 0.0, skipped=True)
@@ -324,11 +308,7 @@ class RadiusLimiter:
         if isinstance(pending, PendingNegGrad):
             pending.restore_lrs()
             self._record(pending.r, pending.rho, pending.tau, pending.scale)
-            return self.last
-        if pending.skip:  # a NaN/Inf gradient: the optimizers did not step
-            pending.restore()
-            self._record(math.nan, math.nan, math.nan, 0.0, skipped=True)
-            return self.last
+            return self._tally._last
         parts = pending.buffers  # FlatBuffers or TensorBuffers: theta_old, and p once taken
         with torch.no_grad():
             try:
@@ -345,18 +325,42 @@ class RadiusLimiter:
             except BaseException:  # no unlimited step survives a failed measurement
                 pending.restore()
                 raise
-            s = self._scale(r, tau)
-            if s is None:
-                pending.restore()
-                self._record(r, rho, tau, 0.0, skipped=True)
-                if self.nonfinite == "raise":
-                    raise ValueError("Invalid update: the step or its radius is NaN or Inf")
-                return self.last
-            if s != 1.0:
+            s = device_scale(self.mode, self.r_max, r)
+            ok, bad_g = r.isfinite() & tau.isfinite(), torch.zeros_like(r, dtype=torch.bool)
+            if pending.grads_ok is not None:  # a NaN/Inf gradient: r, rho, tau are NaN
+                bad_g = ~pending.grads_ok.to(r.device)
+                ok = ok & ~bad_g
+                r, rho, tau = (torch.where(bad_g, math.nan, t) for t in (r, rho, tau))
+            limited = ok & (s < 1.0) if self.mode == "limit" else torch.zeros_like(ok)
+            s = torch.where(ok, s, 0.0)
+            flags = torch.stack([limited, ~ok, bad_g]).to(r.dtype)
+            record = self._tally.add(torch.cat([torch.stack([r, rho, tau, s]), flags]))
+            if self.nonfinite == "raise" or not pending.state_unchanged():
+                self._decide_on_host(pending, record)  # one transfer
+            else:  # every decision on the device: no host synchronization
+                keep = ok & (s == 1.0)
                 for bufs in parts:
-                    bufs.apply_scaled(s)
-        self._record(r, rho, tau, s)
-        return self.last
+                    bufs.apply_masked(s, ok, keep)
+                for snap in pending.snapshots:
+                    snap.restore_where(ok)
+        return record
+
+    def _decide_on_host(self, pending: PendingUpdate, record) -> None:
+        """Read the step's signals (one transfer) and apply them: the path of ``"raise"``
+        and of a step that changed the optimizer's state structure (its first)."""
+        s = record["scale"]
+        if record["skipped"]:
+            pending.restore()
+            if self.nonfinite == "raise":
+                raise ValueError(
+                    "Invalid gradient: NaN or Inf (the optimizer's parameters and state are "
+                    "restored as they were before the step)"
+                    if record.bad_gradient
+                    else "Invalid update: the step or its radius is NaN or Inf"
+                )
+        elif s != 1.0:
+            for bufs in pending.buffers:
+                bufs.apply_scaled(s)
 
     # -- helpers ------------------------------------------------------------------------------
     def _slot_for(self, optimizer) -> _Slot:
@@ -419,11 +423,12 @@ class RadiusLimiter:
             torch._foreach_copy_(bufs, params)
         return bufs
 
-    def _measure(self, inputs, d, point=None, norm=None) -> tuple[float, float, float]:
-        """``(r, rho_a, |p|)`` of the direction ``d`` at ``point``; ``norm``: ``|p|`` when
-        already computed (a 0-dim float64 tensor)."""
+    def _measure(self, inputs, d, point=None, norm=None) -> tuple[torch.Tensor, ...]:
+        """``(r, rho_a, |p|)`` of the direction ``d`` at ``point``, 0-d float64 tensors on
+        the device (no transfer); ``norm``: ``|p|`` when already computed."""
         if not d:
-            return 0.0, math.inf, 0.0
+            zero = torch.zeros((), dtype=torch.float64)
+            return zero, zero + math.inf, zero
         tangent, extra = None, {}
         if self._reuse_ok:
             self._reuse_ok = False
@@ -451,18 +456,14 @@ class RadiusLimiter:
             fold=self.fold,
             **extra,
         )
-        if norm is not None:  # r and |p| to Python in one transfer
-            worst_f, tau = torch.stack([worst.to(norm), norm]).tolist()
-            r = worst_f / (math.pi * self.temperature)
-            return r, (tau / r if r > 0 else math.inf), tau
-        # r and the per-tensor norms of p to Python in one transfer; |p| summed in float64
-        norms = torch._foreach_norm(list(d.values()))
-        if len({(t.dtype, t.device) for t in (worst, *norms)}) > 1:  # mixed precisions/devices
-            worst, *norms = (t.double().cpu() for t in (worst, *norms))
-        worst_f, *values = torch.stack([worst, *norms]).tolist()
-        r = worst_f / (math.pi * self.temperature)
-        tau = math.sqrt(math.fsum(v * v for v in values))
-        return r, (tau / r if r > 0 else math.inf), tau
+        if norm is None:  # |p| from the per-tensor norms, in float64
+            norms = torch._foreach_norm(list(d.values()))
+            if len({(t.dtype, t.device) for t in (worst, *norms)}) > 1:  # mixed
+                worst, *norms = (t.double().cpu() for t in (worst, *norms))
+            norm = torch.linalg.vector_norm(torch.stack(norms).double())
+        r = worst.to(norm) / (math.pi * self.temperature)
+        rho = torch.where(r > 0, norm / r, math.inf)
+        return r, rho, norm
 
     def _scale(self, r: float, tau: float) -> float | None:
         if not (math.isfinite(r) and math.isfinite(tau)):
@@ -474,20 +475,10 @@ class RadiusLimiter:
         return 1.0 if r <= self.r_max else self.r_max / r
 
     def _record(self, r, rho, tau, s, skipped=False) -> None:
-        self.steps += 1
+        """A step decided on the host (``"neg_grad"``)."""
         limited = (not skipped) and self.mode == "limit" and s < 1.0
-        self.limited += int(limited)
-        self.skipped += int(skipped)
-        self.last = {
-            "r": r,
-            "rho_a": rho,
-            "tau": tau,
-            "scale": s,
-            "limited": float(limited),
-            "fraction_limited": self.limited / self.steps,
-            "skipped": float(skipped),
-            "step": self.steps,
-        }
+        values = [r, rho, tau, s, float(limited), float(skipped), float(skipped)]
+        self._tally.add(torch.tensor(values, dtype=torch.float64))
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks of ``reuse_forward`` from the model (the limiter then
@@ -505,8 +496,8 @@ class RadiusLimiter:
 
     def abort(self) -> None:
         """Undo a pending step after a failure between :meth:`before_step` and
-        :meth:`after_step`: theta_old is restored (``"update"``; the optimizer's own state,
-        e.g. Adam's moments, has advanced and is not), the learning rates in ``"neg_grad"``
+        :meth:`after_step`: theta_old and the optimizer's state (Adam's moments, its step)
+        are restored (``"update"``), the learning rates in ``"neg_grad"``
         (its step was already limited). Nothing is recorded; a no-op when nothing is pending."""
         pending, self._pending = self._pending, None
         if isinstance(pending, PendingNegGrad):
@@ -530,17 +521,17 @@ class RadiusLimiter:
         return dict(self.last)
 
     def state_dict(self) -> dict[str, Any]:
+        limited, skipped = self._tally.counts()
         return {
             "steps": self.steps,
-            "limited": self.limited,
-            "skipped": self.skipped,
+            "limited": limited,
+            "skipped": skipped,
             "reused": self.reused,
-            "last": dict(self.last),
+            "last": self._tally.last,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state.get("steps", 0))
-        self.limited = int(state.get("limited", 0))
-        self.skipped = int(state.get("skipped", 0))
+        self._tally.steps = int(state.get("steps", 0))
+        self._tally.set_counts(int(state.get("limited", 0)), int(state.get("skipped", 0)))
         self.reused = int(state.get("reused", 0))
-        self.last = dict(state.get("last", {}))
+        self._tally.last = dict(state.get("last", {}))
