@@ -73,6 +73,5 @@ def validate_window_state(state: dict[str, Any], group: dict[str, Any], dim: int
         check_hyperparameter("state_dict window_since_refresh", value, low=0, integer=True)
     if float(state["window_damp"]) != float(group["damp"]):
         raise ValueError(
-            f"Invalid state_dict: window_damp {float(state['window_damp'])} != damp "
-            f"{group['damp']}"
+            f"Invalid state_dict: window_damp {float(state['window_damp'])} != damp {group['damp']}"
         )

@@ -22,6 +22,7 @@ from torchsteer.optim.mfac_memory import check_memory_budget, mfac_n_blocks
 
 __all__ = ["MFAC"]
 
+
 class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     """M-FAC (dynamic algorithm): steps along the inverse empirical Fisher of the last m gradients.
 
