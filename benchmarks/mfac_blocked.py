@@ -78,7 +78,8 @@ def run(d: int, m: int, damp: float = 1e-4) -> list[dict]:
     rows = []
     for name, (_p, opt, times) in arms.items():
         kw = ARMS[name]
-        nbytes = mfac_window_bytes(d, m, kw.get("block_size"), kw.get("window_dtype", torch.float32))
+        dtype = kw.get("window_dtype", torch.float32)
+        nbytes = mfac_window_bytes(d, m, kw.get("block_size"), dtype)
         assert nbytes == held_bytes(opt), name
         ref = updates["dense"]
         rows.append(

@@ -143,7 +143,7 @@ INFOS: list[OptimInfo] = [
             "momentum": 0.5,
             "block_size": 5,
             "window_dtype": torch.bfloat16,
-        },  # fmt: skip
+        },
         invalid=[
             ({"block_size": 0}, "Invalid block_size"),
             ({"memory_budget": -1.0}, "Invalid memory_budget"),
