@@ -36,46 +36,57 @@ def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
             raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
 
 
+def _chunk(s, t, gen, temperature, idx, g=None, scale=1.0):
+    """One chunk of logits (compute dtype): its row values and, when ``g`` (a buffer of the
+    chunk's shape, compute dtype) is given, the student gradient times ``scale`` written
+    into it. The chunk's temporaries are freed as soon as they are used."""
+    _check_rows(s, "student_logits", idx)
+    _check_rows(t, "teacher_logits", idx)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    del s, t
+    q, p = torch.exp(lq), torch.exp(lp)
+    term, qpsi = gen.terms(lp, lq, p, q)
+    del lp, p
+    values = term.sum(-1)
+    del term
+    if g is not None:
+        torch.mul(q, qpsi.sum(-1, keepdim=True), out=g)
+        del q
+        torch.sub(qpsi, g, out=g)  # q psi - q E_q[psi]
+        del qpsi
+        g.masked_fill_(lq == -math.inf, 0.0)
+        g.mul_(scale / temperature)
+    return values
+
+
 def _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale):
     """Row values (compute dtype) and the scaled gradient of the selected rows.
 
     The gradient is written into one preallocated buffer; in float32/float64 the chunk's
-    gradient is formed in its slice of that buffer (no chunk-sized copy), and each chunk's
-    temporaries are freed before the next chunk's are made.
+    gradient is formed in its slice of that buffer (no chunk-sized copy).
     """
     cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
     values = torch.empty(rows.numel(), dtype=cdt, device=zs.device)
     grad = torch.zeros_like(zs) if need_grad else None
     contiguous = rows.numel() == zs.shape[0]
+    inplace = need_grad and contiguous and grad.dtype == cdt
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
         if contiguous:
             s, t = zs[start : start + chunk].to(cdt), zt[start : start + chunk].to(cdt)
         else:
             s, t = zs.index_select(0, idx).to(cdt), zt.index_select(0, idx).to(cdt)
-        _check_rows(s, "student_logits", idx)
-        _check_rows(t, "teacher_logits", idx)
-        if temperature != 1.0:
-            s, t = s / temperature, t / temperature
-        lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-        del s, t
-        q, p = torch.exp(lq), torch.exp(lp)
-        term, qpsi = gen.terms(lp, lq, p, q)
-        del lp, p
-        values[start : start + chunk] = term.sum(-1)
-        del term
+        g = None
         if need_grad:
-            inplace = contiguous and grad.dtype == cdt
-            g = grad[start : start + chunk] if inplace else torch.empty_like(q)
-            torch.mul(q, qpsi.sum(-1, keepdim=True), out=g)
-            del q
-            torch.sub(qpsi, g, out=g)  # q psi - q E_q[psi]
-            del qpsi
-            g.masked_fill_(lq == -math.inf, 0.0)
-            g.mul_(scale / temperature)
-            if not inplace and contiguous:
+            g = grad[start : start + chunk] if inplace else torch.empty_like(s)
+        values[start : start + chunk] = _chunk(s, t, gen, temperature, idx, g, scale)
+        del s, t
+        if need_grad and not inplace:
+            if contiguous:
                 grad[start : start + chunk] = g.to(grad.dtype)
-            elif not inplace:
+            else:
                 grad.index_copy_(0, idx, g.to(grad.dtype))
     return values, grad
 
