@@ -1,6 +1,7 @@
 """Divergences for distillation: f-divergences on logits, NKD and PS-KD, Z-loss (torch only)."""
 
 from .f_divergence import f_divergence
+from .fused_linear import fused_linear_divergence
 from .generators import KINDS, Generator, generator
 from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
 from .z_loss import logz_penalty, z_loss
@@ -10,6 +11,7 @@ __all__ = [
     "Generator",
     "PSKDTargets",
     "f_divergence",
+    "fused_linear_divergence",
     "generator",
     "logz_penalty",
     "nkd_loss",
