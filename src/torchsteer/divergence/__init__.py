@@ -4,6 +4,7 @@ from .f_divergence import f_divergence
 from .fused_linear import fused_linear_divergence
 from .generators import KINDS, Generator, generator
 from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
+from .sparse import sparse_kd
 from .z_loss import logz_penalty, z_loss
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "nkd_loss",
     "ps_kd_alpha",
     "soft_cross_entropy",
+    "sparse_kd",
     "z_loss",
 ]
