@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from torchsteer.bench.registry import Context
+from torchsteer.bench.registry import Context, Run
 from torchsteer.bench.suites import distill as suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,6 +102,48 @@ def markdown(summary: dict, seeds: list[int], config, cpu: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (arm, reference): the paired comparisons the hypotheses name besides "against labels only"
+PAIRS = (
+    ("reverse KL", "forward KL"),
+    ("GJS beta=0.9", "forward KL"),
+    ("GJS beta=0.1", "forward KL"),
+    ("GJS beta=0.9", "reverse KL"),
+    ("NKD", "forward KL"),
+)
+
+
+def paired(runs, seeds: list[int]) -> str:
+    """Paired differences between two arms (same seed), accuracy and KL to the teacher."""
+    by = {(r.method, r.seed): r.extra for r in runs}
+    lines = [
+        "| arm - reference | Δ acc per seed (pts) | mean ± sd | median | wins "
+        "| Δ KL to teacher | Δ ECE (pts) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, ref in PAIRS:
+        if not all((m, s) in by for m in (arm, ref) for s in seeds):
+            continue
+        d = {
+            k: [by[(arm, s)][k] - by[(ref, s)][k] for s in seeds]
+            for k in ("test_acc", "kl_to_teacher", "ece")
+        }
+        acc = d["test_acc"]
+        lines.append(
+            f"| {arm} - {ref} | {' '.join(f'{100 * a:+.1f}' for a in acc)} | {_ms(acc, 100)} "
+            f"| {100 * statistics.median(acc):+.1f} | {sum(a > 0 for a in acc)}/{len(seeds)} "
+            f"| {_ms(d['kl_to_teacher'], 1, 3)} | {_ms(d['ece'], 100)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_seed(summary: dict) -> str:
+    """Test accuracy of every arm on every seed."""
+    lines = ["| arm | test acc % per seed |", "|---|---|"]
+    for m, e in summary.items():
+        lines.append(f"| {m} | {' '.join(f'{100 * a:.1f}' for a in e['test_acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -109,7 +151,18 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-epochs", type=int, default=suite.FULL.teacher_epochs)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--append", action="store_true", help="append the tables to distill.md")
+    parser.add_argument(
+        "--from-json", action="store_true", help="print the tables of results/distill.json"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads((RESULTS / "distill.json").read_text())
+        runs = [Run(**r) for r in saved["runs"]]
+        seeds, config = saved["meta"]["seeds"], suite.Config(**saved["meta"]["config"])
+        summary = summarize(runs, seeds)
+        print(markdown(summary, seeds, config, saved["meta"]["cpu_s"]))
+        print(per_seed(summary) + "\n" + paired(runs, seeds))
+        return
     torch.set_num_threads(1)
     config = dataclasses.replace(
         suite.FULL, student_epochs=args.student_epochs, teacher_epochs=args.teacher_epochs
@@ -120,6 +173,7 @@ def main(argv=None) -> None:
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     summary = summarize(runs, seeds)
     text = markdown(summary, seeds, config, cpu)
+    text += "\n" + per_seed(summary) + "\n" + paired(runs, seeds)
     print(text)
     if args.no_write:
         return
