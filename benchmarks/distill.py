@@ -149,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--student-epochs", type=int, default=suite.FULL.student_epochs)
     parser.add_argument("--teacher-epochs", type=int, default=suite.FULL.teacher_epochs)
+    parser.add_argument("--temperature", type=float, default=suite.FULL.temperature)
+    parser.add_argument("--alpha", type=float, default=suite.FULL.alpha)
+    parser.add_argument("--tag", default="distill", help="results/TAG.json (and TAG.md)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--append", action="store_true", help="append the tables to distill.md")
     parser.add_argument(
@@ -156,7 +159,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = json.loads((RESULTS / "distill.json").read_text())
+        saved = json.loads((RESULTS / f"{args.tag}.json").read_text())
         runs = [Run(**r) for r in saved["runs"]]
         seeds, config = saved["meta"]["seeds"], suite.Config(**saved["meta"]["config"])
         summary = summarize(runs, seeds)
@@ -165,7 +168,11 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(1)
     config = dataclasses.replace(
-        suite.FULL, student_epochs=args.student_epochs, teacher_epochs=args.teacher_epochs
+        suite.FULL,
+        student_epochs=args.student_epochs,
+        teacher_epochs=args.teacher_epochs,
+        temperature=args.temperature,
+        alpha=args.alpha,
     )
     seeds = list(range(args.seeds))
     t0, w0 = time.process_time(), time.perf_counter()
@@ -187,9 +194,9 @@ def main(argv=None) -> None:
         "threads": torch.get_num_threads(),
     }
     payload = {"meta": meta, "summary": summary, "runs": [r.to_dict() for r in runs]}
-    (RESULTS / "distill.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
     if args.append:
-        with open(RESULTS / "distill.md", "a") as f:
+        with open(RESULTS / f"{args.tag}.md", "a") as f:
             f.write("\n" + text)
 
 
