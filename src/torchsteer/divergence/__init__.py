@@ -1,8 +1,10 @@
 """Divergences for distillation: f-divergences on logits, NKD and PS-KD, Z-loss (torch only)."""
 
 from .f_divergence import f_divergence
+from .fused_linear import fused_linear_divergence
 from .generators import KINDS, Generator, generator
 from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
+from .sparse import sparse_kd
 from .z_loss import logz_penalty, z_loss
 
 __all__ = [
@@ -10,10 +12,12 @@ __all__ = [
     "Generator",
     "PSKDTargets",
     "f_divergence",
+    "fused_linear_divergence",
     "generator",
     "logz_penalty",
     "nkd_loss",
     "ps_kd_alpha",
     "soft_cross_entropy",
+    "sparse_kd",
     "z_loss",
 ]

@@ -36,30 +36,54 @@ def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
             raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
 
 
+def _chunk(s, t, gen, temperature, idx, g=None, scale=1.0):
+    """One chunk of logits (compute dtype): its row values and, when ``g`` (a buffer of the
+    chunk's shape, compute dtype) is given, the student gradient times ``scale`` written
+    into it. The chunk's temporaries are freed as soon as they are used."""
+    _check_rows(s, "student_logits", idx)
+    _check_rows(t, "teacher_logits", idx)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    del s, t
+    q, p = torch.exp(lq), torch.exp(lp)
+    term, qpsi = gen.terms(lp, lq, p, q)
+    del lp, p
+    values = term.sum(-1)
+    del term
+    if g is not None:
+        torch.mul(q, qpsi.sum(-1, keepdim=True), out=g)
+        del q
+        torch.sub(qpsi, g, out=g)  # q psi - q E_q[psi]
+        del qpsi
+        g.masked_fill_(lq == -math.inf, 0.0)
+        g.mul_(scale / temperature)
+    return values
+
+
 def _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale):
-    """Row values (compute dtype) and the scaled gradient of the selected rows."""
+    """Row values (compute dtype) and the scaled gradient of the selected rows.
+
+    The gradient is written into one preallocated buffer; in float32/float64 the chunk's
+    gradient is formed in its slice of that buffer (no chunk-sized copy).
+    """
     cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
     values = torch.empty(rows.numel(), dtype=cdt, device=zs.device)
     grad = torch.zeros_like(zs) if need_grad else None
     contiguous = rows.numel() == zs.shape[0]
+    inplace = need_grad and contiguous and grad.dtype == cdt
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
         if contiguous:
             s, t = zs[start : start + chunk].to(cdt), zt[start : start + chunk].to(cdt)
         else:
             s, t = zs.index_select(0, idx).to(cdt), zt.index_select(0, idx).to(cdt)
-        _check_rows(s, "student_logits", idx)
-        _check_rows(t, "teacher_logits", idx)
-        if temperature != 1.0:
-            s, t = s / temperature, t / temperature
-        lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-        q, p = torch.exp(lq), torch.exp(lp)
-        term, qpsi = gen.terms(lp, lq, p, q)
-        values[start : start + chunk] = term.sum(-1)
+        g = None
         if need_grad:
-            g = qpsi - q * qpsi.sum(-1, keepdim=True)
-            g = torch.where(lq == -math.inf, torch.zeros_like(g), g)
-            g = g * (scale / temperature)
+            g = grad[start : start + chunk] if inplace else torch.empty_like(s)
+        values[start : start + chunk] = _chunk(s, t, gen, temperature, idx, g, scale)
+        del s, t
+        if need_grad and not inplace:
             if contiguous:
                 grad[start : start + chunk] = g.to(grad.dtype)
             else:
@@ -118,7 +142,7 @@ def f_divergence(
         reduction: ``"none"`` (per row, masked rows 0), ``"sum"``, ``"mean"`` (over the
             unmasked rows), ``"batchmean"`` (sum / size of the first dimension, as
             ``F.kl_div``; 1 for a single row). An all-masked batch gives 0 and gradient 0.
-        chunk_size: rows per chunk (default ~1M entries per temporary).
+        chunk_size: rows per chunk (default: ~128K entries, 512 KB in float32, per temporary).
 
     Compute is float32 (float64 if either input is), the loss float32/float64. Entries where
     both logits are -inf (a padded vocabulary) contribute nothing; an entry where only one is
@@ -168,7 +192,7 @@ def f_divergence(
                 raise ValueError("Invalid mask: values must be 0/1 or bool")
             mask = mask != 0
         rows = mask.reshape(-1).nonzero().squeeze(1).to(zs.device)
-    chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 20) // max(vocab, 1))
+    chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 17) // max(vocab, 1))
     divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
     need_grad = zs.requires_grad and torch.is_grad_enabled()
     out = _FDivergence.apply(
