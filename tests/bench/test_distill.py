@@ -233,3 +233,23 @@ def test_quick_runs_only_the_first_seed():
     assert suite.units(True, [0, 1, 2]) == len(ARMS) + 1
     assert suite.units(False, [0, 1, 2]) == 3 * (len(ARMS) + 1)
     assert suite.baseline == ARMS[0].name
+
+
+def test_sparse_arm_is_the_kl_between_the_softened_top_k_teacher_and_student():
+    zs, zt = _logits(16), _logits(17)
+    arm, t = BY_NAME["sparse top-3 KL"], CONFIG.temperature
+    p = softmax(zt.numpy(), axis=1)
+    want = []
+    for i in range(6):
+        top = np.argsort(-p[i])[:3]
+        pt = p[i, top] ** (1 / t) / (p[i, top] ** (1 / t)).sum()  # probability-domain T
+        qt = softmax(zs.numpy()[i, top] / t)
+        want.append(rel_entr(pt, qt).sum())
+    got = distill.distillation_loss(arm, zs, zt, CONFIG)
+    assert float(got) == pytest.approx(t * t * np.mean(want), rel=1e-10)
+    # with the whole vocabulary as the support it is the forward KL arm
+    full = dataclasses.replace(arm, top_k=10)
+    forward = distill.distillation_loss(BY_NAME["forward KL"], zs, zt, CONFIG)
+    assert float(distill.distillation_loss(full, zs, zt, CONFIG)) == pytest.approx(
+        float(forward), rel=1e-10
+    )
