@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=suite.FULL.temperature)
     parser.add_argument("--alpha", type=float, default=suite.FULL.alpha)
     parser.add_argument("--tag", default="distill", help="results/TAG.json (and TAG.md)")
+    parser.add_argument("--arms", help="comma-separated arm names (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--append", action="store_true", help="append the tables to distill.md")
     parser.add_argument(
@@ -176,7 +177,11 @@ def main(argv=None) -> None:
     )
     seeds = list(range(args.seeds))
     t0, w0 = time.process_time(), time.perf_counter()
-    runs = suite.run(Context(quick=False, seeds=seeds), config)
+    arms = suite.ARMS
+    if args.arms:
+        by_name = {a.name: a for a in suite.ARMS}
+        arms = [by_name[n.strip()] for n in args.arms.split(",")]
+    runs = suite.run(Context(quick=False, seeds=seeds), config, arms)
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     summary = summarize(runs, seeds)
     text = markdown(summary, seeds, config, cpu)
