@@ -3,17 +3,20 @@
 from .f_divergence import f_divergence
 from .generators import KINDS, Generator, generator
 from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
+from .sinkhorn import SinkhornReport, sinkhorn_divergence
 from .z_loss import logz_penalty, z_loss
 
 __all__ = [
     "KINDS",
     "Generator",
     "PSKDTargets",
+    "SinkhornReport",
     "f_divergence",
     "generator",
     "logz_penalty",
     "nkd_loss",
     "ps_kd_alpha",
+    "sinkhorn_divergence",
     "soft_cross_entropy",
     "z_loss",
 ]
