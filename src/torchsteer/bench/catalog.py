@@ -28,6 +28,11 @@ BUILTIN: dict[str, tuple[str, str, bool]] = {
         "KL-DRO reweighting in PGD adversarial training (digits MLP, worst class)",
         True,
     ),
+    "lm": (
+        "lm",
+        "GPT 4x128 on a Markov language of known entropy rate H: CPU s to 1.05 H",
+        False,
+    ),
     "lr-spike": (
         "lr_spike",
         "digits, full-batch Adam with a one-step lr spike: plain, clip, radius limiter",

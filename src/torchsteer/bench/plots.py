@@ -99,7 +99,7 @@ def figure(suite: Suite, runs: Sequence[Run], kind: str):
     for row, (problem, group) in zip(axes, groups.items()):
         flat = [r for rs in group.values() for r in rs]
         for ax, (xlabel, x_of) in zip(
-            row, (("step", lambda r: r.steps), ("CPU time [s]", lambda r: r.cpu_time))
+            row, ((suite.step_name, lambda r: r.steps), ("CPU time [s]", lambda r: r.cpu_time))
         ):
             for lab, rs in group.items():
                 b = band(rs, x_of, y_of)

@@ -128,6 +128,8 @@ class Suite:
             the runner fills ``time_to_target`` from the curve when a suite leaves it None).
         quick_default: whether ``torchsteer bench`` with no suite named runs it.
         log_loss: plot the loss on a log axis.
+        step_name: what ``Run.steps`` counts (the x label of the plots' left panels), e.g.
+            ``"tokens"`` for a suite that records the tokens trained on.
     """
 
     name: str
@@ -141,6 +143,7 @@ class Suite:
     target: float | None = None
     quick_default: bool = True
     log_loss: bool = True
+    step_name: str = "step"
 
 
 _SUITES: dict[str, Suite] = {}
