@@ -222,7 +222,7 @@ def train_arm(arm: str, seed: int, cfg: Config) -> Run:
         run.record(step + 1, cpu, kl_step.item(), gold.mean().item())
         curves["proxy"].append(proxy.mean().item())
         curves["entropy"].append(entropy.item())
-        curves["coef"].append(controller.coef if controller is not None else 0.0)
+        curves["coef"].append(float(controller.coef) if controller is not None else 0.0)
         curves["threshold"].append(getattr(controller, "threshold", cfg.target))
     run.step_time = cpu / cfg.steps
     run.extra.update(_metrics(run, curves, cfg))

@@ -295,7 +295,7 @@ def fit(arm: str, seed: int, cfg: Config) -> tuple[Run, Policy]:
                 curves[key].append(v)
             window = rewards[-cfg.eval_every :]
             curves["reward"].append(sum(window) / len(window) if window else metrics["pass@1"])
-            curves["coef"].append(ctl.coef if ctl is not None else beta)
+            curves["coef"].append(float(ctl.coef) if ctl is not None else beta)
         if step == cfg.steps:
             break
         t0 = time.process_time()
