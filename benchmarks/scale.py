@@ -199,7 +199,7 @@ def make_step(arm: str, model, x, y, args):
         def step():
             loss = opt.step(batch=(x, y))
             st = opt.state[params[0]]
-            extra = {"jacobian_path": st.get("jacobian_path")}
+            extra = {"jacobian_path": opt.jacobian_path}
             extra["path_fraction"] = float(st.get("path_fraction", float("nan")))
             extra["kept_rank"] = float(st["kept_rank"])
             return float(loss), extra

@@ -9,7 +9,7 @@ parameter. A state dict is accepted only if
     every group passes :meth:`SvenContract._validate_group` (as at construction),
     the global state holds 0-d counters >= 0, 0-d records, a uint8 generator state of
         ``torch.Generator().get_state()``'s size, and the last step's path
-        (``jacobian_path`` "dense" or "matrix_free", ``path_fraction`` in (0, 1]),
+        (``matrix_free`` 0 or 1, ``path_fraction`` in (0, 1]),
     every parameter's state is at most a floating ``momentum_buffer`` of its shape,
 
 and only then is anything assigned (the mixin's atomic ``load_state_dict``). A run of
@@ -34,8 +34,7 @@ from torchsteer.optim._contract import (
 __all__ = ["GLOBAL", "PATH", "RECORDS", "SKIP_WARNING", "SvenContract", "explained"]
 
 RECORDS = ("kept_rank", "sigma_max", "sigma_min", "linearized_reduction")
-PATH = ("jacobian_path", "path_fraction")  # the last step's path and fraction (sven_memory)
-PATHS = ("dense", "matrix_free")
+PATH = ("matrix_free", "path_fraction")  # the last step's path (1.0: matrix-free) and fraction
 GLOBAL = (
     "rank", "rtol", "kappa", "svd", "jacobian", "oversample", "power_iters", "param_fraction",
     "microbatch_size", "nonfinite", "memory_budget", "seed", "gram_dtype", "damping",
@@ -104,10 +103,6 @@ class SvenContract(GlobalStateMixin):
         counter or record may be a 0-d tensor or a number (as ``torch.optim`` loads a
         non-tensor ``step``)."""
         for key, value in state.items():
-            if key == "jacobian_path":
-                if value not in PATHS:
-                    raise ValueError(f"Invalid state_dict: jacobian_path {value!r} not in {PATHS}")
-                continue
             if key == "generator_state":
                 ok = isinstance(value, torch.Tensor) and value.dtype == torch.uint8
                 if not ok or tuple(value.shape) != (_GENERATOR_BYTES,):
@@ -119,10 +114,18 @@ class SvenContract(GlobalStateMixin):
                 value = float(value)
             if key in ("step", "skipped_steps", "kept_rank"):
                 check_hyperparameter(f"state_dict {key}", value, low=0.0)
+            elif key == "matrix_free" and value not in (0.0, 1.0):
+                raise ValueError(f"Invalid state_dict: matrix_free must be 0 or 1, got {value!r}")
             elif key == "path_fraction":
                 check_hyperparameter(f"state_dict {key}", value, low=0.0, high=1.0, low_open=True)
             elif key != "generator_state":  # a record: any real number (inf/NaN refused)
                 check_hyperparameter(f"state_dict {key}", value)
+
+    @property
+    def jacobian_path(self) -> str | None:
+        """The path the last step took, ``"dense"`` or ``"matrix_free"`` (None before one)."""
+        flag = self._first_state().get("matrix_free")
+        return None if flag is None else ("matrix_free" if float(flag) else "dense")
 
     def _validate_param_state(self, param: torch.Tensor, pstate: dict[str, Any]) -> None:
         """A parameter's saved state: only a floating ``momentum_buffer`` of its shape."""
@@ -151,7 +154,7 @@ class SvenContract(GlobalStateMixin):
         state = self._first_state()
         if "generator_state" in state:
             state["generator_state"] = state["generator_state"].cpu()
-        for key in ("step", "skipped_steps", *RECORDS, "path_fraction"):
+        for key in ("step", "skipped_steps", *RECORDS, *PATH):
             if key in state and not isinstance(state[key], torch.Tensor):
                 state[key] = torch.tensor(float(state[key]))
 

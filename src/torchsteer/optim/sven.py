@@ -103,9 +103,10 @@ class Sven(SvenContract, torch.optim.Optimizer):
     (smallest kept), ``linearized_reduction`` (``1 - |R - M d| / |R|``, the share of the
     residual norm a step with lr = 1 would remove on the linearized problem), ``step`` and
     ``skipped_steps``, ``generator_state`` (the random source of sketches and parameter
-    subsets, so a resumed run continues bit-for-bit), ``jacobian_path`` (``"dense"`` or
-    ``"matrix_free"``, the path the last step took) and ``path_fraction`` (the fraction of
-    coordinates it updated: ``param_fraction``, or less where ``"auto"`` lowered it).
+    subsets, so a resumed run continues bit-for-bit), ``matrix_free`` (1.0 when the last step
+    took the matrix-free path, 0.0 dense; ``opt.jacobian_path`` reads it as a string) and
+    ``path_fraction`` (the fraction of coordinates it updated: ``param_fraction``, or less
+    where ``"auto"`` lowered it).
 
     **The optimizer contract** (``optim/_contract.py``, as M-FAC): every hyperparameter is a
     key of ``defaults`` and of every param group, so ``state_dict()``, ``copy.deepcopy`` and
@@ -502,7 +503,8 @@ class Sven(SvenContract, torch.optim.Optimizer):
         state["generator_state"] = gen.get_state()
         for key in RECORDS:
             state[key] = getattr(sol, key).detach().clone()
-        state[PATH[0]], state[PATH[1]] = path.path, torch.tensor(path.fraction)
+        state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
+        state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
         return mean_loss
 
     def _init_state(self, state: dict) -> None:

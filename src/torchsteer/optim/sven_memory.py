@@ -139,10 +139,11 @@ def plan(
     width = sketch_width(rows, cols, rank, oversample, exact)  # l for any P_k >= l
     nl = itemsize * width  # solve budget = nl (2 P + 2 P_k) + 8 P + 16 P_k for P_k
     kept = min(kept_columns(cols, fraction), (budget - (2 * nl + 8) * cols) // (2 * nl + 16))
-    while kept >= width and sketch(kept / cols) > budget:  # ceil(f P) may round up by one
-        kept -= 1
     if kept >= width:
-        return Plan("matrix_free", kept / cols, sketch(kept / cols))
+        f = kept / cols
+        while kept_columns(cols, f) > kept:  # ceil(f P) is exactly P_k
+            f = math.nextafter(f, 0.0)
+        return Plan("matrix_free", f, sketch(f))
     raise MemoryBudgetError(
         f"Sven Jacobian: B x P = {rows} x {cols:,} needs {_gib(dense)} dense, and the "
         f"matrix-free sketch (width l = {width}) at least {_gib(sketch(width / cols))} at any "
