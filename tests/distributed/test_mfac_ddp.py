@@ -156,3 +156,32 @@ def test_sharded_mfac_equals_one_process_and_resumes(tmp_path):
     for got, want in zip(train(model2, opt2, x, y, MORE), reference[STEPS:], strict=True):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _blocked_worker(rank, world_size, tmpdir):
+    model, x, y = problem()
+    half = x.shape[0] // world_size
+    xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    opt = make_opt(model, block_size=10)  # shard=None: a blocked window is kept whole
+    history = train(DDP(model), opt, xs, ys, STEPS + MORE)
+    return {
+        "history": history,
+        "window_shape": tuple(opt.state[next(model.parameters())]["window_grads"].shape),
+    }
+
+
+@pytest.mark.distributed
+def test_blocked_mfac_under_ddp_is_replicated_and_equals_one_process(tmp_path):
+    """Blocks (92 parameters, blocks of 10 crossing the shard boundary) are not sharded:
+    every rank holds the whole window and takes the one-process steps on the whole batch."""
+    ranks = run_ranks(_blocked_worker, 2, str(tmp_path))
+    model, x, y = problem()
+    reference = train(model, make_opt(model, block_size=10), x, y, STEPS + MORE)
+    d = sum(p.numel() for p in model.parameters())
+    for out in ranks:
+        assert out["window_shape"] == (NGRADS, d)
+        for got, want in zip(out["history"], reference, strict=True):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ranks[0]["history"][-1], ranks[1]["history"][-1]):
+        assert torch.equal(a, b)

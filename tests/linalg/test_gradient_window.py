@@ -162,11 +162,17 @@ def test_nonfinite_gradient_is_rejected_and_window_unchanged(bad):
         assert torch.equal(after[k], v), k
 
 
-def test_squared_norm_overflow_in_window_dtype_is_rejected():
+def test_overflow_of_the_window_dtype_is_rejected_and_float16_computes_in_float32():
+    """A float16 window stores in float16 but computes in float32: |g|^2 = 3.6e5 (above the
+    float16 maximum 65504) is fine and the product is the closed form g / (damp + |g|^2/m);
+    entries that overflow float16 storage (1e5) are rejected with the window unchanged."""
     window = GradientWindow(2, 4, 0.1, dtype=torch.float16)
     with pytest.raises(NonFiniteGradientError):
-        window.add(torch.full((4,), 300.0))  # |g|^2 = 3.6e5 > float16 max
+        window.add(torch.full((4,), 1e5))
     assert window.count == 0 and not window.grads.any()
+    g = torch.full((4,), 300.0)
+    u = window.add_and_solve(g)
+    torch.testing.assert_close(u, g / (0.1 + 3.6e5 / 2), rtol=1e-6, atol=0)
 
 
 def test_bad_shapes_and_hyperparameters():

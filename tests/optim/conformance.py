@@ -134,6 +134,23 @@ INFOS: list[OptimInfo] = [
         nonfinite=True,
     ),
     OptimInfo(
+        name="MFAC-blocked-bf16",
+        cls=MFAC,
+        kwargs={
+            "lr": 0.05,
+            "ngrads": 2,
+            "damp": 0.1,
+            "momentum": 0.5,
+            "block_size": 5,
+            "window_dtype": torch.bfloat16,
+        },
+        invalid=[
+            ({"block_size": 0}, "Invalid block_size"),
+            ({"memory_budget": -1.0}, "Invalid memory_budget"),
+        ],
+        nonfinite=True,
+    ),
+    OptimInfo(
         name="Sven",
         cls=Sven,
         kwargs={"lr": 0.5, "rank": 4, "rtol": 1e-3, "seed": 0},

@@ -43,6 +43,18 @@ the m x m algebra runs replicated. Vectors in and out (``g``, ``v``, ``F^{-1} g`
 diagonal) are the shard's slice. The finiteness test of a gradient is the reduced ``|g|^2``, so
 every shard takes the same decision.
 
+**Reduced-precision storage**: a float16/bfloat16 window stores ``G`` in that dtype but
+computes in float32 (:attr:`~GradientWindow.compute_dtype`): the passes ``G g`` and ``G^T x``
+upcast column blocks of about 4 M numbers to float32 (temporaries of 16 MB), the Gram and
+``M`` stay float64 and ``F^{-1} g`` comes out in float32. The result is the exact product of
+the *stored* (rounded) gradients up to float32 rounding. Float32 and float64 windows compute
+in their own dtype, unchanged.
+
+**Shared storage**: ``buffers=(grads, gram, inverse)`` lets a window live in given tensors
+(e.g. column views of one larger window and slices of stacked Gram/inverse tensors, as
+:class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow` does); they are reset in
+place.
+
 References:
     Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of Second-Order
     Information." NeurIPS 2021. arXiv:2107.03356.
@@ -92,6 +104,9 @@ class GradientWindow:
         reduce: for a column shard of a larger window, a function summing a float64 tensor
             over the shards (e.g. ``torchsteer.distributed.all_reduce_sum``); ``None`` for a
             whole window (one process).
+        buffers: ``(grads, gram, inverse)`` tensors of shapes ``(m, dim)`` (``dtype``),
+            ``(m, m)`` and ``(m, m)`` (float64) to hold the window instead of new ones;
+            they are overwritten (zeros, zeros, ``I / (m lambda)``).
 
     Memory: ``m * d`` numbers of ``dtype`` for ``G`` (``m`` copies of the model) plus two
     ``m x m`` float64 matrices.
@@ -111,6 +126,7 @@ class GradientWindow:
         device: torch.device | str | None = None,
         refresh_every: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(ngrads, int) or ngrads < 1:
             raise ValueError(f"Invalid ngrads: {ngrads}")
@@ -126,9 +142,18 @@ class GradientWindow:
         self.ngrads, self.dim, self.damp = ngrads, dim, float(damp)
         self.refresh_every = refresh_every
         self.reduce = reduce
-        self.grads = torch.zeros(ngrads, dim, dtype=dtype, device=device)
-        self.gram = torch.zeros(ngrads, ngrads, dtype=torch.float64, device=device)
-        self.inverse = torch.eye(ngrads, dtype=torch.float64, device=device) / self._shift
+        if buffers is None:
+            self.grads = torch.zeros(ngrads, dim, dtype=dtype, device=device)
+            self.gram = torch.zeros(ngrads, ngrads, dtype=torch.float64, device=device)
+            self.inverse = torch.eye(ngrads, dtype=torch.float64, device=device) / self._shift
+        else:
+            self.grads, self.gram, self.inverse = buffers
+            shapes = ((ngrads, dim), (ngrads, ngrads), (ngrads, ngrads))
+            if tuple(tuple(b.shape) for b in buffers) != shapes or self.grads.dtype != dtype:
+                raise ValueError(f"Invalid buffers: expected shapes {shapes}, dtype {dtype}")
+            self.grads.zero_()
+            self.gram.zero_()
+            self.inverse.copy_(torch.eye(ngrads, dtype=torch.float64) / self._shift)
         self.index = 0  # next row to write
         self.count = 0  # rows written so far, at most ngrads
         self.since_refresh = 0
@@ -150,6 +175,34 @@ class GradientWindow:
     def device(self) -> torch.device:
         return self.grads.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the passes over ``G``: float32 for a float16/bfloat16 window, else
+        the window's dtype."""
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    @property
+    def fusable(self) -> bool:
+        """Whether a caller may do the pass ``G^T x`` itself in the window dtype (``addmv``)
+        after :meth:`add_and_coefficients`: the predicted error is small and the window is
+        not stored in reduced precision; else use :meth:`combine`."""
+        return self.pass_error <= PASS_TOLERANCE and self.compute_dtype == self.dtype
+
+    def _chunks(self):
+        """Column ranges of about 4 M window numbers, for the upcasting passes."""
+        block = max(1, (1 << 22) // self.ngrads)
+        return ((s, min(s + block, self.dim)) for s in range(0, self.dim, block))
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` in :attr:`compute_dtype` (reduced-precision storage: upcast by blocks)."""
+        if self.compute_dtype == self.dtype:
+            return torch.mv(self.grads, v.to(self.dtype))
+        out = torch.zeros(self.ngrads, dtype=torch.float32, device=self.device)
+        v = v.to(torch.float32)
+        for a, b in self._chunks():
+            out.addmv_(self.grads[:, a:b].to(torch.float32), v[a:b])
+        return out
+
     def _check_vector(self, v: torch.Tensor, name: str) -> None:
         if v.shape != (self.dim,):
             raise ValueError(f"Invalid {name} shape: {tuple(v.shape)}, expected ({self.dim},)")
@@ -161,7 +214,7 @@ class GradientWindow:
         squared norm does not overflow that dtype. Host sync (an accept/reject test).
         """
         self._check_vector(g, "gradient")
-        gw = g.to(self.dtype)
+        gw = g.to(self.dtype).to(self.compute_dtype)
         if not bool(torch.isfinite(torch.dot(gw, gw))):
             raise NonFiniteGradientError(
                 "Invalid gradient: contains NaN/Inf or its squared norm overflows "
@@ -226,17 +279,19 @@ class GradientWindow:
         self.since_refresh += 1
 
     # ------------------------------------------------------------------ dynamic
-    def add(self, g: torch.Tensor) -> int:
+    def add(self, g: torch.Tensor, *, checked: bool = False) -> int:
         """Write ``g`` into the next ring slot; update the Gram and inverse. Returns the slot.
 
-        Raises :class:`NonFiniteGradientError` (window unchanged) for NaN/Inf.
+        Raises :class:`NonFiniteGradientError` (window unchanged) for NaN/Inf; ``checked``:
+        the caller has already run :meth:`check_gradient` (or an equivalent test).
         """
         j = self.index
         if self.reduce is None:
-            self.check_gradient(g)
+            if not checked:
+                self.check_gradient(g)
             row = self.grads[j]
             row.copy_(g)
-            k = torch.mv(self.grads, row).to(torch.float64)  # G g: one pass over the window
+            k = self._matvec(row).to(torch.float64)  # G g: one pass over the window
         else:
             k = self._reduced_gram_row(g, j)
             self.grads[j].copy_(g)
@@ -254,8 +309,9 @@ class GradientWindow:
         of ``m`` numbers that carries the finiteness test (entry ``j`` is ``|g|^2``)."""
         self._check_vector(g, "gradient")
         gw = g.to(self.dtype)
-        partial = torch.mv(self.grads, gw).to(torch.float64)
-        partial[j] = torch.dot(gw, gw).to(torch.float64)
+        partial = self._matvec(gw).to(torch.float64)
+        gc = gw.to(self.compute_dtype)
+        partial[j] = torch.dot(gc, gc).to(torch.float64)
         k = self.reduce(partial)
         if not bool(torch.isfinite(k[j])):  # NaN/Inf anywhere in g makes |g|^2 non-finite
             raise NonFiniteGradientError(
@@ -264,7 +320,7 @@ class GradientWindow:
             )
         return k
 
-    def add_and_coefficients(self, g: torch.Tensor) -> torch.Tensor:
+    def add_and_coefficients(self, g: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
         """Write ``g`` into the window; return ``x`` (float64, length m) with
         ``F^{-1} g = G^T x``, namely ``x = m M e_j`` (``j`` the slot just written).
 
@@ -285,7 +341,7 @@ class GradientWindow:
            is recomputed by Cholesky, then by the clamped eigendecomposition if that is not
            enough (O(m^3), only on such steps).
         """
-        j = self.add(g)
+        j = self.add(g, checked=checked)
         x, kx, c = self._coefficients(j)
         if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
             self.refresh(robust=True)
@@ -333,26 +389,30 @@ class GradientWindow:
         ``eps √m sum_i |x_i| |g_i|`` (``|g_i| = √K_ii``), which changes ``g^T u`` by at most
         ``|g|`` times that. Duplicate gradients make ``x`` large (``~1/λ``) in directions
         that ``G^T`` annihilates, so the sum cancels and float32 loses everything."""
-        if self.dtype == torch.float64 or c.kjj == 0.0:
+        if self.compute_dtype == torch.float64 or c.kjj == 0.0:
             return 0.0
-        eps = torch.finfo(self.dtype).eps
+        eps = torch.finfo(self.compute_dtype).eps  # stored values are exact: sums round
         error = eps * self.ngrads**0.5 * c.spread * c.kjj**0.5
         return error / c.gu if c.gu > 0.0 else float("inf")
 
-    def combine(self, x: torch.Tensor) -> torch.Tensor:
-        """``G^T x`` in the window dtype: one pass in that dtype when :attr:`pass_error`
-        (of the last :meth:`add_and_coefficients`) is at most ``PASS_TOLERANCE``, else
-        accumulated in float64 over column blocks of about 4 M numbers (float64 temporaries
-        of ``m x block``), so the cancellation between the rows is exact to float64."""
-        if self.pass_error <= PASS_TOLERANCE:
-            return torch.mv(self.grads.t(), x.to(self.dtype))
-        self.float64_passes += 1
-        x = x.to(torch.float64)
-        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
-        block = max(1, (1 << 22) // self.ngrads)
-        for start in range(0, self.dim, block):
-            gb = self.grads[:, start : start + block].to(torch.float64)
-            out[start : start + block] = torch.mv(gb.t(), x)
+    def combine(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``G^T x`` in :attr:`compute_dtype`: one pass in that dtype when :attr:`pass_error`
+        (of the last :meth:`add_and_coefficients`) is at most ``PASS_TOLERANCE`` (a reduced-
+        precision window upcasts column blocks to float32), else accumulated in float64 over
+        column blocks of about 4 M numbers (float64 temporaries of ``m x block``), so the
+        cancellation between the rows is exact to float64. ``out``: a ``(dim,)`` tensor of
+        :attr:`compute_dtype` to write into (returned)."""
+        if out is None:
+            out = torch.empty(self.dim, dtype=self.compute_dtype, device=self.device)
+        if self.pass_error <= PASS_TOLERANCE and self.compute_dtype == self.dtype:
+            return torch.mv(self.grads.t(), x.to(self.dtype), out=out)
+        work = torch.float32
+        if self.pass_error > PASS_TOLERANCE:
+            self.float64_passes += 1
+            work = torch.float64
+        x = x.to(work)
+        for a, b in self._chunks():
+            out[a:b] = torch.mv(self.grads[:, a:b].to(work).t(), x)
         return out
 
     def add_and_solve(self, g: torch.Tensor) -> torch.Tensor:
@@ -368,11 +428,17 @@ class GradientWindow:
         """``F^{-1} v`` for the current window (nothing added), O(m d). (A shard: ``v`` and
         the result are the shard's slice; one all-reduce of ``m`` numbers.)"""
         self._check_vector(v, "vector")
-        gv = torch.mv(self.grads, v.to(self.dtype)).to(torch.float64)
+        gv = self._matvec(v).to(torch.float64)
         if self.reduce is not None:
             gv = self.reduce(gv)
-        c = torch.mv(self.inverse, gv).to(self.dtype)
-        return (v - torch.mv(self.grads.t(), c).to(v.dtype)) / self.damp
+        c = torch.mv(self.inverse, gv).to(self.compute_dtype)
+        if self.compute_dtype == self.dtype:
+            gtc = torch.mv(self.grads.t(), c)
+        else:
+            gtc = torch.empty(self.dim, dtype=torch.float32, device=self.device)
+            for a, b in self._chunks():
+                gtc[a:b] = torch.mv(self.grads[:, a:b].to(torch.float32).t(), c)
+        return (v - gtc.to(v.dtype)) / self.damp
 
     # ------------------------------------------------------------------ static
     @classmethod

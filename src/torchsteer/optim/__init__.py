@@ -9,7 +9,8 @@
 """
 
 from torchsteer.optim.mfac import MFAC
+from torchsteer.optim.mfac_memory import mfac_max_ngrads, mfac_window_bytes
 from torchsteer.optim.regularized_newton import RegularizedNewton
 from torchsteer.optim.sven import Sven
 
-__all__ = ["MFAC", "RegularizedNewton", "Sven"]
+__all__ = ["MFAC", "RegularizedNewton", "Sven", "mfac_max_ngrads", "mfac_window_bytes"]

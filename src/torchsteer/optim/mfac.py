@@ -8,29 +8,19 @@ from typing import Any
 import torch
 
 from torchsteer import distributed
-from torchsteer.linalg.gradient_window import (
-    PASS_TOLERANCE,
-    GradientWindow,
-    NonFiniteGradientError,
-)
+from torchsteer.linalg.blocked_window import BlockedGradientWindow
+from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
 from torchsteer.optim._contract import (
     NONFINITE_POLICIES,
     GlobalStateMixin,
     check_choice,
     check_hyperparameter,
 )
+from torchsteer.optim._mfac_state import WINDOW_KEYS as _WINDOW_KEYS
+from torchsteer.optim._mfac_state import validate_window_state
+from torchsteer.optim.mfac_memory import check_memory_budget, mfac_n_blocks
 
 __all__ = ["MFAC"]
-
-_WINDOW_KEYS = {
-    "window_grads": "grads",
-    "window_gram": "gram",
-    "window_inverse": "inverse",
-    "window_index": "index",
-    "window_count": "count",
-    "window_since_refresh": "since_refresh",
-    "window_damp": "damp",
-}
 
 
 class MFAC(GlobalStateMixin, torch.optim.Optimizer):
@@ -78,7 +68,18 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         shard: split the window across the ranks of ``torch.distributed`` (see below).
             ``None`` (default): shard when a process group of more than one process is
             initialized at the first step; ``False``: every rank keeps the whole window;
-            ``True``: shard (in one process there is one shard, the whole window).
+            ``True``: shard (in one process there is one shard, the whole window). A
+            blocked window is not sharded (``shard=True`` with blocks raises).
+        block_size: ``None`` (default): one window over all ``d`` parameters. An int: the
+            flat parameter vector is cut into contiguous blocks of at most ``block_size``
+            coordinates, each with its own ring window, Gram and Woodbury inverse
+            (:class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow`: ``F`` block
+            diagonal, block ``k``'s update exactly dense M-FAC on its gradient slice);
+            ``block_size >= d`` is the dense optimizer.
+        memory_budget: ``None`` or bytes: a window whose
+            :func:`~torchsteer.optim.mfac_memory.mfac_window_bytes` exceeds it raises
+            ``ValueError`` at construction (and at the first step, before allocating),
+            naming the bytes and the options that reduce them.
 
     Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
     would hold the same window. Sharded, rank ``r`` keeps only columns
@@ -99,17 +100,20 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
 
     Memory: the window holds ``m * d`` numbers of ``window_dtype`` -- ``m`` copies of the
     model (m = 1024 float32 for a 1M-parameter model is 4 GB) -- plus two ``m x m`` float64
-    matrices, plus one momentum buffer per parameter when ``momentum > 0``; sharded, the
-    window is ``m d / R`` numbers per rank.
+    matrices per block, plus one momentum buffer per parameter when ``momentum > 0``;
+    sharded, the window is ``m d / R`` numbers per rank (``mfac_window_bytes``). A bfloat16
+    or float16 ``window_dtype`` stores the window so and computes in float32.
 
     References:
         Frantar, Kurtic, Alistarh. "M-FAC: Efficient Matrix-Free Approximations of
         Second-Order Information." NeurIPS 2021. arXiv:2107.03356.
     """
 
-    global_hyperparameters = ("ngrads", "damp", "window_dtype", "nonfinite", "shard")
-    structural_hyperparameters = ("ngrads", "damp")
-    policy_hyperparameters = ("nonfinite", "shard")  # load_state_dict keeps the live ones
+    global_hyperparameters = (
+        "ngrads", "damp", "window_dtype", "nonfinite", "shard", "block_size", "memory_budget"
+    )  # fmt: skip
+    structural_hyperparameters = ("ngrads", "damp", "block_size")
+    policy_hyperparameters = ("nonfinite", "shard", "memory_budget")  # load keeps the live ones
     global_state_keys = (*_WINDOW_KEYS, "step", "skipped_steps")
 
     def __init__(
@@ -124,6 +128,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         nonfinite: str = "raise",
         shard: bool | None = None,
         *,
+        block_size: int | None = None,
+        memory_budget: float | None = None,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -137,6 +143,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             window_dtype=window_dtype,
             nonfinite=nonfinite,
             shard=shard,
+            block_size=block_size,
+            memory_budget=memory_budget,
             maximize=maximize,
             foreach=foreach,
             differentiable=differentiable,
@@ -147,6 +155,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         for p in self._params():
             if p.is_complex() or not p.is_floating_point():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
+        self._check_budget(sum(p.numel() for p in self._params()))
         self._reset_runtime()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -162,6 +171,10 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             raise ValueError(f"Invalid window_dtype: {window_dtype}")
         check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)
         check_choice("shard", group["shard"], (None, True, False))
+        if group["block_size"] is not None:
+            check_hyperparameter("block_size", group["block_size"], low=1, integer=True)
+        if group["memory_budget"] is not None:
+            check_hyperparameter("memory_budget", group["memory_budget"], low=0, low_open=True)
         check_choice("maximize", group["maximize"], (False, True))
         if group.get("foreach") not in (None, False):
             raise ValueError(
@@ -203,6 +216,22 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     def shard(self) -> bool | None:
         return self.param_groups[0]["shard"]
 
+    def _check_budget(self, dim: int) -> int:
+        """The number of shards of a window over ``dim`` parameters; raises ``ValueError``
+        (nothing allocated) when it breaks ``memory_budget`` or blocks meet ``shard=True``."""
+        group = self.param_groups[0]
+        blocked = mfac_n_blocks(dim, group["block_size"]) > 1
+        if blocked and self.shard is True:
+            raise ValueError(
+                "Invalid shard: True with block_size < the number of parameters; MFAC does "
+                "not shard a blocked window (leave shard=None or False)"
+            )
+        world = distributed.world_size() if self.shard is not False and not blocked else 1
+        dtype = self._default_window_dtype(self._params()[0])
+        check_memory_budget(dim, self.ngrads, group["block_size"], dtype,
+                            group["memory_budget"], world_size=world)  # fmt: skip
+        return world
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer`` (validated; ``ngrads``, ``damp``, ``window_dtype``,
         ``nonfinite`` and ``shard`` must equal the first group's). Only before the first
@@ -213,6 +242,11 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                 "Invalid param group: MFAC's window spans the parameters of all groups and "
                 "already holds gradients; add every param group before the first step"
             )
+        new = param_group.get("params") if isinstance(param_group, dict) else None
+        new = [new] if isinstance(new, torch.Tensor) else new
+        new = new if isinstance(new, (list, tuple)) else ()  # others: at the first step
+        if self.param_groups and all(isinstance(p, torch.Tensor) for p in new):
+            self._check_budget(sum(p.numel() for p in self._params() + list(new)))
         super().add_param_group(param_group)
 
     def _params(self) -> list[torch.Tensor]:
@@ -225,26 +259,31 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             return torch.float32
         return first.dtype
 
-    def _get_window(self) -> GradientWindow:
+    def _get_window(self) -> GradientWindow | BlockedGradientWindow:
         """The window, created lazily; its buffers live in the first parameter's state."""
         if self._window is not None:
             return self._window
         params = self._params()
         first = params[0]
         dim = sum(p.numel() for p in params)
-        self._world = distributed.world_size() if self.shard is not False else 1
+        self._world = self._check_budget(dim)  # before anything is allocated
         bounds = distributed.column_bounds(dim, self._world)
         r = distributed.rank() if self._world > 1 else 0
         self._bounds = (bounds[r], bounds[r + 1])
         self._widths = tuple(bounds[s + 1] - bounds[s] for s in range(self._world))
-        window = GradientWindow(
-            self.ngrads,
-            self._bounds[1] - self._bounds[0],
-            self.damp,
-            dtype=self._default_window_dtype(first),
-            device=first.device,
-            reduce=distributed.all_reduce_sum if self._world > 1 else None,
-        )
+        dtype, block_size = self._default_window_dtype(first), self.param_groups[0]["block_size"]
+        if mfac_n_blocks(dim, block_size) > 1:
+            window = BlockedGradientWindow(self.ngrads, dim, block_size, self.damp,
+                                           dtype=dtype, device=first.device)  # fmt: skip
+        else:
+            window = GradientWindow(
+                self.ngrads,
+                self._bounds[1] - self._bounds[0],
+                self.damp,
+                dtype=dtype,
+                device=first.device,
+                reduce=distributed.all_reduce_sum if self._world > 1 else None,
+            )
         state = self.state[first]
         if "window_grads" in state:
             saved = {v: state[k] for k, v in _WINDOW_KEYS.items()}
@@ -339,9 +378,10 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         state["step"] += 1
         self._sync_state(window)
         self._consolidated = None
-        if self._world > 1 or window.pass_error > PASS_TOLERANCE:
+        if self._world > 1 or not window.fusable:
             # sharded: our slice of u = G^T x, all-gathered; or the rows cancel (duplicate
-            # gradients): G^T x accumulated in float64 (``GradientWindow.combine``)
+            # gradients): G^T x accumulated in float64 (``GradientWindow.combine``); or
+            # blocks, or a bfloat16/float16 window (the pass in float32)
             u = window.combine(x)
             if self._world > 1:
                 u = distributed.all_gather_cat(u, sizes=self._widths)
@@ -430,52 +470,14 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     def _validate_global_state(self, state: dict[str, Any], saved_groups: list[dict]) -> None:
-        """The saved window: all its keys, whole-window shapes ``(m, d)`` and ``(m, m)``,
-        finite buffers, a ring position inside the window, the live ``damp``."""
-        for key in ("step", "skipped_steps"):
-            if key in state:
-                check_hyperparameter(f"state_dict {key}", _number(state[key]), low=0.0)
-        present = [k for k in _WINDOW_KEYS if k in state]
-        if not present:
-            return
-        missing = [k for k in _WINDOW_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"Invalid state_dict: the window state lacks {missing}")
-        m, d = saved_groups[0]["ngrads"], sum(p.numel() for p in self._params())
-        for key, shape in (("window_grads", (m, d)), ("window_gram", (m, m)),
-                           ("window_inverse", (m, m))):  # fmt: skip
-            value = state[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise ValueError(
-                    f"Invalid state_dict: {key} is {got}, expected {shape} "
-                    f"(ngrads={m}, {d} parameters)"
-                )
-            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                raise ValueError(f"Invalid state_dict: {key} is not finite floating point")
-        check_hyperparameter("state_dict window_index", _number(state["window_index"]),
-                             low=0, high=m, high_open=True, integer=True)  # fmt: skip
-        check_hyperparameter("state_dict window_count", _number(state["window_count"]),
-                             low=0, high=m, integer=True)  # fmt: skip
-        since = _number(state["window_since_refresh"])
-        check_hyperparameter("state_dict window_since_refresh", since, low=0, integer=True)
-        if float(state["window_damp"]) != float(saved_groups[0]["damp"]):
-            raise ValueError(
-                f"Invalid state_dict: window_damp {float(state['window_damp'])} != damp "
-                f"{saved_groups[0]['damp']}"
-            )
+        """The saved window (``_mfac_state.validate_window_state``): all its keys, the
+        shapes of a dense or blocked window, finite buffers, the ring position, ``damp``."""
+        validate_window_state(state, saved_groups[0], sum(p.numel() for p in self._params()))
 
     def _after_load_state_dict(self) -> None:
         self._reset_runtime()
         if "window_grads" in self._first_state():
             self._get_window()
-
-
-def _number(value: Any) -> Any:
-    """A 0-d tensor as a Python number (int for integer dtypes), anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        return value.item()
-    return value
 
 
 def _addmv(out: torch.Tensor, block: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
