@@ -166,7 +166,7 @@ def make_step(arm: str, model, x, y, args):
     if arm == "mfac":
         from torchsteer.optim import MFAC
 
-        kw = {}
+        kw = {"memory_budget": int(args.budget_gb * GB)}
         if args.window_dtype != "float32":
             kw["window_dtype"] = getattr(torch, args.window_dtype)
         if args.block_size:
@@ -266,6 +266,17 @@ def run_arm(args) -> dict:
         losses.append(loss)
         extras.append(extra)
         print(f"{args.arm} step {len(cpu)}: {cpu[-1]:.1f} CPU s, loss {loss:.4f} {extra}")
+        if args.partial:  # the result so far after every step (a run cut short still counts)
+            args.partial.write_text(
+                json.dumps(
+                    summary(args, cfg, P, cpu, wall, losses, extras, baseline, error), indent=1
+                )
+                + "\n"
+            )
+    return summary(args, cfg, P, cpu, wall, losses, extras, baseline, error)
+
+
+def summary(args, cfg, P, cpu, wall, losses, extras, baseline, error) -> dict:
     timed = cpu[1:] if len(cpu) > 1 else cpu
     return {
         "arm": args.arm,
@@ -302,7 +313,7 @@ def arm_options(arm: str) -> tuple[str, ...]:
         "adamw": ("lr",),
         "dro": ("lr", "temperature"),
         "limiter": ("lr",),
-        "mfac": ("lr", "ngrads", "window_dtype", "block_size"),
+        "mfac": ("lr", "ngrads", "window_dtype", "block_size", "budget_gb"),
         "sven": ("lr", "rank", "oversample", "power_iters", "budget_gb", "fraction"),
         "newton": ("cg_iters", "cg_tol", "gamma0", "max_tries"),
     }[arm]
@@ -390,7 +401,7 @@ def main(argv=None) -> None:
     ap.add_argument("--oversample", type=int, default=0)
     ap.add_argument("--power-iters", type=int, default=0)
     ap.add_argument("--fraction", type=float, default=1.0, help="Sven param_fraction (formula)")
-    ap.add_argument("--budget-gb", type=float, default=8.0, help="Sven memory_budget")
+    ap.add_argument("--budget-gb", type=float, default=9.0, help="Sven / MFAC memory_budget")
     ap.add_argument("--cg-iters", type=int, default=10)
     ap.add_argument("--cg-tol", type=float, default=1e-8, help="small: all cg_iters run")
     ap.add_argument("--gamma0", type=float, default=0.1)
@@ -412,14 +423,18 @@ def main(argv=None) -> None:
     args.steps = args.steps or MIN_STEPS[args.arm]
     if args.lr is None:
         args.lr = {"sven": 0.1, "mfac": 1e-4}.get(args.arm, 3e-4)
-    result = run_arm(args)
     out = args.out or RESULTS / "scale" / f"{args.arm}{'-' + args.tag if args.tag else ''}.json"
     if not args.full and args.out is None:
         out = out.with_name(out.stem + "-reduced.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    args.partial = out
+    result = run_arm(args)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}: {result['steps']} steps, {result['cpu_s_per_step']} CPU s/step, "
-          f"peak {result['peak_rss'] / GB:.2f} GB", file=sys.stderr)
+    print(
+        f"wrote {out}: {result['steps']} steps, {result['cpu_s_per_step']} CPU s/step, "
+        f"peak {result['peak_rss'] / GB:.2f} GB",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

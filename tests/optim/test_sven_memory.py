@@ -38,7 +38,9 @@ def mlp(seed=0):
 
 def data(rows=B):
     g = torch.Generator().manual_seed(5)
-    return torch.randn(rows, 3, generator=g, dtype=F64), torch.randn(rows, 2, generator=g, dtype=F64)
+    return torch.randn(rows, 3, generator=g, dtype=F64), torch.randn(
+        rows, 2, generator=g, dtype=F64
+    )
 
 
 def per_sample(out, y):

@@ -1,4 +1,4 @@
-"""Sven's memory formulas and the path its ``memory_budget`` chooses (dense, matrix-free, fraction).
+"""Sven's memory formulas and the path its ``memory_budget`` picks: dense, matrix-free, a fraction.
 
 With B rows (after ``microbatch_size``), P optimized coordinates, ``n`` bytes a number of the
 algebra dtype, ``P_k = ceil(f P)`` kept coordinates (``param_fraction = f``) and a sketch
@@ -14,9 +14,10 @@ block of tangents and its per-parameter copy (``M V`` needs every coordinate's t
 dropped ones zero) or of cotangent gradients and their concatenation (``M^T U``), beside the
 sketch ``Omega`` and ``B^T = M^T Q`` (or the SVD of ``B``) on the kept coordinates (two
 ``(P_k, l)`` blocks; measured with ``bench.memory.peak_memory`` on a 2M-parameter MLP,
-B = 32, l = 4 and 8: 4.0 ``n l P`` at f = 1, 2.5 at f = 0.25, 2.2 at f = 0.1); with ``f < 1`` the coordinates are drawn by an int64 permutation of
-all P (8 P bytes) and sorted (16 P_k). Neither counts the model, its gradients or the activations of the
-forward / JVP / VJP passes (the graph of one evaluation).
+B = 32, l = 4 and 8: 4.0 ``n l P`` at f = 1, 2.5 at f = 0.25, 2.2 at f = 0.1); with
+``f < 1`` the coordinates are drawn by an int64 permutation of all P (8 P bytes) and sorted
+(16 P_k). Neither counts the model, its gradients or the activations of the forward / JVP /
+VJP passes (the graph of one evaluation).
 
 The choice (:func:`plan`) for ``jacobian``:
 
