@@ -7,8 +7,9 @@ for the optimizer. The global state lives on the first parameter (``step``,
 parameter. A state dict is accepted only if
 
     every group passes :meth:`SvenContract._validate_group` (as at construction),
-    the global state holds 0-d counters >= 0, 0-d records and a uint8 generator state of
-        ``torch.Generator().get_state()``'s size,
+    the global state holds 0-d counters >= 0, 0-d records, a uint8 generator state of
+        ``torch.Generator().get_state()``'s size, and the last step's path
+        (``matrix_free`` 0 or 1, ``path_fraction`` in (0, 1]),
     every parameter's state is at most a floating ``momentum_buffer`` of its shape,
 
 and only then is anything assigned (the mixin's atomic ``load_state_dict``). A run of
@@ -30,9 +31,10 @@ from torchsteer.optim._contract import (
     user_stacklevel,
 )
 
-__all__ = ["GLOBAL", "RECORDS", "SKIP_WARNING", "SvenContract", "explained"]
+__all__ = ["GLOBAL", "PATH", "RECORDS", "SKIP_WARNING", "SvenContract", "explained"]
 
 RECORDS = ("kept_rank", "sigma_max", "sigma_min", "linearized_reduction")
+PATH = ("matrix_free", "path_fraction")  # the last step's path (1.0: matrix-free) and fraction
 GLOBAL = (
     "rank", "rtol", "kappa", "svd", "jacobian", "oversample", "power_iters", "param_fraction",
     "microbatch_size", "nonfinite", "memory_budget", "seed", "gram_dtype", "damping",
@@ -61,7 +63,7 @@ class SvenContract(GlobalStateMixin):
     """The contract's hooks for Sven (validation, atomic loading, copies, skip warnings)."""
 
     global_hyperparameters = GLOBAL
-    global_state_keys = ("step", "skipped_steps", "generator_state", *RECORDS)
+    global_state_keys = ("step", "skipped_steps", "generator_state", *RECORDS, *PATH)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         g, check = group, check_hyperparameter
@@ -112,8 +114,18 @@ class SvenContract(GlobalStateMixin):
                 value = float(value)
             if key in ("step", "skipped_steps", "kept_rank"):
                 check_hyperparameter(f"state_dict {key}", value, low=0.0)
+            elif key == "matrix_free" and value not in (0.0, 1.0):
+                raise ValueError(f"Invalid state_dict: matrix_free must be 0 or 1, got {value!r}")
+            elif key == "path_fraction":
+                check_hyperparameter(f"state_dict {key}", value, low=0.0, high=1.0, low_open=True)
             elif key != "generator_state":  # a record: any real number (inf/NaN refused)
                 check_hyperparameter(f"state_dict {key}", value)
+
+    @property
+    def jacobian_path(self) -> str | None:
+        """The path the last step took, ``"dense"`` or ``"matrix_free"`` (None before one)."""
+        flag = self._first_state().get("matrix_free")
+        return None if flag is None else ("matrix_free" if float(flag) else "dense")
 
     def _validate_param_state(self, param: torch.Tensor, pstate: dict[str, Any]) -> None:
         """A parameter's saved state: only a floating ``momentum_buffer`` of its shape."""
@@ -142,7 +154,7 @@ class SvenContract(GlobalStateMixin):
         state = self._first_state()
         if "generator_state" in state:
             state["generator_state"] = state["generator_state"].cpu()
-        for key in ("step", "skipped_steps", *RECORDS):
+        for key in ("step", "skipped_steps", *RECORDS, *PATH):
             if key in state and not isinstance(state[key], torch.Tensor):
                 state[key] = torch.tensor(float(state[key]))
 
@@ -167,6 +179,22 @@ class SvenContract(GlobalStateMixin):
                 buf = saved.get(pid, {}).get("momentum_buffer")
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf.to(device=p.device, copy=True)
+
+    @staticmethod
+    def _check_not_empty(shard, what: str) -> None:
+        """No sample on any rank: every rank knows (the row counts are global) and raises."""
+        if shard.total == 0:
+            raise ValueError(f"Invalid {what}: empty (0 samples); Sven needs at least one")
+
+    def _warn_exact_path(self, reason: str) -> None:
+        """Warn once that the closure path fell back to one backward per sample."""
+        if getattr(self, "_warned_exact", False):
+            return
+        self._warned_exact = True
+        text = "the closure path forms the per-sample Jacobian with one backward per sample"
+        hint = "the functional path (model=, loss_fn=, step(batch=...)) or supported layers"
+        msg = f"Sven: {text} (exact but slow) because {reason}; {hint} make it one backward"
+        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
     def _skipped(self, what: str) -> None:
         """Count a skipped step; warn once when :data:`SKIP_WARNING` are skipped in a row."""

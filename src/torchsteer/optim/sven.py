@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,9 +14,9 @@ from torchsteer.distributed import Shard
 from torchsteer.jacobian import JacobianOperator, graph_jacobian, unwrap_model
 from torchsteer.jacobian.captured import GraphRowCapture
 from torchsteer.jacobian.per_sample import per_sample_jacobian
-from torchsteer.optim._contract import user_stacklevel
 from torchsteer.optim._sven_contract import (
     GLOBAL,
+    PATH,
     RECORDS,
     SKIP_WARNING,
     SvenContract,
@@ -40,6 +39,7 @@ from torchsteer.optim._sven_step import (
     solve_operator,
     unscale,
 )
+from torchsteer.optim.sven_memory import Plan, plan
 
 __all__ = ["SKIP_WARNING", "Sven"]
 
@@ -84,9 +84,14 @@ class Sven(SvenContract, torch.optim.Optimizer):
     ``"matrix_free"`` never forms M and runs a randomized SVD on products ``M V`` and
     ``M^T U`` (about ``(rank + oversample) (2 + 2 power_iters)`` JVPs/VJPs, memory
     ``O((B + P) (rank + oversample))``); ``svd="exact"`` there sketches all ``min(B, P)``
-    columns, which captures the row space exactly. ``"auto"`` goes matrix-free when
-    ``B * P`` entries would exceed ``memory_budget`` bytes. ``svd="auto"`` is exact on the
-    dense path unless a randomized sketch is much cheaper, randomized on the matrix-free path.
+    columns, which captures the row space exactly. ``"auto"`` is dense when M's ``n B P``
+    bytes fit ``memory_budget``, else matrix-free, at a smaller ``param_fraction`` when the
+    sketch's ``n l (2 P + 2 P_k)`` bytes would not fit (:mod:`torchsteer.optim.sven_memory`).
+    ``"dense"`` over budget, or ``"auto"`` with nothing that fits, raises ``MemoryBudgetError``
+    (a ``ValueError`` naming the bytes and the options) before anything is allocated: at
+    construction when even B = 1 is over, else at the step before any Jacobian product.
+    ``svd="auto"`` is exact on the dense path unless a randomized sketch is much cheaper,
+    randomized on the matrix-free path.
 
     **DDP**: with a process group each rank passes its own samples and the step is that of
     the concatenated batch; the Jacobian's rows stay on their ranks (gathered sketches and
@@ -97,8 +102,11 @@ class Sven(SvenContract, torch.optim.Optimizer):
     Per step the first parameter's state records ``kept_rank``, ``sigma_max``, ``sigma_min``
     (smallest kept), ``linearized_reduction`` (``1 - |R - M d| / |R|``, the share of the
     residual norm a step with lr = 1 would remove on the linearized problem), ``step`` and
-    ``skipped_steps``, and ``generator_state`` (the random source of sketches and parameter
-    subsets, so a resumed run continues bit-for-bit).
+    ``skipped_steps``, ``generator_state`` (the random source of sketches and parameter
+    subsets, so a resumed run continues bit-for-bit), ``matrix_free`` (1.0 when the last step
+    took the matrix-free path, 0.0 dense; ``opt.jacobian_path`` reads it as a string) and
+    ``path_fraction`` (the fraction of coordinates it updated: ``param_fraction``, or less
+    where ``"auto"`` lowered it).
 
     **The optimizer contract** (``optim/_contract.py``, as M-FAC): every hyperparameter is a
     key of ``defaults`` and of every param group, so ``state_dict()``, ``copy.deepcopy`` and
@@ -127,7 +135,8 @@ class Sven(SvenContract, torch.optim.Optimizer):
         momentum: heavy-ball coefficient on the direction, ``0 <= momentum < 1``.
         nonfinite: ``"raise"`` (ValueError; nothing changes) or ``"skip"`` (nothing changes
             but ``skipped_steps``) when the losses, the Jacobian or the step hold NaN/Inf.
-        memory_budget: bytes for the dense Jacobian under ``jacobian="auto"`` (256 MB).
+        memory_budget: bytes for the dense Jacobian or the matrix-free sketch under
+            ``jacobian="auto"``, and the limit of ``"dense"`` (256 MB).
         seed: seed of the sketch generator (default: drawn from torch's global generator).
         gram_dtype: dtype of the Gram matrix and ``eigh`` of the dense exact solve (default:
             the algebra dtype); ``torch.float64`` resolves float32 spectra below
@@ -200,6 +209,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
             if not p.is_floating_point() or p.is_complex():
                 raise ValueError(f"Invalid parameter dtype: {p.dtype} (real floating point only)")
         self._reset_runtime()
+        self._plan(1)  # over budget even at B = 1 (dense, or auto with nothing that fits)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[torch.Tensor]:
@@ -259,10 +269,12 @@ class Sven(SvenContract, torch.optim.Optimizer):
                 )
         return out, capture
 
-    def _choose_dense(self, rows: int, cols: int, itemsize: int) -> bool:
-        if self.jacobian != "auto":
-            return self.jacobian == "dense"
-        return rows * cols * itemsize <= self.memory_budget
+    def _plan(self, rows: int) -> Plan:
+        """This step's path and fraction (:func:`~torchsteer.optim.sven_memory.plan`); a
+        :class:`~torchsteer.optim.sven_memory.MemoryBudgetError` when nothing fits."""
+        args = (self._n_params(), self._itemsize(), self.memory_budget, self.param_fraction)
+        exact = self.svd == "exact"
+        return plan(self.jacobian, rows, *args, self.rank, self.oversample, exact)
 
     def _randomized_dense(self, rows: int, cols: int) -> bool:
         if self.svd != "auto":
@@ -288,16 +300,16 @@ class Sven(SvenContract, torch.optim.Optimizer):
             exact_svd,
         )
 
-    def _columns(self, gen: torch.Generator) -> torch.Tensor | None:
-        """The coordinates this step updates (sorted), None for all (``param_fraction = 1``)."""
-        if self.param_fraction == 1.0:
+    def _columns(self, gen: torch.Generator, fraction: float) -> torch.Tensor | None:
+        """The coordinates this step updates (sorted), None for all (``fraction = 1``)."""
+        if fraction == 1.0:
             return None
         n_params = self._n_params()
-        n_keep = max(1, math.ceil(self.param_fraction * n_params))
+        n_keep = max(1, math.ceil(fraction * n_params))
         cols = torch.randperm(n_params, generator=gen)[:n_keep].sort().values
         return cols.to(self._active()[0].device)
 
-    def _solve(self, losses, source, dense, gen, shard) -> tuple[Solution, torch.Tensor | None]:
+    def _solve(self, losses, source, path, gen, shard) -> tuple[Solution, torch.Tensor | None]:
         """The direction on the kept coordinates (and their indices, None for all).
 
         Under DDP ``losses`` are those of all ranks, ``source`` gives this rank's rows. A
@@ -306,7 +318,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
         the same generator state; NaN/Inf in M raises :class:`NonFinite`, any other error of
         the solve propagates as it is."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
-        cols = self._columns(gen)
+        cols, dense = self._columns(gen, path.fraction), path.path == "dense"
         lg = group(shard, losses.to(alg), mb)
         R, D = residuals(lg, self.kappa)
         checks = [torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)]
@@ -357,12 +369,6 @@ class Sven(SvenContract, torch.optim.Optimizer):
         return sol, cols
 
     @staticmethod
-    def _check_not_empty(shard: Shard, what: str) -> None:
-        """No sample on any rank: every rank knows (the row counts are global) and raises."""
-        if shard.total == 0:
-            raise ValueError(f"Invalid {what}: empty (0 samples); Sven needs at least one")
-
-    @staticmethod
     def _rows(shard: Shard) -> int:
         """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
         return max(shard.rows)
@@ -388,28 +394,19 @@ class Sven(SvenContract, torch.optim.Optimizer):
 
         return source
 
-    def _warn_exact_path(self, reason: str) -> None:
-        if getattr(self, "_warned_exact", False):
-            return
-        self._warned_exact = True
-        text = "the closure path forms the per-sample Jacobian with one backward per sample"
-        hint = "the functional path (model=, loss_fn=, step(batch=...)) or supported layers"
-        msg = f"Sven: {text} (exact but slow) because {reason}; {hint} make it one backward"
-        warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
-
     def _jacobian_buffer(self, rows: int) -> torch.Tensor:
         """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
         first = self._active()[0]
         self._jac_buf = reuse_buffer(self._jac_buf, rows, self._n_params(), first)
         return self._jac_buf[:rows]
 
-    def _functional(self, batch, shard) -> tuple[torch.Tensor, Callable]:
+    def _functional(self, batch, dense: bool) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
             raise ValueError("Invalid batch: the functional path needs model= and loss_fn=")
         inputs, targets = batch
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
-        if self._choose_dense(self._rows(shard), self._n_params(), self._itemsize()):
+        if dense:
             one_dtype = len({p.dtype for p in named.values()}) == 1
             values, jac = per_sample_jacobian(
                 model,
@@ -466,12 +463,14 @@ class Sven(SvenContract, torch.optim.Optimizer):
                     closure()
             shard = Shard.create(int(batch[0].shape[0]), first.device)
             self._check_not_empty(shard, "batch")
-            losses, source = self._functional(batch, shard)
+            path = self._plan(self._rows(shard))  # over budget: raised before any forward
+            losses, source = self._functional(batch, path.path == "dense")
         else:
             losses, capture = self._losses_from_closure(closure)
             source = self._graph_source(losses, capture)
             shard = Shard.create(losses.numel(), first.device)
             self._check_not_empty(shard, "per-sample losses")
+            path = self._plan(self._rows(shard))  # before any Jacobian product
         losses = losses.detach()
         losses = shard.gather(losses)  # every rank's: global mean, checks and residuals
         mean_loss = losses.mean()
@@ -482,9 +481,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
         gen = torch.Generator()
         gen.set_state(state.get("generator_state", self._initial_generator()).to(torch.uint8))
         try:
-            rows = self._rows(shard)
-            dense = self._choose_dense(rows, self._n_params(), self._itemsize())
-            sol, cols = self._solve(losses, source, dense, gen, shard)
+            sol, cols = self._solve(losses, source, path, gen, shard)
         except NonFinite as err:
             if self.nonfinite == "raise":
                 raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err
@@ -506,6 +503,8 @@ class Sven(SvenContract, torch.optim.Optimizer):
         state["generator_state"] = gen.get_state()
         for key in RECORDS:
             state[key] = getattr(sol, key).detach().clone()
+        state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
+        state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
         return mean_loss
 
     def _init_state(self, state: dict) -> None:
