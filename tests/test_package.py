@@ -109,6 +109,12 @@ def test_wheel_installs_into_a_fresh_venv_and_imports(dists, tmp_path):
     assert Path(got["file"]).is_relative_to(site), got["file"]  # the wheel, not the work tree
     assert got["typed"]
     assert got["version"] == got["meta"] == torchsteer.__version__
-    assert got["optim"] == ["MFAC", "RegularizedNewton", "Sven", "mfac_max_ngrads", "mfac_window_bytes"]
+    assert got["optim"] == [
+        "MFAC",
+        "RegularizedNewton",
+        "Sven",
+        "mfac_max_ngrads",
+        "mfac_window_bytes",
+    ]
     version = run(str(env / "bin" / "torchsteer"), "--version", cwd=tmp_path)
     assert version.strip() == f"torchsteer {torchsteer.__version__}"

@@ -32,8 +32,12 @@ def _reference_plan(a, b, C, eps, iters=20000):
     f, g = np.zeros(len(a)), np.zeros(len(b))
     la, lb = np.log(a), np.log(b)
     for _ in range(iters):
+        f_old, g_old = f, g
         f = -eps * logsumexp(lb[None, :] + (g[None, :] - C) / eps, axis=1)
         g = -eps * logsumexp(la[:, None] + (f[:, None] - C) / eps, axis=0)
+        # a fixed point to rounding: further sweeps cannot move the plan
+        if max(np.abs(f - f_old).max(), np.abs(g - g_old).max()) <= 1e-15:
+            break
     P = np.exp(la[:, None] + lb[None, :] + (f[:, None] + g[None, :] - C) / eps)
     return P
 
@@ -239,8 +243,8 @@ def test_batchwise_one_row_is_the_samplewise_l1_distance():
     bw = sinkhorn_divergence(zp, zq, epsilon=0.3, batchwise=True, debiased=False)
     assert abs(bw.item() - l1.item()) < 1e-14
     C = 2.0 * (1.0 - torch.eye(8, dtype=D))
-    sw = sinkhorn_divergence(zp, zq, C, epsilon=1e-4, debiased=False, tol=1e-12, n_iters=100000)
-    assert abs(sw.item() - l1.item()) < 5e-3
+    sw = sinkhorn_divergence(zp, zq, C, epsilon=1e-3, debiased=False, tol=1e-12, n_iters=100000)
+    assert abs(sw.item() - l1.item()) < 2e-3  # the gap is about 1.04 eps here
 
 
 def test_batchwise_matches_samplewise_solver_on_its_cost_and_released_is_b_times():
