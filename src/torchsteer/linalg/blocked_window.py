@@ -151,6 +151,10 @@ class BlockedGradientWindow:
     def float64_passes(self) -> int:
         return self._total("float64_passes")
 
+    @property
+    def gram_rebuilds(self) -> int:
+        return self._total("gram_rebuilds")
+
     def _slices(self):
         return zip(self.blocks, self.bounds[:-1], self.bounds[1:])
 
@@ -211,6 +215,8 @@ class BlockedGradientWindow:
             "count": torch.tensor(self.count, dtype=torch.int64),
             "since_refresh": torch.tensor([b.since_refresh for b in self.blocks]),
             "damp": torch.tensor(self.damp, dtype=torch.float64),
+            "float64_gram": torch.tensor([int(b.float64_gram) for b in self.blocks]),
+            "calm_steps": torch.tensor([b.calm_steps for b in self.blocks]),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -230,6 +236,10 @@ class BlockedGradientWindow:
                 )
         if float(state["damp"]) != self.damp:
             raise ValueError(f"Invalid window state: damp {float(state['damp'])} != {self.damp}")
+        modes, calms = ([int(v) for v in state.get(k, torch.zeros(nb, dtype=torch.int64))]
+                        for k in ("float64_gram", "calm_steps"))  # fmt: skip
+        if len(modes) != nb or len(calms) != nb or not set(modes) <= {0, 1} or min(calms) < 0:
+            raise ValueError(f"Invalid window state: float64_gram {modes}, calm_steps {calms}")
         self.grads = state["grads"].to(device=self.device)
         self.gram = state["gram"].to(device=self.device, dtype=torch.float64)
         self.inverse = state["inverse"].to(device=self.device, dtype=torch.float64)
@@ -238,3 +248,4 @@ class BlockedGradientWindow:
             blk.grads, blk.gram, blk.inverse = self.grads[:, lo:hi], self.gram[k], self.inverse[k]
             blk.index, blk.count = int(state["index"]), int(state["count"])
             blk.since_refresh = since[k]
+            blk.float64_gram, blk.calm_steps = bool(modes[k]), calms[k]

@@ -27,12 +27,13 @@ one more pass over ``G`` and no cancellation between ``g`` and ``G^T c`` (the pr
 loses ``|g|^2 / (m λ)`` in relative accuracy). With duplicate (exactly dependent) gradients
 ``x = m M e_j`` is ~1/λ in directions that ``G^T`` annihilates: the pass ``G^T x`` then
 cancels, and in float32 it is noise (uphill steps). Each step therefore checks, in O(m) to
-O(m^2), the solve's residual (a drifted ``M`` is refreshed) and the predicted error of a
-window-dtype pass (:attr:`~GradientWindow.pass_error`); above ``PASS_TOLERANCE`` the pass is
-accumulated in float64 (:meth:`~GradientWindow.combine`). On independent gradients neither
-fires and the numerics are unchanged. Not covered: *nearly* dependent float32 gradients whose
-float32 Gram rounding (~1e-7 |g|^2) exceeds ``m λ`` (the Gram row itself would need float64).
-A normal step costs exactly the two passes ``G g`` and ``G^T x`` plus O(d + m^2).
+O(m^2) (:mod:`~torchsteer.linalg._window_checks`), the solve's residual (a drifted ``M`` is
+refreshed), the predicted error of a window-dtype pass (:attr:`~GradientWindow.pass_error`;
+above ``PASS_TOLERANCE`` the pass is accumulated in float64, :meth:`~GradientWindow.combine`)
+and that of the Gram rows (:attr:`~GradientWindow.gram_error`: *nearly* dependent gradients,
+whose float32 Gram rounding exceeds ``m λ``; above ``GRAM_TOLERANCE`` the Gram is recomputed
+and kept in float64). On independent gradients none fires and the numerics are unchanged: a
+normal step costs exactly the two passes ``G g`` and ``G^T x`` plus O(d + m^2).
 
 **Column shards** (distributed M-FAC): with ``reduce`` given, the window holds only a slice of
 the ``d`` columns (``dim`` is the slice's length) and ``reduce`` sums a float64 tensor over the
@@ -63,25 +64,16 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
+from torchsteer.linalg import _window_checks as checks
+from torchsteer.linalg._window_checks import GRAM_TOLERANCE, PASS_TOLERANCE
+
 __all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
 
-PASS_TOLERANCE = 1e-2  # relative error of g^T u allowed to the solve and to the second pass
-
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
-
-
-class _Checks(NamedTuple):
-    """The scalars of one step's checks, read from the device in one transfer."""
-
-    kjj: float  # K_jj = |g|^2
-    xkx: float  # x^T K x = |F^{-1} g|^2
-    gu: float  # (K x)_j = g^T u
-    rnorm: float  # |A x - m e_j|
-    spread: float  # sum_i |x_i| sqrt(K_ii)
+_GRAM_KEYS = ("float64_gram", "calm_steps")  # optional: older saves computed in float32
 
 
 class NonFiniteGradientError(ValueError):
@@ -161,6 +153,10 @@ class GradientWindow:
         self.accuracy_refreshes = 0  # diagnostics: refreshes forced by the solve check
         self.float64_passes = 0  # diagnostics: second passes accumulated in float64
         self.pass_error = 0.0  # predicted relative error of a window-dtype pass G^T x
+        self.gram_error = 0.0  # predicted relative error of a compute-dtype Gram row
+        self.float64_gram = False  # Gram rows computed in float64 (nearly dependent rows)
+        self.calm_steps = 0  # steps in a row with a small gram_error, in float64_gram mode
+        self.gram_rebuilds = 0  # diagnostics: times the Gram was recomputed in float64
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -291,7 +287,7 @@ class GradientWindow:
                 self.check_gradient(g)
             row = self.grads[j]
             row.copy_(g)
-            k = self._matvec(row).to(torch.float64)  # G g: one pass over the window
+            k = self._gram_row(row)  # G g: one pass over the window
         else:
             k = self._reduced_gram_row(g, j)
             self.grads[j].copy_(g)
@@ -309,8 +305,8 @@ class GradientWindow:
         of ``m`` numbers that carries the finiteness test (entry ``j`` is ``|g|^2``)."""
         self._check_vector(g, "gradient")
         gw = g.to(self.dtype)
-        partial = self._matvec(gw).to(torch.float64)
-        gc = gw.to(self.compute_dtype)
+        partial = self._gram_row(gw)
+        gc = gw.to(torch.float64 if self.float64_gram else self.compute_dtype)
         partial[j] = torch.dot(gc, gc).to(torch.float64)
         k = self.reduce(partial)
         if not bool(torch.isfinite(k[j])):  # NaN/Inf anywhere in g makes |g|^2 non-finite
@@ -319,6 +315,17 @@ class GradientWindow:
                 f"{self.dtype}; the window was left unchanged"
             )
         return k
+
+    def _gram_row(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` as float64: in :attr:`compute_dtype` (one pass), or with
+        :attr:`float64_gram` accumulated in float64 over column blocks of about 4 M numbers."""
+        if not self.float64_gram:
+            return self._matvec(v).to(torch.float64)
+        out = torch.zeros(self.ngrads, dtype=torch.float64, device=self.device)
+        v = v.to(torch.float64)
+        for a, b in self._chunks():
+            out.addmv_(self.grads[:, a:b].to(torch.float64), v[a:b])
+        return out
 
     def add_and_coefficients(self, g: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
         """Write ``g`` into the window; return ``x`` (float64, length m) with
@@ -340,60 +347,53 @@ class GradientWindow:
            ``A`` has condition ``1 + k |g|^2 / (m λ)`` and the O(m^2) updates lose it -- and
            is recomputed by Cholesky, then by the clamped eigendecomposition if that is not
            enough (O(m^3), only on such steps).
+
+        Then the Gram's own rounding (:func:`~torchsteer.linalg._window_checks.gram_error`):
+        above ``GRAM_TOLERANCE`` (nearly dependent gradients) the Gram is recomputed in
+        float64 from the stored rows (O(m^2 d), once), the checks run again, and later rows
+        are computed in float64 (:attr:`float64_gram`) until ``m`` steps in a row predict an
+        error below a tenth of the tolerance. On independent gradients it never fires.
         """
         j = self.add(g, checked=checked)
-        x, kx, c = self._coefficients(j)
+        x, c = self._checked_coefficients(j)
+        self.gram_error = checks.gram_error(self, c)
+        if self._gram_precision(self.gram_error):
+            x, c = self._checked_coefficients(j)
+        self.pass_error = checks.pass_error(self, c)
+        return x
+
+    def _checked_coefficients(self, j: int) -> tuple[torch.Tensor, checks.Checks]:
+        """Checks 1 and 2 of :meth:`add_and_coefficients`, refreshing ``M`` as they ask."""
+        x, kx, c = checks.coefficients(self, j)
         if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
             self.refresh(robust=True)
-            x, kx, c = self._coefficients(j)
+            x, kx, c = checks.coefficients(self, j)
         for robust in (False, True):  # Cholesky; if still off, the clamped eigh
-            if self._solved(j, x, kx, c):
+            if checks.solved(self, j, x, kx, c):
                 break
             self.accuracy_refreshes += 1
             self.refresh(robust=robust)
-            x, kx, c = self._coefficients(j)
-        self.pass_error = self._pass_error(c)
-        return x
+            x, kx, c = checks.coefficients(self, j)
+        return x, c
 
-    def _coefficients(self, j: int) -> tuple[torch.Tensor, torch.Tensor, _Checks]:
-        """``x = m M e_j``, ``K x`` and the checks' scalars (one host synchronization)."""
-        x = self.ngrads * self.inverse[:, j]
-        kx = torch.mv(self.gram, x)
-        residual = kx + self._shift * x
-        residual[j] -= self.ngrads
-        spread = torch.dot(x.abs(), self.gram.diagonal().clamp(min=0.0).sqrt())
-        values = torch.stack([self.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread])
-        return x, kx, _Checks(*values.tolist())
-
-    def _solved(self, j: int, x: torch.Tensor, kx: torch.Tensor, c: _Checks) -> bool:
-        """Check 2 of :meth:`add_and_coefficients`: the change ``|g| |u - u*|`` of ``g^T u``
-        that the residual ``r`` can cause is at most ``PASS_TOLERANCE * g^T u`` (always true
-        for ``g = 0``, where ``u = 0``). First by the bound ``|u - u*| <= |r| / (2 √(m λ))``
-        (O(m)); when that is not enough, by the estimate ``|u - u*|^2 = δ^T K δ`` with
-        ``δ = A^{-1} r ≈ M r`` (two more O(m^2) products)."""
-        if c.kjj == 0.0:
-            return True
-        if not c.gu > 0.0:
+    def _gram_precision(self, error: float) -> bool:
+        """Switch the Gram to float64 when ``error`` exceeds ``GRAM_TOLERANCE`` (recompute it
+        and ``M``; returns ``True``: the coefficients must be recomputed); switch back after
+        ``m`` calm steps in a row (``error`` below ``GRAM_TOLERANCE / 10``)."""
+        if self.compute_dtype == torch.float64:
             return False
-        limit = PASS_TOLERANCE * c.gu / c.kjj**0.5  # allowed |u - u*|
-        if c.rnorm / (2.0 * self._shift**0.5) <= limit:
+        if not self.float64_gram:
+            if not error > GRAM_TOLERANCE:
+                return False
+            self.float64_gram, self.calm_steps = True, 0
+            self.gram_rebuilds += 1
+            self._recompute_gram()
+            self.refresh()
             return True
-        residual = kx + self._shift * x
-        residual[j] -= self.ngrads
-        delta = torch.mv(self.inverse, residual)
-        return float(torch.dot(delta, torch.mv(self.gram, delta))) <= limit**2
-
-    def _pass_error(self, c: _Checks) -> float:
-        """The relative error of ``g^T u`` that the pass ``G^T x`` in the window dtype may
-        make: rounding ``x`` and summing ``sum_i x_i g_i`` in the window dtype errs by about
-        ``eps √m sum_i |x_i| |g_i|`` (``|g_i| = √K_ii``), which changes ``g^T u`` by at most
-        ``|g|`` times that. Duplicate gradients make ``x`` large (``~1/λ``) in directions
-        that ``G^T`` annihilates, so the sum cancels and float32 loses everything."""
-        if self.compute_dtype == torch.float64 or c.kjj == 0.0:
-            return 0.0
-        eps = torch.finfo(self.compute_dtype).eps  # stored values are exact: sums round
-        error = eps * self.ngrads**0.5 * c.spread * c.kjj**0.5
-        return error / c.gu if c.gu > 0.0 else float("inf")
+        self.calm_steps = self.calm_steps + 1 if error <= GRAM_TOLERANCE / 10 else 0
+        if self.calm_steps >= self.ngrads:
+            self.float64_gram, self.calm_steps = False, 0
+        return False
 
     def combine(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``G^T x`` in :attr:`compute_dtype`: one pass in that dtype when :attr:`pass_error`
@@ -467,6 +467,12 @@ class GradientWindow:
         count = self.ngrads if count is None else count
         if not 0 <= count <= self.ngrads:
             raise ValueError(f"Invalid count: {count}")
+        self._recompute_gram(block_size)
+        self.refresh()
+        self.count, self.index = count, count % self.ngrads
+
+    def _recompute_gram(self, block_size: int | None = None) -> None:
+        """``K = G G^T`` in float64 from the stored rows (reduced over the shards)."""
         block = block_size or max(1, (1 << 22) // self.ngrads)
         self.gram.zero_()
         for start in range(0, self.dim, block):
@@ -474,8 +480,6 @@ class GradientWindow:
             self.gram.addmm_(gb, gb.t())
         if self.reduce is not None:
             self.gram.copy_(self.reduce(self.gram))
-        self.refresh()
-        self.count, self.index = count, count % self.ngrads
 
     def _cholesky(self) -> torch.Tensor:
         a = self._shifted_gram()
@@ -517,6 +521,8 @@ class GradientWindow:
             "count": torch.tensor(self.count, dtype=torch.int64),
             "since_refresh": torch.tensor(self.since_refresh, dtype=torch.int64),
             "damp": torch.tensor(self.damp, dtype=torch.float64),
+            "float64_gram": torch.tensor(int(self.float64_gram), dtype=torch.int64),
+            "calm_steps": torch.tensor(self.calm_steps, dtype=torch.int64),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -531,6 +537,9 @@ class GradientWindow:
             )
         if float(state["damp"]) != self.damp:
             raise ValueError(f"Invalid window state: damp {float(state['damp'])} != {self.damp}")
+        mode, calm = (int(state.get(k, 0)) for k in _GRAM_KEYS)  # absent: float32 rows
+        if mode not in (0, 1) or calm < 0:
+            raise ValueError(f"Invalid window state: float64_gram {mode}, calm_steps {calm}")
         dev = self.device
         self.grads = state["grads"].to(device=dev)
         self.gram = state["gram"].to(device=dev, dtype=torch.float64)
@@ -538,3 +547,4 @@ class GradientWindow:
         self.index = int(state["index"])
         self.count = int(state["count"])
         self.since_refresh = int(state["since_refresh"])
+        self.float64_gram, self.calm_steps = bool(mode), calm

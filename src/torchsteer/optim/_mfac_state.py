@@ -3,7 +3,8 @@
 A dense window is ``window_grads (m, d)``, ``window_gram`` and ``window_inverse`` ``(m, m)``
 and a scalar ``window_since_refresh``; a blocked one (``B = ceil(d / block_size) > 1``) has
 ``window_gram`` and ``window_inverse`` of shape ``(B, m, m)`` and ``window_since_refresh`` of
-shape ``(B,)`` (one refresh counter a block). Both share the ring position
+shape ``(B,)`` (one refresh counter a block), as have the optional ``window_float64_gram``
+(0/1: Gram rows in float64) and ``window_calm_steps``. Both share the ring position
 (``window_index`` in ``[0, m)``, ``window_count`` in ``[0, m]``) and ``window_damp``.
 """
 
@@ -26,7 +27,10 @@ WINDOW_KEYS = {
     "window_count": "count",
     "window_since_refresh": "since_refresh",
     "window_damp": "damp",
+    "window_float64_gram": "float64_gram",
+    "window_calm_steps": "calm_steps",
 }
+OPTIONAL_KEYS = ("window_float64_gram", "window_calm_steps")  # absent in older saves: 0
 
 
 def number(value: Any) -> Any:
@@ -46,7 +50,7 @@ def validate_window_state(state: dict[str, Any], group: dict[str, Any], dim: int
             check_hyperparameter(f"state_dict {key}", number(state[key]), low=0.0)
     if not any(k in state for k in WINDOW_KEYS):
         return
-    missing = [k for k in WINDOW_KEYS if k not in state]
+    missing = [k for k in WINDOW_KEYS if k not in state and k not in OPTIONAL_KEYS]
     if missing:
         raise ValueError(f"Invalid state_dict: the window state lacks {missing}")
     m, nb = group["ngrads"], mfac_n_blocks(dim, group.get("block_size"))
@@ -71,6 +75,16 @@ def validate_window_state(state: dict[str, Any], group: dict[str, Any], dim: int
         since = [number(s) for s in since]
     for value in since if isinstance(since, list) else [number(since)]:
         check_hyperparameter("state_dict window_since_refresh", value, low=0, integer=True)
+    for key in OPTIONAL_KEYS:  # the Gram's precision mode (0/1) and its calm-step counter
+        if key not in state:
+            continue
+        values = state[key]
+        values = values.reshape(-1).tolist() if isinstance(values, torch.Tensor) else [values]
+        if len(values) != nb:
+            raise ValueError(f"Invalid state_dict: {key} must have {nb} entries")
+        high = 1 if key == OPTIONAL_KEYS[0] else None
+        for value in values:
+            check_hyperparameter(f"state_dict {key}", value, low=0, high=high, integer=True)
     if float(state["window_damp"]) != float(group["damp"]):
         raise ValueError(
             f"Invalid state_dict: window_damp {float(state['window_damp'])} != damp {group['damp']}"

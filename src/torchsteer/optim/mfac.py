@@ -286,7 +286,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             )
         state = self.state[first]
         if "window_grads" in state:
-            saved = {v: state[k] for k, v in _WINDOW_KEYS.items()}
+            saved = {v: state[k] for k, v in _WINDOW_KEYS.items() if k in state}
             if self._world > 1:  # a whole window (the checkpoint format): keep our columns
                 saved["grads"] = self._own_columns(saved["grads"])
             window.load_state_dict(saved)
