@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
@@ -94,7 +94,7 @@ class Run:
 
 @dataclasses.dataclass(kw_only=True)
 class Context:
-    """What the runner hands a suite.
+    """What the runner hands a suite (see :meth:`grid` for the usual loop).
 
     Attributes:
         quick: run the small, fast configuration (what ``make bench`` uses).
@@ -107,6 +107,17 @@ class Context:
     seeds: list[int]
     advance: Callable[[], None] = lambda: None
     log: Callable[[str], None] = print
+
+    def grid(self, arms: Iterable[Any], train: Callable[[Any, int], Run]) -> list[Run]:
+        """``train(arm, seed)`` for every seed and every arm (seed-major), one progress
+        step a run: the loop of a suite whose unit of work is one (arm, seed) run."""
+        arms = list(arms)
+        runs = []
+        for seed in self.seeds:
+            for arm in arms:
+                runs.append(train(arm, seed))
+                self.advance()
+        return runs
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -255,12 +255,7 @@ def _metrics(run: Run, curves: dict, cfg: Config) -> dict:
 
 def run(ctx: Context, config: Config | None = None) -> list[Run]:
     cfg = config or (QUICK if ctx.quick else FULL)
-    runs = []
-    for seed in ctx.seeds:
-        for arm in arms(cfg):
-            runs.append(train_arm(arm, seed, cfg))
-            ctx.advance()
-    return runs
+    return ctx.grid(arms(cfg), lambda arm, seed: train_arm(arm, seed, cfg))
 
 
 register(

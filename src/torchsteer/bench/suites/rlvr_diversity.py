@@ -331,12 +331,7 @@ def reference_metrics(seed: int, cfg: Config) -> dict[str, float]:
 
 def run(ctx: Context, config: Config | None = None, names: Sequence[str] | None = None):
     cfg = config or (QUICK if ctx.quick else FULL)
-    runs = []
-    for seed in ctx.seeds:
-        for arm in names or arms(cfg):
-            runs.append(train_arm(arm, seed, cfg))
-            ctx.advance()
-    return runs
+    return ctx.grid(names or arms(cfg), lambda arm, seed: train_arm(arm, seed, cfg))
 
 
 register(
