@@ -41,6 +41,8 @@ __all__ = [
     "GRAM_TOLERANCE",
     "PASS_TOLERANCE",
     "Checks",
+    "NonFiniteGradientError",
+    "check_gradient",
     "coefficients",
     "gram_error",
     "pass_error",
@@ -49,6 +51,25 @@ __all__ = [
 
 PASS_TOLERANCE = 1e-2  # relative error of g^T u allowed to the solve and to the second pass
 GRAM_TOLERANCE = 1e-1  # the Gram rows' estimated (root-mean-square) relative error of g^T u
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient with NaN/Inf entries (or a squared norm overflowing the window dtype)."""
+
+
+def check_gradient(g: torch.Tensor, dim: int, dtype: torch.dtype, compute: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``g`` has shape ``(dim,)``, and
+    :class:`NonFiniteGradientError` unless it can enter a window of ``dtype`` computed in
+    ``compute``: one pass, ``g . g`` is finite iff ``g`` has no NaN/Inf and its squared norm
+    does not overflow. Host sync (an accept/reject test)."""
+    if g.shape != (dim,):
+        raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({dim},)")
+    gw = g.to(dtype).to(compute)
+    if not bool(torch.isfinite(torch.dot(gw, gw))):
+        raise NonFiniteGradientError(
+            "Invalid gradient: contains NaN/Inf or its squared norm overflows "
+            f"{dtype}; the window was left unchanged"
+        )
 
 
 class Checks(NamedTuple):

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+from torchsteer.linalg._window_checks import check_gradient
+from torchsteer.linalg.gradient_window import GradientWindow
 
 __all__ = ["BlockedGradientWindow", "block_bounds"]
 
@@ -162,14 +163,7 @@ class BlockedGradientWindow:
     def check_gradient(self, g: torch.Tensor) -> None:
         """Raise :class:`NonFiniteGradientError` unless ``g`` (length ``d``) can enter every
         block: ``g . g`` in the compute dtype is finite (one pass, one host sync)."""
-        if g.shape != (self.dim,):
-            raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({self.dim},)")
-        gw = g.to(self.dtype).to(self.compute_dtype)
-        if not bool(torch.isfinite(torch.dot(gw, gw))):
-            raise NonFiniteGradientError(
-                "Invalid gradient: contains NaN/Inf or its squared norm overflows "
-                f"{self.compute_dtype}; the window was left unchanged"
-            )
+        check_gradient(g, self.dim, self.dtype, self.compute_dtype)
 
     def add_and_coefficients(self, g: torch.Tensor) -> torch.Tensor:
         """Write ``g`` into every block's window; return the ``(B, m)`` float64 coefficients

@@ -68,16 +68,16 @@ from collections.abc import Callable
 import torch
 
 from torchsteer.linalg import _window_checks as checks
-from torchsteer.linalg._window_checks import GRAM_TOLERANCE, PASS_TOLERANCE
+from torchsteer.linalg._window_checks import (
+    GRAM_TOLERANCE,
+    PASS_TOLERANCE,
+    NonFiniteGradientError,
+)
 
 __all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
 
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
 _GRAM_KEYS = ("float64_gram", "calm_steps")  # optional: older saves computed in float32
-
-
-class NonFiniteGradientError(ValueError):
-    """A gradient with NaN/Inf entries (or a squared norm overflowing the window dtype)."""
 
 
 class GradientWindow:
@@ -209,13 +209,7 @@ class GradientWindow:
         One pass: ``g . g`` (in the window dtype) is finite iff ``g`` has no NaN/Inf and its
         squared norm does not overflow that dtype. Host sync (an accept/reject test).
         """
-        self._check_vector(g, "gradient")
-        gw = g.to(self.dtype).to(self.compute_dtype)
-        if not bool(torch.isfinite(torch.dot(gw, gw))):
-            raise NonFiniteGradientError(
-                "Invalid gradient: contains NaN/Inf or its squared norm overflows "
-                f"{self.dtype}; the window was left unchanged"
-            )
+        checks.check_gradient(g, self.dim, self.dtype, self.compute_dtype)
 
     def refresh(self, robust: bool = False) -> None:
         """Recompute ``M = (m lambda I + K)^{-1}`` from the Gram by Cholesky (O(m^3)).
