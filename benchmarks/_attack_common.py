@@ -177,7 +177,7 @@ def expect_reject(
     before = snapshot(*state())
     try:
         out = call()
-    except Exception as exc:  # noqa: BLE001 - judged below
+    except Exception as exc:
         ok, why = clear_error(exc, names)
         if not bitwise_equal(before, snapshot(*state())):
             return defect(f"state changed after {why}")

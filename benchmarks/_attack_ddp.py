@@ -34,16 +34,21 @@ def _port():
 def _worker(rank, port, outdir, name):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2, timeout=datetime.timedelta(seconds=TIMEOUT))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=TIMEOUT),
+    )
     try:
         result = SCENARIOS[name][0](rank)
-    except Exception:  # noqa: BLE001 - a harness error on this rank
+    except Exception:
         result = ("harness: " + traceback.format_exc()[-300:], False)
     torch.save(result, os.path.join(outdir, f"{rank}.pt"))
     try:
         dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 
@@ -73,8 +78,9 @@ def _guard(call, state):
     try:
         call()
         raised = None
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        raised = f"{type(exc).__name__}: {str(exc)[:120]}"
+    except Exception as exc:
+        clear = "clear" if isinstance(exc, ValueError | TypeError) else "raw"
+        raised = f"{clear} {type(exc).__name__}: {str(exc)[:120]}"
     return raised, bitwise_equal(before, snapshot(*state()))
 
 
@@ -117,8 +123,9 @@ def mfac(bad, policy="raise"):
 
         step(x, y)
         xb, yb = _bad_inputs(rank, bad, x, y)
-        out = _guard(lambda: step(xb, yb),
-                     lambda: (model, [dict(s) for s in opt.state.values()]))  # sharded: no
+        out = _guard(
+            lambda: step(xb, yb), lambda: (model, [dict(s) for s in opt.state.values()])
+        )  # sharded: no
         step(x, y)  # the ranks are still in step afterwards                 # state_dict()
         return out
 
@@ -220,8 +227,11 @@ def paced(bad):
         p.update(torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64))
         rates = torch.tensor([0.3, 0.6, 0.9], dtype=torch.float64)
         if rank == 1:
-            rates = {"nan": torch.tensor([NAN, 0.5, 0.5], dtype=torch.float64),
-                     "empty": rates[:0], "range": torch.tensor([1.5, 0.5, 0.5])}[bad]
+            rates = {
+                "nan": torch.tensor([NAN, 0.5, 0.5], dtype=torch.float64),
+                "empty": rates[:0],
+                "range": torch.tensor([1.5, 0.5, 0.5]),
+            }[bad]
         out = _guard(lambda: p.update(rates), lambda: (p,))
         p.update(torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64))
         return out
@@ -277,13 +287,25 @@ def limiter(bad):
         if bad == "nan_inputs_only" and rank == 1:
             xb = x.clone()
             xb[0, 0] = NAN  # the measurement batch only, the gradients are fine
-            out = _guard(lambda: (opt.zero_grad(), F.cross_entropy(model(x), y).backward(),
-                                  [dist.all_reduce(p.grad) for p in model.parameters()],
-                                  lim.step(opt, xb)), lambda: (model, opt, lim))
+            out = _guard(
+                lambda: (
+                    opt.zero_grad(),
+                    F.cross_entropy(model(x), y).backward(),
+                    [dist.all_reduce(p.grad) for p in model.parameters()],
+                    lim.step(opt, xb),
+                ),
+                lambda: (model, opt, lim),
+            )
         elif bad == "nan_inputs_only":
-            out = _guard(lambda: (opt.zero_grad(), F.cross_entropy(model(x), y).backward(),
-                                  [dist.all_reduce(p.grad) for p in model.parameters()],
-                                  lim.step(opt, x)), lambda: (model, opt, lim))
+            out = _guard(
+                lambda: (
+                    opt.zero_grad(),
+                    F.cross_entropy(model(x), y).backward(),
+                    [dist.all_reduce(p.grad) for p in model.parameters()],
+                    lim.step(opt, x),
+                ),
+                lambda: (model, opt, lim),
+            )
         else:
             out = _guard(lambda: step(xb, yb), lambda: (model, opt, lim))
         step(x, y)
@@ -296,7 +318,9 @@ def limiter(bad):
 SCENARIOS = {
     "MFAC + DDP: NaN input on rank 1": (mfac("nan"), "raise"),
     "MFAC + DDP: NaN input on rank 1, nonfinite=skip": (mfac("nan", "skip"), "skip"),
-    "MFAC + DDP: empty batch on rank 1": (mfac("empty"), "raise"),
+    # an empty local batch: the user's loss is the mean of nothing (its gradient is 0 on that
+    # rank) and DDP averages; the global batch is not empty, going on is right
+    "MFAC + DDP: empty batch on rank 1": (mfac("empty"), "either"),
     "Sven: NaN input on rank 1": (sven("nan"), "raise"),
     "Sven: NaN input on rank 1, nonfinite=skip": (sven("nan", "skip"), "skip"),
     "Sven matrix_free: NaN loss on rank 1": (sven("nan_loss", jacobian="matrix_free"), "raise"),
@@ -305,21 +329,27 @@ SCENARIOS = {
     "RegularizedNewton: NaN loss on rank 1": (newton("nan_loss"), "raise"),
     "RegularizedNewton: NaN loss on rank 1, nonfinite=skip": (newton("nan_loss", "skip"), "skip"),
     "RegularizedNewton: (B,) loss on rank 1": (newton("shape"), "raise"),
-    "RegularizedNewton empirical_fisher: empty batch on rank 1":
-        (newton("empty", curvature="empirical_fisher"), "raise"),
+    "RegularizedNewton empirical_fisher: empty batch on rank 1": (
+        newton("empty", curvature="empirical_fisher"),
+        "raise",
+    ),
     "DROWeighting streaming: NaN loss on rank 1": (dro("nan", mode="streaming"), "raise"),
     "DROWeighting batch: empty batch on rank 1": (dro("empty"), "raise"),
     "DROWeighting batch: 2-d losses on rank 1": (dro("shape"), "raise"),
-    "DROWeighting class_level: float labels on rank 1":
-        (dro("float_labels", class_level=True, num_classes=3), "raise"),
+    "DROWeighting class_level: float labels on rank 1": (
+        dro("float_labels", class_level=True, num_classes=3),
+        "raise",
+    ),
     "PACEDWeights: NaN pass rate on rank 1": (paced("nan"), "raise"),
     "PACEDWeights: pass rate 1.5 on rank 1": (paced("range"), "raise"),
     "PACEDWeights: empty batch on rank 1": (paced("empty"), "either"),
     "KLStatistics + PID: NaN kl on rank 1": (kl_statistics("nan"), "raise"),
     "KLStatistics + PID: a statistic missing on rank 1": (kl_statistics("missing"), "raise"),
     "RadiusLimiter + Adam: NaN input on rank 1": (limiter("nan"), "either"),
-    "RadiusLimiter + Adam: NaN in rank 1's measurement batch only":
-        (limiter("nan_inputs_only"), "raise"),
+    "RadiusLimiter + Adam: NaN in rank 1's measurement batch only": (
+        limiter("nan_inputs_only"),
+        "raise",
+    ),
 }
 
 
@@ -343,8 +373,7 @@ def ddp_case(name):
                 return defect(f"state changed after the error ({raised0})")
             if expected == "skip":
                 return defect(f"nonfinite='skip' raised on both ranks: {raised0}")
-            if not (raised0.startswith(("ValueError", "TypeError"))
-                    and raised1.startswith(("ValueError", "TypeError"))):
+            if not (raised0.startswith("clear") and raised1.startswith("clear")):
                 return defect(f"raw error: rank 0 {raised0}; rank 1 {raised1}")
             return held(f"both ranks raise: {raised1}"[:140])
         if expected == "raise":
@@ -356,6 +385,11 @@ def ddp_case(name):
 
 def register() -> None:
     for name in SCENARIOS:
-        add(KIND, name.split(":")[0], name.split(": ", 1)[1], ddp_case(name),
-            f"2 gloo ranks: {name}")
+        add(
+            KIND,
+            name.split(":")[0],
+            name.split(": ", 1)[1],
+            ddp_case(name),
+            f"2 gloo ranks: {name}",
+        )
     _ = documented

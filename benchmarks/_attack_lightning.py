@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -50,8 +49,9 @@ class Module(pl.LightningModule):
     def __init__(self, opt="adam", dro=None, kl=False):
         super().__init__()
         torch.manual_seed(3)
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                       torch.nn.Linear(8, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+        )
         self.ref = torch.nn.Linear(4, 3).requires_grad_(False)
         self.opt_kind, self.dro, self.use_kl = opt, dro, kl
         self.kl_coef = 0.0
@@ -78,8 +78,12 @@ class Module(pl.LightningModule):
             return loss
         kl = kl_exact(logits, self.ref(x)).mean()
         ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-        return {"loss": loss + self.kl_coef * kl, "kl": kl.detach(), "entropy": ent.detach(),
-                "reward": -losses.mean().detach()}
+        return {
+            "loss": loss + self.kl_coef * kl,
+            "kl": kl.detach(),
+            "entropy": ent.detach(),
+            "reward": -losses.mean().detach(),
+        }
 
     def configure_optimizers(self):
         ps = self.net.parameters()
@@ -98,18 +102,33 @@ class Module(pl.LightningModule):
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(BATCH, 4, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
         reps = N // BATCH
-        return DataLoader(TensorDataset(x.repeat(reps, 1), y.repeat(reps)), batch_size=BATCH,
-                          shuffle=False)
+        return DataLoader(
+            TensorDataset(x.repeat(reps, 1), y.repeat(reps)), batch_size=BATCH, shuffle=False
+        )
 
 
 def _trainer(dirpath, callbacks, **kw):
-    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=True,
-                      default_root_dir=str(dirpath), max_steps=STEPS, callbacks=callbacks, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=True,
+        default_root_dir=str(dirpath),
+        max_steps=STEPS,
+        callbacks=callbacks,
+        **kw,
+    )
 
 
-def scenario(opt="adam", callbacks=lambda dro: [], dro=None, kl=False, where="batch_start",
-             via="OnExceptionCheckpoint"):
+def scenario(
+    opt="adam",
+    callbacks=lambda dro: [],
+    dro=None,
+    kl=False,
+    where="batch_start",
+    via="OnExceptionCheckpoint",
+):
     """Uninterrupted vs killed at step 4 and resumed: (defect or None, detail)."""
 
     def build():
@@ -127,8 +146,14 @@ def scenario(opt="adam", callbacks=lambda dro: [], dro=None, kl=False, where="ba
             if via == "OnExceptionCheckpoint":
                 savers = [OnExceptionCheckpoint(dirpath=str(tmp / "crash"), filename="crash")]
             else:
-                savers = [ModelCheckpoint(dirpath=str(tmp / "periodic"), every_n_train_steps=2,
-                                          save_top_k=-1, filename="{step}")]
+                savers = [
+                    ModelCheckpoint(
+                        dirpath=str(tmp / "periodic"),
+                        every_n_train_steps=2,
+                        save_top_k=-1,
+                        filename="{step}",
+                    )
+                ]
             try:
                 _trainer(tmp / "run", [*cbs, *savers, Crash(5, where)]).fit(mod)
                 return defect("harness: the crash did not happen")
@@ -137,8 +162,9 @@ def scenario(opt="adam", callbacks=lambda dro: [], dro=None, kl=False, where="ba
             if via == "OnExceptionCheckpoint":
                 ckpt = tmp / "crash" / "crash.ckpt"
             else:
-                ckpt = sorted((tmp / "periodic").glob("*.ckpt"),
-                              key=lambda p: int(p.stem.split("=")[1]))[-1]
+                ckpt = sorted(
+                    (tmp / "periodic").glob("*.ckpt"), key=lambda p: int(p.stem.split("=")[1])
+                )[-1]
             if not ckpt.exists():
                 return defect("no checkpoint was written at the crash")
             torch.load(ckpt, weights_only=True)  # the checkpoint loads without pickle
@@ -147,12 +173,18 @@ def scenario(opt="adam", callbacks=lambda dro: [], dro=None, kl=False, where="ba
             same = bitwise_equal(snapshot(ref.net), snapshot(mod2.net))
             same_cb = bitwise_equal(ref_cb, [snapshot(c.state_dict()) for c in cbs2])
             if same and same_cb:
-                return held(f"killed at step 5 ({where}), resumed from {ckpt.name}: "
-                            "parameters and callback state bit for bit")
-            diff = max(float((a - b).abs().max())
-                       for a, b in zip(ref.net.parameters(), mod2.net.parameters(), strict=True))
-            return defect(f"resumed run differs: parameters equal={same} (max |diff| {diff:.2e}),"
-                          f" callback state equal={same_cb}")
+                return held(
+                    f"killed at step 5 ({where}), resumed from {ckpt.name}: "
+                    "parameters and callback state bit for bit"
+                )
+            diff = max(
+                float((a - b).abs().max())
+                for a, b in zip(ref.net.parameters(), mod2.net.parameters(), strict=True)
+            )
+            return defect(
+                f"resumed run differs: parameters equal={same} (max |diff| {diff:.2e}),"
+                f" callback state equal={same_cb}"
+            )
 
     return run
 
@@ -162,8 +194,7 @@ def _dro():
 
 
 def _dro_class():
-    return DROWeighting(0.5, class_level=True, num_classes=3, class_step=0.2,
-                        class_momentum=0.5)
+    return DROWeighting(0.5, class_level=True, num_classes=3, class_step=0.2, class_momentum=0.5)
 
 
 def register() -> None:
@@ -171,32 +202,57 @@ def register() -> None:
         "control arm: Adam, no torchsteer callback": dict(),
         "RadiusLimit + Adam": dict(callbacks=lambda d: [RadiusLimit(r_max=0.05)]),
         "RadiusLimit(neg_grad) + Adam": dict(
-            callbacks=lambda d: [RadiusLimit(r_max=0.05, direction="neg_grad")]),
+            callbacks=lambda d: [RadiusLimit(r_max=0.05, direction="neg_grad")]
+        ),
         "RadiusLimit + MFAC": dict(opt="mfac", callbacks=lambda d: [RadiusLimit(r_max=0.05)]),
-        "KLControl(PID) + Adam": dict(kl=True, callbacks=lambda d: [KLControl(
-            PIDKLController(target=0.05, delay=1))]),
-        "KLControl(SAFE) + Adam": dict(kl=True, callbacks=lambda d: [KLControl(
-            SAFEController(window=3))]),
-        "DROReweighting(streaming) + Adam": dict(dro=_dro,
-                                                 callbacks=lambda d: [DROReweighting(d)]),
-        "DROReweighting(class_level) + MFAC": dict(opt="mfac", dro=_dro_class,
-                                                   callbacks=lambda d: [DROReweighting(d)]),
-        "all three callbacks + MFAC": dict(opt="mfac", dro=_dro, kl=True, callbacks=lambda d: [
-            RadiusLimit(r_max=0.05), KLControl(PIDKLController(target=0.05)), DROReweighting(d)]),
+        "KLControl(PID) + Adam": dict(
+            kl=True, callbacks=lambda d: [KLControl(PIDKLController(target=0.05, delay=1))]
+        ),
+        "KLControl(SAFE) + Adam": dict(
+            kl=True, callbacks=lambda d: [KLControl(SAFEController(window=3))]
+        ),
+        "DROReweighting(streaming) + Adam": dict(dro=_dro, callbacks=lambda d: [DROReweighting(d)]),
+        "DROReweighting(class_level) + MFAC": dict(
+            opt="mfac", dro=_dro_class, callbacks=lambda d: [DROReweighting(d)]
+        ),
+        "all three callbacks + MFAC": dict(
+            opt="mfac",
+            dro=_dro,
+            kl=True,
+            callbacks=lambda d: [
+                RadiusLimit(r_max=0.05),
+                KLControl(PIDKLController(target=0.05)),
+                DROReweighting(d),
+            ],
+        ),
         "Sven (manual optimization)": dict(opt="sven"),
         "RegularizedNewton (manual optimization)": dict(opt="newton"),
         "RadiusLimit + Sven (manual optimization)": dict(
-            opt="sven", callbacks=lambda d: [RadiusLimit(r_max=0.05)]),
+            opt="sven", callbacks=lambda d: [RadiusLimit(r_max=0.05)]
+        ),
     }
     for name, kw in cases.items():
-        add(KIND, name, "crash at batch start, OnExceptionCheckpoint",
-            scenario(**kw), f"{name}: raise in on_train_batch_start at step 5, resume from "
-            "OnExceptionCheckpoint, compare with the uninterrupted 9 steps")
+        add(
+            KIND,
+            name,
+            "crash at batch start, OnExceptionCheckpoint",
+            scenario(**kw),
+            f"{name}: raise in on_train_batch_start at step 5, resume from "
+            "OnExceptionCheckpoint, compare with the uninterrupted 9 steps",
+        )
         if kw.get("opt") not in ("sven", "newton"):
-            add(KIND, name, "crash before the optimizer step, OnExceptionCheckpoint",
+            add(
+                KIND,
+                name,
+                "crash before the optimizer step, OnExceptionCheckpoint",
                 scenario(where="before_optimizer_step", **kw),
-                f"{name}: raise in on_before_optimizer_step at step 5, resume")
-        add(KIND, name, "crash at batch start, periodic ModelCheckpoint",
+                f"{name}: raise in on_before_optimizer_step at step 5, resume",
+            )
+        add(
+            KIND,
+            name,
+            "crash at batch start, periodic ModelCheckpoint",
             scenario(via="ModelCheckpoint", **kw),
-            f"{name}: ModelCheckpoint(every_n_train_steps=2), crash at 5, resume from step 4")
+            f"{name}: ModelCheckpoint(every_n_train_steps=2), crash at 5, resume from step 4",
+        )
     _ = documented

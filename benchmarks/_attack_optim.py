@@ -65,27 +65,59 @@ OPTIMIZERS = {
 # posint, nonnegint, int, choice:<a>|<b>, bool, dtype
 DOMAINS = {
     "MFAC": {
-        "lr": "nonneg", "ngrads": "posint", "damp": "pos", "momentum": "unit",
-        "weight_decay": "nonneg", "nonfinite": "choice", "block_size": "posint",
-        "memory_budget": "pos", "maximize": "bool", "window_dtype": "dtype", "shard": "bool",
+        "lr": "nonneg",
+        "ngrads": "posint",
+        "damp": "pos",
+        "momentum": "unit",
+        "weight_decay": "nonneg",
+        "nonfinite": "choice",
+        "block_size": "posint",
+        "memory_budget": "pos",
+        "maximize": "bool",
+        "window_dtype": "dtype",
+        "shard": "bool",
     },
     "Sven": {
-        "lr": "nonneg", "momentum": "unit", "rank": "posint", "rtol": "unit", "kappa": "pos",
-        "svd": "choice", "jacobian": "choice", "oversample": "nonnegint",
-        "power_iters": "nonnegint", "param_fraction": "frac", "microbatch_size": "posint",
-        "nonfinite": "choice", "memory_budget": "posint", "seed": "int",
-        "gram_dtype": "dtype", "damping": "nonneg", "max_step_norm": "pos", "maximize": "bool",
+        "lr": "nonneg",
+        "momentum": "unit",
+        "rank": "posint",
+        "rtol": "unit",
+        "kappa": "pos",
+        "svd": "choice",
+        "jacobian": "choice",
+        "oversample": "nonnegint",
+        "power_iters": "nonnegint",
+        "param_fraction": "frac",
+        "microbatch_size": "posint",
+        "nonfinite": "choice",
+        "memory_budget": "posint",
+        "seed": "int",
+        "gram_dtype": "dtype",
+        "damping": "nonneg",
+        "max_step_norm": "pos",
+        "maximize": "bool",
     },
     "RegularizedNewton": {
-        "curvature": "choice", "regularization": "choice", "gamma0": "pos", "growth": "choice",
-        "max_tries": "posint", "solver": "choice", "cg_tol": "open", "cg_maxiter": "posint",
-        "cg_check_every": "posint", "nonfinite": "choice", "reuse_trial": "bool", "lr": "nonneg",
+        "curvature": "choice",
+        "regularization": "choice",
+        "gamma0": "pos",
+        "growth": "choice",
+        "max_tries": "posint",
+        "solver": "choice",
+        "cg_tol": "open",
+        "cg_maxiter": "posint",
+        "cg_check_every": "posint",
+        "nonfinite": "choice",
+        "reuse_trial": "bool",
+        "lr": "nonneg",
     },
 }
-PER_GROUP = {"MFAC": ("lr", "momentum", "weight_decay"), "Sven": ("lr", "momentum"),
-             "RegularizedNewton": ("lr",)}
-GLOBAL_IN_GROUP = {"MFAC": ("ngrads", 7), "Sven": ("rank", 3),
-                   "RegularizedNewton": ("gamma0", 3.0)}
+PER_GROUP = {
+    "MFAC": ("lr", "momentum", "weight_decay"),
+    "Sven": ("lr", "momentum"),
+    "RegularizedNewton": ("lr",),
+}
+GLOBAL_IN_GROUP = {"MFAC": ("ngrads", 7), "Sven": ("rank", 3), "RegularizedNewton": ("gamma0", 3.0)}
 
 
 def bad_values(domain):
@@ -96,8 +128,13 @@ def bad_values(domain):
         return [("str", "yes"), ("float", 0.5), ("nan", NAN)]
     if domain == "dtype":
         return [("int32", torch.int32), ("str", "float32"), ("complex64", torch.complex64)]
-    out = [("nan", NAN), ("inf", INF), ("str", "x"), ("bool", True),
-           ("tensor (2,)", torch.tensor([1.0, 2.0]))]
+    out = [
+        ("nan", NAN),
+        ("inf", INF),
+        ("str", "x"),
+        ("bool", True),
+        ("tensor (2,)", torch.tensor([1.0, 2.0])),
+    ]
     out += {
         "pos": [("0", 0.0), ("-1", -1.0)],
         "nonneg": [("-1", -1.0)],
@@ -115,7 +152,7 @@ def _construct_case(name, hp, value):
     make, _ = OPTIMIZERS[name]
 
     def run():
-        model, x, y = problem()
+        model, _x, _y = problem()
         return expect_reject(lambda: make(model.parameters(), **{hp: value}), names=(hp,))
 
     return run
@@ -136,7 +173,8 @@ def _group_case(name, hp, value, via):
             step(opt, model, x, y)
         return expect_reject(
             lambda: opt.add_param_group({"params": second, hp: value}),
-            state=lambda: (model, opt), names=(hp,),
+            state=lambda: (model, opt),
+            names=(hp,),
             accepted=lambda _: defect(f"add_param_group accepted {hp}={value!r}"),
         )
 
@@ -154,21 +192,29 @@ def _load_case(name, corrupt, label):
             step(o, m, x, y)
             step(o, m, x, y)
         bad = corrupt(copy.deepcopy(opt.state_dict()), model)
-        v = expect_reject(lambda: opt.load_state_dict(bad), state=lambda: (model, opt),
-                          accepted=lambda _: documented("accepted: must step like the twin"))
+        v = expect_reject(
+            lambda: opt.load_state_dict(bad),
+            state=lambda: (model, opt),
+            accepted=lambda _: documented("accepted: must step like the twin"),
+        )
         if v.status == "defect":
             return v
         try:  # the optimizer still steps like its twin that never saw the bad state
             step(opt, model, x, y)
             step(twin, twin_model, x, y)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return defect(f"after a refused load, step raises {type(exc).__name__}: {exc}"[:150])
         if not bitwise_equal(snapshot(model), snapshot(twin_model)):
             return defect("after the load the next step differs from the untouched twin")
         if v.status != "held":
-            return defect(f"load accepted {label}") if "group without" not in label else documented(
-                "a group without lr is filled from defaults, as older saves are "
-                "(docs/optimizer_contract.md: loads older saves); steps like the twin")
+            return (
+                defect(f"load accepted {label}")
+                if "group without" not in label
+                else documented(
+                    "a group without lr is filled from defaults, as older saves are "
+                    "(docs/optimizer_contract.md: loads older saves); steps like the twin"
+                )
+            )
         return v
 
     return run
@@ -201,8 +247,13 @@ def corruptions():
 
     def nan_tensor(sd, model):
         st = _first_state(sd)
-        keys = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and k not in ("step", "skipped_steps")]
+        keys = [
+            k
+            for k, v in st.items()
+            if isinstance(v, torch.Tensor)
+            and v.is_floating_point()
+            and k not in ("step", "skipped_steps")
+        ]
         if keys:
             st[keys[0]] = torch.full_like(st[keys[0]], NAN)
         else:  # a float counter (RegularizedNewton's gamma)
@@ -222,12 +273,18 @@ def corruptions():
         _first_state(sd)["step"] = "three"
         return sd
 
-    out = [group_value("lr", NAN), group_value("lr", -1.0), group_value("lr", "x"),
-           group_value("nonfinite", "bogus")]
-    out += [(shrink_tensor, "a state tensor of the wrong shape"),
-            (nan_tensor, "a state tensor full of NaN"),
-            (drop_group_key, "a param group without lr"),
-            (string_step, "step counter 'three'")]
+    out = [
+        group_value("lr", NAN),
+        group_value("lr", -1.0),
+        group_value("lr", "x"),
+        group_value("nonfinite", "bogus"),
+    ]
+    out += [
+        (shrink_tensor, "a state tensor of the wrong shape"),
+        (nan_tensor, "a state tensor full of NaN"),
+        (drop_group_key, "a param group without lr"),
+        (string_step, "step counter 'three'"),
+    ]
     return out
 
 
@@ -247,8 +304,11 @@ def _other_model_case(name):
             step(opt, model, x, y)  # RegularizedNewton's state holds no per-parameter shapes
             return held("no shape-dependent state: the load is harmless, the next step runs")
 
-        return expect_reject(lambda: opt.load_state_dict(other.state_dict()),
-                             state=lambda: (model, opt), accepted=accepted)
+        return expect_reject(
+            lambda: opt.load_state_dict(other.state_dict()),
+            state=lambda: (model, opt),
+            accepted=accepted,
+        )
 
     return run
 
@@ -265,7 +325,7 @@ def _global_changed_case(name):
         state_before = snapshot(model, opt)
         try:
             opt.load_state_dict(sd)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not bitwise_equal(state_before, snapshot(model, opt)):
                 return defect(f"state changed after {type(exc).__name__}")
             return held(f"{type(exc).__name__}: {exc}"[:120])
@@ -314,7 +374,7 @@ def _nonfinite_case(name, value, policy, where):
         before = snapshot(model, opt)
         try:
             step(opt, model, x, y, poison)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             after = snapshot(model, opt)
             ok = isinstance(exc, ValueError) and any(
                 w in str(exc).lower() for w in ("nan", "inf", "finite")
@@ -323,8 +383,11 @@ def _nonfinite_case(name, value, policy, where):
                 return defect(f"state changed after {type(exc).__name__}: {exc}"[:150])
             if policy == "skip":
                 return defect(f"nonfinite='skip' raised {type(exc).__name__}: {exc}"[:150])
-            return held(f"{type(exc).__name__}: {exc}"[:110]) if ok else defect(
-                f"unclear {type(exc).__name__}: {exc}"[:150])
+            return (
+                held(f"{type(exc).__name__}: {exc}"[:110])
+                if ok
+                else defect(f"unclear {type(exc).__name__}: {exc}"[:150])
+            )
         if policy == "raise":
             return defect(f"non-finite {where} accepted with nonfinite='raise'")
         after = snapshot(model)
@@ -362,7 +425,7 @@ def _dtype_case(name, dtype):
         try:
             for _ in range(2):
                 step(opt, model, x, y)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             from _attack_common import clear_error
 
             ok, why = clear_error(exc, (str(dtype).split(".")[-1], "dtype", "half", "precision"))
@@ -377,7 +440,7 @@ def _dtype_case(name, dtype):
 
 
 def _mixed_dtype_case(name):
-    make, step = OPTIMIZERS[name]
+    make, _step = OPTIMIZERS[name]
 
     def run():
         model, x, y = problem()
@@ -397,7 +460,7 @@ def _mixed_dtype_case(name):
                 opt.step(lambda: F.cross_entropy(fwd_model(x), y, reduction="none"))
             else:
                 opt.step(lambda: F.cross_entropy(fwd_model(x), y))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             from _attack_common import clear_error
 
             ok, why = clear_error(exc, ("dtype",))
@@ -421,7 +484,7 @@ def _frozen_case(name):
         try:
             for _ in range(2):
                 step(opt, model, x, y)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return defect(f"a frozen parameter in the list: {type(exc).__name__}: {exc}"[:150])
         if not torch.equal(frozen, model[0].weight):
             return defect("the frozen parameter moved")
@@ -446,7 +509,7 @@ def _all_frozen_case(name):
 
         try:
             go()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             from _attack_common import clear_error
 
             ok, why = clear_error(exc, ("requires_grad", "frozen", "grad", "no parameter"))
@@ -477,14 +540,17 @@ def _empty_batch_case(name):
         model, x, y = problem()
         opt = make(model.parameters())
         step(opt, model, x, y)
-        return expect_reject(lambda: step(opt, model, x[:0], y[:0]), state=lambda: (model, opt),
-                             names=("empty", "batch", "sample", "nan", "finite"))
+        return expect_reject(
+            lambda: step(opt, model, x[:0], y[:0]),
+            state=lambda: (model, opt),
+            names=("empty", "batch", "sample", "nan", "finite"),
+        )
 
     return run
 
 
 def _zero_size_param_case(name):
-    make, step = OPTIMIZERS[name]
+    make, _step = OPTIMIZERS[name]
 
     def run():
         model, x, y = problem()
@@ -504,7 +570,7 @@ def _zero_size_param_case(name):
 
         try:
             go()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             from _attack_common import clear_error
 
             ok, why = clear_error(exc, ("empty", "zero", "size"))
@@ -523,8 +589,9 @@ def _closure_kind_cases():
         def run():
             model, x, y = problem()
             opt = Sven(model.parameters(), lr=0.1, rank=8)
-            return expect_reject(lambda: opt.step(lambda: ret(model, x, y)),
-                                 state=lambda: (model, opt), names=names)
+            return expect_reject(
+                lambda: opt.step(lambda: ret(model, x, y)), state=lambda: (model, opt), names=names
+            )
 
         return run
 
@@ -532,45 +599,87 @@ def _closure_kind_cases():
         return F.cross_entropy(model(x), y, reduction="none")
 
     cases += [
-        ("Sven", "closure returns a scalar", sven(lambda m, x, y: ce(m, x, y).mean(),
-                                                  ("scalar", "per-sample", "(B,)"))),
-        ("Sven", "closure returns (B, 1)", sven(lambda m, x, y: ce(m, x, y)[:, None],
-                                                ("shape", "per-sample", "1-d", "(B,)"))),
-        ("Sven", "closure returns detached losses", sven(lambda m, x, y: ce(m, x, y).detach(),
-                                                         ("grad", "graph"))),
+        (
+            "Sven",
+            "closure returns a scalar",
+            sven(lambda m, x, y: ce(m, x, y).mean(), ("scalar", "per-sample", "(B,)")),
+        ),
+        (
+            "Sven",
+            "closure returns (B, 1)",
+            sven(lambda m, x, y: ce(m, x, y)[:, None], ("shape", "per-sample", "1-d", "(B,)")),
+        ),
+        (
+            "Sven",
+            "closure returns detached losses",
+            sven(lambda m, x, y: ce(m, x, y).detach(), ("grad", "graph")),
+        ),
         ("Sven", "closure returns a float", sven(lambda m, x, y: 1.0, ("tensor", "closure"))),
-        ("Sven", "closure returns int losses",
-         sven(lambda m, x, y: ce(m, x, y).long(), ("dtype", "float", "grad"))),
+        (
+            "Sven",
+            "closure returns int losses",
+            sven(lambda m, x, y: ce(m, x, y).long(), ("dtype", "float", "grad")),
+        ),
     ]
 
     def newton(ret, names, **kw):
         def run():
             model, x, y = problem()
             opt = RegularizedNewton(model.parameters(), **kw)
-            return expect_reject(lambda: opt.step(lambda: ret(model, x, y)),
-                                 state=lambda: (model, opt), names=names)
+            return expect_reject(
+                lambda: opt.step(lambda: ret(model, x, y)), state=lambda: (model, opt), names=names
+            )
 
         return run
 
     cases += [
-        ("RegularizedNewton", "hessian closure returns (B,)",
-         newton(ce, ("scalar", "hessian", "per-sample"))),
-        ("RegularizedNewton", "hessian closure returns a float",
-         newton(lambda m, x, y: 1.0, ("tensor", "closure", "scalar"))),
-        ("RegularizedNewton", "hessian closure returns detached",
-         newton(lambda m, x, y: ce(m, x, y).mean().detach(), ("grad", "graph"))),
-        ("RegularizedNewton", "gauss_newton closure returns a scalar",
-         newton(lambda m, x, y: ce(m, x, y).mean(), ("outputs", "gauss_newton", "tuple"),
-                curvature="gauss_newton")),
-        ("RegularizedNewton", "empirical_fisher closure returns a scalar",
-         newton(lambda m, x, y: ce(m, x, y).mean(), ("per-sample", "(B,)", "empirical"),
-                curvature="empirical_fisher")),
-        ("RegularizedNewton", "no closure",
-         lambda: expect_reject(lambda: RegularizedNewton(problem()[0].parameters()).step(None),
-                               names=("closure",))),
-        ("Sven", "no closure and no batch",
-         lambda: expect_reject(lambda: Sven(problem()[0].parameters()).step(),
-                               names=("closure", "batch"))),
+        (
+            "RegularizedNewton",
+            "hessian closure returns (B,)",
+            newton(ce, ("scalar", "hessian", "per-sample")),
+        ),
+        (
+            "RegularizedNewton",
+            "hessian closure returns a float",
+            newton(lambda m, x, y: 1.0, ("tensor", "closure", "scalar")),
+        ),
+        (
+            "RegularizedNewton",
+            "hessian closure returns detached",
+            newton(lambda m, x, y: ce(m, x, y).mean().detach(), ("grad", "graph")),
+        ),
+        (
+            "RegularizedNewton",
+            "gauss_newton closure returns a scalar",
+            newton(
+                lambda m, x, y: ce(m, x, y).mean(),
+                ("outputs", "gauss_newton", "tuple"),
+                curvature="gauss_newton",
+            ),
+        ),
+        (
+            "RegularizedNewton",
+            "empirical_fisher closure returns a scalar",
+            newton(
+                lambda m, x, y: ce(m, x, y).mean(),
+                ("per-sample", "(B,)", "empirical"),
+                curvature="empirical_fisher",
+            ),
+        ),
+        (
+            "RegularizedNewton",
+            "no closure",
+            lambda: expect_reject(
+                lambda: RegularizedNewton(problem()[0].parameters()).step(None), names=("closure",)
+            ),
+        ),
+        (
+            "Sven",
+            "no closure and no batch",
+            lambda: expect_reject(
+                lambda: Sven(problem()[0].parameters()).step(), names=("closure", "batch")
+            ),
+        ),
     ]
     return cases
 
@@ -587,8 +696,11 @@ def _maximize_case(name):
             step(opt, model, x, y)
         with torch.no_grad():
             l1 = F.cross_entropy(model(x), y).item()
-        return held(f"maximize raised the loss {l0:.3f} -> {l1:.3f}") if l1 > l0 else defect(
-            f"maximize=True lowered the loss {l0:.3f} -> {l1:.3f}")
+        return (
+            held(f"maximize raised the loss {l0:.3f} -> {l1:.3f}")
+            if l1 > l0
+            else defect(f"maximize=True lowered the loss {l0:.3f} -> {l1:.3f}")
+        )
 
     return run
 
@@ -599,59 +711,137 @@ def register() -> None:
             domains = {**domains, "maximize": "bool"}
         for hp, domain in domains.items():
             for label, value in bad_values(domain):
-                add(KIND, f"{name} constructor", f"{hp}={label}", _construct_case(name, hp, value),
-                    f"{name}(model.parameters(), {hp}={value!r})")
+                add(
+                    KIND,
+                    f"{name} constructor",
+                    f"{hp}={label}",
+                    _construct_case(name, hp, value),
+                    f"{name}(model.parameters(), {hp}={value!r})",
+                )
         for hp in PER_GROUP[name]:
             for label, value in bad_values(DOMAINS[name][hp]):
                 for via in ("constructor group", "add_param_group"):
-                    add(KIND, f"{name} {via}", f"{hp}={label}",
+                    add(
+                        KIND,
+                        f"{name} {via}",
+                        f"{hp}={label}",
                         _group_case(name, hp, value, via),
-                        f"{name}: a param group with {hp}={value!r} ({via})")
+                        f"{name}: a param group with {hp}={value!r} ({via})",
+                    )
         hp, value = GLOBAL_IN_GROUP[name]
         for via in ("constructor group", "add_param_group"):
-            add(KIND, f"{name} {via}", f"global {hp} differs in a group",
-                _group_case(name, hp, value, via), f"{name}: a group with {hp}={value}")
+            add(
+                KIND,
+                f"{name} {via}",
+                f"global {hp} differs in a group",
+                _group_case(name, hp, value, via),
+                f"{name}: a group with {hp}={value}",
+            )
         for corrupt, label in corruptions():
-            add(KIND, f"{name} load_state_dict", label, _load_case(name, corrupt, label),
-                f"{name}.load_state_dict(state with {label})")
-        add(KIND, f"{name} load_state_dict", "the state of another model",
-            _other_model_case(name), f"{name}.load_state_dict(state of a wider model)")
-        add(KIND, f"{name} load_state_dict", f"a saved {GLOBAL_IN_GROUP[name][0]} differs",
-            _global_changed_case(name), f"{name}: load a state saved with another global hparam")
+            add(
+                KIND,
+                f"{name} load_state_dict",
+                label,
+                _load_case(name, corrupt, label),
+                f"{name}.load_state_dict(state with {label})",
+            )
+        add(
+            KIND,
+            f"{name} load_state_dict",
+            "the state of another model",
+            _other_model_case(name),
+            f"{name}.load_state_dict(state of a wider model)",
+        )
+        add(
+            KIND,
+            f"{name} load_state_dict",
+            f"a saved {GLOBAL_IN_GROUP[name][0]} differs",
+            _global_changed_case(name),
+            f"{name}: load a state saved with another global hparam",
+        )
         wheres = ("grad", "param") if name == "MFAC" else ("loss", "param")
         for where in wheres:
             for vlabel, v in (("NaN", NAN), ("Inf", INF)):
                 for policy in ("raise", "skip"):
-                    add(KIND, f"{name} non-finite", f"{vlabel} {where}, nonfinite={policy}",
+                    add(
+                        KIND,
+                        f"{name} non-finite",
+                        f"{vlabel} {where}, nonfinite={policy}",
                         _nonfinite_case(name, v, policy, where),
-                        f"{name}(nonfinite={policy!r}): {vlabel} in the {where} at step 2")
+                        f"{name}(nonfinite={policy!r}): {vlabel} in the {where} at step 2",
+                    )
         for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.complex64):
-            add(KIND, f"{name} dtypes", str(dtype), _dtype_case(name, dtype),
-                f"{name} on {dtype} parameters")
-        add(KIND, f"{name} dtypes", "float32 and float64 parameters", _mixed_dtype_case(name),
-            f"{name} on a model whose last layer is float64")
-        add(KIND, f"{name} parameters", "one frozen parameter in the list", _frozen_case(name),
-            f"{name}: model[0].weight.requires_grad_(False), params in the list")
-        add(KIND, f"{name} parameters", "all parameters frozen", _all_frozen_case(name),
-            f"{name}: every parameter requires_grad=False")
-        add(KIND, f"{name} parameters", "a 0-element parameter", _zero_size_param_case(name),
-            f"{name}: params + nn.Parameter(torch.zeros(0))")
-        add(KIND, f"{name} parameters", "maximize=True ascends", _maximize_case(name),
-            f"{name}(maximize=True): loss must rise")
+            add(
+                KIND,
+                f"{name} dtypes",
+                str(dtype),
+                _dtype_case(name, dtype),
+                f"{name} on {dtype} parameters",
+            )
+        add(
+            KIND,
+            f"{name} dtypes",
+            "float32 and float64 parameters",
+            _mixed_dtype_case(name),
+            f"{name} on a model whose last layer is float64",
+        )
+        add(
+            KIND,
+            f"{name} parameters",
+            "one frozen parameter in the list",
+            _frozen_case(name),
+            f"{name}: model[0].weight.requires_grad_(False), params in the list",
+        )
+        add(
+            KIND,
+            f"{name} parameters",
+            "all parameters frozen",
+            _all_frozen_case(name),
+            f"{name}: every parameter requires_grad=False",
+        )
+        add(
+            KIND,
+            f"{name} parameters",
+            "a 0-element parameter",
+            _zero_size_param_case(name),
+            f"{name}: params + nn.Parameter(torch.zeros(0))",
+        )
+        add(
+            KIND,
+            f"{name} parameters",
+            "maximize=True ascends",
+            _maximize_case(name),
+            f"{name}(maximize=True): loss must rise",
+        )
         if name != "MFAC":
-            add(KIND, f"{name} batch", "an empty batch", _empty_batch_case(name),
-                f"{name}: step on x[:0], y[:0]")
-    add(KIND, "MFAC parameters", "sparse gradient (nn.Embedding(sparse=True))", _sparse_case,
-        "MFAC on nn.Embedding(10, 4, sparse=True)")
-    add(KIND, "MFAC batch", "step with no gradients is a no-op", _mfac_no_grad,
-        "MFAC: step() before any backward")
+            add(
+                KIND,
+                f"{name} batch",
+                "an empty batch",
+                _empty_batch_case(name),
+                f"{name}: step on x[:0], y[:0]",
+            )
+    add(
+        KIND,
+        "MFAC parameters",
+        "sparse gradient (nn.Embedding(sparse=True))",
+        _sparse_case,
+        "MFAC on nn.Embedding(10, 4, sparse=True)",
+    )
+    add(
+        KIND,
+        "MFAC batch",
+        "step with no gradients is a no-op",
+        _mfac_no_grad,
+        "MFAC: step() before any backward",
+    )
     for name, label, fn in _closure_kind_cases():
         add(KIND, f"{name} closure", label, fn, f"{name}.step(closure) where {label}")
     _ = (math, documented)
 
 
 def _mfac_no_grad():
-    model, x, y = problem()
+    model, _x, _y = problem()
     opt = MFAC(model.parameters(), lr=0.1, ngrads=4)
     before = snapshot(model, opt)
     opt.step()

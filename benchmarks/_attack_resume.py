@@ -47,9 +47,9 @@ def optimizer_stepper(kind, sched=False, **kw):
         elif kind == "Sven":
             if kw.get("functional"):
                 kw2 = {k: v for k, v in kw.items() if k != "functional"}
-                opt = Sven(model.parameters(), lr=0.1, rank=8, model=model,
-                           loss_fn=_per_sample_ce,
-                           **kw2)
+                opt = Sven(
+                    model.parameters(), lr=0.1, rank=8, model=model, loss_fn=_per_sample_ce, **kw2
+                )
             else:
                 opt = Sven(model.parameters(), **{"lr": 0.1, "rank": 8, **kw})
         else:
@@ -71,15 +71,19 @@ def optimizer_stepper(kind, sched=False, **kw):
         else:
             curv = kw.get("curvature", "hessian")
             if curv == "gauss_newton":
+
                 def closure():
                     out = model(x)
                     return F.cross_entropy(out, y), out
             elif curv == "empirical_fisher":
+
                 def closure():
                     return F.cross_entropy(model(x), y, reduction="none")
             else:
+
                 def closure():
                     return F.cross_entropy(model(x), y)
+
             opt.step(closure)
         if b["sched"] is not None:
             b["sched"].step()
@@ -201,7 +205,9 @@ def resume_case(stepper):
         got = [step(c, i) for i in range(J, K)]
         for i, (x, y) in enumerate(zip(ref[J:], got, strict=True)):
             if not _outputs_equal(x, y):
-                return defect(f"step {J + i} after the round trip differs from the uninterrupted run")
+                return defect(
+                    f"step {J + i} after the round trip differs from the uninterrupted run"
+                )
         if not bitwise_equal(snapshot(save(a)), snapshot(save(c))):
             return defect("final state_dict differs from the uninterrupted run's")
         return held(f"{K} steps == {J} + save/load(weights_only) + {K - J}, bit for bit")
@@ -210,7 +216,7 @@ def resume_case(stepper):
 
 
 def copy_case(stepper, how):
-    make, step, save, load = stepper
+    make, step, _save, _load = stepper
 
     def run():
         a = make()
@@ -231,59 +237,81 @@ def copy_case(stepper, how):
 def steppers():
     out = {
         "MFAC": optimizer_stepper("MFAC"),
-        "MFAC mid-window (ngrads 4 wraps), momentum, weight_decay":
-            optimizer_stepper("MFAC", momentum=0.5, weight_decay=1e-3),
+        "MFAC mid-window (ngrads 4 wraps), momentum, weight_decay": optimizer_stepper(
+            "MFAC", momentum=0.5, weight_decay=1e-3
+        ),
         "MFAC blocked (block_size 16)": optimizer_stepper("MFAC", block_size=16),
         "MFAC float64 window": optimizer_stepper("MFAC", window_dtype=torch.float64),
         "MFAC nonfinite=skip": optimizer_stepper("MFAC", nonfinite="skip"),
         "MFAC + StepLR mid-schedule": optimizer_stepper("MFAC", sched=True),
         "Sven dense": optimizer_stepper("Sven"),
-        "Sven matrix_free, randomized SVD": optimizer_stepper("Sven", jacobian="matrix_free",
-                                                              svd="randomized", rank=4),
-        "Sven momentum, max_step_norm": optimizer_stepper("Sven", momentum=0.5,
-                                                          max_step_norm=0.5),
+        "Sven matrix_free, randomized SVD": optimizer_stepper(
+            "Sven", jacobian="matrix_free", svd="randomized", rank=4
+        ),
+        "Sven momentum, max_step_norm": optimizer_stepper("Sven", momentum=0.5, max_step_norm=0.5),
         "Sven functional path (model=, loss_fn=)": optimizer_stepper("Sven", functional=True),
         "Sven param_fraction 0.5": optimizer_stepper("Sven", param_fraction=0.5, seed=3),
         "Sven + StepLR mid-schedule": optimizer_stepper("Sven", sched=True),
         "RegularizedNewton hessian": optimizer_stepper("RegularizedNewton"),
-        "RegularizedNewton gauss_newton": optimizer_stepper("RegularizedNewton",
-                                                            curvature="gauss_newton"),
-        "RegularizedNewton empirical_fisher": optimizer_stepper("RegularizedNewton",
-                                                                curvature="empirical_fisher"),
+        "RegularizedNewton gauss_newton": optimizer_stepper(
+            "RegularizedNewton", curvature="gauss_newton"
+        ),
+        "RegularizedNewton empirical_fisher": optimizer_stepper(
+            "RegularizedNewton", curvature="empirical_fisher"
+        ),
         "RegularizedNewton dense, reuse_trial": optimizer_stepper(
-            "RegularizedNewton", curvature="dense", reuse_trial=True),
+            "RegularizedNewton", curvature="dense", reuse_trial=True
+        ),
         "RegularizedNewton lanczos": optimizer_stepper("RegularizedNewton", solver="lanczos"),
-        "RegularizedNewton + StepLR mid-schedule": optimizer_stepper("RegularizedNewton",
-                                                                     sched=True),
+        "RegularizedNewton + StepLR mid-schedule": optimizer_stepper(
+            "RegularizedNewton", sched=True
+        ),
         "FixedKLController": controller_stepper(lambda: control.FixedKLController(0.1), _kl_feed),
         "AdaptiveKLController": controller_stepper(
-            lambda: control.AdaptiveKLController(0.2, target=0.1, horizon=100), _kl_feed),
+            lambda: control.AdaptiveKLController(0.2, target=0.1, horizon=100), _kl_feed
+        ),
         "PIDKLController": controller_stepper(
-            lambda: control.PIDKLController(target=0.1, delay=2, entropy_floor=1.2), _kl_feed),
+            lambda: control.PIDKLController(target=0.1, delay=2, entropy_floor=1.2), _kl_feed
+        ),
         "SAFEController": controller_stepper(lambda: control.SAFEController(window=4), _kl_feed),
         "DROWeighting batch": controller_stepper(lambda: control.DROWeighting(0.5), _dro_feed),
         "DROWeighting streaming": controller_stepper(
-            lambda: control.DROWeighting(0.5, mode="streaming", warmup_steps=2), _dro_feed),
+            lambda: control.DROWeighting(0.5, mode="streaming", warmup_steps=2), _dro_feed
+        ),
         "DROWeighting class_level": controller_stepper(
-            lambda: control.DROWeighting(0.5, class_level=True, num_classes=3), _dro_feed),
+            lambda: control.DROWeighting(0.5, class_level=True, num_classes=3), _dro_feed
+        ),
         "PACEDWeights": controller_stepper(lambda: obj.PACEDWeights(1.0, 2.0), _paced_feed),
         "DifficultyAdaptiveKL (PID base)": controller_stepper(
-            lambda: obj.DifficultyAdaptiveKL(control.PIDKLController(target=0.1)), _dak_feed),
+            lambda: obj.DifficultyAdaptiveKL(control.PIDKLController(target=0.1)), _dak_feed
+        ),
         "KLStatistics mid-accumulation": controller_stepper(control.KLStatistics, _stats_feed),
         "PSKDTargets": controller_stepper(lambda: div.PSKDTargets(10, 5), _pskd_feed),
-        "GradientWindow mid-window": controller_stepper(lambda: la.GradientWindow(4, 9),
-                                                        _window_feed),
+        "GradientWindow mid-window": controller_stepper(
+            lambda: la.GradientWindow(4, 9), _window_feed
+        ),
         "RadiusLimiter + Adam (update)": limiter_stepper(),
         "RadiusLimiter + Adam (neg_grad, nonfinite=skip)": limiter_stepper(
-            direction="neg_grad", nonfinite="skip"),
+            direction="neg_grad", nonfinite="skip"
+        ),
     }
     return out
 
 
 def register() -> None:
     for name, stepper in steppers().items():
-        add(KIND, name, "save / load(weights_only=True) mid-run", resume_case(stepper),
-            f"{name}: {K} steps vs {J} + torch.save/torch.load(weights_only=True) + {K - J}")
+        add(
+            KIND,
+            name,
+            "save / load(weights_only=True) mid-run",
+            resume_case(stepper),
+            f"{name}: {K} steps vs {J} + torch.save/torch.load(weights_only=True) + {K - J}",
+        )
         for how in ("deepcopy", "pickle"):
-            add(KIND, name, f"{how} then step", copy_case(stepper, how),
-                f"{name}: {how} at step {J}, then {K - J} steps vs the original")
+            add(
+                KIND,
+                name,
+                f"{how} then step",
+                copy_case(stepper, how),
+                f"{name}: {how} at step {J}, then {K - J} steps vs the original",
+            )

@@ -36,10 +36,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-from _attack_common import CASES, Verdict, defect  # noqa: E402
+import torch
+from _attack_common import CASES, Verdict, defect
 
 KINDS = ("bad input", "resume", "kill and resume", "bad rank under DDP")
+# where a defect lives (group prefix -> file and who owns it), for routing
+OWNERS = (
+    ("RadiusLimit", "control/radius/**, callbacks/radius_limit.py (limiter-scale)"),
+    ("logit_", "control/radius/measure.py (limiter-scale)"),
+    ("normalized_step", "control/radius/measure.py (limiter-scale)"),
+    ("Sven", "optim/sven*.py, optim/_sven_*.py (limiter-scale)"),
+    ("RegularizedNewton", "optim/regularized_newton.py, optim/_newton_*.py (newton-scale)"),
+    ("conjugate_gradient", "linalg/cg.py, linalg/shifted_solvers.py (newton-scale)"),
+    ("MFAC", "optim/mfac*.py, linalg/gradient_window.py (lead)"),
+    ("GradientWindow", "linalg/gradient_window.py (lead)"),
+    ("BlockedGradientWindow", "linalg/blocked_window.py (lead)"),
+    ("f_divergence", "divergence/** (divergence)"),
+    ("fused_linear", "divergence/** (divergence)"),
+    ("sparse_kd", "divergence/** (divergence)"),
+    ("sinkhorn", "divergence/** (divergence)"),
+    ("PSKDTargets", "divergence/** (divergence)"),
+    ("nkd_loss", "divergence/** (divergence)"),
+    ("soft_cross", "divergence/** (divergence)"),
+    ("z_loss", "divergence/** (divergence)"),
+    ("logz", "divergence/** (divergence)"),
+    ("ps_kd", "divergence/** (divergence)"),
+    ("generator", "divergence/** (divergence)"),
+)
+
+
+def owner(group: str) -> str:
+    for prefix, where in OWNERS:
+        if group.startswith(prefix):
+            return where
+    return "unowned (attack fixes it)"
 
 
 def load_cases(kinds) -> None:
@@ -72,7 +102,7 @@ def run_case(case) -> tuple[Verdict, float]:
             v = case.fn()
         if not isinstance(v, Verdict):
             v = defect(f"harness: case returned {v!r}")
-    except Exception as exc:  # noqa: BLE001 - an escape is itself reported
+    except Exception as exc:
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         v = defect(f"uncaught {type(exc).__name__}: {str(exc)[:120]} (at {tb.name}:{tb.lineno})")
     return v, time.process_time() - t0
@@ -81,27 +111,43 @@ def run_case(case) -> tuple[Verdict, float]:
 def report(results, out: Path, label: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"kind": c.kind, "group": c.group, "case": c.name, "status": v.status,
-         "reason": v.reason, "reproduction": c.repro, "cpu_s": round(dt, 3)}
+        {
+            "kind": c.kind,
+            "group": c.group,
+            "case": c.name,
+            "status": v.status,
+            "reason": v.reason,
+            "reproduction": c.repro,
+            "cpu_s": round(dt, 3),
+        }
         for c, v, dt in results
     ]
     out.with_suffix(".json").write_text(json.dumps({"label": label, "cases": rows}, indent=1))
-    lines = [f"# Attack rerun: {label}", "",
-             "Produced by `OMP_NUM_THREADS=1 python benchmarks/attack.py` (2-core shared "
-             "machine, CPU only, torch " + torch.__version__ + ").", "",
-             "| kind | cases | held | held (documented) | defect |", "|---|---|---|---|---|"]
-    for kind in KINDS + ("all",):
+    lines = [
+        f"# Attack rerun: {label}",
+        "",
+        "Produced by `OMP_NUM_THREADS=1 python benchmarks/attack.py` (2-core shared "
+        "machine, CPU only, torch " + torch.__version__ + ").",
+        "",
+        "| kind | cases | held | held (documented) | defect |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in (*KINDS, "all"):
         sel = [r for r in rows if kind in ("all", r["kind"])]
         if not sel:
             continue
         n = {s: sum(r["status"] == s for r in sel) for s in ("held", "held (documented)", "defect")}
-        lines.append(f"| {kind} | {len(sel)} | {n['held']} | {n['held (documented)']} | "
-                     f"{n['defect']} |")
+        lines.append(
+            f"| {kind} | {len(sel)} | {n['held']} | {n['held (documented)']} | {n['defect']} |"
+        )
     lines += ["", "## Defects", ""]
     for r in rows:
         if r["status"] == "defect":
-            lines.append(f"- **{r['group']}: {r['case']}** ({r['kind']}). {r['reason']}. "
-                         f"Reproduction: {r['reproduction']}")
+            lines.append(
+                f"- **{r['group']}: {r['case']}** ({r['kind']}; {owner(r['group'])}). "
+                f"{r['reason']}. "
+                f"Reproduction: {r['reproduction']}"
+            )
     lines += ["", "## Held (documented)", ""]
     for r in rows:
         if r["status"] == "held (documented)":

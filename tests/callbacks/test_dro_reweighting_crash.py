@@ -57,10 +57,10 @@ class _CrashBeforeStep(pl.Callback):
 
 def _weighting(kind):
     if kind == "class_level":
-        return DROWeighting(0.5, class_level=True, num_classes=3, class_step=0.2,
-                            class_momentum=0.5)
+        return DROWeighting(
+            0.5, class_level=True, num_classes=3, class_step=0.2, class_momentum=0.5
+        )
     return DROWeighting(0.5, mode="streaming")
-
 
 
 @pytest.mark.parametrize("kind", ["streaming", "class_level"])
@@ -69,14 +69,22 @@ def test_a_crash_before_the_optimizer_step_checkpoints_the_weighting_of_the_para
 ):
     ref_w = _weighting(kind)
     ref = _Module(ref_w)
-    trainer(max_steps=STEPS, callbacks=[DROReweighting(ref_w)], default_root_dir=tmp_path / "a",
-            enable_checkpointing=True).fit(ref)
+    trainer(
+        max_steps=STEPS,
+        callbacks=[DROReweighting(ref_w)],
+        default_root_dir=tmp_path / "a",
+        enable_checkpointing=True,
+    ).fit(ref)
 
     w = _weighting(kind)
     saver = OnExceptionCheckpoint(dirpath=tmp_path / "crash", filename="crash")
     with pytest.raises(_Boom):
-        trainer(max_steps=STEPS, callbacks=[DROReweighting(w), saver, _CrashBeforeStep()],
-                default_root_dir=tmp_path / "b", enable_checkpointing=True).fit(_Module(w))
+        trainer(
+            max_steps=STEPS,
+            callbacks=[DROReweighting(w), saver, _CrashBeforeStep()],
+            default_root_dir=tmp_path / "b",
+            enable_checkpointing=True,
+        ).fit(_Module(w))
     ckpt = tmp_path / "crash" / "crash.ckpt"
     stored = torch.load(ckpt, weights_only=True)
     assert stored["global_step"] == CRASH
@@ -84,8 +92,12 @@ def test_a_crash_before_the_optimizer_step_checkpoints_the_weighting_of_the_para
 
     w2 = _weighting(kind)
     resumed = _Module(w2)
-    trainer(max_steps=STEPS, callbacks=[DROReweighting(w2)], default_root_dir=tmp_path / "c",
-            enable_checkpointing=True).fit(resumed, ckpt_path=ckpt)
+    trainer(
+        max_steps=STEPS,
+        callbacks=[DROReweighting(w2)],
+        default_root_dir=tmp_path / "c",
+        enable_checkpointing=True,
+    ).fit(resumed, ckpt_path=ckpt)
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     got, want = w2.state_dict(), ref_w.state_dict()

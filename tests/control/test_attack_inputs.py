@@ -41,9 +41,9 @@ def test_a_bool_hyperparameter_is_refused(make, name):
 
 
 def test_d_ema_is_named_in_its_own_error():
-    with pytest.raises(ValueError, match="Invalid d_ema: 1.5"):
+    with pytest.raises(ValueError, match=r"Invalid d_ema: 1\.5"):
         PIDKLController(target=0.1, d_ema=1.5)
-    with pytest.raises(ValueError, match="Invalid ema: 1.0"):
+    with pytest.raises(ValueError, match=r"Invalid ema: 1\.0"):
         PIDKLController(target=0.1, ema=1.0)
 
 
@@ -79,8 +79,9 @@ def test_kl_exact_checks_shapes_and_dtypes():
 
 def test_double_softmin_names_shapes_that_do_not_broadcast():
     v1, v2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5])
-    want = -0.3 * (torch.logsumexp(torch.stack([-v1 / 0.3, -v2.expand(3) / 0.3], -1), -1)
-                   - math.log(2.0))
+    want = -0.3 * (
+        torch.logsumexp(torch.stack([-v1 / 0.3, -v2.expand(3) / 0.3], -1), -1) - math.log(2.0)
+    )
     assert torch.equal(double_softmin(v1, v2), want)  # broadcasting still works
     with pytest.raises(ValueError, match="Invalid v2: shape"):
         double_softmin(v1, torch.ones(2))

@@ -18,8 +18,10 @@ def _model():
 
 def test_a_tensor_lr_of_the_wrong_shape_in_a_second_group_is_named():
     m = _model()
-    groups = [{"params": list(m[0].parameters())},
-              {"params": list(m[2].parameters()), "lr": torch.tensor([1.0, 2.0])}]
+    groups = [
+        {"params": list(m[0].parameters())},
+        {"params": list(m[2].parameters()), "lr": torch.tensor([1.0, 2.0])},
+    ]
     with pytest.raises(ValueError, match="Invalid lr: a tensor lr must be a 0-d"):
         RegularizedNewton(groups)
     opt = RegularizedNewton(m[0].parameters())

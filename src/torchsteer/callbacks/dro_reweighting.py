@@ -26,9 +26,9 @@ moves in ``training_step``, before the optimizer step: if the run fails between 
 exception before the step, a crash in a callback), ``on_exception`` puts the weighting back
 to its state at the start of that optimizer step (its first micro-batch), so the checkpoint
 ``OnExceptionCheckpoint`` writes (Lightning runs checkpoint callbacks last) holds a weighting
-that matches the parameters, and the resumed run does not count the failed batch twice. Under DDP the
-weighting reduces its normalizers across ranks itself (:mod:`torchsteer.distributed`), so the
-signals are global.
+that matches the parameters, and the resumed run does not count the failed batch twice.
+Under DDP the weighting reduces its normalizers across ranks itself
+(:mod:`torchsteer.distributed`), so the signals are global.
 
 References:
     Sow, Lin, Wang, Liang, "Doubly Robust Instance-Reweighted Adversarial Training",
