@@ -65,11 +65,25 @@ OWNERS = (
 )
 
 
+# why a defect in an unowned file is left as it is
+NOTES = {
+    ("KLStatistics + PID", "a statistic missing on rank 1"): (
+        "Not fixed: KLStatistics.reduce documents that every rank passes the same names; "
+        "checking it costs one more all-reduce per step, which KLControl (it agrees per batch "
+        "already) does not need and the sync-count tests pin; left for the lead to decide"
+    ),
+    ("truncated_solve", "negative S"): (
+        "Not fixed: S are singular values by contract (docstring); checking their sign reads "
+        "tensor values, a host synchronization on Sven's hot path"
+    ),
+}
+
+
 def owner(group: str) -> str:
     for prefix, where in OWNERS:
         if group.startswith(prefix):
             return where
-    return "unowned (attack fixes it)"
+    return "unowned: attack"
 
 
 def load_cases(kinds) -> None:
@@ -108,9 +122,28 @@ def run_case(case) -> tuple[Verdict, float]:
     return v, time.process_time() - t0
 
 
-def report(results, out: Path, label: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
+STATUSES = ("held", "held (documented)", "defect")
+
+
+def counts_table(rows, title="") -> list[str]:
+    lines = [
+        title,
+        "",
+        "| kind | cases | held | held (documented) | defect |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in (*KINDS, "all"):
+        sel = [r for r in rows if kind in ("all", r["kind"])]
+        if sel:
+            n = {s: sum(r["status"] == s for r in sel) for s in STATUSES}
+            lines.append(
+                f"| {kind} | {len(sel)} | {n['held']} | {n['held (documented)']} | {n['defect']} |"
+            )
+    return lines
+
+
+def rows_of(results):
+    return [
         {
             "kind": c.kind,
             "group": c.group,
@@ -122,37 +155,50 @@ def report(results, out: Path, label: str) -> None:
         }
         for c, v, dt in results
     ]
+
+
+def write_json(rows, out: Path, label: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"label": label, "cases": rows}, indent=1))
+
+
+def write_md(rows, out: Path, label: str) -> None:
+    cpu = sum(r["cpu_s"] for r in rows)
     lines = [
         f"# Attack rerun: {label}",
         "",
-        "Produced by `OMP_NUM_THREADS=1 python benchmarks/attack.py` (2-core shared "
-        "machine, CPU only, torch " + torch.__version__ + ").",
+        "Produced by `OMP_NUM_THREADS=1 python benchmarks/attack.py` on a shared 2-core "
+        f"machine (CPU only, torch {torch.__version__}); {cpu:.0f} CPU s in the parent "
+        "process (the DDP ranks' own time is not in it).",
         "",
-        "| kind | cases | held | held (documented) | defect |",
-        "|---|---|---|---|---|",
     ]
-    for kind in (*KINDS, "all"):
-        sel = [r for r in rows if kind in ("all", r["kind"])]
-        if not sel:
-            continue
-        n = {s: sum(r["status"] == s for r in sel) for s in ("held", "held (documented)", "defect")}
-        lines.append(
-            f"| {kind} | {len(sel)} | {n['held']} | {n['held (documented)']} | {n['defect']} |"
-        )
+    before = out.parent / "attack_before.json"
+    if before.exists() and before.resolve() != out.with_suffix(".json").resolve():
+        old = json.loads(before.read_text())
+        lines += [*counts_table(old["cases"], f"## Before the fixes ({old['label']})"), ""]
+        fixed = {(r["group"], r["case"]) for r in old["cases"] if r["status"] == "defect"}
+        fixed -= {(r["group"], r["case"]) for r in rows if r["status"] == "defect"}
+        lines += [f"{len(fixed)} cases that were defects before hold now.", ""]
+    lines += counts_table(rows, f"## {label}")
     lines += ["", "## Defects", ""]
     for r in rows:
         if r["status"] == "defect":
             lines.append(
                 f"- **{r['group']}: {r['case']}** ({r['kind']}; {owner(r['group'])}). "
-                f"{r['reason']}. "
-                f"Reproduction: {r['reproduction']}"
+                f"{r['reason']}. Reproduction: {r['reproduction']}"
+                + (f". {NOTES[r['group'], r['case']]}" if (r["group"], r["case"]) in NOTES else "")
             )
     lines += ["", "## Held (documented)", ""]
     for r in rows:
         if r["status"] == "held (documented)":
             lines.append(f"- {r['group']}: {r['case']}: {r['reason']}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def report(results, out: Path, label: str) -> None:
+    rows = rows_of(results)
+    write_json(rows, out, label)
+    write_md(rows, out, label)
 
 
 def main(argv=None) -> int:
@@ -162,7 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attack"))
     p.add_argument("--label", default="rerun")
     p.add_argument("--list", action="store_true")
+    p.add_argument(
+        "--from-json", action="store_true", help="rewrite OUT.md from OUT.json (no cases run)"
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_md(data["cases"], Path(args.out), data["label"])
+        return 0
     torch.set_num_threads(1)
     kinds = tuple(args.kind or KINDS)
     load_cases(kinds)
