@@ -21,9 +21,14 @@ The weighting itself is applied by the user's ``training_step``: the module hold
 The callback wires the rest: it sets the temperature from a schedule before each batch,
 logs the weighting's signals (``dro/ess_fraction``, ``dro/max_weight``,
 ``dro/weight_entropy``, ...) after it, and saves / restores the weighting's state (step,
-streaming normalizer, class weights, running class losses) in the checkpoint. Under DDP the
-weighting reduces its normalizers across ranks itself (:mod:`torchsteer.distributed`), so the
-signals are global.
+streaming normalizer, class weights, running class losses) in the checkpoint. The weighting
+moves in ``training_step``, before the optimizer step: if the run fails between the two (an
+exception before the step, a crash in a callback), ``on_exception`` puts the weighting back
+to its state at the start of that optimizer step (its first micro-batch), so the checkpoint
+``OnExceptionCheckpoint`` writes (Lightning runs checkpoint callbacks last) holds a weighting
+that matches the parameters, and the resumed run does not count the failed batch twice.
+Under DDP the weighting reduces its normalizers across ranks itself
+(:mod:`torchsteer.distributed`), so the signals are global.
 
 References:
     Sow, Lin, Wang, Liang, "Doubly Robust Instance-Reweighted Adversarial Training",
@@ -32,6 +37,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -66,11 +72,19 @@ class DROReweighting(pl.Callback):
         self.weighting = weighting
         self.temperature_schedule = temperature_schedule
         self.log_prefix = log_prefix
+        self._snapshot: tuple[int, dict[str, Any]] | None = None  # (global_step, state)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snapshot = None
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # the state at the start of this optimizer step (kept over its micro-batches)
+        if self._snapshot is None or self._snapshot[0] != trainer.global_step:
+            self._snapshot = (trainer.global_step, copy.deepcopy(self.weighting.state_dict()))
         if self.temperature_schedule is not None:
             self.weighting.temperature = float(self.temperature_schedule(trainer.global_step))
 
@@ -86,6 +100,15 @@ class DROReweighting(pl.Callback):
         for name, value in self.weighting.signals().items():
             # the signals are already global (reduced by the weighting): no sync_dist
             pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # the optimizer step of this snapshot never ran: the weighting goes back with it
+        if self._snapshot is not None and self._snapshot[0] == trainer.global_step:
+            self.weighting.load_state_dict(self._snapshot[1])
+        self._snapshot = None
 
     @property
     @override

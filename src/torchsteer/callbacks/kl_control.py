@@ -43,6 +43,7 @@ from typing_extensions import override
 from torchsteer import distributed
 from torchsteer.control.kl import KLController, KLStatistics, as_statistic
 
+_STATISTICS_KEYS = ("sums", "batches", "n_steps")  # what KLStatistics.state_dict writes
 __all__ = ["KLControl"]
 
 _NAMES = ("kl", "entropy", "reward")
@@ -212,7 +213,8 @@ class KLControl(pl.Callback):
         if not isinstance(state_dict, dict):
             raise ValueError(f"Invalid KLControl state: {type(state_dict).__name__}")
         statistics = KLStatistics()
-        statistics.load_state_dict(state_dict)  # validates, raises before anything changes
+        # validates (raises before anything changes); the statistics' own keys only
+        statistics.load_state_dict({k: v for k, v in state_dict.items() if k in _STATISTICS_KEYS})
         updates = state_dict.get("updates", self.updates)
         if isinstance(updates, torch.Tensor) and updates.numel() == 1:
             updates = updates.item()

@@ -137,7 +137,7 @@ class DROWeighting:
         num_classes: ``C``, required with ``class_level``.
         class_step: ``eta >= 0`` of the exponentiated-gradient class update.
         class_momentum: ``beta`` in (0, 1] of the running class losses (1: batch means).
-        max_weight: clip the weights at this value (> 0), or ``None``.
+        max_weight: clip the weights at this value (finite, > 0), or ``None``.
         warmup_steps: calls of plain averaging before reweighting starts.
         max_growth: the most the carried streaming normalizer may grow in one call
             (``> 1``), or ``None`` for no cap.
@@ -171,22 +171,25 @@ class DROWeighting:
     ):
         if mode not in _MODES:
             raise ValueError(f"Invalid mode: {mode!r}; expected one of {_MODES}")
-        if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
+        if isinstance(momentum, bool) or not (
+            isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0
+        ):
             raise ValueError(f"Invalid momentum: {momentum}")
         if class_level and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
             raise ValueError(f"Invalid num_classes: {num_classes}")
-        if not (isinstance(class_step, (int, float)) and math.isfinite(class_step)) or (
-            class_step < 0
+        if isinstance(class_step, bool) or not (
+            isinstance(class_step, (int, float)) and math.isfinite(class_step) and class_step >= 0
         ):
             raise ValueError(f"Invalid class_step: {class_step}")
         if isinstance(class_momentum, bool) or not (
             isinstance(class_momentum, (int, float)) and 0.0 < class_momentum <= 1.0
         ):
             raise ValueError(f"Invalid class_momentum: {class_momentum}")
-        if max_weight is not None and not (
-            isinstance(max_weight, (int, float)) and max_weight > 0 and max_weight == max_weight
+        if max_weight is not None and (
+            isinstance(max_weight, bool)
+            or not (isinstance(max_weight, (int, float)) and 0 < max_weight < math.inf)
         ):
             raise ValueError(f"Invalid max_weight: {max_weight}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -476,9 +479,12 @@ class DROWeighting:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; missing keys keep their current values.
 
-        Every value is checked before any is assigned: a rejected state leaves the weighting
-        as it was.
+        Every value is checked before any is assigned: a rejected state (a bad value, or a
+        key :meth:`state_dict` does not write) leaves the weighting as it was.
         """
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"Invalid DROWeighting state: unknown keys {unknown}")
         temperature = _check_temperature(state.get("temperature", self._temperature))
         step = state.get("step", self.step)
         if isinstance(step, torch.Tensor) and step.numel() == 1:

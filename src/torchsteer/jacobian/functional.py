@@ -132,8 +132,18 @@ def jacobian(
 
 
 def hvp(f: Callable[[Params], torch.Tensor], params: Params, v: Params | torch.Tensor):
-    """Hessian-vector product ``H v`` of the scalar ``f``, forward-over-reverse (a dict)."""
-    return _jvp(grad(f), (_detached(params),), (_as_tangent(v, params),))[1]
+    """Hessian-vector product ``H v`` of the scalar ``f``, forward-over-reverse (a dict).
+
+    A non-scalar ``f`` raises ``ValueError`` (torch.func's own message names ``grad_and_value``).
+    """
+    try:
+        return _jvp(grad(f), (_detached(params),), (_as_tangent(v, params),))[1]
+    except RuntimeError as err:
+        if "to return a scalar Tensor" in str(err):
+            raise ValueError(
+                "Invalid f: hvp needs a scalar function of the parameters (sum or mean it)"
+            ) from err
+        raise
 
 
 def ggn_vp(

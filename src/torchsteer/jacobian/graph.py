@@ -38,6 +38,14 @@ def _zeros_for_none(grads, params: Tensors, batch: int | None = None):
     return out
 
 
+def _check_graph(output: torch.Tensor) -> None:
+    if not output.requires_grad:
+        raise ValueError(
+            "Invalid output: it does not require grad (no autograd graph to differentiate; "
+            "compute it from the parameters with autograd enabled)"
+        )
+
+
 def _flat_batched(grads: Tensors, batch: int) -> torch.Tensor:
     return torch.cat([g.reshape(batch, -1) for g in grads], dim=1)
 
@@ -56,6 +64,7 @@ def graph_vjp(
     Returns:
         One tensor per parameter (with a leading k when batched).
     """
+    _check_graph(output)
     expected = output.shape if not batched else (u.shape[0], *output.shape)
     if u.shape != expected:
         raise ValueError(f"Invalid cotangent: shape {tuple(u.shape)}, expected {tuple(expected)}")
@@ -78,6 +87,15 @@ def graph_jvp(
     Returns:
         ``J v`` shaped like ``output`` (``(k, *output.shape)`` when batched).
     """
+    _check_graph(output)
+    if len(v) != len(params):
+        raise ValueError(f"Invalid v: {len(v)} tangents for {len(params)} parameters")
+    for i, (vi, p) in enumerate(zip(v, params)):
+        if tuple(vi.shape[1:] if batched else vi.shape) != tuple(p.shape):
+            raise ValueError(
+                f"Invalid v[{i}]: shape {tuple(vi.shape)}, its parameter {tuple(p.shape)}"
+                + (" (with a leading batch dimension)" if batched else "")
+            )
     dummy = torch.zeros_like(output, requires_grad=True)
     g = torch.autograd.grad(output, params, dummy, create_graph=True, allow_unused=True)
     pairs = [(gi, vi) for gi, vi in zip(g, v) if gi is not None]

@@ -70,7 +70,15 @@ def flatten_like(
 ) -> torch.Tensor:
     """One detached (P,) vector in ``dtype`` from per-parameter tensors, ``None`` counting as
     zeros shaped like its parameter (what ``torch.autograd.grad(..., allow_unused=True)``
-    returns for a parameter the output does not use)."""
+    returns for a parameter the output does not use). A count or size that does not match
+    ``like`` raises ``ValueError`` (``zip`` would drop the rest silently)."""
+    if len(tensors) != len(like):
+        raise ValueError(f"Invalid tensors: {len(tensors)} for {len(like)} parameters in like")
+    for i, (t, p) in enumerate(zip(tensors, like)):
+        if t is not None and t.numel() != p.numel():
+            raise ValueError(
+                f"Invalid tensors[{i}]: {t.numel()} entries, its parameter {p.numel()}"
+            )
     parts = [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(tensors, like)]
     return torch.cat(parts).detach().to(dtype)
 

@@ -235,6 +235,8 @@ def per_sample_jacobian(
     if params is None:
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     B = inputs.shape[0]
+    if B == 0:
+        raise ValueError("Invalid inputs: an empty batch (0 samples) has no per-sample rows")
     if out is not None:
         dtype = next(iter(params.values())).dtype
         P = sum(v.numel() for v in params.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from torchsteer.linalg._checks import check_rows, check_triplets
 from torchsteer.linalg.truncated import filter_factors, keep_mask
 
 __all__ = ["truncated_pinv_apply"]
@@ -31,6 +32,8 @@ def truncated_pinv_apply(
     """
     if not 0.0 <= rtol < 1.0:
         raise ValueError(f"Invalid rtol: {rtol}")
+    check_triplets(U, S, V)
+    check_rows("r", r, U.shape[0], f"U is {tuple(U.shape)}", matrix=True)
     if S.numel() == 0:
         shape = (V.shape[0],) if r.dim() == 1 else (V.shape[0], r.shape[1])
         return torch.zeros(shape, dtype=V.dtype, device=V.device)

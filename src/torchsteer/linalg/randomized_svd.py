@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from torchsteer.linalg._checks import check_matrix
+
 __all__ = ["randomized_svd", "svd_small"]
 
 
@@ -31,13 +33,17 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
 def svd_small(B: torch.Tensor):
     """Thin SVD ``B = U diag(S) V^T`` (returns U, S, V) with an ``eigh`` fallback.
 
-    The fallback decomposes the smaller Gram matrix (B B^T or B^T B) in float64.
+    The fallback decomposes the smaller Gram matrix (B B^T or B^T B) in float64. A B that
+    is not 2-D, or holds NaN/Inf (both decompositions fail), raises ``ValueError``.
     """
+    check_matrix("B", B)
     try:
         U, S, Vh = torch.linalg.svd(B, full_matrices=False)
         return U, S, Vh.mT
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         pass
+    if not bool(torch.isfinite(B).all()):  # only after the SVD failed
+        raise ValueError("Invalid B: contains NaN or Inf")
     B64 = B.double()
     wide = B.shape[0] <= B.shape[1]
     G = B64 @ B64.mT if wide else B64.mT @ B64
@@ -81,6 +87,7 @@ def randomized_svd(
         raise ValueError(f"Invalid oversample: {oversample}")
     if power_iters < 0:
         raise ValueError(f"Invalid power_iters: {power_iters}")
+    check_matrix("op", op)
     N, P = op.shape
     is_dense = isinstance(op, torch.Tensor)
     if is_dense and not bool(torch.isfinite(op).all()):

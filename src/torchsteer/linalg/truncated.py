@@ -26,6 +26,14 @@ import dataclasses
 
 import torch
 
+from torchsteer.linalg._checks import (
+    check_matrix,
+    check_rank,
+    check_rows,
+    check_rtol_damping,
+    check_triplets,
+)
+
 __all__ = [
     "TruncatedSolution",
     "filter_factors",
@@ -98,8 +106,15 @@ def truncated_solve(
         rtol: relative cut-off, ``0 <= rtol < 1``.
         damping: relative Levenberg-Marquardt ``mu >= 0`` (0: the truncated pseudoinverse).
         rank: keep at most the first ``rank`` triplets (None: all k).
+
+    Raises:
+        ValueError: shapes that do not fit together, ``rtol``/``damping``/``rank`` out of range.
     """
+    check_triplets(U, S, V)
+    check_rows("R", R, U.shape[0], f"U is {tuple(U.shape)}")
+    check_rtol_damping(rtol, damping)
     if rank is not None:
+        check_rank(rank)
         U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     keep = keep_mask(S, rtol)
     c = U.mT @ R
@@ -149,14 +164,27 @@ def gram_solve(
     ``M M^T`` (B <= P: ``d = M^T U S^-2 U^T R``) or ``M^T M`` (B > P: ``d = V S^-2 V^T M^T
     R``), formed and decomposed in ``gram_dtype`` (default M's dtype); ``d`` and the records
     come back in M's dtype.
+
+    Raises:
+        ValueError: M not 2-D, R not (B,), ``rank``/``rtol``/``damping`` out of range, or
+            NaN/Inf in M (the Gram matrix's ``eigh`` fails).
     """
+    check_matrix("M", M)
+    check_rows("R", R, M.shape[0], f"M is {tuple(M.shape)}")
+    check_rank(rank)
+    check_rtol_damping(rtol, damping)
     B, P = M.shape
     dtype = M.dtype
     work = M if gram_dtype is None else M.to(gram_dtype)
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
-    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
+    try:
+        vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
+    except torch.linalg.LinAlgError as err:  # only when it fails: no check on the way
+        if not bool(torch.isfinite(M).all()):
+            raise ValueError("Invalid M: contains NaN or Inf") from err
+        raise
     if wide:
         c = vecs.mT @ Rw
         d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)

@@ -163,6 +163,9 @@ class GlobalStateMixin:
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         first = not self.param_groups
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        # each value is checked before the comparison with the first group's: a tensor of
+        # the wrong shape compared with != would raise torch's "Boolean value of Tensor"
+        self._validate_group(merged)
         if not first:
             reference = self.param_groups[0]
             differ = [k for k in self.global_hyperparameters if merged[k] != reference[k]]
@@ -173,7 +176,6 @@ class GlobalStateMixin:
                     f"{type(self).__name__}; every group must have the first group's value "
                     f"({', '.join(f'{k}={reference[k]!r}' for k in differ)})"
                 )
-        self._validate_group(merged)
         super().add_param_group(param_group)
         if first:  # the first group's global values are the optimizer's
             for k in self.global_hyperparameters:

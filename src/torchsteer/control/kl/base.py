@@ -19,7 +19,8 @@ __all__ = ["KLController", "as_statistic", "finite_hparam", "state_number", "sta
 
 
 def finite_hparam(name: str, value: float, *, positive: bool = False, nonneg: bool = False):
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    """``value`` as a float if it is a finite real number (``bool`` refused), else ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > 0 if positive else True) and (value >= 0 if nonneg else True)
     if not ok:
         raise ValueError(f"Invalid {name}: {value}")

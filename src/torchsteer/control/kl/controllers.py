@@ -177,8 +177,9 @@ class PIDKLController(KLController):
         self.kd = finite_hparam("kd", kd, nonneg=True)
         self.ema = finite_hparam("ema", ema, nonneg=True)
         self.d_ema = finite_hparam("d_ema", d_ema, nonneg=True)
-        if self.ema >= 1 or self.d_ema >= 1:
-            raise ValueError(f"Invalid ema: {max(self.ema, self.d_ema)} (must be < 1)")
+        for name, value in (("ema", self.ema), ("d_ema", self.d_ema)):
+            if value >= 1:
+                raise ValueError(f"Invalid {name}: {value} (must be < 1)")
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 1:
             raise ValueError(f"Invalid delay: {delay}")
         if entropy_floor is not None:

@@ -155,6 +155,14 @@ def kl_exact(logits: torch.Tensor, logits_ref: torch.Tensor, dim: int = -1) -> t
     Returns:
         sum_v pi(v) (log pi(v) - log pi_ref(v)), the shape of ``logits`` without ``dim``.
     """
+    if logits.shape != logits_ref.shape:
+        raise ValueError(
+            f"Invalid logits_ref: shape {tuple(logits_ref.shape)}, logits {tuple(logits.shape)}"
+        )
+    if not (logits.is_floating_point() and logits_ref.is_floating_point()):
+        raise ValueError(
+            f"Invalid logits: dtypes {logits.dtype} and {logits_ref.dtype} (floating point needed)"
+        )
     logp = torch.log_softmax(logits, dim)
     logq = torch.log_softmax(logits_ref, dim)
     return (logp.exp() * (logp - logq)).sum(dim)
@@ -177,6 +185,11 @@ def double_softmin(v1: torch.Tensor, v2: torch.Tensor, alpha: float = 0.3) -> to
     """
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"Invalid alpha: {alpha}")
-    v1, v2 = torch.broadcast_tensors(v1, v2)
+    try:
+        v1, v2 = torch.broadcast_tensors(v1, v2)
+    except RuntimeError:
+        raise ValueError(
+            f"Invalid v2: shape {tuple(v2.shape)} does not broadcast with v1 {tuple(v1.shape)}"
+        ) from None
     s = torch.stack([-v1 / alpha, -v2 / alpha], dim=-1)
     return -alpha * (torch.logsumexp(s, dim=-1) - math.log(2.0))

@@ -62,7 +62,10 @@ class KLStatistics:
                 if value.numel() != 1:
                     raise ValueError(f"Invalid {name}: a tensor of shape {tuple(value.shape)}")
                 value = value.detach().item()
-            values[name] = float(value)
+            try:
+                values[name] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"Invalid {name}: {value!r} (a number)") from None
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value
         self.batches += 1
@@ -94,10 +97,14 @@ class KLStatistics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a half-accumulated step. Atomic: ``sums`` (name -> finite number),
-        ``batches`` and ``n_steps`` (integers >= 0) are checked first; a bad value raises
-        ``ValueError`` naming it and leaves the accumulator as it was."""
+        ``batches`` and ``n_steps`` (integers >= 0) are checked first, and no other key is
+        accepted; a bad value or an unknown key raises ``ValueError`` naming it and leaves the
+        accumulator as it was."""
         if not isinstance(state, dict):
             raise ValueError(f"Invalid KLStatistics state: {type(state).__name__}, not a dict")
+        unknown = sorted(set(state) - {"sums", "batches", "n_steps"})
+        if unknown:  # e.g. another object's state: refused, not read as an empty one
+            raise ValueError(f"Invalid KLStatistics state: unknown keys {unknown}")
         sums = state.get("sums", {})
         if not isinstance(sums, dict) or not all(isinstance(k, str) for k in sums):
             raise ValueError(f"Invalid KLStatistics state sums: {sums!r}")

@@ -223,7 +223,9 @@ class KLControlCallback(SteeringCallback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state.get("controller", {}))
         self.updates = state.get("updates", self.updates)
-        self.statistics.load_state_dict(state)
+        self.statistics.load_state_dict(
+            {k: v for k, v in state.items() if k in ("sums", "batches", "n_steps")}
+        )
 
 
 class DROReweightingCallback(SteeringCallback):
