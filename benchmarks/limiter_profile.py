@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
 import sys
 import time
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
         " after the first; the last step runs under torch.profiler, which adds overhead).",
         "",
         f"Limiter step (forward + backward + `limiter.step`): {step:.2f} CPU s, "
-        f"reuse path taken: {lim.reused} of {args.steps} steps.",
+        f"reuse path taken: {lim.reused} of {args.steps} steps; peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB (one model, Adam).",
         "",
         "| phase | CPU s | share of the step |",
         "|---|---:|---:|",

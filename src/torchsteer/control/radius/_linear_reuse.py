@@ -28,7 +28,8 @@ as to autograd.)
 
 Memory: references to every Linear input and output of the latest forward until the
 measurement (autograd holds most of them until the backward anyway): for GPT-2 small at
-B x T = 8 x 128 about 0.8 GB, the logits (8 x 128 x 50,257) the largest.
+B x T = 8 x 128 about 0.8 GB, the logits (8 x 128 x 50,257) the largest; the pass drops each
+call's tensors once it has answered it.
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ class _Answering:
                 p.requires_grad and self.names_of.get(p) not in self.point for p in params
             ):
                 continue
-            module.forward = self._answer(module, list(calls))
+            module.forward = self._answer(module, calls)
             self.patched.append(module)
+        self.calls = None  # each call's tensors go once the pass has used them (peak memory)
         return self
 
     def __exit__(self, *exc) -> None:
