@@ -241,3 +241,21 @@ def test_neg_grad_direction_reuses_the_forward(monkeypatch):
     lim.step(opt, x)
     assert seen[-1].hits == 2
     assert lim.signals["r"] == pytest.approx(_oracle_r(model, old, -lr * g, x), rel=1e-10)
+
+
+def test_float64_norm_of_a_long_update_matches_a_long_double_sum():
+    """|p| of the flat update: one reduction when short (bitwise as before), chunked when long;
+    both against a long-double sum of squares."""
+    import numpy as np
+
+    from torchsteer.control.radius._buffers import float64_norm
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, (1 << 20) + 12345, 3 * (1 << 20)):
+        v = torch.randn(n, generator=g) * 1e-2
+        a = v.numpy().astype(np.longdouble)
+        ref = float(np.sqrt((a * a).sum()))
+        assert float64_norm(v).dtype == torch.float64
+        assert float(float64_norm(v)) == pytest.approx(ref, rel=1e-14)
+    v = torch.randn(1000, generator=g)
+    assert torch.equal(float64_norm(v), torch.linalg.vector_norm(v, dtype=torch.float64))
