@@ -96,6 +96,7 @@ def formulas(arm: str, P: int, args) -> dict[str, float]:
             **base,
             "Adam state (2P)": 2 * P * n,
             "limiter snapshot + update (2P)": 2 * P * n,
+            "limiter copy of Adam's state (2P)": 2 * P * n,
         }
     if arm == "mfac":
         item = 2 if args.window_dtype == "bfloat16" else 4
