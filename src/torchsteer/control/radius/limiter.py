@@ -104,8 +104,8 @@ class RadiusLimiter:
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
             and elementwise modules; see :mod:`torchsteer.control.radius._tangent`), compute
             only the tangent from them: the same exact ``J_z p`` without the primal pass.
-            Otherwise (BatchNorm, functional operations between modules, another batch) the
-            general JVP runs. The attribute ``reused`` counts the steps that took this path.
+            Otherwise the general JVP runs; on a non-chain (a transformer) with each Linear's
+            primal from that forward (:mod:`._linear_reuse`). ``reused`` counts both paths.
         channels_last: the general JVP on CPUs with 4-d weights in channels-last (``"jvp"``).
         fold: the general JVP with eval-mode BatchNorm folded into the convolution before it
             (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
