@@ -8,7 +8,15 @@ One arm per process (``ru_maxrss`` is then that arm's own high-water mark), each
     python benchmarks/scale.py --arm sven --steps 3
     python benchmarks/scale.py --arm newton --steps 3
     python benchmarks/scale.py --arm mfac --layers 2 --width 64 --vocab 512   # reduced check
+    python benchmarks/scale.py --interleave adamw,limiter --steps 6   # one process, ABAB
     python benchmarks/scale.py --report
+
+``--interleave A,B`` builds one model and each arm's optimizer on it, then runs the arms'
+steps in turn (A B B A A B ...: the order alternates every round), each timed by
+``time.process_time``; every arm writes ``<arm>-interleaved.json`` and its ratio is over
+AdamW's steps of the same process (the machine's load drift cancels). The arms step the same
+parameters one after the other (their optimizers' states are separate), so the losses are
+not a training curve; the memory is that of all the arms together.
 
 The model is :class:`torchsteer.bench.gpt.GPT` (``GPTConfig.gpt2_small()``: 12 layers, width
 768, 12 heads, vocabulary 50,257, tied head, context 128: P = 123.75M), random init, random
@@ -88,6 +96,7 @@ def formulas(arm: str, P: int, args) -> dict[str, float]:
             **base,
             "Adam state (2P)": 2 * P * n,
             "limiter snapshot + update (2P)": 2 * P * n,
+            "limiter copy of Adam's state (2P)": 2 * P * n,
         }
     if arm == "mfac":
         item = 2 if args.window_dtype == "bfloat16" else 4
@@ -244,6 +253,46 @@ def with_math_attention(step):
     return wrapped
 
 
+def run_interleaved(args) -> list[dict]:
+    """Every arm of ``args.interleave`` on one model, their steps in turn (see the module)."""
+    torch.set_num_threads(args.threads)
+    model, cfg, x, y = build(args)
+    P = count_parameters(model)
+    baseline = rss_bytes()
+    names = args.interleave
+    steps = {}
+    for arm in names:
+        step = make_step(arm, model, x, y, _arm_args(args, arm))
+        steps[arm] = with_math_attention(step) if args.sdpa == "math" else step
+    rec = {arm: ([], [], [], []) for arm in names}  # cpu, wall, losses, extras
+    for i in range(args.steps):
+        for arm in names if i % 2 == 0 else names[::-1]:
+            c0, w0 = time.process_time(), time.perf_counter()
+            loss, extra = steps[arm]()
+            cpu, wall, losses, extras = rec[arm]
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            losses.append(loss)
+            extras.append(extra)
+            print(f"{arm} step {len(cpu)}: {cpu[-1]:.2f} CPU s, loss {loss:.4f} {extra}")
+    out = []
+    for arm in names:
+        a = _arm_args(args, arm)
+        a.tag = "interleaved"
+        res = summary(a, cfg, P, *rec[arm], baseline, None)
+        res["interleaved_with"] = list(names)
+        out.append(res)
+    return out
+
+
+def _arm_args(args, arm: str):
+    a = argparse.Namespace(**vars(args))
+    a.arm = arm
+    if a.lr is None:
+        a.lr = {"sven": 0.1, "mfac": 1e-4}.get(arm, 3e-4)
+    return a
+
+
 def run_arm(args) -> dict:
     torch.set_num_threads(args.threads)
     model, cfg, x, y = build(args)
@@ -342,7 +391,8 @@ def report() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(full, key=lambda r: (ARMS.index(r["arm"]), r["tag"])):
-        adam = ref.get("") or next(iter(ref.values()), None)
+        # an interleaved arm is over the AdamW steps of its own process
+        adam = ref.get(r["tag"]) or ref.get("") or next(iter(ref.values()), None)
         ratio = None
         if adam and r["cpu_s_per_step"] and adam["cpu_s_per_step"]:
             ratio = r["cpu_s_per_step"] / adam["cpu_s_per_step"]
@@ -382,6 +432,11 @@ def report() -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", choices=ARMS)
+    ap.add_argument(
+        "--interleave",
+        default=None,
+        help="comma-separated arms run in turn in one process (e.g. adamw,limiter)",
+    )
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the result file (variants of an arm)")
     ap.add_argument("--layers", type=int, default=12)
@@ -417,9 +472,25 @@ def main(argv=None) -> None:
     if args.report:
         report()
         return
-    if args.arm is None:
-        ap.error("--arm or --report")
     args.full = (args.layers, args.width, args.heads, args.vocab) == (12, 768, 12, 50257)
+    if args.interleave:
+        arms = args.interleave.split(",")
+        if any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+            ap.error(f"--interleave: distinct arms of {ARMS}, got {args.interleave!r}")
+        args.interleave = arms
+        args.steps = args.steps or 6
+        args.tag = "interleaved"
+        for res in run_interleaved(args):
+            out = RESULTS / "scale" / f"{res['arm']}-interleaved.json"
+            if not args.full:
+                out = out.with_name(out.stem + "-reduced.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=1) + "\n")
+            print(f"wrote {out}: {res['cpu_s_per_step']} CPU s/step", file=sys.stderr)
+        print(f"peak {peak_rss_bytes() / GB:.2f} GB", file=sys.stderr)
+        return
+    if args.arm is None:
+        ap.error("--arm, --interleave or --report")
     args.steps = args.steps or MIN_STEPS[args.arm]
     if args.lr is None:
         args.lr = {"sven": 0.1, "mfac": 1e-4}.get(args.arm, 3e-4)

@@ -20,6 +20,7 @@ from torchsteer.control.radius import (
     normalized_step,
 )
 from torchsteer.control.radius._fold import folded_module
+from torchsteer.control.radius._linear_reuse import LinearRecorder
 from torchsteer.control.radius._tangent import ActivationRecorder
 from torchsteer.control.radius.measure import _spread
 
@@ -670,7 +671,8 @@ def test_reuse_falls_back_when_the_record_is_not_the_measured_forward(case):
 
 @pytest.mark.parametrize("name", ["cnn_bn", "transformer", "functional"])
 def test_reuse_falls_back_for_unsupported_models(name):
-    """BatchNorm in train mode, operations between modules, functional activations."""
+    """BatchNorm in train mode, operations between modules, functional activations: no
+    tangent-only chain pass (the Linear primals are reused where they match)."""
     g = torch.Generator().manual_seed(0)
     if name == "cnn_bn":
         model = lr_spike.make_model("CNN+BN", 0).double()
@@ -693,11 +695,23 @@ def test_reuse_falls_back_for_unsupported_models(name):
         x = torch.rand(12, 64, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (12,), generator=g)
     lim, r_ref = _one_step(model, x, y, lr=5.0)
-    assert lim.reused == 0
     assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-8)
-    # BatchNorm: no hooks at all; operations between modules: the hooks go after one try
-    assert lim._recorder is None
-    assert not any(m._forward_hooks for m in model.modules())
+    # the tangent-only chain pass never applies; the general JVP takes the Linear primals
+    # from the forward (LinearRecorder): not under train-mode BatchNorm, whose eval-mode
+    # measurement sees other inputs (the per-call check), but for the other two
+    assert not isinstance(lim._recorder, ActivationRecorder)
+    assert isinstance(lim._recorder, LinearRecorder)
+    # the chain recorder's hooks are gone after one try; the Linear recorder's remain
+    hooked = {m for m in model.modules() if m._forward_hooks}
+    assert hooked == {m for m in model.modules() if type(m) is nn.Linear} | {model}
+    assert lim.reused == 0  # (the first step tried the chain pass)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    _grad(model, x, y)
+    old = _flat_params(model)
+    lim.step(opt, x)
+    r_ref, _ = _reference_r(model, old, _flat_params(model) - old, x)
+    assert lim.signals["r"] == pytest.approx(r_ref, rel=1e-8)
+    assert lim.reused == (0 if name == "cnn_bn" else 1)
 
 
 def test_recorder_root_output_is_the_latest_forward_output():

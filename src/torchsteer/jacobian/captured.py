@@ -107,8 +107,8 @@ class GraphRowCapture:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             self.reason = f"{type(module).__name__} in training mode couples the samples"
             return
-        owned = [p for p in module.parameters(recurse=False) if id(p) in self._index]
-        if not owned:
+        index = self._index  # (the module's own slots: no generator, run on every call)
+        if not any(p is not None and id(p) in index for p in module._parameters.values()):
             return
         why = _why_unsupported(module)
         if why:
@@ -132,8 +132,8 @@ class GraphRowCapture:
                 return f"a {name} input has leading dimension {call.x.shape[:1]}, not the batch {B}"
         uses = Counter()
         for call in self.calls:
-            for p in call.module.parameters(recurse=False):
-                if id(p) in self._index and p.requires_grad:
+            for p in dict.fromkeys(call.module._parameters.values()):  # unique, as parameters()
+                if p is not None and id(p) in self._index and p.requires_grad:
                     uses[id(p)] += 1
         found = _graph_uses(losses.grad_fn, self._index)
         for p in self.params:

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import weakref
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._linear_reuse import LinearRecorder
 from torchsteer.control.radius._masked import StateSnapshot, device_scale, gradients_finite
 from torchsteer.control.radius._pending import PendingNegGrad, PendingUpdate
 from torchsteer.control.radius._record import Tally
@@ -102,8 +104,8 @@ class RadiusLimiter:
             measured one (same batch object, same parameters, a chain of Linear, LayerNorm
             and elementwise modules; see :mod:`torchsteer.control.radius._tangent`), compute
             only the tangent from them: the same exact ``J_z p`` without the primal pass.
-            Otherwise (BatchNorm, functional operations between modules, another batch) the
-            general JVP runs. The attribute ``reused`` counts the steps that took this path.
+            Otherwise the general JVP runs; on a non-chain (a transformer) with each Linear's
+            primal from that forward (:mod:`._linear_reuse`). ``reused`` counts both paths.
         channels_last: the general JVP on CPUs with 4-d weights in channels-last (``"jvp"``).
         fold: the general JVP with eval-mode BatchNorm folded into the convolution before it
             (``"jvp"``, no ``logits_fn``). Both give the same ``r`` to rounding, faster; off
@@ -187,7 +189,9 @@ class RadiusLimiter:
             root = unwrap_model(model)
             self._recorder = ActivationRecorder(root)
             self._prefix = {m: (n + "." if n else "") for n, m in root.named_modules()}
-            if not self._recorder.supported:
+            if not self._recorder.supported:  # not a chain: the Linear primals only
+                self._recorder = LinearRecorder(root) if method == "jvp" else None
+            if self._recorder is not None and not self._recorder.supported:
                 self._recorder = None
             else:  # a dropped limiter leaves no hooks on the model (the callback: no ref here)
                 weakref.finalize(self, self._recorder.remove)
@@ -429,33 +433,41 @@ class RadiusLimiter:
         if not d:
             zero = torch.zeros((), dtype=torch.float64)
             return zero, zero + math.inf, zero
-        tangent, extra = None, {}
+        tangent, extra, answer = None, {}, contextlib.nullcontext()
         if self._reuse_ok:
             self._reuse_ok = False
             rec = self._recorder
-            if self.method == "jvp":  # (tangent() runs under no_grad itself)
+            if isinstance(rec, LinearRecorder):  # the general JVP, the Linear primals reused
+                if rec.usable(inputs, check_params=False):
+                    answer = rec.answering(point, self._names)
+            elif self.method == "jvp":  # (tangent() runs under no_grad itself)
                 tangent = rec.tangent(inputs, point or {}, d, self._prefix, check_params=False)
                 self.reused += int(tangent is not None)
             elif rec.usable(inputs, check_params=False):  # "fd1": the forward's logits
                 extra = {"primal": rec.root_output.detach()}
                 self.reused += 1
             rec.clear()  # the activations are not needed any more
-            if rec.structural_failure:  # operations between modules: never applies
+            if rec.structural_failure:  # operations between modules: the Linear primals only
                 self.remove_hooks()
-        worst = worst_spread(
-            self.model,
-            inputs,
-            d,
-            tangent=tangent,
-            params=point,
-            logits_fn=self.logits_fn,
-            eval_mode=self.eval_mode,
-            method=self.method,
-            fd_eps=self.fd_eps,
-            channels_last=self.channels_last,
-            fold=self.fold,
-            **extra,
-        )
+                if self.method == "jvp":  # (its hooks go with the limiter, as the first's)
+                    self._recorder = LinearRecorder(unwrap_model(self.model))
+                    weakref.finalize(self, self._recorder.remove)
+        with answer:
+            worst = worst_spread(
+                self.model,
+                inputs,
+                d,
+                tangent=tangent,
+                params=point,
+                logits_fn=self.logits_fn,
+                eval_mode=self.eval_mode,
+                method=self.method,
+                fd_eps=self.fd_eps,
+                channels_last=self.channels_last,
+                fold=self.fold,
+                **extra,
+            )
+        self.reused += int(getattr(answer, "hits", 0) > 0)
         if norm is None:  # |p| from the per-tensor norms, in float64
             norms = torch._foreach_norm(list(d.values()))
             if len({(t.dtype, t.device) for t in (worst, *norms)}) > 1:  # mixed
