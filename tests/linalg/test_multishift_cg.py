@@ -52,7 +52,7 @@ def test_every_shift_is_its_own_cg_iterate(k):
     assert products == k
     eye = torch.eye(len(b), dtype=DT)
     for s, res in zip(shifts, out):
-        ref, its, broke = textbook_cg(H + s * eye, b, k)
+        ref, its, _ = textbook_cg(H + s * eye, b, k)
         assert rel(res.x, ref) < 1e-10
         lib = shifted_cg(lambda v: H @ v, b, s, 0.0, k)
         assert rel(res.x, lib.x) < 1e-10
@@ -89,7 +89,10 @@ def test_a_shift_that_is_indefinite_breaks_down_alone():
     ref = shifted_cg(lambda v: H @ v, b, -3.0, 1e-12, 10)
     assert out[1].breakdown and ref.breakdown and out[1].iterations == ref.iterations == 0
     assert torch.equal(out[1].x, torch.zeros_like(b))
-    assert out[0].converged and rel(out[0].x, torch.linalg.solve(H + torch.eye(4, dtype=DT), b)) < 1e-10
+    assert (
+        out[0].converged
+        and rel(out[0].x, torch.linalg.solve(H + torch.eye(4, dtype=DT), b)) < 1e-10
+    )
 
 
 def test_base_breakdown_leaves_the_other_shifts_unfinished():

@@ -12,8 +12,8 @@ residual: ``r_k^s = zeta_k^s r_k``. With the base CG's scalars::
 each shift follows by scalar recurrences and two vectors of its own (Jegerlehner 1996;
 Frommer 2003), ``zeta_0 = zeta_{-1} = 1``, ``alpha_{-1} = 1``, ``beta_{-1} = 0``::
 
-    zeta_{k+1} = zeta_k zeta_{k-1} alpha_{k-1}
-                 / (alpha_k beta_{k-1} (zeta_{k-1} - zeta_k) + zeta_{k-1} alpha_{k-1} (1 + s alpha_k)),
+    zeta_{k+1} = zeta_k zeta_{k-1} alpha_{k-1} / D_k,
+    D_k        = alpha_k beta_{k-1} (zeta_{k-1} - zeta_k) + zeta_{k-1} alpha_{k-1} (1 + s alpha_k),
     alpha_k^s  = alpha_k zeta_{k+1} / zeta_k,       beta_k^s = (zeta_{k+1} / zeta_k)^2 beta_k,
     x_{k+1}^s  = x_k^s + alpha_k^s p_k^s,          p_{k+1}^s = zeta_{k+1} r_{k+1} + beta_k^s p_k^s,
 
@@ -30,8 +30,9 @@ still running report ``unfinished`` (their iterate is that of a CG that has not 
 caller that needs them solves again with one of them as the base).
 
 The scalars are host floats (float64), two reads per iteration (``p^T A_0 p`` and
-``r^T r``, inner products in the working dtype as in ``shifted_cg``); the vectors are updated in place. Memory: ``x, r, p, A_0 p`` for the base
-and ``x^s, p^s`` per further shift (``p^s`` freed when the shift stops).
+``r^T r``, inner products in the working dtype as in ``shifted_cg``); the vectors are
+updated in place. Memory: ``x, r, p, A_0 p`` for the base and ``x^s, p^s`` per further shift
+(``p^s`` freed when the shift stops).
 
 References:
     Jegerlehner, "Krylov space solvers for shifted linear systems", arXiv:hep-lat/9612014,
