@@ -51,8 +51,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import torchsteer.optim.regularized_newton as rn_module
 from torchsteer.bench.gpt import GPT, GPTConfig, count_parameters
 from torchsteer.optim import RegularizedNewton
-from torchsteer.optim._newton_multishift import MultiShiftSolver
 from torchsteer.optim._newton_solvers import CGSolver
+
+try:
+    from torchsteer.optim._newton_multishift import MultiShiftSolver
+except ImportError:  # run against an older checkout (PYTHONPATH=/work/main/src), solver="cg"
+    MultiShiftSolver = None
 
 RESULTS = Path(__file__).parent / "results"
 GB = 2**30
@@ -104,8 +108,9 @@ class TryLog:
 
             cls.solve = solve
 
-        wrap_solve(MultiShiftSolver)
-        wrap_solve(CGSolver)
+        for cls in (MultiShiftSolver, CGSolver):
+            if cls is not None:
+                wrap_solve(cls)
         original_trial = rn_module.evaluate_trial
 
         def evaluate_trial(start, curvature, x_new, x0, delta):

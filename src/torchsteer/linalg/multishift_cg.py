@@ -70,11 +70,13 @@ def multishift_cg(
     shifts: Sequence[float],
     tol: float = 1e-6,
     maxiter: int | None = None,
+    consume_b: bool = False,
 ) -> tuple[list[MultiShiftResult], int]:
     """CG on ``(H + shifts[i] I) x = b`` for every shift at once, ``matvec(v) = H v``.
 
     ``shifts[0]`` is the base (the system CG runs on; put the hardest, the smallest shift,
-    first); see the module for the recurrences. ``b`` is a (P,) vector.
+    first); see the module for the recurrences. ``b`` is a (P,) vector; with ``consume_b``
+    it becomes the residual's storage (one P-vector less; the caller must not read it after).
 
     Returns:
         ``(results, products)``: a :class:`MultiShiftResult` per shift, in the order of
@@ -91,7 +93,7 @@ def multishift_cg(
     base = float(shifts[0])
     rel = [float(s) - base for s in shifts]
     threshold = tol * float(torch.linalg.vector_norm(b).double())
-    r = b.clone()
+    r = b if consume_b else b.clone()
     p = b.clone()
     xs = [torch.zeros_like(b) for _ in range(n)]
     ps: list[torch.Tensor | None] = [None] + [b.clone() for _ in range(n - 1)]

@@ -57,7 +57,7 @@ class MultiShiftSolver:
         shifts = [lam, *later[: self.shifts - 1]]
         self._kept.clear()  # solutions of tries already passed are not asked for again
         results, products = multishift_cg(
-            self.curvature.matvec, -self.g, shifts, self.tol, self.maxiter
+            self.curvature.matvec, -self.g, shifts, self.tol, self.maxiter, consume_b=True
         )
         first = None
         for i, (shift, res) in enumerate(zip(shifts, results)):

@@ -472,6 +472,9 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
                 packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
                 g, loss = packed[:-1], packed[-1].to(loss.dtype)
         finite, f0, c, gnorm, g_c = start_numbers(loss, g)  # one transfer
+        del g, evaluation  # the solves take g / c: P numbers freed before they start
+        if group["curvature"] not in ("hessian", "dense"):
+            grads = None  # only Hessian products go through the gradient's own graph
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         saved = self._first_state()
