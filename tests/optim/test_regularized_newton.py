@@ -65,6 +65,7 @@ SOLVES = [
     dict(curvature="dense"),
     dict(curvature="dense", solver="cg", cg_tol=1e-13),
     dict(curvature="hessian", solver="lanczos", cg_tol=1e-13),
+    dict(curvature="hessian", solver="multishift", cg_tol=1e-13),
 ]
 
 
@@ -94,7 +95,7 @@ def test_step_tends_to_newton_as_gamma_grows(kw):
     assert errors[-1] < 1e-7 * torch.linalg.solve(A, g).norm().item()
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos"])
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos", "multishift"])
 def test_sqrt_rule_lambda_and_doubling_search_on_M(solver):
     """Two rejected tries (on CG: solved again on the graph taken at x) then an accept."""
     A, b, params, closure = quadratic()
@@ -222,6 +223,7 @@ STEP_MODES = [
     ("dense", "auto"),
     ("gauss_newton", "cg"),
     ("gauss_newton", "lanczos"),
+    ("gauss_newton", "multishift"),
     ("gauss_newton", "cholesky"),
     ("empirical_fisher", "woodbury"),
     ("empirical_fisher", "cg"),
@@ -302,7 +304,7 @@ def test_logistic_regression_reaches_target_in_a_dozen_steps(curvature):
 # -- rejections, failed solves, non-finite values --------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos"])
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "lanczos", "multishift"])
 def test_all_tries_rejected_leaves_parameters_intact(solver):
     _, _, params, closure = quadratic()
     calls = [0]
@@ -324,7 +326,13 @@ def test_all_tries_rejected_leaves_parameters_intact(solver):
 
 
 @pytest.mark.parametrize(
-    "solver,reason", [("cholesky", "cholesky"), ("cg", "breakdown"), ("lanczos", "breakdown")]
+    "solver,reason",
+    [
+        ("cholesky", "cholesky"),
+        ("cg", "breakdown"),
+        ("lanczos", "breakdown"),
+        ("multishift", "breakdown"),
+    ],
 )
 def test_indefinite_solve_is_a_rejection(solver, reason):
     """f = x^T diag(-1, 2) x / 2 + sum x^4 / 4 at (0.3, 0.02): H = diag(-0.73, 2.0012).
@@ -472,6 +480,7 @@ def test_closure_that_calls_backward_gets_told():
         dict(curvature="gauss_newton", regularization="sqrt"),
         dict(curvature="empirical_fisher", solver="woodbury", gamma0=0.1),
         dict(curvature="hessian", solver="lanczos", cg_tol="eisenstat_walker"),
+        dict(curvature="gauss_newton", solver="multishift", gamma0=16.0, cg_maxiter=3),
     ],
 )
 def test_state_dict_resume_is_bit_for_bit(kw):
@@ -748,6 +757,7 @@ def reference_search(f, x, gamma, growth, steps):
         ("margin", dict(curvature="dense")),
         ("double", dict(solver="cg", cg_tol=1e-13)),
         ("double", dict(solver="lanczos", cg_tol=1e-13)),
+        ("double", dict(solver="multishift", cg_tol=1e-13)),
     ],
 )
 def test_growth_rules_follow_the_reference(growth, kw):

@@ -46,7 +46,7 @@ __all__ = [
 
 CURVATURES = ("hessian", "gauss_newton", "empirical_fisher", "dense")
 REGULARIZATIONS = ("gns", "sqrt")
-SOLVERS = ("auto", "cg", "lanczos", "cholesky", "woodbury")
+SOLVERS = ("auto", "cg", "multishift", "lanczos", "cholesky", "woodbury")
 GROWTHS = ("double", "margin")
 HYPERPARAMETERS = (
     "curvature", "regularization", "gamma0", "growth", "max_tries", "solver", "cg_tol",

@@ -26,6 +26,7 @@ from torchsteer.optim._newton_inputs import (
     validate_group,
     validate_state,
 )
+from torchsteer.optim._newton_multishift import MultiShiftSolver
 from torchsteer.optim._newton_records import SearchStart, TryRecord
 from torchsteer.optim._newton_solvers import (
     CGSolver,
@@ -153,8 +154,11 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             most the doublings plus ``log2(gamma0 / gamma_min)``, as in Algorithm 1.
         max_tries: tries of the adaptive search per step (>= 1; the paper uses 40).
         solver: ``"auto"`` (CG for hessian and gauss_newton, Woodbury for empirical_fisher,
-            Cholesky for dense), ``"cg"``, ``"lanczos"`` (the Krylov basis kept across the
-            tries of a step, reorthogonalized: below), ``"cholesky"`` or ``"woodbury"``.
+            Cholesky for dense), ``"cg"``, ``"multishift"`` (one multi-shift CG run solves
+            the first tries of a step at once: a rejected try costs no product;
+            :mod:`~torchsteer.optim._newton_multishift`), ``"lanczos"`` (the Krylov basis
+            kept across the tries of a step, reorthogonalized: below), ``"cholesky"`` or
+            ``"woodbury"``.
         cg_tol: CG/Lanczos stop at ``|r| <= cg_tol |g|``; ``None`` uses SciPy Newton-CG's
             forcing term ``min(0.5, sqrt(|g|))`` (superlinear local convergence);
             ``"eisenstat_walker"``: their choice 2, ``0.9 (|g_k| / |g_{k-1}|)^2`` safeguarded
@@ -334,10 +338,12 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
 
     def _make_solver(self, group, curv, g: torch.Tensor, gnorm: float, state: dict):
         name = _AUTO_SOLVER[group["curvature"]] if group["solver"] == "auto" else group["solver"]
-        if name in ("cg", "lanczos"):
+        if name in ("cg", "lanczos", "multishift"):
             tol = cg_tolerance(group["cg_tol"], gnorm, state.get("forcing"))
             if name == "lanczos":
                 return LanczosSolver(curv, g, tol, group["cg_maxiter"])
+            if name == "multishift":
+                return MultiShiftSolver(curv, g, tol, group["cg_maxiter"])
             every = group["cg_check_every"] or (1 if g.device.type == "cpu" else 10)
             return CGSolver(curv, g, tol, group["cg_maxiter"], every)
         if name == "woodbury":
@@ -353,6 +359,8 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         eps = torch.finfo(x0.dtype).eps
         rec = TryRecord()
         warm, f_new, kept = None, f0, None
+        if isinstance(solver, MultiShiftSolver):  # every try's lambda, known ahead
+            solver.plan(self._planned_lambdas(gns, scale, gnorm, group["max_tries"], start.inv))
         for _ in range(group["max_tries"]):
             rec.tries += 1
             lam = self._lambda(gns, scale, gnorm)
@@ -395,6 +403,15 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             scale = scale / 2 if gns else scale * 2
         rec.new_loss = f_new if rec.accepted else f0
         return rec, scale, kept
+
+    @classmethod
+    def _planned_lambdas(cls, gns: bool, scale: float, gnorm: float, tries: int, inv: float):
+        """The ``lambda / c`` of every try, computed as :meth:`_search`'s loop does."""
+        lams = []
+        for _ in range(tries):
+            lams.append(cls._lambda(gns, scale, gnorm) * inv)
+            scale = scale / 2 if gns else scale * 2
+        return lams
 
     @staticmethod
     def _reusable(cache: dict, closure, params) -> bool:
@@ -455,6 +472,9 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
                 packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
                 g, loss = packed[:-1], packed[-1].to(loss.dtype)
         finite, f0, c, gnorm, g_c = start_numbers(loss, g)  # one transfer
+        del g, evaluation  # the solves take g / c: P numbers freed before they start
+        if group["curvature"] not in ("hessian", "dense"):
+            grads = None  # only Hessian products go through the gradient's own graph
         if not finite and self.nonfinite == "raise":
             raise ValueError("Invalid loss or gradient: contains NaN or Inf")
         saved = self._first_state()
