@@ -323,8 +323,6 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             for p in group["params"]:
                 n = p.numel()
                 a, b = max(lo, offset), min(hi, offset + n)  # overlap with our columns
-                if p.grad is not None and p.grad.is_sparse:
-                    raise ValueError("Invalid gradient: MFAC does not support sparse gradients")
                 if a < b:
                     part = flat[a - lo : b - lo]
                     if p.grad is not None:
@@ -367,7 +365,9 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        window = self._get_window()
+        if any(p.grad is not None and p.grad.is_sparse for p in self._params()):
+            raise ValueError("Invalid gradient: MFAC does not support sparse gradients")
+        window = self._get_window()  # allocates the window on the first step
         state = self.state[self._params()[0]]
         flat = self._flat_gradient(window)
         try:
