@@ -36,6 +36,38 @@ def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
             raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
 
 
+def _check_temperature(temperature) -> float:
+    """T as a float; raises unless finite and > 0."""
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
+    return t
+
+
+def _rows_plan(mask, lead, device, reduction, chunk_size):
+    """Checks ``reduction``, ``chunk_size`` and ``mask`` (shape ``lead``); returns the
+    selected rows of the flattened ``lead`` (the unmasked ones, ascending) and the
+    reduction's divisor: the number of selected rows for ``"mean"``, else ``lead[0]``
+    (1 for a single row)."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    if mask is None:
+        rows = torch.arange(math.prod(lead), device=device)
+    else:
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
+            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
+            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("Invalid mask: values must be 0/1 or bool")
+            mask = mask != 0
+        rows = mask.reshape(-1).nonzero().squeeze(1).to(device)
+    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
+    return rows, divisor
+
+
 def _chunk(s, t, gen, temperature, idx, g=None, scale=1.0):
     """One chunk of logits (compute dtype): its row values and, when ``g`` (a buffer of the
     chunk's shape, compute dtype) is given, the student gradient times ``scale`` written
@@ -172,28 +204,11 @@ def f_divergence(
         raise ValueError(
             "Invalid teacher_logits: requires grad; the teacher is a constant, pass .detach()"
         )
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    t = _check_temperature(temperature)
     lead, vocab = zs.shape[:-1], zs.shape[-1]
     n = math.prod(lead)
-    if mask is None:
-        rows = torch.arange(n, device=zs.device)
-    else:
-        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
-            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
-            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
-        if mask.dtype != torch.bool:
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("Invalid mask: values must be 0/1 or bool")
-            mask = mask != 0
-        rows = mask.reshape(-1).nonzero().squeeze(1).to(zs.device)
+    rows, divisor = _rows_plan(mask, lead, zs.device, reduction, chunk_size)
     chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 17) // max(vocab, 1))
-    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
     need_grad = zs.requires_grad and torch.is_grad_enabled()
     out = _FDivergence.apply(
         zs.reshape(n, vocab),
