@@ -166,34 +166,40 @@ def _balance(f, g):
     return f + s, g - s
 
 
-def solve(
-    C: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    eps: float,
-    *,
-    tol: float,
-    max_iter: int,
-    scaling: float | None = 0.5,
-    stage_iters: int = 2,
-    domain: str = "auto",
-    check_every: int = 1,
-    relax: bool = True,
-) -> Solution:
+@dataclass(frozen=True)
+class Options:
+    """How a solve runs: at eps until every pair's L1 marginal error is <= ``tol`` (tested
+    every ``check_every`` iterations) or ``max_iter`` iterations, after eps-scaling by
+    ``scaling`` per stage (None: off) with ``stage_iters`` iterations each; ``domain``
+    ``"auto"``, ``"scaling"`` or ``"log"``; ``relax``: the over-relaxation of :class:`_Relax`
+    at eps."""
+
+    tol: float
+    max_iter: int
+    scaling: float | None = 0.5
+    stage_iters: int = 2
+    domain: str = "auto"
+    check_every: int = 1
+    relax: bool = True
+
+
+def solve(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, opts: Options) -> Solution:
     """Sinkhorn potentials for the pairs (a[p], b[p]) over the shared cost C (float64)."""
     pairs, n = a.shape
     m = b.shape[1]
     f = torch.zeros(pairs, n, dtype=C.dtype, device=C.device)
     g = torch.zeros(pairs, m, dtype=C.dtype, device=C.device)
     cmax = float(C.max()) if C.numel() else 0.0
-    used = "scaling"
-    for e in _schedule(cmax, eps, scaling):  # annealing stages: a few iterations each
-        f, g, _, _, used = _stage(
-            C, a, b, e, f, g, cmax, -1.0, stage_iters, domain, 1, used, _Relax(False)
+
+    def step(e, tol_e, iters, every, final, carry):
+        f, g, used = carry
+        relax = _Relax(opts.relax and final)
+        f, g, it, err, used = _stage(
+            C, a, b, e, f, g, cmax, tol_e, iters, opts.domain, every, used, relax
         )
-    f, g, it, err, used = _stage(
-        C, a, b, eps, f, g, cmax, tol, max_iter, domain, check_every, used, _Relax(relax)
-    )
+        return (f, g, used), it, err
+
+    (f, g, used), it, err = _anneal(step, (f, g, "scaling"), cmax, eps, opts)
     return Solution(f, g, it, err, used)
 
 
@@ -205,6 +211,16 @@ def _schedule(cmax, eps, scaling):
             out.append(e)
             e *= scaling
     return out
+
+
+def _anneal(step, carry, cmax, eps, opts):
+    """eps-scaling: ``step(e, tol, iters, check_every, final, carry) -> (carry, it, err)``
+    for every annealing stage e of :func:`_schedule` (``opts.stage_iters`` iterations, no
+    stopping test, ``final=False``), then at eps to ``opts.tol`` or ``opts.max_iter``
+    (``final=True``); returns the last step's ``(carry, it, err)``."""
+    for e in _schedule(cmax, eps, opts.scaling):  # annealing stages: a few iterations each
+        carry, _, _ = step(e, -1.0, opts.stage_iters, 1, False, carry)
+    return step(eps, opts.tol, opts.max_iter, opts.check_every, True, carry)
 
 
 def _stage(C, a, b, eps, f, g, cmax, tol, iters, domain, check_every, used, relax):
@@ -243,31 +259,20 @@ def weighted_plan(C, a, b, eps, f, g, weights):
     return out
 
 
-def solve_symmetric(
-    C: torch.Tensor,
-    a: torch.Tensor,
-    eps: float,
-    *,
-    tol: float,
-    max_iter: int,
-    scaling: float | None = 0.5,
-    stage_iters: int = 2,
-    domain: str = "auto",
-    check_every: int = 1,
-    relax: bool = True,
-) -> Solution:
+def solve_symmetric(C: torch.Tensor, a: torch.Tensor, eps: float, opts: Options) -> Solution:
     """OT_eps(a, a) for a symmetric C: the averaged map f <- (f + T_a(f)) / 2 with
     T_a(f)_i = -eps log sum_j a_j exp((f_j - C_ij) / eps) (Feydy et al. 2019), which
     converges in a few iterations. ``marginal_error`` is the L1 error of P 1 - a with
     P = diag(a e^{f/eps}) K diag(a e^{f/eps}); ``f`` is the final iterate, ``g`` its mass
-    sum P. One matrix product per iteration for all histograms."""
-    del relax  # the averaged map needs none
-    f = torch.zeros_like(a)
+    sum P. One matrix product per iteration for all histograms; the averaged map needs no
+    relaxation (``opts.relax`` is not used)."""
     cmax = float(C.max()) if C.numel() else 0.0
-    for e in _schedule(cmax, eps, scaling):
-        f, _, _, _ = _sym_stage(C, a, e, f, cmax, -1.0, stage_iters, domain, 1)
-    f, it, err, mass_dom = _sym_stage(C, a, eps, f, cmax, tol, max_iter, domain, check_every)
-    mass, used = mass_dom
+
+    def step(e, tol_e, iters, every, final, carry):
+        f, it, err, mass_dom = _sym_stage(C, a, e, carry[0], cmax, tol_e, iters, opts.domain, every)
+        return (f, mass_dom), it, err
+
+    (f, (mass, used)), it, err = _anneal(step, (torch.zeros_like(a), None), cmax, eps, opts)
     return Solution(f, mass, it, err, used)
 
 

@@ -63,7 +63,7 @@ class _EntropicOT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, C, eps, opts, reports):
         a64, b64, C64 = a.detach().double(), b.detach().double(), C.detach().double()
-        sol = solver.solve(C64, a64, b64, eps, **opts)
+        sol = solver.solve(C64, a64, b64, eps, opts)
         value = solver.dual_value(a64, b64, sol.f, sol.g)
         reports.append(sol)
         ctx.save_for_backward(a64, b64, C64, sol.f, sol.g)
@@ -91,7 +91,7 @@ class _SymmetricOT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, C, eps, opts, reports):
         a64, C64 = a.detach().double(), C.detach().double()
-        sol = solver.solve_symmetric(C64, a64, eps, **opts)
+        sol = solver.solve_symmetric(C64, a64, eps, opts)
         value = 2.0 * (a64 * sol.f).sum(-1) - eps * (sol.g - 1.0)
         reports.append(sol)
         ctx.save_for_backward(a64, C64, sol.f)
@@ -234,7 +234,7 @@ def sinkhorn_divergence(
         raise ValueError("Invalid released=True: SinKD's released loss is batch-wise only")
     a = torch.softmax(p_logits / temperature, dim=-1)
     b = torch.softmax(q_logits / temperature, dim=-1)
-    opts = dict(tol=float(tol), max_iter=int(n_iters), scaling=scaling, domain=domain)
+    opts = solver.Options(tol=float(tol), max_iter=int(n_iters), scaling=scaling, domain=domain)
     reports: list = []
     if batchwise:
         value = _batchwise(a, b, cost, eps, int(n_iters), debiased, released, opts, reports)
