@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._sinkhorn_relax import relaxed_scaling, safe_omega
+
 SCALING_LIMIT = 600.0
 _CHUNK_ENTRIES = 1 << 22  # 32 MB of float64 per logsumexp temporary
 
@@ -78,14 +80,21 @@ class _Relax:
     lambda of the marginal error gives rho = (lambda + w - 1)^2 / (lambda w^2) and w is
     raised to w* (capped at 1.95). Back to w = 1 for good if the error grows above 10x
     its best.
+
+    ``safe=omega``: instead, the fixed target omega, checked at every half-step by the
+    sufficient-decrease rule of :mod:`._sinkhorn_relax` (per pair; convergence guaranteed).
     """
 
-    def __init__(self, enabled, warmup=16, period=8, updates=2):
+    def __init__(self, enabled, warmup=16, period=8, updates=2, safe=None):
         self.enabled, self.warmup, self.period, self.w = enabled, warmup, period, 1.0
         self.history, self.best, self.off, self.updates = [], math.inf, False, updates
+        self.safe = safe
+
+    def fresh(self):
+        return _Relax(self.enabled, safe=self.safe)
 
     def update(self, err):
-        if not self.enabled or self.off:
+        if not self.enabled or self.off or self.safe is not None:
             return
         self.best = min(self.best, err)
         if self.w > 1.0 and err > 10.0 * self.best:
@@ -114,7 +123,10 @@ def _log_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
     while it < max_iter:
         w = relax.w
         fT = _softmin_rows(C, b, g, eps, torch.empty_like(f))
-        f_new = fT if w == 1.0 else (1.0 - w) * f + w * fT
+        if relax.safe is not None:  # (f - fT) / eps: the logs of the row-marginal ratios
+            f_new = f - safe_omega(a, (f - fT) / eps, relax.safe) * (f - fT)
+        else:
+            f_new = fT if w == 1.0 else (1.0 - w) * f + w * fT
         gT = _softmin_rows(Ct, a, f_new, eps, torch.empty_like(g))
         it += 1
         if it % check_every == 0 or it == max_iter:
@@ -122,7 +134,11 @@ def _log_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
             err = (a * torch.expm1((f_new - fT) / eps)).abs().sum(-1)
             err = err + (b * torch.expm1((g - gT) / eps)).abs().sum(-1)
             relax.update(float(err.max()))
-        f, g = f_new, gT if w == 1.0 else (1.0 - w) * g + w * gT
+        if relax.safe is not None:
+            g = g - safe_omega(b, (g - gT) / eps, relax.safe) * (g - gT)
+        else:
+            g = gT if w == 1.0 else (1.0 - w) * g + w * gT
+        f = f_new
         if float(err.max()) <= tol:
             break
     f = _softmin_rows(C, b, g, eps, torch.empty_like(f))
@@ -138,9 +154,15 @@ def _scaling_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
     while it < max_iter:
         w = relax.w
         R = (b * V) @ K.t()  # (pairs, n): (K (b V))_i
-        U_new = 1.0 / R if w == 1.0 else U ** (1.0 - w) * R ** (-w)
+        if relax.safe is not None:  # log(U R): the logs of the row-marginal ratios
+            U_new = relaxed_scaling(a, U, torch.log(U * R), relax.safe)
+        else:
+            U_new = 1.0 / R if w == 1.0 else U ** (1.0 - w) * R ** (-w)
         S = (a * U_new) @ K  # (pairs, m): (K^T (a U))_j
-        V_new = 1.0 / S if w == 1.0 else V ** (1.0 - w) * S ** (-w)
+        if relax.safe is not None:
+            V_new = relaxed_scaling(b, V, torch.log(V * S), relax.safe)
+        else:
+            V_new = 1.0 / S if w == 1.0 else V ** (1.0 - w) * S ** (-w)
         it += 1
         check = it % check_every == 0 or it == max_iter
         if check:
@@ -171,8 +193,9 @@ class Options:
     """How a solve runs: at eps until every pair's L1 marginal error is <= ``tol`` (tested
     every ``check_every`` iterations) or ``max_iter`` iterations, after eps-scaling by
     ``scaling`` per stage (None: off) with ``stage_iters`` iterations each; ``domain``
-    ``"auto"``, ``"scaling"`` or ``"log"``; ``relax``: the over-relaxation of :class:`_Relax`
-    at eps."""
+    ``"auto"``, ``"scaling"`` or ``"log"``; ``relax``: the adaptive over-relaxation of
+    :class:`_Relax` at eps; ``omega``: instead, that fixed target with the safe rule of
+    :mod:`._sinkhorn_relax`."""
 
     tol: float
     max_iter: int
@@ -181,6 +204,7 @@ class Options:
     domain: str = "auto"
     check_every: int = 1
     relax: bool = True
+    omega: float | None = None
 
 
 def solve(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, opts: Options) -> Solution:
@@ -193,7 +217,7 @@ def solve(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, opts: O
 
     def step(e, tol_e, iters, every, final, carry):
         f, g, used = carry
-        relax = _Relax(opts.relax and final)
+        relax = _Relax(opts.relax and final, safe=opts.omega if final else None)
         f, g, it, err, used = _stage(
             C, a, b, e, f, g, cmax, tol_e, iters, opts.domain, every, used, relax
         )
@@ -235,7 +259,7 @@ def _stage(C, a, b, eps, f, g, cmax, tol, iters, domain, check_every, used, rela
                 f"(max C / epsilon = {cmax / eps:.3g}); use domain='log'"
             )
         f, g, iters = f2, g2, max(iters - it, 1)
-    relax = _Relax(relax.enabled)
+    relax = relax.fresh()
     f, g, it2, err = _log_solve(C, a, b, eps, f, g, tol, iters, check_every, relax)
     return f, g, it2, err, "log"
 
