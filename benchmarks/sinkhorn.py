@@ -7,6 +7,7 @@ checked by central finite differences along random directions. Arms (forward + b
 w.r.t. the logits z, CPU time ``time.process_time``, 1 thread, arms interleaved):
 
 * ours: ``sinkhorn_divergence(z, w, epsilon=eps)`` with its defaults (tol 1e-6);
+* ours with ``overrelax=1.8``: the fixed over-relaxation target with the safe rule;
 * geomloss's default: ``SamplesLoss("sinkhorn", p=2, blur=sqrt(eps))`` (default scaling
   0.5, debias True, tensorized), batched, float32 (torch's default dtype) and float64;
 * POT in a loop: ``ot.solve(M, a, b, reg=eps, reg_type="KL", grad="envelope")`` per pair
@@ -17,7 +18,7 @@ Errors: value |S - S_ref| / |S_ref| (sum over pairs), gradient ||g - g_ref|| / |
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/sinkhorn.py [--pot-pairs 8] [--repeats 1]
+    OMP_NUM_THREADS=1 python benchmarks/sinkhorn.py [--pot-pairs 8] [--skip-pot]
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--pot-pairs", type=int, default=8)
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3])
     ap.add_argument("--skip-geomloss64", action="store_true")
+    ap.add_argument("--skip-pot", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -106,12 +108,15 @@ def main():
         fd_err = _fd_check(z, w, eps, ref_g)
         arms = {
             "ours (defaults, tol 1e-6)": lambda eps=eps: _ours(z, w, eps),
+            "ours overrelax=1.8 (tol 1e-6)": lambda eps=eps: _ours(z, w, eps, overrelax=1.8),
             "geomloss default, float32": lambda eps=eps: _geomloss(z, w, eps, torch.float32),
             "geomloss default, float64": lambda eps=eps: _geomloss(z, w, eps, torch.float64),
             "POT ot.solve KL envelope, loop": lambda eps=eps: _pot(z, w, eps, args.pot_pairs),
         }
         if args.skip_geomloss64:
             del arms["geomloss default, float64"]
+        if args.skip_pot:
+            del arms["POT ot.solve KL envelope, loop"]
         for name, fn in arms.items():  # one pass each, in turn
             t0 = time.process_time()
             v, g, rep = fn()

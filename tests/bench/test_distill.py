@@ -253,3 +253,56 @@ def test_sparse_arm_is_the_kl_between_the_softened_top_k_teacher_and_student():
     assert float(distill.distillation_loss(full, zs, zt, CONFIG)) == pytest.approx(
         float(forward), rel=1e-10
     )
+
+
+def _entropic_ot(w, eps, iters=3000):
+    """OT_eps(mu, nu) with uniform 1/B marginals over the cost w (numpy, float64): plain
+    log-domain Sinkhorn from zero potentials, then the dual value <a, f> + <b, g>."""
+    b = w.shape[0]
+    la = np.full(b, -np.log(b))
+    f, g = np.zeros(b), np.zeros(b)
+    for _ in range(iters):
+        f = -eps * np.logaddexp.reduce(la[None, :] + (g[None, :] - w) / eps, axis=1)
+        g = -eps * np.logaddexp.reduce(la[:, None] + (f[:, None] - w) / eps, axis=0)
+    return (f.mean() + g.mean()) - eps * (
+        np.exp(la[:, None] + la[None, :] + (f[:, None] + g[None, :] - w) / eps).sum() - 1.0
+    )
+
+
+def test_sinkd_arm_is_the_batchwise_sinkhorn_divergence_with_uniform_marginals():
+    zs, zt, y = _logits(18, n=8), _logits(19, n=8), torch.tensor([0, 3, 9, 1, 1, 5, 2, 7])
+    arm, cfg = BY_NAME["SinKD"], CONFIG
+    q, p = _soft(zs, cfg.sinkd_temperature), _soft(zt, cfg.sinkd_temperature)
+
+    def l1(x, z):
+        return np.abs(x[:, None, :] - z[None, :, :]).sum(-1)
+
+    eps = cfg.sinkd_epsilon
+    s = _entropic_ot(l1(q, p), eps) - 0.5 * _entropic_ot(l1(q, q), eps)
+    s -= 0.5 * _entropic_ot(l1(p, p), eps)
+    got = distill.distillation_loss(arm, zs, zt, cfg)
+    assert float(got) == pytest.approx(s, rel=1e-6)
+    assert s > 0.01  # a student off the teacher: a loss well above the solver's tolerance
+    ce = -log_softmax(zs.numpy(), axis=1)[np.arange(8), y.numpy()].mean()
+    total = student_loss(arm, zs, zt, y, cfg)
+    assert float(total) == pytest.approx((1 - cfg.alpha) * ce + cfg.alpha * s, rel=1e-6)
+    # the release's loss (no 1/B marginals) is about B times larger: not what the arm uses
+    released = distill.sinkhorn_divergence(
+        zs, zt, epsilon=eps, temperature=cfg.sinkd_temperature, batchwise=True, released=True
+    )
+    assert float(released) > 4 * float(got)
+
+
+def test_sinkd_arm_gradient_matches_finite_differences():
+    zs, zt = _logits(20, n=5), _logits(21, n=5)
+    arm = BY_NAME["SinKD"]
+    x = zs.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(distill.distillation_loss(arm, x, zt, CONFIG), x)
+    d = torch.randn(zs.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = 1e-5
+
+    def val(z):
+        return float(distill.distillation_loss(arm, z, zt, CONFIG))
+
+    fd = (val(zs + h * d) - val(zs - h * d)) / (2 * h)
+    assert float((g * d).sum()) == pytest.approx(fd, rel=1e-4)

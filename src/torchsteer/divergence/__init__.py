@@ -1,5 +1,5 @@
 """Divergences for distillation: f-divergences on logits (also from hidden states and the head),
-sparse top-k KD, NKD and PS-KD, the Sinkhorn divergence (SinKD), Z-loss (torch only)."""
+sparse top-k KD, NKD, USKD and PS-KD, the Sinkhorn divergence (SinKD), Z-loss (torch only)."""
 
 from .f_divergence import f_divergence
 from .fused_linear import fused_linear_divergence
@@ -7,6 +7,7 @@ from .generators import KINDS, Generator, generator
 from .kd_losses import PSKDTargets, nkd_loss, ps_kd_alpha, soft_cross_entropy
 from .sinkhorn import SinkhornReport, sinkhorn_divergence
 from .sparse import sparse_kd
+from .uskd import uskd_loss
 from .z_loss import logz_penalty, z_loss
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "sinkhorn_divergence",
     "soft_cross_entropy",
     "sparse_kd",
+    "uskd_loss",
     "z_loss",
 ]

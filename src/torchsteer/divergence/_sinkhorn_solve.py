@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._sinkhorn_relax import relaxed_scaling, safe_omega
+
 SCALING_LIMIT = 600.0
 _CHUNK_ENTRIES = 1 << 22  # 32 MB of float64 per logsumexp temporary
 
@@ -78,14 +80,21 @@ class _Relax:
     lambda of the marginal error gives rho = (lambda + w - 1)^2 / (lambda w^2) and w is
     raised to w* (capped at 1.95). Back to w = 1 for good if the error grows above 10x
     its best.
+
+    ``safe=omega``: instead, the fixed target omega, checked at every half-step by the
+    sufficient-decrease rule of :mod:`._sinkhorn_relax` (per pair; convergence guaranteed).
     """
 
-    def __init__(self, enabled, warmup=16, period=8, updates=2):
+    def __init__(self, enabled, warmup=16, period=8, updates=2, safe=None):
         self.enabled, self.warmup, self.period, self.w = enabled, warmup, period, 1.0
         self.history, self.best, self.off, self.updates = [], math.inf, False, updates
+        self.safe = safe
+
+    def fresh(self):
+        return _Relax(self.enabled, safe=self.safe)
 
     def update(self, err):
-        if not self.enabled or self.off:
+        if not self.enabled or self.off or self.safe is not None:
             return
         self.best = min(self.best, err)
         if self.w > 1.0 and err > 10.0 * self.best:
@@ -114,7 +123,10 @@ def _log_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
     while it < max_iter:
         w = relax.w
         fT = _softmin_rows(C, b, g, eps, torch.empty_like(f))
-        f_new = fT if w == 1.0 else (1.0 - w) * f + w * fT
+        if relax.safe is not None:  # (f - fT) / eps: the logs of the row-marginal ratios
+            f_new = f - safe_omega(a, (f - fT) / eps, relax.safe) * (f - fT)
+        else:
+            f_new = fT if w == 1.0 else (1.0 - w) * f + w * fT
         gT = _softmin_rows(Ct, a, f_new, eps, torch.empty_like(g))
         it += 1
         if it % check_every == 0 or it == max_iter:
@@ -122,7 +134,11 @@ def _log_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
             err = (a * torch.expm1((f_new - fT) / eps)).abs().sum(-1)
             err = err + (b * torch.expm1((g - gT) / eps)).abs().sum(-1)
             relax.update(float(err.max()))
-        f, g = f_new, gT if w == 1.0 else (1.0 - w) * g + w * gT
+        if relax.safe is not None:
+            g = g - safe_omega(b, (g - gT) / eps, relax.safe) * (g - gT)
+        else:
+            g = gT if w == 1.0 else (1.0 - w) * g + w * gT
+        f = f_new
         if float(err.max()) <= tol:
             break
     f = _softmin_rows(C, b, g, eps, torch.empty_like(f))
@@ -138,9 +154,15 @@ def _scaling_solve(C, a, b, eps, f, g, tol, max_iter, check_every, relax):
     while it < max_iter:
         w = relax.w
         R = (b * V) @ K.t()  # (pairs, n): (K (b V))_i
-        U_new = 1.0 / R if w == 1.0 else U ** (1.0 - w) * R ** (-w)
+        if relax.safe is not None:  # log(U R): the logs of the row-marginal ratios
+            U_new = relaxed_scaling(a, U, torch.log(U * R), relax.safe)
+        else:
+            U_new = 1.0 / R if w == 1.0 else U ** (1.0 - w) * R ** (-w)
         S = (a * U_new) @ K  # (pairs, m): (K^T (a U))_j
-        V_new = 1.0 / S if w == 1.0 else V ** (1.0 - w) * S ** (-w)
+        if relax.safe is not None:
+            V_new = relaxed_scaling(b, V, torch.log(V * S), relax.safe)
+        else:
+            V_new = 1.0 / S if w == 1.0 else V ** (1.0 - w) * S ** (-w)
         it += 1
         check = it % check_every == 0 or it == max_iter
         if check:
@@ -166,34 +188,42 @@ def _balance(f, g):
     return f + s, g - s
 
 
-def solve(
-    C: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    eps: float,
-    *,
-    tol: float,
-    max_iter: int,
-    scaling: float | None = 0.5,
-    stage_iters: int = 2,
-    domain: str = "auto",
-    check_every: int = 1,
-    relax: bool = True,
-) -> Solution:
+@dataclass(frozen=True)
+class Options:
+    """How a solve runs: at eps until every pair's L1 marginal error is <= ``tol`` (tested
+    every ``check_every`` iterations) or ``max_iter`` iterations, after eps-scaling by
+    ``scaling`` per stage (None: off) with ``stage_iters`` iterations each; ``domain``
+    ``"auto"``, ``"scaling"`` or ``"log"``; ``relax``: the adaptive over-relaxation of
+    :class:`_Relax` at eps; ``omega``: instead, that fixed target with the safe rule of
+    :mod:`._sinkhorn_relax`."""
+
+    tol: float
+    max_iter: int
+    scaling: float | None = 0.5
+    stage_iters: int = 2
+    domain: str = "auto"
+    check_every: int = 1
+    relax: bool = True
+    omega: float | None = None
+
+
+def solve(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, opts: Options) -> Solution:
     """Sinkhorn potentials for the pairs (a[p], b[p]) over the shared cost C (float64)."""
     pairs, n = a.shape
     m = b.shape[1]
     f = torch.zeros(pairs, n, dtype=C.dtype, device=C.device)
     g = torch.zeros(pairs, m, dtype=C.dtype, device=C.device)
     cmax = float(C.max()) if C.numel() else 0.0
-    used = "scaling"
-    for e in _schedule(cmax, eps, scaling):  # annealing stages: a few iterations each
-        f, g, _, _, used = _stage(
-            C, a, b, e, f, g, cmax, -1.0, stage_iters, domain, 1, used, _Relax(False)
+
+    def step(e, tol_e, iters, every, final, carry):
+        f, g, used = carry
+        relax = _Relax(opts.relax and final, safe=opts.omega if final else None)
+        f, g, it, err, used = _stage(
+            C, a, b, e, f, g, cmax, tol_e, iters, opts.domain, every, used, relax
         )
-    f, g, it, err, used = _stage(
-        C, a, b, eps, f, g, cmax, tol, max_iter, domain, check_every, used, _Relax(relax)
-    )
+        return (f, g, used), it, err
+
+    (f, g, used), it, err = _anneal(step, (f, g, "scaling"), cmax, eps, opts)
     return Solution(f, g, it, err, used)
 
 
@@ -205,6 +235,16 @@ def _schedule(cmax, eps, scaling):
             out.append(e)
             e *= scaling
     return out
+
+
+def _anneal(step, carry, cmax, eps, opts):
+    """eps-scaling: ``step(e, tol, iters, check_every, final, carry) -> (carry, it, err)``
+    for every annealing stage e of :func:`_schedule` (``opts.stage_iters`` iterations, no
+    stopping test, ``final=False``), then at eps to ``opts.tol`` or ``opts.max_iter``
+    (``final=True``); returns the last step's ``(carry, it, err)``."""
+    for e in _schedule(cmax, eps, opts.scaling):  # annealing stages: a few iterations each
+        carry, _, _ = step(e, -1.0, opts.stage_iters, 1, False, carry)
+    return step(eps, opts.tol, opts.max_iter, opts.check_every, True, carry)
 
 
 def _stage(C, a, b, eps, f, g, cmax, tol, iters, domain, check_every, used, relax):
@@ -219,7 +259,7 @@ def _stage(C, a, b, eps, f, g, cmax, tol, iters, domain, check_every, used, rela
                 f"(max C / epsilon = {cmax / eps:.3g}); use domain='log'"
             )
         f, g, iters = f2, g2, max(iters - it, 1)
-    relax = _Relax(relax.enabled)
+    relax = relax.fresh()
     f, g, it2, err = _log_solve(C, a, b, eps, f, g, tol, iters, check_every, relax)
     return f, g, it2, err, "log"
 
@@ -243,31 +283,20 @@ def weighted_plan(C, a, b, eps, f, g, weights):
     return out
 
 
-def solve_symmetric(
-    C: torch.Tensor,
-    a: torch.Tensor,
-    eps: float,
-    *,
-    tol: float,
-    max_iter: int,
-    scaling: float | None = 0.5,
-    stage_iters: int = 2,
-    domain: str = "auto",
-    check_every: int = 1,
-    relax: bool = True,
-) -> Solution:
+def solve_symmetric(C: torch.Tensor, a: torch.Tensor, eps: float, opts: Options) -> Solution:
     """OT_eps(a, a) for a symmetric C: the averaged map f <- (f + T_a(f)) / 2 with
     T_a(f)_i = -eps log sum_j a_j exp((f_j - C_ij) / eps) (Feydy et al. 2019), which
     converges in a few iterations. ``marginal_error`` is the L1 error of P 1 - a with
     P = diag(a e^{f/eps}) K diag(a e^{f/eps}); ``f`` is the final iterate, ``g`` its mass
-    sum P. One matrix product per iteration for all histograms."""
-    del relax  # the averaged map needs none
-    f = torch.zeros_like(a)
+    sum P. One matrix product per iteration for all histograms; the averaged map needs no
+    relaxation (``opts.relax`` is not used)."""
     cmax = float(C.max()) if C.numel() else 0.0
-    for e in _schedule(cmax, eps, scaling):
-        f, _, _, _ = _sym_stage(C, a, e, f, cmax, -1.0, stage_iters, domain, 1)
-    f, it, err, mass_dom = _sym_stage(C, a, eps, f, cmax, tol, max_iter, domain, check_every)
-    mass, used = mass_dom
+
+    def step(e, tol_e, iters, every, final, carry):
+        f, it, err, mass_dom = _sym_stage(C, a, e, carry[0], cmax, tol_e, iters, opts.domain, every)
+        return (f, mass_dom), it, err
+
+    (f, (mass, used)), it, err = _anneal(step, (torch.zeros_like(a), None), cmax, eps, opts)
     return Solution(f, mass, it, err, used)
 
 

@@ -14,6 +14,7 @@ the gradient plus O(chunk_size * V). The teacher is a constant (no gradient).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -25,7 +26,11 @@ _REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
 def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
-    top = z.amax(-1)
+    _check_row_max(z.amax(-1), name, rows)
+
+
+def _check_row_max(top: torch.Tensor, name: str, rows: torch.Tensor) -> None:
+    """Raises if a row maximum ``top[i]`` (row ``rows[i]``) is NaN, +inf or -inf."""
     for bad, what in (
         (torch.isnan(top), "NaN"),
         (top == math.inf, "+inf"),
@@ -34,6 +39,53 @@ def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
         if bool(bad.any()):
             row = int(rows[bad.nonzero()[0, 0]])
             raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
+
+
+def _check_temperature(temperature) -> float:
+    """T as a float; raises unless finite and > 0."""
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
+    return t
+
+
+def _rows_plan(mask, lead, device, reduction, chunk_size):
+    """Checks ``reduction``, ``chunk_size`` and ``mask`` (shape ``lead``); returns the
+    selected rows of the flattened ``lead`` (the unmasked ones, ascending) and the
+    reduction's divisor: the number of selected rows for ``"mean"``, else ``lead[0]``
+    (1 for a single row)."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    if mask is None:
+        rows = torch.arange(math.prod(lead), device=device)
+    else:
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
+            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
+            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("Invalid mask: values must be 0/1 or bool")
+            mask = mask != 0
+        rows = mask.reshape(-1).nonzero().squeeze(1).to(device)
+    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
+    return rows, divisor
+
+
+def _top_k_support(zs, zt, top_k, rows):
+    """(z_s[S], z_t[S]) with S the teacher's ``top_k`` largest logits per row (the top-k of
+    z_t / T and of log p are the same set). The student's unmasked rows are checked over the
+    whole vocabulary (a NaN off S would not reach the per-chunk check)."""
+    vocab = zs.shape[-1]
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise ValueError(f"Invalid top_k: {top_k!r} (must be an integer in [1, {vocab}])")
+    if not 1 <= int(top_k) <= vocab:
+        raise ValueError(f"Invalid top_k: {top_k!r} (must be in [1, V={vocab}])")
+    top = zs.detach().amax(-1).reshape(-1).index_select(0, rows)
+    _check_row_max(top, "student_logits", rows)
+    idx = zt.detach().topk(int(top_k), dim=-1).indices
+    return zs.gather(-1, idx), zt.detach().gather(-1, idx)
 
 
 def _chunk(s, t, gen, temperature, idx, g=None, scale=1.0):
@@ -123,6 +175,7 @@ def f_divergence(
     mask: torch.Tensor | None = None,
     reduction: str = "batchmean",
     chunk_size: int | None = None,
+    top_k: int | None = None,
     **kind_args,
 ) -> torch.Tensor:
     """D_f(p || q) with q = softmax(student_logits / T) the student, p the teacher.
@@ -143,6 +196,12 @@ def f_divergence(
             unmasked rows), ``"batchmean"`` (sum / size of the first dimension, as
             ``F.kl_div``; 1 for a single row). An all-masked batch gives 0 and gradient 0.
         chunk_size: rows per chunk (default: ~128K entries, 512 KB in float32, per temporary).
+        top_k: None (the whole vocabulary) or k in [1, V]: per row, the divergence on the
+            teacher's k most likely tokens S only, Sparse KD's top-k teacher with the tail
+            renormalized away (:func:`.sparse_kd`'s default ``tail="renormalize"``):
+            p~ = softmax(z_t[S] / T) = p_S^{1/T} / sum_S p^{1/T}, q~ = softmax(z_s[S] / T),
+            D_f(p~ || q~); tokens off S get gradient 0. Equal to ``sparse_kd(z_s, S,
+            log_softmax(z_t)[S])``.
 
     Compute is float32 (float64 if either input is), the loss float32/float64. Entries where
     both logits are -inf (a padded vocabulary) contribute nothing; an entry where only one is
@@ -152,7 +211,7 @@ def f_divergence(
     Raises:
         ValueError: shape or vocabulary mismatch, bad mask, T <= 0, unknown kind or bad kind
             argument, NaN/+inf logits or an all -inf row in an unmasked row, a teacher that
-            requires grad.
+            requires grad, ``top_k`` not an integer in [1, V].
     """
     gen = generator(kind, **kind_args)
     zs, zt = student_logits, teacher_logits
@@ -172,28 +231,14 @@ def f_divergence(
         raise ValueError(
             "Invalid teacher_logits: requires grad; the teacher is a constant, pass .detach()"
         )
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    t = _check_temperature(temperature)
     lead, vocab = zs.shape[:-1], zs.shape[-1]
     n = math.prod(lead)
-    if mask is None:
-        rows = torch.arange(n, device=zs.device)
-    else:
-        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
-            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
-            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
-        if mask.dtype != torch.bool:
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("Invalid mask: values must be 0/1 or bool")
-            mask = mask != 0
-        rows = mask.reshape(-1).nonzero().squeeze(1).to(zs.device)
+    rows, divisor = _rows_plan(mask, lead, zs.device, reduction, chunk_size)
+    if top_k is not None:
+        zs, zt = _top_k_support(zs, zt, top_k, rows)
+        vocab = zs.shape[-1]
     chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 17) // max(vocab, 1))
-    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
     need_grad = zs.requires_grad and torch.is_grad_enabled()
     out = _FDivergence.apply(
         zs.reshape(n, vocab),

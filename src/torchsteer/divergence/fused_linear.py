@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .f_divergence import _REDUCTIONS, _chunk
+from .f_divergence import _check_temperature, _chunk, _rows_plan
 from .generators import generator
 
 __all__ = ["fused_linear_divergence"]
@@ -182,28 +182,11 @@ def fused_linear_divergence(
     for x, name in ((ws, "student_head"), (bs, "student_bias"), (wt, "teacher_head")):
         _check_finite(x, name)
     _check_finite(bt, "teacher_bias")
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"Invalid temperature: {temperature!r} (must be finite and > 0)")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"Invalid reduction: {reduction!r}; expected one of {_REDUCTIONS}")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (must be a positive integer)")
+    t = _check_temperature(temperature)
     lead, vocab = hs.shape[:-1], ws.shape[0]
     n = math.prod(lead)
-    if mask is None:
-        rows = torch.arange(n, device=hs.device)
-    else:
-        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(lead):
-            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask)
-            raise ValueError(f"Invalid mask shape: {shape} (expected {tuple(lead)})")
-        if mask.dtype != torch.bool:
-            if bool(((mask != 0) & (mask != 1)).any()):
-                raise ValueError("Invalid mask: values must be 0/1 or bool")
-            mask = mask != 0
-        rows = mask.reshape(-1).nonzero().squeeze(1).to(hs.device)
+    rows, divisor = _rows_plan(mask, lead, hs.device, reduction, chunk_size)
     chunk = int(chunk_size) if chunk_size is not None else max(16, (1 << 20) // max(vocab, 1))
-    divisor = rows.numel() if reduction == "mean" else (lead[0] if len(lead) else 1)
     scale = 1.0 if reduction in ("none", "sum") else 1.0 / divisor if divisor else 0.0
     cdt = torch.float64 if any(x.dtype == torch.float64 for x in tensors if x is not None) else None
     cfg = (gen, t, rows, chunk, scale, cdt or torch.float32)

@@ -63,7 +63,7 @@ class _EntropicOT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, C, eps, opts, reports):
         a64, b64, C64 = a.detach().double(), b.detach().double(), C.detach().double()
-        sol = solver.solve(C64, a64, b64, eps, **opts)
+        sol = solver.solve(C64, a64, b64, eps, opts)
         value = solver.dual_value(a64, b64, sol.f, sol.g)
         reports.append(sol)
         ctx.save_for_backward(a64, b64, C64, sol.f, sol.g)
@@ -91,7 +91,7 @@ class _SymmetricOT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, C, eps, opts, reports):
         a64, C64 = a.detach().double(), C.detach().double()
-        sol = solver.solve_symmetric(C64, a64, eps, **opts)
+        sol = solver.solve_symmetric(C64, a64, eps, opts)
         value = 2.0 * (a64 * sol.f).sum(-1) - eps * (sol.g - 1.0)
         reports.append(sol)
         ctx.save_for_backward(a64, C64, sol.f)
@@ -162,6 +162,16 @@ def _check_scalars(epsilon, n_iters, tol, temperature, reduction, scaling):
     return eps
 
 
+def _relax_option(overrelax):
+    """None for ``"auto"``, else the target omega in (0, 2)."""
+    if isinstance(overrelax, str) and overrelax == "auto":
+        return None
+    ok = isinstance(overrelax, (int, float)) and not isinstance(overrelax, bool)
+    if not ok or not 0.0 < float(overrelax) < 2.0:
+        raise ValueError(f"Invalid overrelax: {overrelax!r} (must be 'auto' or in (0, 2))")
+    return float(overrelax)
+
+
 def _reduce(values, reduction):
     if reduction == "sum":
         return values.sum()
@@ -184,6 +194,7 @@ def sinkhorn_divergence(
     released: bool = False,
     return_report: bool = False,
     domain: str = "auto",
+    overrelax: float | str = "auto",
 ):
     """Sinkhorn divergence S_eps(softmax(p_logits / T), softmax(q_logits / T)).
 
@@ -208,6 +219,12 @@ def sinkhorn_divergence(
         return_report: also return a :class:`SinkhornReport`.
         domain: ``"auto"`` (scaling domain while max C / eps <= 600, else log), ``"log"``,
             ``"scaling"``.
+        overrelax: the over-relaxation of the iterations at eps. ``"auto"``: w = 1 for 16
+            iterations, then raised to the SOR optimum of the measured rate (a heuristic,
+            no guarantee, back to 1 if the error grows). A float omega in (0, 2): that
+            target, taken at a half-step only where it keeps a tenth of the plain step's
+            decrease of the dual (else halved towards 1), so convergence is guaranteed
+            (:mod:`._sinkhorn_relax`); 1.0 is plain Sinkhorn.
 
     Returns the value in the inputs' dtype (solved in float64), or ``(value, report)``.
     A solve that stops at ``n_iters`` above ``tol`` warns (RuntimeWarning).
@@ -216,7 +233,8 @@ def sinkhorn_divergence(
         ValueError: non-tensor or non-float logits, shape or bins mismatch, NaN / +inf logits
             or an all -inf row, bad cost (shape, NaN, negative, asymmetric when debiased),
             epsilon <= 0, n_iters < 1, tol <= 0, T <= 0, bad reduction / scaling / domain,
-            ``released`` without ``batchwise``.
+            ``overrelax`` neither ``"auto"`` nor a number in (0, 2), ``released`` without
+            ``batchwise``.
     """
     eps = _check_scalars(epsilon, n_iters, tol, temperature, reduction, scaling)
     if domain not in ("auto", "log", "scaling"):
@@ -234,7 +252,10 @@ def sinkhorn_divergence(
         raise ValueError("Invalid released=True: SinKD's released loss is batch-wise only")
     a = torch.softmax(p_logits / temperature, dim=-1)
     b = torch.softmax(q_logits / temperature, dim=-1)
-    opts = dict(tol=float(tol), max_iter=int(n_iters), scaling=scaling, domain=domain)
+    omega = _relax_option(overrelax)
+    opts = solver.Options(
+        tol=float(tol), max_iter=int(n_iters), scaling=scaling, domain=domain, omega=omega
+    )
     reports: list = []
     if batchwise:
         value = _batchwise(a, b, cost, eps, int(n_iters), debiased, released, opts, reports)
