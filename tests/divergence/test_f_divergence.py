@@ -261,6 +261,8 @@ def test_generator_functions_match_their_definitions():
     [
         (lambda s, t: f_divergence(s, t[:2]), "shape mismatch"),
         (lambda s, t: f_divergence(s, t[:, :3]), "vocabulary"),
+        (lambda s, t: f_divergence(s[:, :0], t[:, :0]), "V=0"),  # was a raw IndexError
+        (lambda s, t: f_divergence(s[0, :0], t[0, :0]), "V=0"),
         (lambda s, t: f_divergence(s, t, temperature=0.0), "temperature"),
         (lambda s, t: f_divergence(s, t, temperature=-1.0), "temperature"),
         (lambda s, t: f_divergence(s, t, "nope"), "kind"),

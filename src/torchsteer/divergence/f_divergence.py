@@ -225,6 +225,8 @@ def f_divergence(
         )
     if zs.shape[-1] != zt.shape[-1]:
         raise ValueError(f"Invalid vocabulary: student V={zs.shape[-1]}, teacher V={zt.shape[-1]}")
+    if zs.shape[-1] == 0:
+        raise ValueError(f"Invalid vocabulary: V=0 (logits of shape {tuple(zs.shape)})")
     if zs.device != zt.device:
         raise ValueError(f"Invalid devices: {zs.device} and {zt.device}")
     if zt.requires_grad and torch.is_grad_enabled():
