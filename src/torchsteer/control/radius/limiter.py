@@ -271,9 +271,11 @@ class RadiusLimiter(CopyableLimiter):
                 name = self._names.get(p)
                 if name is not None and p.grad is not None:
                     d[name] = -group["lr"] * p.grad.detach()
+        reused = self.reused
         r, rho, tau = torch.stack(self._measure(inputs, d)).tolist()  # (one transfer)
         s = self._scale(r, tau)
         if s is None:  # non-finite gradient: nothing has stepped yet; an error, not counted
+            self.reused = reused
             raise ValueError("Invalid gradient: the radius along -g is NaN or Inf")
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * s
@@ -289,6 +291,7 @@ class RadiusLimiter(CopyableLimiter):
             self._record(pending.r, pending.rho, pending.tau, pending.scale)
             return self._tally._last
         parts = pending.buffers  # FlatBuffers or TensorBuffers: theta_old, and p once taken
+        reused = self.reused  # (a refused step counts nothing)
         with torch.no_grad():
             try:
                 if len(parts) == 1:
@@ -303,6 +306,7 @@ class RadiusLimiter(CopyableLimiter):
                 r, rho, tau = self._measure(inputs, direction, point, norm=norm)
             except BaseException:  # no unlimited step survives a failed measurement
                 pending.restore()
+                self.reused = reused
                 raise
             s = device_scale(self.mode, self.r_max, r)
             ok, bad_g = r.isfinite() & tau.isfinite(), torch.zeros_like(r, dtype=torch.bool)
@@ -315,7 +319,7 @@ class RadiusLimiter(CopyableLimiter):
             flags = torch.stack([limited, ~ok, bad_g]).to(r.dtype)
             record = self._tally.add(torch.cat([torch.stack([r, rho, tau, s]), flags]))
             if self.nonfinite == "raise" or not pending.state_unchanged():
-                self._decide_on_host(pending, record)  # one transfer
+                self._decide_on_host(pending, record, reused)  # one transfer
             else:  # every decision on the device: no host synchronization
                 keep = ok & (s == 1.0)
                 for bufs in parts:
@@ -324,7 +328,7 @@ class RadiusLimiter(CopyableLimiter):
                     snap.restore_where(ok)
         return record
 
-    def _decide_on_host(self, pending: PendingUpdate, record) -> None:
+    def _decide_on_host(self, pending: PendingUpdate, record, reused: int) -> None:
         """Read the step's signals (one transfer) and apply them: the path of ``"raise"``
         and of a step that changed the optimizer's state structure (its first)."""
         s = record["scale"]
@@ -332,6 +336,7 @@ class RadiusLimiter(CopyableLimiter):
             pending.restore()
             if self.nonfinite == "raise":  # a refused step is not counted
                 self._tally.undo()
+                self.reused = reused
                 raise ValueError(
                     "Invalid gradient: NaN or Inf (the optimizer's parameters and state are "
                     "restored as they were before the step)"
