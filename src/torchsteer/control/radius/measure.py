@@ -108,8 +108,11 @@ def logit_derivative(
     Args:
         model: the module (DDP / compile wrappers unwrapped).
         inputs: the batch handed to ``model`` (or to ``logits_fn``).
-        direction: v, a dict over (a subset of) the trainable parameters' names, or a flat
-            vector over all trainable parameters in ``named_parameters`` order.
+        direction: v, a dict over the trainable parameters' names (all of them; a subset
+            only with ``params`` naming the same subset), or a flat vector over all trainable
+            parameters in ``named_parameters`` order. Unknown names, missing ones and
+            shapes other than the parameter's raise ``ValueError``; so do an empty batch and a
+            forward that fails on ``inputs`` (a ``RuntimeError`` of the model, named).
         params: the point theta (same keys as ``direction``); default the live parameters.
         logits_fn: ``logits_fn(model, inputs) -> logits`` when the forward is not
             ``model(inputs)``.
