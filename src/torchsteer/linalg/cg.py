@@ -80,7 +80,7 @@ def _checked(matvec, b: torch.Tensor):
         except RuntimeError as err:
             raise ValueError(
                 f"Invalid b or matvec: matvec failed on a vector of b's shape {tuple(v.shape)} "
-                f"(b is (n,) or (n, k), and matvec takes that shape): {err}"
+                "(b is (n,) or (n, k), and matvec takes that shape); its error is chained"
             ) from err
         if not isinstance(out, torch.Tensor) or out.shape != v.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -71,5 +71,6 @@ def check_direction(
 def forward_error(err: Exception) -> ValueError:
     """A clear error for a forward that failed on the measured inputs."""
     return ValueError(
-        f"Invalid inputs: the model's forward failed on them (wrong shape or type?): {err}"
+        "Invalid inputs: the model's forward failed on them (a wrong shape or dtype for this "
+        f"model?); the model's {type(err).__name__} is chained to this error"
     )
