@@ -166,12 +166,31 @@ class Shard:
     rank: int
 
     @classmethod
-    def create(cls, n_local: int, device: torch.device | str = "cpu") -> Shard:
-        """The row counts of all ranks (one all-gather under a process group)."""
+    def create(
+        cls, n_local: int, device: torch.device | str = "cpu", error: Exception | None = None
+    ) -> Shard:
+        """The row counts of all ranks (one all-gather under a process group).
+
+        ``error``: this rank rejected its input. The same all-gather carries it (the count
+        ``-1``), so every rank learns it before any other collective and raises: this rank
+        ``error`` itself, the others a ``ValueError`` naming the rank(s). Without a process
+        group ``error`` is raised as it is.
+        """
         if not is_distributed():
+            if error is not None:
+                raise error
             return cls((int(n_local),), 0)
-        sizes = all_gather(torch.tensor([n_local], device=device))
-        return cls(tuple(int(s) for s in sizes), rank())
+        sizes = all_gather(torch.tensor([-1 if error is not None else n_local], device=device))
+        rows = tuple(int(s) for s in sizes)
+        if error is not None:
+            raise error
+        bad = [r for r, n in enumerate(rows) if n < 0]
+        if bad:
+            raise ValueError(
+                f"Invalid input on rank {', '.join(map(str, bad))}: it rejected its batch, so "
+                "every rank raises (nothing changed)"
+            )
+        return cls(rows, rank())
 
     @property
     def world(self) -> int:

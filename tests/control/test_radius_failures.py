@@ -64,7 +64,9 @@ def test_a_nan_gradient_never_reaches_adams_state(nonfinite):
     clean_model, clean_opt, clean, _ = _adam_run(batches[:4] + batches[5:])
     if nonfinite == "skip":
         assert skipped[4] == 1.0 and skipped[5:] == [0.0] * 45  # the 45 steps after it run
-    assert limiter.skipped == 1 and clean.skipped == 0
+    # a refused step ("raise") is not counted (issue 18): the counters are as before it
+    assert limiter.skipped == (nonfinite == "skip") and clean.skipped == 0
+    assert limiter.steps == clean.steps + (nonfinite == "skip")
     _assert_same_state(opt.state_dict(), clean_opt.state_dict())  # bit for bit
     assert torch.equal(_flat_params(model), _flat_params(clean_model))
     assert limiter.limited == clean.limited >= 1
@@ -129,7 +131,7 @@ def test_a_failure_mid_step_restores_theta_old(where):
     _grad(model, x, y)
     before = _flat_params(model)
     bad_inputs = torch.randn(32, 5, dtype=torch.float64)  # wrong feature count
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError if where == "optimizer" else ValueError):  # (issue 18)
         limiter.step(opt, x if where == "optimizer" else bad_inputs)
     assert torch.equal(_flat_params(model), before) and not limiter.pending
     assert limiter.steps == 0
@@ -258,11 +260,14 @@ def test_a_model_returning_a_tuple_names_logits_fn():
     with pytest.raises(ValueError, match=r"Invalid logits: the model returned a tuple.*logits_fn"):
         limiter.step(opt, x)
     assert torch.equal(_flat_params(model), before)  # and the step was undone
+    point = {"net.0.bias": model.net[0].bias}  # a subset of the parameters moves (issue 18)
     for method in ("jvp", "fd"):
         with pytest.raises(ValueError, match="logits_fn"):
-            logit_derivative(model, x, {"net.0.bias": torch.ones(16)}, method=method)
+            logit_derivative(model, x, {"net.0.bias": torch.ones(16)}, params=point, method=method)
     with pytest.raises(ValueError, match="Invalid logits: logits_fn returned a tuple"):
-        logit_derivative(model, x, {"net.0.bias": torch.ones(16)}, logits_fn=lambda m, b: m(b))
+        logit_derivative(
+            model, x, {"net.0.bias": torch.ones(16)}, params=point, logits_fn=lambda m, b: m(b)
+        )
     fixed = RadiusLimiter(model, r_max=0.5, logits_fn=lambda m, b: m(b)[0])
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     fixed.step(opt, x)

@@ -208,20 +208,23 @@ def test_regularized_newton_under_ddp_equals_one_process():
         for out in ranks:
             assert_same_run(out[name], single, exact=False)
         assert_same_run(ranks[0][name], ranks[1][name], exact=True)  # identical on the ranks
-    # collectives per step: the loss and gradient at x and at each trial point (P + 1 numbers),
+    # collectives per step: the loss and gradient at x (P + 2 numbers, with the flag of issue 18)
+    # and at each trial point (P + 1),
     # one P-vector per curvature product; Woodbury: the sizes, one all-to-all of this rank's
     # rows, the Gram and G g, the step's (padded) slices once per try
     P = 51
     rec, products, calls = ranks[0]["calls_hessian"]
     assert rec["tries"] > 1 and products >= rec["cg_iterations"] > 0
     assert sorted(calls) == sorted(
-        [("all_reduce", P + 1)] * (1 + rec["tries"] - rec["reasons"].count("breakdown"))
+        [("all_reduce", P + 2)]  # at x: with the ranks' flag (a rejected closure output)
+        + [("all_reduce", P + 1)] * (rec["tries"] - rec["reasons"].count("breakdown"))
         + [("all_reduce", P)] * products
     )
     rec, _, calls = ranks[0]["calls_empirical_fisher"]
     tries = rec["tries"]
     assert sorted(calls) == sorted(
-        [("all_reduce", P + 1)] * (1 + tries)
+        [("all_reduce", P + 2)]
+        + [("all_reduce", P + 1)] * tries
         + [("all_gather", 1), ("all_to_all_single", (N // 2) * P), ("all_reduce", N * (N + 1))]
         + [("all_gather", 26)] * tries
     )

@@ -24,8 +24,12 @@ from torchsteer.optim._newton_solvers import evaluate_closure
 __all__ = ["evaluate_trial", "start_numbers"]
 
 
-def start_numbers(loss: torch.Tensor, g: torch.Tensor):
-    """``(finite, f0, c, |g|, g / c)`` with one transfer (``g / c`` stays on the device)."""
+def start_numbers(loss: torch.Tensor, g: torch.Tensor, flag: torch.Tensor | None = None):
+    """``(finite, f0, c, |g|, g / c)`` with one transfer (``g / c`` stays on the device).
+
+    ``flag``: the count of ranks that rejected their closure output (from the step's
+    all-reduce, :mod:`~torchsteer.optim._newton_global`), read in the same transfer; when it
+    is not 0 this rank raises ``ValueError`` too."""
     f64 = torch.float64
     top = g.abs().max().to(f64) if g.numel() else torch.zeros((), dtype=f64, device=g.device)
     bound = int(math.log2(torch.finfo(g.dtype).max)) // 2 - 4  # float32: 4^59; float64: 4^507
@@ -35,7 +39,15 @@ def start_numbers(loss: torch.Tensor, g: torch.Tensor):
     g_c = g * torch.where(c == 0, 1.0, 1.0 / c).to(g.dtype)
     gnorm = g_c.norm().to(f64) * c
     finite = torch.isfinite(loss).all() & torch.isfinite(g).all()
-    read = torch.stack([finite.to(f64), loss.detach().to(f64).reshape(()), c, gnorm]).tolist()
+    numbers = [finite.to(f64), loss.detach().to(f64).reshape(()), c, gnorm]
+    if flag is not None:
+        numbers.append(flag.to(f64).reshape(()))
+    read = torch.stack(numbers).tolist()
+    if flag is not None and read[4] != 0.0:
+        raise ValueError(
+            "Invalid input on another rank: its closure output was rejected, so every rank "
+            "raises (nothing changed)"
+        )
     return bool(read[0]), read[1], read[2], read[3], g_c
 
 

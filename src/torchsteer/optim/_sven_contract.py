@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from torchsteer.distributed import Shard
 from torchsteer.optim._contract import (
     NONFINITE_POLICIES,
     GlobalStateMixin,
@@ -179,6 +180,19 @@ class SvenContract(GlobalStateMixin):
                 buf = saved.get(pid, {}).get("momentum_buffer")
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf.to(device=p.device, copy=True)
+
+    def _graph_losses(self, closure, device):
+        """``(losses, source, shard)`` of the graph path. Under DDP a rank that rejects its
+        closure's output (a ValueError) says so in the all-gather of the row counts, the
+        step's first collective, and every rank raises (issue 18 #4: none is left waiting)."""
+        try:
+            losses, capture = self._losses_from_closure(closure)
+            source, error = self._graph_source(losses, capture), None
+        except ValueError as exc:
+            losses = source = None
+            error = exc
+        shard = Shard.create(-1 if error is not None else losses.numel(), device, error)
+        return losses, source, shard
 
     @staticmethod
     def _check_not_empty(shard, what: str) -> None:

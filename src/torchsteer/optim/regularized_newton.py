@@ -9,17 +9,16 @@ from typing import Any
 
 import torch
 
-from torchsteer import distributed as tdist
-from torchsteer.jacobian import flatten, flatten_like, unflatten
+from torchsteer.jacobian import flatten, unflatten
 from torchsteer.linalg.lanczos import LanczosSolver
 from torchsteer.optim._contract import GlobalStateMixin, user_stacklevel
+from torchsteer.optim._newton_global import global_evaluation
 from torchsteer.optim._newton_inputs import (
     COUNTERS,
     HYPERPARAMETERS,
     LEGACY_DEFAULTS,
     LIGHTNING_AUTOMATIC,
     ScaledCurvature,
-    check_gradients,
     check_parameters,
     lightning_automatic,
     maximizing,
@@ -33,7 +32,6 @@ from torchsteer.optim._newton_solvers import (
     CholeskySolver,
     WoodburySolver,
     cg_tolerance,
-    evaluate_closure,
     make_curvature,
     parse_closure_output,
 )
@@ -464,14 +462,10 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         if reused:  # the last step's accepted trial point is this step's x
             f, aux, grads, g, loss = evaluation
         else:
-            f, aux, grads = evaluate_closure(fn, params, group["curvature"], graph=True)
-            check_gradients(grads, params)
-            g = flatten_like(grads, params, work)
-            loss = f.detach()  # what the step reports: the global mean under a process group
-            if tdist.is_distributed():  # global mean loss and gradient (DDP's hooks never ran)
-                packed = tdist.all_reduce_mean(torch.cat([g, loss.reshape(1).to(g.dtype)]))
-                g, loss = packed[:-1], packed[-1].to(loss.dtype)
-        finite, f0, c, gnorm, g_c = start_numbers(loss, g)  # one transfer
+            # global mean loss and gradient under DDP (its hooks never ran); a rank that
+            # rejects its closure output says so in that all-reduce and every rank raises
+            f, aux, grads, g, loss, flag = global_evaluation(fn, params, group["curvature"], work)
+        finite, f0, c, gnorm, g_c = start_numbers(loss, g, None if reused else flag)
         del g, evaluation  # the solves take g / c: P numbers freed before they start
         if group["curvature"] not in ("hessian", "dense"):
             grads = None  # only Hessian products go through the gradient's own graph

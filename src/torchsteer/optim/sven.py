@@ -466,9 +466,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
             path = self._plan(self._rows(shard))  # over budget: raised before any forward
             losses, source = self._functional(batch, path.path == "dense")
         else:
-            losses, capture = self._losses_from_closure(closure)
-            source = self._graph_source(losses, capture)
-            shard = Shard.create(losses.numel(), first.device)
+            losses, source, shard = self._graph_losses(closure, first.device)
             self._check_not_empty(shard, "per-sample losses")
             path = self._plan(self._rows(shard))  # before any Jacobian product
         losses = losses.detach()

@@ -27,10 +27,12 @@ class Tally:
         self.steps = 0
         self._counts: torch.Tensor | tuple[int, int] = (0, 0)
         self._last: LazySignals | dict = {}
+        self._previous = (0, (0, 0), {})
 
     def add(self, values: torch.Tensor) -> LazySignals:
         """Record one step: ``values`` = the float64 vector of :data:`KEYS` and a flag (a
         NaN/Inf gradient), on any device."""
+        self._previous = (self.steps, self._counts, self._last)
         self.steps += 1
         counts = self._counts
         if not isinstance(counts, torch.Tensor):
@@ -41,6 +43,10 @@ class Tally:
         self._counts = counts
         self._last = LazySignals(torch.cat([values, counts]), self.steps)
         return self._last
+
+    def undo(self) -> None:
+        """Forget the step just added (a step that raised is not counted)."""
+        self.steps, self._counts, self._last = self._previous
 
     def counts(self) -> tuple[int, int]:
         """(limited, skipped): a host read of the device counts (once per step at most)."""

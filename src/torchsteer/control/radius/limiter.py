@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from torchsteer.control.radius._buffers import FlatBuffers, TensorBuffers
+from torchsteer.control.radius._checks import check_settings
 from torchsteer.control.radius._linear_reuse import LinearRecorder
-from torchsteer.control.radius._masked import StateSnapshot, device_scale, gradients_finite
+from torchsteer.control.radius._masked import device_scale, gradients_finite
 from torchsteer.control.radius._pending import PendingNegGrad, PendingUpdate
 from torchsteer.control.radius._record import Tally
+from torchsteer.control.radius._slots import CopyableLimiter, Slot
 from torchsteer.control.radius._tangent import ActivationRecorder
 from torchsteer.control.radius.measure import METHODS, LogitsFn, worst_spread
 from torchsteer.jacobian import unwrap_model
@@ -43,18 +45,7 @@ _MODES = ("limit", "rho_set", "monitor")
 _DIRECTIONS = ("update", "neg_grad")
 
 
-class _Slot:
-    """What the limiter keeps for one optimizer from step to step: its (parameters, names)
-    list, the theta_old buffers (flat, or one per tensor) and the snapshot of its state."""
-
-    def __init__(self):
-        self.named_cache: tuple | None = None
-        self.flat: FlatBuffers | None = None
-        self.buffers: list[torch.Tensor] = []
-        self.snapshot = StateSnapshot()
-
-
-class RadiusLimiter:
+class RadiusLimiter(CopyableLimiter):
     r"""Caps every optimizer step at a fraction ``r_max`` of the softmax radius.
 
     .. math::
@@ -147,41 +138,26 @@ class RadiusLimiter:
         channels_last: bool = True,
         fold: bool = True,
     ):
-        if not (isinstance(r_max, int | float) and math.isfinite(r_max) and r_max > 0):
-            raise ValueError(f"Invalid r_max: {r_max}")
-        if mode not in _MODES:
-            raise ValueError(f"Invalid mode: {mode}")
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"Invalid direction: {direction}")
-        if method not in METHODS:
-            raise ValueError(f"Invalid method: {method}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"Invalid temperature: {temperature}")
-        if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
-            raise ValueError(f"Invalid fd_eps: {fd_eps}")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid nonfinite: {nonfinite}")
-        if not isinstance(reuse_forward, bool):
-            raise ValueError(f"Invalid reuse_forward: {reuse_forward!r}")
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"Invalid channels_last: {channels_last!r}")
-        if not isinstance(fold, bool):
-            raise ValueError(f"Invalid fold: {fold!r}")
+        check_settings(
+            r_max,
+            temperature,
+            fd_eps,
+            dict(mode=(mode, _MODES), direction=(direction, _DIRECTIONS),
+                 method=(method, METHODS), nonfinite=(nonfinite, ("raise", "skip"))),
+            dict(eval_mode=eval_mode, reuse_forward=reuse_forward,
+                 channels_last=channels_last, fold=fold),
+        )  # fmt: skip
         self.channels_last, self.fold = channels_last, fold
         self.model, self.r_max, self.logits_fn = model, float(r_max), logits_fn
         self.mode, self.direction, self.eval_mode = mode, direction, eval_mode
-        self.temperature, self.method, self.fd_eps, self.nonfinite = (
-            temperature,
-            method,
-            fd_eps,
-            nonfinite,
-        )
+        self.temperature, self.method = float(temperature), method
+        self.fd_eps, self.nonfinite = fd_eps, nonfinite
         self.reused = 0
         self._tally = Tally()  # steps; limited, skipped and the last signals (device tensors)
         self._names: dict[torch.Tensor, str] = {}
         # per optimizer: theta_old (flat buffers when possible), reused from step to step
         self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._slot = _Slot()  # the latest optimizer's (also for one without weak references)
+        self._slot = Slot()  # the latest optimizer's (also for one without weak references)
         self._pending: PendingUpdate | PendingNegGrad | None = None
         self._recorder: ActivationRecorder | None = None
         self._reuse_ok = False
@@ -295,10 +271,11 @@ class RadiusLimiter:
                 name = self._names.get(p)
                 if name is not None and p.grad is not None:
                     d[name] = -group["lr"] * p.grad.detach()
+        reused = self.reused
         r, rho, tau = torch.stack(self._measure(inputs, d)).tolist()  # (one transfer)
         s = self._scale(r, tau)
-        if s is None:  # non-finite gradient: nothing has stepped yet; always an error
-            self._record(r, rho, tau, 0.0, skipped=True)
+        if s is None:  # non-finite gradient: nothing has stepped yet; an error, not counted
+            self.reused = reused
             raise ValueError("Invalid gradient: the radius along -g is NaN or Inf")
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * s
@@ -314,6 +291,7 @@ class RadiusLimiter:
             self._record(pending.r, pending.rho, pending.tau, pending.scale)
             return self._tally._last
         parts = pending.buffers  # FlatBuffers or TensorBuffers: theta_old, and p once taken
+        reused = self.reused  # (a refused step counts nothing)
         with torch.no_grad():
             try:
                 if len(parts) == 1:
@@ -328,6 +306,7 @@ class RadiusLimiter:
                 r, rho, tau = self._measure(inputs, direction, point, norm=norm)
             except BaseException:  # no unlimited step survives a failed measurement
                 pending.restore()
+                self.reused = reused
                 raise
             s = device_scale(self.mode, self.r_max, r)
             ok, bad_g = r.isfinite() & tau.isfinite(), torch.zeros_like(r, dtype=torch.bool)
@@ -340,7 +319,7 @@ class RadiusLimiter:
             flags = torch.stack([limited, ~ok, bad_g]).to(r.dtype)
             record = self._tally.add(torch.cat([torch.stack([r, rho, tau, s]), flags]))
             if self.nonfinite == "raise" or not pending.state_unchanged():
-                self._decide_on_host(pending, record)  # one transfer
+                self._decide_on_host(pending, record, reused)  # one transfer
             else:  # every decision on the device: no host synchronization
                 keep = ok & (s == 1.0)
                 for bufs in parts:
@@ -349,13 +328,15 @@ class RadiusLimiter:
                     snap.restore_where(ok)
         return record
 
-    def _decide_on_host(self, pending: PendingUpdate, record) -> None:
+    def _decide_on_host(self, pending: PendingUpdate, record, reused: int) -> None:
         """Read the step's signals (one transfer) and apply them: the path of ``"raise"``
         and of a step that changed the optimizer's state structure (its first)."""
         s = record["scale"]
         if record["skipped"]:
             pending.restore()
-            if self.nonfinite == "raise":
+            if self.nonfinite == "raise":  # a refused step is not counted
+                self._tally.undo()
+                self.reused = reused
                 raise ValueError(
                     "Invalid gradient: NaN or Inf (the optimizer's parameters and state are "
                     "restored as they were before the step)"
@@ -367,11 +348,11 @@ class RadiusLimiter:
                 bufs.apply_scaled(s)
 
     # -- helpers ------------------------------------------------------------------------------
-    def _slot_for(self, optimizer) -> _Slot:
+    def _slot_for(self, optimizer) -> Slot:
         try:
             slot = self._slots.get(optimizer)
             if slot is None:
-                slot = self._slots[optimizer] = _Slot()
+                slot = self._slots[optimizer] = Slot()
         except TypeError:  # not weakly referenceable: one shared slot
             slot = self._slot
         self._slot = slot
@@ -383,7 +364,7 @@ class RadiusLimiter:
         pending = self._pending.optimizers if isinstance(self._pending, PendingUpdate) else ()
         return any(id(p) in mine for o in pending for g in o.param_groups for p in g["params"])
 
-    def _flat_buffers(self, named, slot: _Slot) -> FlatBuffers | None:
+    def _flat_buffers(self, named, slot: Slot) -> FlatBuffers | None:
         """The flat theta_old / update buffers for these parameters, or None (see
         :mod:`torchsteer.control.radius._buffers`)."""
         flat = slot.flat
@@ -398,7 +379,7 @@ class RadiusLimiter:
         slot.buffers = slot.flat.old_views
         return slot.flat
 
-    def _named_params(self, optimizer, slot: _Slot) -> list[tuple[str | None, torch.Tensor]]:
+    def _named_params(self, optimizer, slot: Slot) -> list[tuple[str | None, torch.Tensor]]:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         cached = slot.named_cache  # the same parameter objects as last step: same names
         if cached is not None and len(cached[0]) == len(params):
@@ -412,7 +393,7 @@ class RadiusLimiter:
         slot.named_cache = (params, named)
         return named
 
-    def _snapshot(self, named, slot: _Slot) -> list[torch.Tensor]:
+    def _snapshot(self, named, slot: Slot) -> list[torch.Tensor]:
         """theta_old, copied into buffers kept from step to step (no allocation)."""
         params = [p.detach() for _, p in named]
         bufs = slot.buffers
@@ -457,8 +438,10 @@ class RadiusLimiter:
                 self.model,
                 inputs,
                 d,
-                tangent=tangent,
-                params=point,
+                tangent=tangent,  # (neg_grad: at the live parameters, the subset d names)
+                params=point
+                if point is not None
+                else {n: p for p, n in self._names.items() if n in d},
                 logits_fn=self.logits_fn,
                 eval_mode=self.eval_mode,
                 method=self.method,

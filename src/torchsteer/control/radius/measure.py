@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from torchsteer import distributed
+from torchsteer.control.radius._checks import check_direction, check_positive, forward_error
 from torchsteer.control.radius._fold import channels_last_strides, folded_module
 from torchsteer.jacobian import jvp, model_fn, param_dict, unflatten, unwrap_model
 
@@ -107,8 +108,11 @@ def logit_derivative(
     Args:
         model: the module (DDP / compile wrappers unwrapped).
         inputs: the batch handed to ``model`` (or to ``logits_fn``).
-        direction: v, a dict over (a subset of) the trainable parameters' names, or a flat
-            vector over all trainable parameters in ``named_parameters`` order.
+        direction: v, a dict over the trainable parameters' names (all of them; a subset
+            only with ``params`` naming the same subset), or a flat vector over all trainable
+            parameters in ``named_parameters`` order. Unknown names, missing ones and
+            shapes other than the parameter's raise ``ValueError``; so do an empty batch and a
+            forward that fails on ``inputs`` (a ``RuntimeError`` of the model, named).
         params: the point theta (same keys as ``direction``); default the live parameters.
         logits_fn: ``logits_fn(model, inputs) -> logits`` when the forward is not
             ``model(inputs)``.
@@ -133,8 +137,11 @@ def logit_derivative(
         live = param_dict(model)
         if isinstance(direction, torch.Tensor):
             direction = unflatten(direction, live)
+        check_direction(direction, live, params)
         if params is None:
             params = {k: live[k] for k in direction}
+    else:  # (names and shapes only: no tensor is read)
+        check_direction(direction, params, params)
     if set(params) != set(direction):
         raise ValueError("Invalid direction: its keys differ from the parameters' keys")
     theta = {k: params[k].detach() for k in direction}
@@ -156,6 +163,14 @@ def logit_derivative(
         # CPU convolutions, BatchNorm and pooling run several times faster in channels-last
         # (measured: benchmarks/radius.py); 4-d weights in that format carry it through
         theta, v = _channels_last(theta), _channels_last(v)
+    try:
+        return _derivative(f, prefix, theta, v, eval_mode, model, method, fd_eps, primal)
+    except RuntimeError as err:  # (a forward that fails on its inputs: a named error)
+        raise forward_error(err) from err
+
+
+def _derivative(f, prefix, theta, v, eval_mode, model, method, fd_eps, primal):
+    """``J_z v`` at theta by ``method`` (see :func:`logit_derivative`)."""
     with _eval_mode(model, eval_mode), torch.no_grad():
         if method == "jvp":
             return jvp(
@@ -195,8 +210,13 @@ def _spread(a: torch.Tensor) -> torch.Tensor:
         # reduce over the C rows of the contiguous (C, N), vectorized along the batch
         t = a.t()
         return t.amax(0) - t.amin(0)
+    if a.dim() == 0 or math.prod(a.shape[:-1]) == 0:
+        raise ValueError(
+            f"Invalid inputs: an empty batch (logits of shape {tuple(a.shape)}); the radius "
+            "needs at least one sample"
+        )
     a = a.reshape(-1, a.shape[-1])
-    if a.shape[-1] == 0 or a.shape[0] == 0:
+    if a.shape[-1] == 0:
         return a.new_zeros(a.shape[0])
     low, high = a.aminmax(dim=1)  # one pass over the logits' tangent
     return high - low
@@ -204,13 +224,38 @@ def _spread(a: torch.Tensor) -> torch.Tensor:
 
 def worst_spread(model, inputs, direction, tangent=None, **kwargs) -> torch.Tensor:
     """``max_x Delta_a(x; v)`` over the batch, and over ranks under DDP (a 0-dim tensor);
-    ``tangent`` is ``J_z v`` when already known."""
-    if tangent is None:
-        spread = logit_spread(model, inputs, direction, **kwargs)
-    else:
-        spread = _spread(tangent)
-    worst = spread.max() if spread.numel() else spread.new_zeros(())
-    return distributed.all_reduce_max(worst)
+    ``tangent`` is ``J_z v`` when already known.
+
+    Under DDP every rank's verdict rides in the same all-reduce (max) as ``[worst_r, e_r]``:
+    ``e_r = 1`` when its ``worst_r`` is NaN/Inf (a NaN in its batch alone), ``2`` when its
+    measurement raised (inputs it rejects: this rank raises that error after the reduce).
+    Where ``max e > 0`` the result is NaN on every rank, so each refuses (or, with
+    ``nonfinite="skip"``, skips) the step alike and none waits in a collective (issue 18 #4);
+    the flag is compared on the device (no host synchronization)."""
+    if not distributed.is_distributed():
+        spread = (
+            _spread(tangent)
+            if tangent is not None
+            else logit_spread(model, inputs, direction, **kwargs)
+        )
+        return spread.max() if spread.numel() else spread.new_zeros(())
+    ref = next(iter(direction.values())) if isinstance(direction, Mapping) else direction
+    error = None
+    try:
+        spread = (
+            _spread(tangent)
+            if tangent is not None
+            else logit_spread(model, inputs, direction, **kwargs)
+        )
+        worst = spread.max()
+        flag = (~worst.isfinite()).to(worst.dtype)
+    except (ValueError, RuntimeError) as exc:
+        error, dtype = exc, tangent.dtype if tangent is not None else ref.dtype
+        worst, flag = torch.zeros((), dtype=dtype, device=ref.device), torch.full((), 2.0)
+    both = distributed.all_reduce_max(torch.stack([worst, flag.to(worst)]))
+    if error is not None:
+        raise error
+    return torch.where(both[1] > 0, math.nan, both[0])
 
 
 def _norms(tensors) -> torch.Tensor:
@@ -239,6 +284,7 @@ def normalized_step(
     depend on the sign of p and scales with its length. Under DDP the maximum over samples is
     a maximum over ranks too. Keyword arguments as in :func:`logit_derivative`.
     """
+    temperature = check_positive("temperature", temperature)
     r = worst_spread(model, inputs, update, logits_fn=logits_fn, **kwargs) / (math.pi * temperature)
     norm = _norm(update.values() if isinstance(update, Mapping) else [update]).to(r.dtype)
     rho = torch.where(r > 0, norm / r, torch.full_like(r, math.inf))
