@@ -67,11 +67,6 @@ OWNERS = (
 
 # why a defect in an unowned file is left as it is
 NOTES = {
-    ("KLStatistics + PID", "a statistic missing on rank 1"): (
-        "Not fixed: KLStatistics.reduce documents that every rank passes the same names; "
-        "checking it costs one more all-reduce per step, which KLControl (it agrees per batch "
-        "already) does not need and the sync-count tests pin; left for the lead to decide"
-    ),
     ("truncated_solve", "negative S"): (
         "Not fixed: S are singular values by contract (docstring); checking their sign reads "
         "tensor values, a host synchronization on Sven's hot path"
