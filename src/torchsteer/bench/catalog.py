@@ -20,7 +20,7 @@ BUILTIN: dict[str, tuple[str, str, bool]] = {
     "digits-mlp": ("digits_mlp", "MLP 64-64-64-10 on scikit-learn digits, test accuracy", True),
     "distill": (
         "distill",
-        "digits: teacher MLP 64-256-256-10 distilled into 64-4-10, 9 arms",
+        "digits: teacher MLP 64-256-256-10 distilled into 64-4-10, 10 arms",
         True,
     ),
     "dro": (

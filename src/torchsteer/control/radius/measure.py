@@ -165,6 +165,8 @@ def logit_derivative(
         theta, v = _channels_last(theta), _channels_last(v)
     try:
         return _derivative(f, prefix, theta, v, eval_mode, model, method, fd_eps, primal)
+    except NotImplementedError:  # an operation without a forward-mode rule: not the input
+        raise
     except RuntimeError as err:  # (a forward that fails on its inputs: a named error)
         raise forward_error(err) from err
 
