@@ -25,20 +25,22 @@ __all__ = ["f_divergence"]
 _REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
-def _check_rows(z: torch.Tensor, name: str, rows: torch.Tensor) -> None:
-    _check_row_max(z.amax(-1), name, rows)
-
-
 def _check_row_max(top: torch.Tensor, name: str, rows: torch.Tensor) -> None:
     """Raises if a row maximum ``top[i]`` (row ``rows[i]``) is NaN, +inf or -inf."""
-    for bad, what in (
-        (torch.isnan(top), "NaN"),
-        (top == math.inf, "+inf"),
-        (top == -math.inf, "only -inf (an empty row)"),
-    ):
-        if bool(bad.any()):
-            row = int(rows[bad.nonzero()[0, 0]])
-            raise ValueError(f"Invalid {name}: row {row} holds {what} logits")
+    _check_tops(top.unsqueeze(-1), (name,), rows)
+
+
+def _check_tops(tops: torch.Tensor, names: tuple[str, ...], rows: torch.Tensor) -> None:
+    """``tops[i, j]``: the maximum of row ``rows[i]`` of the input ``names[j]``. Raises on the
+    first row (then the first input) whose maximum is NaN, +inf or -inf (an empty row); one
+    host read when all are finite, so the chunks never wait on the host."""
+    bad = ~torch.isfinite(tops)
+    if not bool(bad.any()):
+        return
+    i, j = divmod(int(bad.reshape(-1).nonzero()[0, 0]), tops.shape[-1])  # row-major: row first
+    top = float(tops[i, j])
+    what = "NaN" if math.isnan(top) else "+inf" if top > 0 else "only -inf (an empty row)"
+    raise ValueError(f"Invalid {names[j]}: row {int(rows[i])} holds {what} logits")
 
 
 def _check_temperature(temperature) -> float:
@@ -88,12 +90,13 @@ def _top_k_support(zs, zt, top_k, rows):
     return zs.gather(-1, idx), zt.detach().gather(-1, idx)
 
 
-def _chunk(s, t, gen, temperature, idx, g=None, scale=1.0):
+def _chunk(s, t, gen, temperature, tops, g=None, scale=1.0):
     """One chunk of logits (compute dtype): its row values and, when ``g`` (a buffer of the
     chunk's shape, compute dtype) is given, the student gradient times ``scale`` written
-    into it. The chunk's temporaries are freed as soon as they are used."""
-    _check_rows(s, "student_logits", idx)
-    _check_rows(t, "teacher_logits", idx)
+    into it; the row maxima of s and t go into ``tops`` (checked once, after the last chunk).
+    The chunk's temporaries are freed as soon as they are used."""
+    torch.amax(s, -1, out=tops[:, 0])
+    torch.amax(t, -1, out=tops[:, 1])
     if temperature != 1.0:
         s, t = s / temperature, t / temperature
     lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
@@ -121,6 +124,7 @@ def _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale):
     """
     cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
     values = torch.empty(rows.numel(), dtype=cdt, device=zs.device)
+    tops = torch.empty(rows.numel(), 2, dtype=cdt, device=zs.device)  # row maxima, checked once
     grad = torch.zeros_like(zs) if need_grad else None
     contiguous = rows.numel() == zs.shape[0]
     inplace = need_grad and contiguous and grad.dtype == cdt
@@ -133,13 +137,15 @@ def _rows_pass(zs, zt, gen, temperature, rows, chunk, need_grad, scale):
         g = None
         if need_grad:
             g = grad[start : start + chunk] if inplace else torch.empty_like(s)
-        values[start : start + chunk] = _chunk(s, t, gen, temperature, idx, g, scale)
+        part = tops[start : start + chunk]
+        values[start : start + chunk] = _chunk(s, t, gen, temperature, part, g, scale)
         del s, t
         if need_grad and not inplace:
             if contiguous:
                 grad[start : start + chunk] = g.to(grad.dtype)
             else:
                 grad.index_copy_(0, idx, g.to(grad.dtype))
+    _check_tops(tops, ("student_logits", "teacher_logits"), rows)
     return values, grad
 
 

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .f_divergence import _check_temperature, _chunk, _rows_plan
+from .f_divergence import _check_temperature, _check_tops, _chunk, _rows_plan
 from .generators import generator
 
 __all__ = ["fused_linear_divergence"]
@@ -35,6 +35,7 @@ def _pass(cfg, hs, ws, bs, ht, wt, bt, need, row_weight=None):
     bs_c = None if bs is None else bs.to(cdt)
     bt_c = None if bt is None else bt.to(cdt)
     values = torch.empty(rows.numel(), dtype=cdt, device=hs.device)
+    tops = torch.empty(rows.numel(), 2, dtype=cdt, device=hs.device)  # row maxima, checked once
     gh = torch.zeros(hs.shape, dtype=hs.dtype, device=hs.device) if need[0] else None
     gw = torch.zeros(ws.shape, dtype=cdt, device=hs.device) if need[1] else None
     gb = torch.zeros(bs.shape, dtype=cdt, device=hs.device) if need[2] and bs is not None else None
@@ -47,7 +48,8 @@ def _pass(cfg, hs, ws, bs, ht, wt, bt, need, row_weight=None):
         t = ht_i @ wt_c.T if bt_c is None else torch.addmm(bt_c, ht_i, wt_c.T)
         del ht_i
         g = torch.empty_like(s) if any_grad else None
-        values[start : start + chunk] = _chunk(s, t, gen, temperature, idx, g, scale)
+        part = tops[start : start + chunk]
+        values[start : start + chunk] = _chunk(s, t, gen, temperature, part, g, scale)
         del s, t
         if not any_grad:
             continue
@@ -59,6 +61,7 @@ def _pass(cfg, hs, ws, bs, ht, wt, bt, need, row_weight=None):
             gw.addmm_(g.T, h)
         if gb is not None:
             gb.add_(g.sum(0))
+    _check_tops(tops, ("student_logits", "teacher_logits"), rows)
     return values, gh, gw, gb
 
 
