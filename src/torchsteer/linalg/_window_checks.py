@@ -46,6 +46,7 @@ __all__ = [
     "check_gradient",
     "coefficients",
     "gram_error",
+    "nonfinite_error",
     "pass_error",
     "solved",
 ]
@@ -67,10 +68,15 @@ def check_gradient(g: torch.Tensor, dim: int, dtype: torch.dtype, compute: torch
         raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({dim},)")
     gw = g.to(dtype).to(compute)
     if not bool(torch.isfinite(torch.dot(gw, gw))):
-        raise NonFiniteGradientError(
-            "Invalid gradient: contains NaN/Inf or its squared norm overflows "
-            f"{dtype}; the window was left unchanged"
-        )
+        raise nonfinite_error(dtype)
+
+
+def nonfinite_error(dtype: torch.dtype) -> NonFiniteGradientError:
+    """The error of a gradient refused by :func:`check_gradient` (not raised)."""
+    return NonFiniteGradientError(
+        "Invalid gradient: contains NaN/Inf or its squared norm overflows "
+        f"{dtype}; the window was left unchanged"
+    )
 
 
 class Checks(NamedTuple):

@@ -105,6 +105,11 @@ class DeviceStep:
         self.unchecked += 1
         self.pass_error = 0.0  # an applied step's was at most PASS_TOLERANCE (else held)
 
+    def device_add(self, g: torch.Tensor):
+        """:meth:`device_step` with ``ok`` the finiteness of ``g`` (its shape checked)."""
+        self._check_vector(g, "gradient")
+        return self.device_step(g, finite(g, self.dtype, self.compute_dtype))
+
     def device_step(self, g: torch.Tensor, ok: torch.Tensor):
         """Write ``g`` where ``ok``; return ``(x, report, hold)`` (module docstring), no sync.
         ``g`` has shape ``(dim,)``; ``ok`` is :func:`finite` of the whole gradient."""
@@ -125,7 +130,7 @@ class DeviceStep:
         mcol = inv.index_select(1, j1)[:, 0]
         mjj, cjj = mcol.index_select(0, j1)[0], column.index_select(0, j1)[0]
         b = torch.where(e, 0.0, column)
-        bb = torch.mv(inv, b) + mcol * (-torch.dot(mcol, b) / mjj)
+        bb = torch.addcmul(torch.mv(inv, b), mcol, -torch.dot(mcol, b) / mjj)  # = add_(alpha)
         bb = torch.where(e, 0.0, bb)
         s = cjj - torch.dot(b, bb)
         good = (mjj > 0.0) & (s > 0.5 * shift)
@@ -204,6 +209,7 @@ class DeviceStep:
         j = int(r["j"])
         self._host = [int(r["index"]), int(r["count"]), int(r["since"])]
         self.unchecked = 0
+        self.pending.fill_(False)  # this step's flags are handled here
         redo = r["pending"] or not r["good"] or r["due"] or r["trouble"]
         if r["pending"]:  # held steps since the last read: repair, then check this one
             self._repair(bool(r["pending_gram"]))

@@ -71,10 +71,11 @@ from torchsteer.linalg import _window_checks as checks
 from torchsteer.linalg._window_checks import (
     PASS_TOLERANCE,
     NonFiniteGradientError,
+    nonfinite_error,
 )
 from torchsteer.linalg._window_device import DeviceStep
 
-__all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
+__all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError", "nonfinite_error"]
 
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
 _GRAM_KEYS = ("float64_gram", "calm_steps")  # optional: older saves computed in float32
