@@ -455,6 +455,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         :meth:`consolidate_state_dict` (raises ``RuntimeError`` if it was not called on every
         rank since the last step)."""
         if self._window is not None:
+            self._window.flush()  # capturable: repair a held step now (one read), not after
             self._sync_state(self._window)
         sd = super().state_dict()
         if self._window is not None and self._world > 1:
