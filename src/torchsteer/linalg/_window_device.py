@@ -22,7 +22,10 @@ by the same masks (:attr:`ring`). The coefficients ``x = m M e_j`` and the check
 (``x^T K x``, ``g^T u = (K x)_j``, the residual, the spreads) are computed as
 :func:`~torchsteer.linalg._window_checks.coefficients` does, and the three checks become
 flags: ``trouble = ok ∧ (¬good ∨ x^T K x > K_jj (1 + 10^{-3}) / λ^2 ∨ ¬solved ∨
-gram_error > GRAM_TOLERANCE ∨ pass_error > PASS_TOLERANCE)``. On independent gradients no
+gram_error > GRAM_TOLERANCE ∨ pass_error > PASS_TOLERANCE)``, where ``solved`` is check 1's
+O(m) bound ``|r| / (2 √(m λ)) <= PASS_TOLERANCE g^T u / |g|`` alone (its O(m^2) estimate runs
+on the host, in :meth:`~DeviceStep.resolve`, only where the bound fails: on independent
+gradients it never did, m = 32 to 1024). On independent gradients no
 flag is set and the window's buffers equal the host-decided step's up to float rounding
 (the same operations; an ``add`` with a tensor coefficient where the host passed a number).
 
@@ -36,7 +39,10 @@ a read step equals :meth:`add_and_coefficients`; or it does not read, and applie
 repairs the window (float64 Gram if the Gram check fired, then the clamped-eigh refresh).
 :meth:`~DeviceStep.must_check` says when a read cannot be put off: a refresh may be due
 (the host's upper bound on ``since_refresh``), the Gram is in float64 mode (its calm-step
-count), or ``check_every`` steps have gone unread.
+count), a check fired in one of the last ``m`` reads (:attr:`hot`: a window in trouble is
+read every step until ``m`` calm reads in a row), or ``check_every`` steps have gone unread.
+The written row goes through a reused ``(1, d)`` buffer (``index_select``/``where`` with
+``out=``; the row index is a device tensor, so no view of it can be taken on the host).
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class DeviceStep:
         self.since_bound = 0  # host upper bound on since_refresh (exact after a read)
         self.unchecked = 0  # steps since the last read
         self.repairs = 0  # diagnostics: reads that repaired the window after held steps
+        self.hot = 0  # reads still to make every step after a check fired
+        self._row: torch.Tensor | None = None  # the written row, a reused (1, dim) buffer
 
     def _get(self, i: int) -> int:
         if self._host[i] is None:
@@ -95,8 +103,8 @@ class DeviceStep:
 
     def must_check(self, check_every: int) -> bool:
         """Whether this step's report must be read (see the module docstring)."""
-        return (self.float64_gram or self.since_bound + 1 >= self.refresh_every
-                or self.unchecked + 1 >= check_every)  # fmt: skip
+        return (self.float64_gram or self.hot > 0 or self.unchecked + 1 >= check_every
+                or self.since_bound + 1 >= self.refresh_every)  # fmt: skip
 
     def note_unread(self) -> None:
         """Host bookkeeping after a step whose report was not read."""
@@ -117,8 +125,11 @@ class DeviceStep:
         ring, gram, inv = self.ring, self.gram, self.inverse
         j1 = ring[0:1].clone()
         e = torch.arange(m, device=ring.device) == ring[0]
-        old = self.grads.index_select(0, j1)
-        new = torch.where(ok, g.to(self.dtype)[None], old)
+        new = self._row
+        if new is None or new.dtype != self.dtype or new.shape[1] != self.dim:
+            new = self._row = self.grads.new_empty(1, self.dim)  # reused: no O(d) allocation
+        torch.index_select(self.grads, 0, j1, out=new)
+        torch.where(ok, g.to(self.dtype)[None], new, out=new)
         self.grads.index_copy_(0, j1, new)
         k = self._gram_row(new[0])
         row = torch.where(ok, k, gram.index_select(0, j1)[0])
@@ -136,12 +147,13 @@ class DeviceStep:
         good = (mjj > 0.0) & (s > 0.5 * shift)
         due = ring[2] + 1 >= self.refresh_every
         sc = s.clamp(min=shift)
-        upd = inv.addmm(torch.stack((mcol, bb), dim=1), torch.stack((mcol / -mjj, bb / sc)))
+        take = ok & good & ~due  # in place, O(m^2): a masked rank-2 update adds exact zeros
+        left = torch.where(take, torch.stack((mcol, bb), dim=1), 0.0)
+        inv.addmm_(left, torch.where(take, torch.stack((mcol / -mjj, bb / sc)), 0.0))
         v = torch.where(e, 1.0 / sc, bb * (-1.0 / sc))
-        upd.index_copy_(1, j1, v[:, None])
-        upd.index_copy_(0, j1, v[None])
-        inv.copy_(torch.where(ok & good & ~due, upd, inv))
-        since = torch.where(ok & good & ~due, ring[2] + 1, torch.where(ok, 0, ring[2]))
+        inv.index_copy_(1, j1, torch.where(take, v, mcol)[:, None])
+        inv.index_copy_(0, j1, torch.where(take, v, inv.index_select(0, j1)[0])[None])
+        since = torch.where(take, ring[2] + 1, torch.where(ok, 0, ring[2]))
         index = torch.where(ok, (ring[0] + 1) % m, ring[0])
         count = torch.where(ok, (ring[1] + 1).clamp(max=m), ring[1])
         j = ring[0].to(f64)
@@ -167,11 +179,9 @@ class DeviceStep:
         spread, spread2 = torch.dot(x.abs(), norms), (x * norms).norm()
         kjj, gu = gram.diagonal().index_select(0, j1)[0], kx.index_select(0, j1)[0]
         xkx_bad = ~(torch.dot(x, kx) <= kjj * (1.0 + 1e-3) / self.damp**2)
-        limit = PASS_TOLERANCE * gu / kjj.sqrt()
-        delta = torch.mv(self.inverse, residual)
-        close = (residual.norm() / (2.0 * shift**0.5) <= limit) | (
-            torch.dot(delta, torch.mv(gram, delta)) <= limit.square()
-        )
+        # check 1 by its O(m) bound only: where it fails, a read runs ``solved`` (with its
+        # O(m^2) estimate) on the host, an unread step is held
+        close = residual.norm() / (2.0 * shift**0.5) <= PASS_TOLERANCE * gu / kjj.sqrt()
         unsolved = ~((kjj == 0.0) | ((gu > 0.0) & close))
         zero = torch.zeros((), dtype=torch.float64, device=gram.device)
         if self.compute_dtype == torch.float64:
@@ -210,7 +220,9 @@ class DeviceStep:
         self._host = [int(r["index"]), int(r["count"]), int(r["since"])]
         self.unchecked = 0
         self.pending.fill_(False)  # this step's flags are handled here
-        redo = r["pending"] or not r["good"] or r["due"] or r["trouble"]
+        fired = r["pending"] or not r["good"] or r["trouble"]
+        redo = fired or r["due"]
+        self.hot = self.ngrads if fired else max(self.hot - 1, 0)  # m calm reads in a row
         if r["pending"]:  # held steps since the last read: repair, then check this one
             self._repair(bool(r["pending_gram"]))
         elif not r["good"]:

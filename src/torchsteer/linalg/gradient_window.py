@@ -51,6 +51,13 @@ upcast column blocks of about 4 M numbers to float32 (temporaries of 16 MB), the
 the *stored* (rounded) gradients up to float32 rounding. Float32 and float64 windows compute
 in their own dtype, unchanged.
 
+**Host synchronization**: :meth:`add_and_coefficients` decides on the host (a few reads a
+step). :meth:`~torchsteer.linalg._window_device.DeviceStep.device_add` runs the same step
+with every decision a device tensor (the ring position too, :attr:`ring`) and returns a
+report to read in one transfer, then :meth:`~torchsteer.linalg._window_device.DeviceStep.
+resolve` (bit for bit the host-decided step), or not to read (``MFAC(capturable=True)``):
+see :mod:`~torchsteer.linalg._window_device`.
+
 **Shared storage**: ``buffers=(grads, gram, inverse)`` lets a window live in given tensors
 (e.g. column views of one larger window and slices of stacked Gram/inverse tensors, as
 :class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow` does); they are reset in

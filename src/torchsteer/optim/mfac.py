@@ -81,10 +81,32 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             (:class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow`: ``F`` block
             diagonal, block ``k``'s update exactly dense M-FAC on its gradient slice);
             ``block_size >= d`` is the dense optimizer.
+        capturable: keep the step counters and the ring position as tensors on the
+            parameters' device (as ``torch.optim.Adam(capturable=True)``), so that a step
+            with ``nonfinite="skip"`` needs no host synchronization (below). Default
+            ``False``: they stay CPU tensors, as before, and each step reads once.
+        check_every: with ``capturable=True`` and ``nonfinite="skip"``, read the step's
+            checks every this many steps (default 16; see below). The iterates do not
+            depend on it unless a check fires.
         memory_budget: ``None`` or bytes: a window whose
             :func:`~torchsteer.optim.mfac_memory.mfac_window_bytes` exceeds it raises
             ``ValueError`` at construction (and at the first step, before allocating),
             naming the bytes and the options that reduce them.
+
+    Host synchronization: every decision of a window step -- the finiteness test, the
+    Schur complement of the bordered-inverse update, the refresh schedule, the accuracy
+    checks -- is a device tensor (``torchsteer.linalg._window_device``): a NaN/Inf gradient
+    masks every write (parameters, momentum, window, Gram, counters stay as they were).
+    By default a step reads its verdict and the checks in **one** transfer and then runs,
+    on the host, exactly the original step's repairs where a check fired (so the steps and
+    ``nonfinite="raise"`` are as before). With ``capturable=True`` and ``nonfinite="skip"``
+    nothing is read: a steady-state step makes no host synchronization. A step whose checks
+    fire between reads (nearly dependent gradients) is *held*: its gradient enters the
+    window, the parameters do not move, and so on until the next read repairs the window
+    (float64 Gram, clamped-eigh refresh). Reads happen every ``check_every`` steps, on
+    steps where a Cholesky refresh may be due (every ``m`` updates), every step while the
+    Gram is in float64 mode, and at ``state_dict()`` (which repairs a held window first).
+    The sharded window (DDP) decides on the host, as before.
 
     Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
     would hold the same window. Sharded, rank ``r`` keeps only columns
