@@ -105,7 +105,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     window, the parameters do not move, and so on until the next read repairs the window
     (float64 Gram, clamped-eigh refresh). Reads happen every ``check_every`` steps, on
     steps where a Cholesky refresh may be due (every ``m`` updates), every step while the
-    Gram is in float64 mode, and at ``state_dict()`` (which repairs a held window first).
+    Gram is in float64 mode or for ``m`` reads after a check fired, and at ``state_dict()``
+    (which repairs a held window first).
     The sharded window (DDP) decides on the host, as before.
 
     Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
