@@ -58,6 +58,16 @@ def parts():
         mfac.step()
 
     out["MFAC"] = mfac_step
+    for name, extra in (("", {}), (" blocked", {"block_size": 64})):
+        mc = mlp()
+        opt_c = MFAC(mc.parameters(), lr=1e-3, ngrads=8, nonfinite="skip", capturable=True, **extra)
+
+        def mfac_capturable(mc=mc, opt_c=opt_c):
+            opt_c.zero_grad()
+            ce(mc(X), Y).backward()
+            opt_c.step()
+
+        out[f"MFAC{name} (capturable, skip)"] = mfac_capturable
     m2 = mlp()
     sven = Sven(
         m2.parameters(),
@@ -150,11 +160,14 @@ def main() -> None:
         "parameter: 4 here, all 4 of the limiter's `item` calls under Adam; under SGD (no sync",
         'of its own) the limiter\'s steady-state step has 0 with `nonfinite="skip"` and 1 (the',
         'check, read with the signals in one transfer) with `"raise"`; a limiter\'s first step',
-        "(the optimizer creates its state) reads once. RegularizedNewton: 1 transfer at the",
+        "(the optimizer creates its state) reads once. MFAC: one read a step (the verdict and",
+        'the checks in one transfer) unless `capturable=True` with `nonfinite="skip"`: then',
+        "one read every `check_every` (16) steps and where a refresh may be due (docs/mfac.md).",
+        "RegularizedNewton: 1 transfer at the",
         "start, 1 per accept test, and CG's reads (every `cg_check_every` iterations; the",
         "iterates do not depend on it). The KL rows with `skip`: PID with `delay=1` (its delay",
         "line full from the first update). Baseline at 4394e63: limiter 6, DROWeighting 1, KL",
-        "controllers 1, RegularizedNewton 27.",
+        "controllers 1, RegularizedNewton 27; MFAC 6 (__bool__ 1, __float__ 4, tolist 1).",
     ]
     (RESULTS / "sync_counts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -41,10 +41,12 @@ __all__ = [
     "GRAM_TOLERANCE",
     "PASS_TOLERANCE",
     "Checks",
+    "CheckedSteps",
     "NonFiniteGradientError",
     "check_gradient",
     "coefficients",
     "gram_error",
+    "nonfinite_error",
     "pass_error",
     "solved",
 ]
@@ -66,10 +68,15 @@ def check_gradient(g: torch.Tensor, dim: int, dtype: torch.dtype, compute: torch
         raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({dim},)")
     gw = g.to(dtype).to(compute)
     if not bool(torch.isfinite(torch.dot(gw, gw))):
-        raise NonFiniteGradientError(
-            "Invalid gradient: contains NaN/Inf or its squared norm overflows "
-            f"{dtype}; the window was left unchanged"
-        )
+        raise nonfinite_error(dtype)
+
+
+def nonfinite_error(dtype: torch.dtype) -> NonFiniteGradientError:
+    """The error of a gradient refused by :func:`check_gradient` (not raised)."""
+    return NonFiniteGradientError(
+        "Invalid gradient: contains NaN/Inf or its squared norm overflows "
+        f"{dtype}; the window was left unchanged"
+    )
 
 
 class Checks(NamedTuple):
@@ -134,3 +141,41 @@ def gram_error(w: GradientWindow, c: Checks) -> float:
     (dot products of length ``d``) may make, whichever dtype the stored row was computed in
     (the root-mean-square estimate of the module docstring)."""
     return _relative(w, c, w.dim, c.spread2)
+
+
+class CheckedSteps:
+    """The host-decided checks of a window step, mixed into ``GradientWindow``: checks 1-2
+    with their refreshes, and the Gram's precision mode (check 3)."""
+
+    def _checked_coefficients(self, j: int) -> tuple[torch.Tensor, Checks]:
+        """Checks 1 and 2 of :meth:`add_and_coefficients`, refreshing ``M`` as they ask."""
+        x, kx, c = coefficients(self, j)
+        if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
+            self.refresh(robust=True)
+            x, kx, c = coefficients(self, j)
+        for robust in (False, True):  # Cholesky; if still off, the clamped eigh
+            if solved(self, j, x, kx, c):
+                break
+            self.accuracy_refreshes += 1
+            self.refresh(robust=robust)
+            x, kx, c = coefficients(self, j)
+        return x, c
+
+    def _gram_precision(self, error: float) -> bool:
+        """Switch the Gram to float64 when ``error`` exceeds ``GRAM_TOLERANCE`` (recompute it
+        and ``M``; returns ``True``: the coefficients must be recomputed); switch back after
+        ``m`` calm steps in a row (``error`` below ``GRAM_TOLERANCE / 10``)."""
+        if self.compute_dtype == torch.float64:
+            return False
+        if not self.float64_gram:
+            if not error > GRAM_TOLERANCE:
+                return False
+            self.float64_gram, self.calm_steps = True, 0
+            self.gram_rebuilds += 1
+            self._recompute_gram()
+            self.refresh()
+            return True
+        self.calm_steps = self.calm_steps + 1 if error <= GRAM_TOLERANCE / 10 else 0
+        if self.calm_steps >= self.ngrads:
+            self.float64_gram, self.calm_steps = False, 0
+        return False

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from torchsteer.linalg._window_checks import check_gradient
+from torchsteer.linalg._window_device import finite
 from torchsteer.linalg.gradient_window import GradientWindow
 
 __all__ = ["BlockedGradientWindow", "block_bounds"]
@@ -174,6 +175,46 @@ class BlockedGradientWindow:
         self.pass_error = max(blk.pass_error for blk in self.blocks)
         return torch.stack(xs)
 
+    # ------------------------------------------------------------------ sync-free step
+    @property
+    def capturable(self) -> bool:
+        """``state_dict`` gives the ring position as device tensors (``_window_device``)."""
+        return self.blocks[0].capturable
+
+    @capturable.setter
+    def capturable(self, value: bool) -> None:
+        for blk in self.blocks:
+            blk.capturable = value
+
+    def device_add(self, g: torch.Tensor):
+        """Every block's sync-free step (``GradientWindow.device_step``) with one finiteness
+        test of ``g``: ``x`` ``(B, m)``, the reports ``(B, F)`` and one ``apply`` (a held
+        block holds the whole step)."""
+        if g.shape != (self.dim,):
+            raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({self.dim},)")
+        ok = finite(g, self.dtype, self.compute_dtype)
+        out = [blk.device_step(g[lo:hi], ok) for blk, lo, hi in self._slices()]
+        x, reports, apply = (torch.stack(t) for t in zip(*out))
+        return x, reports, apply.amin()
+
+    def must_check(self, check_every: int) -> bool:
+        return any(blk.must_check(check_every) for blk in self.blocks)
+
+    def note_unread(self) -> None:
+        for blk in self.blocks:
+            blk.note_unread()
+        self.pass_error = 0.0
+
+    def resolve(self, rows: list[list[float]], x: torch.Tensor) -> torch.Tensor:
+        """Each block's :meth:`GradientWindow.resolve` of its report row."""
+        xs = [blk.resolve(row, x[k]) for k, (blk, row) in enumerate(zip(self.blocks, rows))]
+        self.pass_error = max(blk.pass_error for blk in self.blocks)
+        return torch.stack(xs)
+
+    def flush(self) -> None:
+        for blk in self.blocks:
+            blk.flush()
+
     def combine(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``(F^{-1} g)_k = G_k^T x_k`` for every block, in :attr:`compute_dtype` (a block
         whose pass would cancel is accumulated in float64, as in the dense window)."""
@@ -205,13 +246,19 @@ class BlockedGradientWindow:
             "grads": self.grads,
             "gram": self.gram,
             "inverse": self.inverse,
-            "index": torch.tensor(self.index, dtype=torch.int64),
-            "count": torch.tensor(self.count, dtype=torch.int64),
-            "since_refresh": torch.tensor([b.since_refresh for b in self.blocks]),
+            **self._ring_state(),
             "damp": torch.tensor(self.damp, dtype=torch.float64),
             "float64_gram": torch.tensor([int(b.float64_gram) for b in self.blocks]),
             "calm_steps": torch.tensor([b.calm_steps for b in self.blocks]),
         }
+
+    def _ring_state(self) -> dict[str, torch.Tensor]:
+        if self.capturable:  # device tensors, no read
+            ring = self.blocks[0].ring_state(True)
+            return {**ring, "since_refresh": torch.stack([b.ring[2] for b in self.blocks])}
+        return {"index": torch.tensor(self.index, dtype=torch.int64),
+                "count": torch.tensor(self.count, dtype=torch.int64),
+                "since_refresh": torch.tensor([b.since_refresh for b in self.blocks])}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Take over the buffers of ``state`` (moved to this window's device, dtypes kept);
@@ -243,3 +290,5 @@ class BlockedGradientWindow:
             blk.index, blk.count = int(state["index"]), int(state["count"])
             blk.since_refresh = since[k]
             blk.float64_gram, blk.calm_steps = bool(modes[k]), calms[k]
+            blk.pending.fill_(False)
+            blk.since_bound, blk.unchecked = since[k], 0

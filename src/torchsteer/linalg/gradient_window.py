@@ -51,6 +51,13 @@ upcast column blocks of about 4 M numbers to float32 (temporaries of 16 MB), the
 the *stored* (rounded) gradients up to float32 rounding. Float32 and float64 windows compute
 in their own dtype, unchanged.
 
+**Host synchronization**: :meth:`add_and_coefficients` decides on the host (a few reads a
+step). :meth:`~torchsteer.linalg._window_device.DeviceStep.device_add` runs the same step
+with every decision a device tensor (the ring position too, :attr:`ring`) and returns a
+report to read in one transfer, then :meth:`~torchsteer.linalg._window_device.DeviceStep.
+resolve` (bit for bit the host-decided step), or not to read (``MFAC(capturable=True)``):
+see :mod:`~torchsteer.linalg._window_device`.
+
 **Shared storage**: ``buffers=(grads, gram, inverse)`` lets a window live in given tensors
 (e.g. column views of one larger window and slices of stacked Gram/inverse tensors, as
 :class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow` does); they are reset in
@@ -69,18 +76,19 @@ import torch
 
 from torchsteer.linalg import _window_checks as checks
 from torchsteer.linalg._window_checks import (
-    GRAM_TOLERANCE,
     PASS_TOLERANCE,
     NonFiniteGradientError,
+    nonfinite_error,
 )
+from torchsteer.linalg._window_device import DeviceStep
 
-__all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError"]
+__all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError", "nonfinite_error"]
 
 _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "damp")
 _GRAM_KEYS = ("float64_gram", "calm_steps")  # optional: older saves computed in float32
 
 
-class GradientWindow:
+class GradientWindow(checks.CheckedSteps, DeviceStep):
     """Ring buffer of ``m`` gradients with the inverse empirical Fisher products.
 
     ``F = damp * I + (1/m) G^T G`` with ``G`` the ``m x d`` window (empty rows are zeros).
@@ -146,9 +154,10 @@ class GradientWindow:
             self.grads.zero_()
             self.gram.zero_()
             self.inverse.copy_(torch.eye(ngrads, dtype=torch.float64) / self._shift)
-        self.index = 0  # next row to write
-        self.count = 0  # rows written so far, at most ngrads
-        self.since_refresh = 0
+        # index: next row to write; count: rows written (<= m); since_refresh (a device
+        # tensor, ``ring``, with a host mirror); capturable: state_dict gives ring views
+        self._init_ring(self.grads.device)
+        self.capturable = False
         self.robust_refreshes = 0  # diagnostics: times rounding forced the eigh fallback
         self.accuracy_refreshes = 0  # diagnostics: refreshes forced by the solve check
         self.float64_passes = 0  # diagnostics: second passes accumulated in float64
@@ -356,39 +365,6 @@ class GradientWindow:
         self.pass_error = checks.pass_error(self, c)
         return x
 
-    def _checked_coefficients(self, j: int) -> tuple[torch.Tensor, checks.Checks]:
-        """Checks 1 and 2 of :meth:`add_and_coefficients`, refreshing ``M`` as they ask."""
-        x, kx, c = checks.coefficients(self, j)
-        if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
-            self.refresh(robust=True)
-            x, kx, c = checks.coefficients(self, j)
-        for robust in (False, True):  # Cholesky; if still off, the clamped eigh
-            if checks.solved(self, j, x, kx, c):
-                break
-            self.accuracy_refreshes += 1
-            self.refresh(robust=robust)
-            x, kx, c = checks.coefficients(self, j)
-        return x, c
-
-    def _gram_precision(self, error: float) -> bool:
-        """Switch the Gram to float64 when ``error`` exceeds ``GRAM_TOLERANCE`` (recompute it
-        and ``M``; returns ``True``: the coefficients must be recomputed); switch back after
-        ``m`` calm steps in a row (``error`` below ``GRAM_TOLERANCE / 10``)."""
-        if self.compute_dtype == torch.float64:
-            return False
-        if not self.float64_gram:
-            if not error > GRAM_TOLERANCE:
-                return False
-            self.float64_gram, self.calm_steps = True, 0
-            self.gram_rebuilds += 1
-            self._recompute_gram()
-            self.refresh()
-            return True
-        self.calm_steps = self.calm_steps + 1 if error <= GRAM_TOLERANCE / 10 else 0
-        if self.calm_steps >= self.ngrads:
-            self.float64_gram, self.calm_steps = False, 0
-        return False
-
     def combine(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``G^T x`` in :attr:`compute_dtype`: one pass in that dtype when :attr:`pass_error`
         (of the last :meth:`add_and_coefficients`) is at most ``PASS_TOLERANCE`` (a reduced-
@@ -511,9 +487,7 @@ class GradientWindow:
             "grads": self.grads,
             "gram": self.gram,
             "inverse": self.inverse,
-            "index": torch.tensor(self.index, dtype=torch.int64),
-            "count": torch.tensor(self.count, dtype=torch.int64),
-            "since_refresh": torch.tensor(self.since_refresh, dtype=torch.int64),
+            **self.ring_state(self.capturable),
             "damp": torch.tensor(self.damp, dtype=torch.float64),
             "float64_gram": torch.tensor(int(self.float64_gram), dtype=torch.int64),
             "calm_steps": torch.tensor(self.calm_steps, dtype=torch.int64),
@@ -542,3 +516,5 @@ class GradientWindow:
         self.count = int(state["count"])
         self.since_refresh = int(state["since_refresh"])
         self.float64_gram, self.calm_steps = bool(mode), calm
+        self.pending.fill_(False)
+        self.since_bound, self.unchecked = self.since_refresh, 0

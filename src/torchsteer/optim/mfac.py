@@ -9,7 +9,11 @@ import torch
 
 from torchsteer import distributed
 from torchsteer.linalg.blocked_window import BlockedGradientWindow
-from torchsteer.linalg.gradient_window import GradientWindow, NonFiniteGradientError
+from torchsteer.linalg.gradient_window import (
+    GradientWindow,
+    NonFiniteGradientError,
+    nonfinite_error,
+)
 from torchsteer.optim._contract import (
     NONFINITE_POLICIES,
     GlobalStateMixin,
@@ -18,6 +22,7 @@ from torchsteer.optim._contract import (
 )
 from torchsteer.optim._mfac_state import WINDOW_KEYS as _WINDOW_KEYS
 from torchsteer.optim._mfac_state import validate_window_state
+from torchsteer.optim._mfac_update import apply_fused, apply_vector
 from torchsteer.optim.mfac_memory import check_memory_budget, mfac_n_blocks
 
 __all__ = ["MFAC"]
@@ -76,10 +81,33 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             (:class:`~torchsteer.linalg.blocked_window.BlockedGradientWindow`: ``F`` block
             diagonal, block ``k``'s update exactly dense M-FAC on its gradient slice);
             ``block_size >= d`` is the dense optimizer.
+        capturable: keep the step counters and the ring position as tensors on the
+            parameters' device (as ``torch.optim.Adam(capturable=True)``), so that a step
+            with ``nonfinite="skip"`` needs no host synchronization (below). Default
+            ``False``: they stay CPU tensors, as before, and each step reads once.
+        check_every: with ``capturable=True`` and ``nonfinite="skip"``, read the step's
+            checks every this many steps (default 16; see below). The iterates do not
+            depend on it unless a check fires.
         memory_budget: ``None`` or bytes: a window whose
             :func:`~torchsteer.optim.mfac_memory.mfac_window_bytes` exceeds it raises
             ``ValueError`` at construction (and at the first step, before allocating),
             naming the bytes and the options that reduce them.
+
+    Host synchronization: every decision of a window step -- the finiteness test, the
+    Schur complement of the bordered-inverse update, the refresh schedule, the accuracy
+    checks -- is a device tensor (``torchsteer.linalg._window_device``): a NaN/Inf gradient
+    masks every write (parameters, momentum, window, Gram, counters stay as they were).
+    By default a step reads its verdict and the checks in **one** transfer and then runs,
+    on the host, exactly the original step's repairs where a check fired (so the steps and
+    ``nonfinite="raise"`` are as before). With ``capturable=True`` and ``nonfinite="skip"``
+    nothing is read: a steady-state step makes no host synchronization. A step whose checks
+    fire between reads (nearly dependent gradients) is *held*: its gradient enters the
+    window, the parameters do not move, and so on until the next read repairs the window
+    (float64 Gram, clamped-eigh refresh). Reads happen every ``check_every`` steps, on
+    steps where a Cholesky refresh may be due (every ``m`` updates), every step while the
+    Gram is in float64 mode or for ``m`` reads after a check fired, and at ``state_dict()``
+    (which repairs a held window first).
+    The sharded window (DDP) decides on the host, as before.
 
     Distributed (DDP): the gradients are already averaged over the ``R`` ranks, so every rank
     would hold the same window. Sharded, rank ``r`` keeps only columns
@@ -109,11 +137,9 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         Second-Order Information." NeurIPS 2021. arXiv:2107.03356.
     """
 
-    global_hyperparameters = (
-        "ngrads", "damp", "window_dtype", "nonfinite", "shard", "block_size", "memory_budget"
-    )  # fmt: skip
-    structural_hyperparameters = ("ngrads", "damp", "block_size")
-    policy_hyperparameters = ("nonfinite", "shard", "memory_budget")  # load keeps the live ones
+    policy_hyperparameters = ("nonfinite", "shard", "memory_budget", "capturable", "check_every")
+    structural_hyperparameters = ("ngrads", "damp", "block_size")  # load keeps the live policies
+    global_hyperparameters = (*structural_hyperparameters, "window_dtype", *policy_hyperparameters)
     global_state_keys = (*_WINDOW_KEYS, "step", "skipped_steps")
 
     def __init__(
@@ -130,6 +156,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         *,
         block_size: int | None = None,
         memory_budget: float | None = None,
+        capturable: bool = False,
+        check_every: int = 16,
         maximize: bool = False,
         foreach: bool | None = None,
         differentiable: bool = False,
@@ -145,6 +173,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             shard=shard,
             block_size=block_size,
             memory_budget=memory_budget,
+            capturable=capturable,
+            check_every=check_every,
             maximize=maximize,
             foreach=foreach,
             differentiable=differentiable,
@@ -176,6 +206,8 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         if group["memory_budget"] is not None:
             check_hyperparameter("memory_budget", group["memory_budget"], low=0, low_open=True)
         check_choice("maximize", group["maximize"], (False, True))
+        check_choice("capturable", group["capturable"], (False, True))
+        check_hyperparameter("check_every", group["check_every"], low=1, integer=True)
         if group.get("foreach") not in (None, False):
             raise ValueError(
                 f"Invalid foreach: {group['foreach']!r}; MFAC's step is one pass over the "
@@ -215,6 +247,10 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     @property
     def shard(self) -> bool | None:
         return self.param_groups[0]["shard"]
+
+    @property
+    def capturable(self) -> bool:
+        return self.param_groups[0]["capturable"]
 
     def _check_budget(self, dim: int) -> int:
         """The number of shards of a window over ``dim`` parameters; raises ``ValueError``
@@ -293,6 +329,10 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         else:
             state["step"] = torch.tensor(0.0)
             state["skipped_steps"] = torch.tensor(0.0)
+        window.capturable = self.capturable and self._world == 1
+        counters = first.device if window.capturable else "cpu"  # capturable: on the device
+        for key in ("step", "skipped_steps"):
+            state[key] = torch.as_tensor(state.get(key, 0.0), dtype=torch.float32).to(counters)
         self._window = window
         self._sync_state(window)
         return window
@@ -370,56 +410,45 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         window = self._get_window()  # allocates the window on the first step
         state = self.state[self._params()[0]]
         flat = self._flat_gradient(window)
-        try:
-            x = window.add_and_coefficients(flat)
-        except NonFiniteGradientError as error:
-            self._nonfinite(error)  # raise, or count the step in skipped_steps
-            return loss
-        state["step"] += 1
+        if self._world > 1:  # sharded: the host-decided step (its all-reduce carries |g|^2)
+            try:
+                x = window.add_and_coefficients(flat)
+            except NonFiniteGradientError as error:
+                self._nonfinite(error)  # raise, or count the step in skipped_steps
+                return loss
+            mask = None
+            state["step"] += 1
+        else:
+            x, report, mask = window.device_add(flat)  # no sync: every decision a tensor
+            if (
+                not self.capturable
+                or self.nonfinite == "raise"
+                or window.must_check(self.param_groups[0]["check_every"])
+            ):
+                rows = report.tolist()  # the step's one host synchronization
+                if not (rows[0][0] if isinstance(rows[0], list) else rows[0]):
+                    self._nonfinite(nonfinite_error(window.dtype))  # window unchanged
+                    return loss
+                x, mask = window.resolve(rows, x), None
+                state["step"] += 1
+            else:  # nothing read: the masks count the step, or skip it
+                window.note_unread()
+                ok = report[..., 0].amin()
+                state["step"].add_(ok)
+                state["skipped_steps"].add_(1.0 - ok)
         self._sync_state(window)
         self._consolidated = None
         if self._world > 1 or not window.fusable:
             # sharded: our slice of u = G^T x, all-gathered; or the rows cancel (duplicate
             # gradients): G^T x accumulated in float64 (``GradientWindow.combine``); or
             # blocks, or a bfloat16/float16 window (the pass in float32)
-            u = window.combine(x)
+            u = window.combine(x if mask is None else x * mask)
             if self._world > 1:
                 u = distributed.all_gather_cat(u, sizes=self._widths)
-            self._apply_vector(u)
-            return loss
-        coeffs = x.to(window.dtype)
-        # u = F^{-1} g = G^T x, one column block of G per parameter, fused into the update:
-        # the second pass over the window writes straight into the parameter (or its buffer).
-        for p, offset, lr, momentum in self._updated():
-            block = window.grads[:, offset : offset + p.numel()].t()
-            if momentum != 0.0:
-                buf = self._momentum_buffer(p)
-                _addmv(buf.mul_(momentum), block, coeffs, 1.0 - momentum)
-                p.add_(buf, alpha=-lr)
-            else:
-                _addmv(p, block, coeffs, -lr)
+            apply_vector(self, u, mask)
+        else:
+            apply_fused(self, window, x, mask)
         return loss
-
-    def _updated(self):
-        """``(parameter, its first column in the window, lr, momentum)`` for every parameter
-        with a gradient, in window order."""
-        offset = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    yield p, offset, group["lr"], group["momentum"]
-                offset += p.numel()
-
-    def _apply_vector(self, u: torch.Tensor) -> None:
-        """Apply a whole ``u = F^{-1} g`` (every column): the momentum EMA and ``w -= lr v``."""
-        for p, offset, lr, momentum in self._updated():
-            piece = u[offset : offset + p.numel()].view_as(p)
-            if momentum != 0.0:
-                buf = self._momentum_buffer(p).mul_(momentum)
-                buf.add_(piece.to(buf.dtype), alpha=1.0 - momentum)
-                p.add_(buf, alpha=-lr)
-            else:
-                p.add_(piece.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -449,6 +478,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         :meth:`consolidate_state_dict` (raises ``RuntimeError`` if it was not called on every
         rank since the last step)."""
         if self._window is not None:
+            self._window.flush()  # capturable: repair a held step now (one read), not after
             self._sync_state(self._window)
         sd = super().state_dict()
         if self._window is not None and self._world > 1:
@@ -478,12 +508,3 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
         self._reset_runtime()
         if "window_grads" in self._first_state():
             self._get_window()
-
-
-def _addmv(out: torch.Tensor, block: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
-    """``out += alpha * block @ x`` in place; fused when ``out`` is contiguous in the
-    window dtype, else through a temporary of ``out``'s size."""
-    if out.dtype == block.dtype and out.is_contiguous():
-        out.view(-1).addmv_(block, x, alpha=alpha)
-    else:
-        out.add_(torch.mv(block, x).view_as(out).to(out.dtype), alpha=alpha)
