@@ -47,6 +47,14 @@ def data(dev, seed=0):
     return torch.randn(32, 8, generator=g).to(dev), torch.randint(0, 3, (32,), generator=g).to(dev)
 
 
+def functional_sven(m):
+    """Sven's dense functional step (``model=``/``loss_fn=``) with ``nonfinite="skip"``."""
+    loss_fn = lambda o, t: ce(o, t, reduction="none")  # noqa: E731
+    return Sven(
+        m.parameters(), lr=0.1, rank=8, jacobian="dense", nonfinite="skip", model=m, loss_fn=loss_fn
+    )
+
+
 def parts(dev):
     """name -> one step, each of the parts issue 17 asks to be sync-free (their sync-free
     settings)."""
@@ -62,16 +70,7 @@ def parts(dev):
             opt.step()
 
         out[f"MFAC{name} (capturable, skip)"] = mfac_step
-    m2 = mlp(dev)
-    sven = Sven(
-        m2.parameters(),
-        lr=0.1,
-        rank=8,
-        jacobian="dense",
-        nonfinite="skip",
-        model=m2,
-        loss_fn=lambda o, t: ce(o, t, reduction="none"),
-    )
+    sven = functional_sven(mlp(dev))
     out["Sven dense (functional, skip)"] = lambda: sven.step(batch=(X, Y))
     m3 = mlp(dev)
     sven_c = Sven(m3.parameters(), lr=0.1, rank=8, jacobian="dense", nonfinite="skip")
@@ -169,20 +168,8 @@ def capture_mfac(dev, replays: int = 20) -> dict:
 
 def capture_sven(dev, replays: int = 10) -> dict:
     batches = [data(dev, seed) for seed in range(replays + 1)]
-    runs = []
-    for _ in range(2):
-        m = mlp(dev)
-        opt = Sven(
-            m.parameters(),
-            lr=0.1,
-            rank=8,
-            jacobian="dense",
-            nonfinite="skip",
-            model=m,
-            loss_fn=lambda o, t: ce(o, t, reduction="none"),
-        )
-        runs.append((m, opt))
-    (m_e, opt_e), (m_g, opt_g) = runs
+    m_e, m_g = mlp(dev), mlp(dev)
+    opt_e, opt_g = functional_sven(m_e), functional_sven(m_g)
     sx, sy = (t.clone() for t in batches[0])
     graph = _capture(lambda: opt_g.step(batch=(sx, sy)))
     for _ in range(4):
