@@ -28,7 +28,9 @@ M is solved as it is first; only when that solve fails, or gives a non-finite st
 non-finite Jacobian (:class:`NonFinite`), otherwise it is scaled to ``max |M|`` in [0.5, 1)
 by a power of two and solved again (:class:`CheckedOperator` for the matrix-free path), and
 ``d`` and the singular values are scaled back (:func:`unscale`). Powers of two are exact,
-and a well-scaled step pays nothing: it is bit for bit the unscaled one.
+and a well-scaled step pays nothing: it is bit for bit the unscaled one. (That is the
+matrix-free and the DDP path; the dense path in one process decides on ``max |M|`` on the
+device, with no host read: :mod:`torchsteer.optim._sven_device`.)
 """
 
 from __future__ import annotations
