@@ -72,10 +72,6 @@ NOTES = {
         "checking it costs one more all-reduce per step, which KLControl (it agrees per batch "
         "already) does not need and the sync-count tests pin; left for the lead to decide"
     ),
-    ("truncated_solve", "negative S"): (
-        "Not fixed: S are singular values by contract (docstring); checking their sign reads "
-        "tensor values, a host synchronization on Sven's hot path"
-    ),
 }
 
 

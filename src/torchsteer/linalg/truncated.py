@@ -31,6 +31,7 @@ from torchsteer.linalg._checks import (
     check_rank,
     check_rows,
     check_rtol_damping,
+    check_singular_values,
     check_triplets,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "keep_mask",
     "solve_record",
     "truncated_solve",
+    "truncated_solve_unchecked",
 ]
 
 
@@ -107,14 +109,37 @@ def truncated_solve(
         damping: relative Levenberg-Marquardt ``mu >= 0`` (0: the truncated pseudoinverse).
         rank: keep at most the first ``rank`` triplets (None: all k).
 
+    Checked first: the shapes and settings (free), then S finite and ``>= 0`` (one host
+    read of S's verdict: a negative "singular value" would flip its direction's sign and a
+    NaN poison ``S_max``). :func:`truncated_solve_unchecked` is the same solve without any
+    check and without host reads (what Sven calls, on triplets of its own SVD).
+
     Raises:
-        ValueError: shapes that do not fit together, ``rtol``/``damping``/``rank`` out of range.
+        ValueError: shapes that do not fit together, ``rtol``/``damping``/``rank`` out of range,
+            or S holding NaN/Inf or a negative entry.
     """
     check_triplets(U, S, V)
     check_rows("R", R, U.shape[0], f"U is {tuple(U.shape)}")
     check_rtol_damping(rtol, damping)
     if rank is not None:
         check_rank(rank)
+    check_singular_values(S)
+    return truncated_solve_unchecked(U, S, V, R, rtol, damping, rank)
+
+
+def truncated_solve_unchecked(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    R: torch.Tensor,
+    rtol: float = 0.0,
+    damping: float = 0.0,
+    rank: int | None = None,
+) -> TruncatedSolution:
+    """:func:`truncated_solve` without its checks: no host synchronization. The caller
+    guarantees the shapes, ``0 <= rtol < 1``, ``damping >= 0``, ``rank >= 1`` and ``S >= 0``
+    (singular values of its own SVD); a NaN in S shows as NaN in the result."""
+    if rank is not None:
         U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     keep = keep_mask(S, rtol)
     c = U.mT @ R

@@ -13,10 +13,10 @@ filter ``1/S_i`` becomes ``S_i / (S_i^2 + mu S_max^2)``: ``d = M^T (M M^T + lam 
 restricted to the kept triplets, ``lam = mu S_max^2``; ``mu = 0`` is the step above.
 
 ``d`` is the step before the learning rate. The solve itself (keep rule, filter, records)
-is :mod:`torchsteer.linalg.truncated`; here it is fed: the dense exact solve uses the
-smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``, the randomized one
-:func:`torchsteer.linalg.randomized_svd` on the matrix or the operator. Every solver takes
-its settings as one :class:`SolveConfig`.
+is :mod:`torchsteer.linalg.truncated` (its unchecked kernel, no host read); here it is fed:
+the dense exact solve uses the smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``,
+the randomized one :func:`torchsteer.linalg.randomized_svd` on the matrix or the operator.
+Every solver takes its settings as one :class:`SolveConfig`.
 
 **Scale.** ``d = M^+ R`` is unchanged when M and R are scaled together, and scales as
 ``s_R / s_M`` when they are scaled apart (``(s_M M)^+ (s_R R) = (s_R / s_M) M^+ R``; the
@@ -42,7 +42,7 @@ import torch
 
 from torchsteer.linalg import randomized_svd
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
-from torchsteer.linalg.truncated import gram_solve, truncated_solve
+from torchsteer.linalg.truncated import gram_solve, truncated_solve_unchecked
 
 __all__ = [
     "CheckedOperator",
@@ -212,7 +212,7 @@ def solve_dense(
     if cfg.exact_svd:
         return gram_solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
     U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
-    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
+    return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
 
 def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solution:
@@ -225,9 +225,9 @@ def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solut
     cfg = config
     if cfg.exact_svd:
         U, S, V = randomized_svd(op, min(op.shape), 0, 0, generator)
-        return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping, rank=cfg.rank)
+        return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping, rank=cfg.rank)
     U, S, V = randomized_svd(op, cfg.rank, cfg.oversample, cfg.power_iters, generator)
-    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
+    return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
 
 @dataclasses.dataclass
