@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests._sync import SyncCounter
-from torchsteer.linalg import truncated_solve
-from torchsteer.linalg.truncated import truncated_solve_unchecked
+from torchsteer.linalg import gram_solve, truncated_solve
+from torchsteer.linalg.truncated import gram_solve_unchecked, truncated_solve_unchecked
 from torchsteer.optim._sven_step import SolveConfig, solve_operator
 
 F64 = torch.float64
@@ -114,3 +114,24 @@ def test_sven_s_matrix_free_solve_uses_the_kernel_and_reads_nothing():
         sol = solve_operator(Dense(), R, SolveConfig(rank=6, rtol=0.0), torch.Generator())
     assert c.total == 0
     torch.testing.assert_close(sol.direction, torch.linalg.lstsq(M, R).solution)
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (5, 9)])
+@pytest.mark.parametrize("kw", [{}, {"damping": 0.1}, {"gram_dtype": torch.float32}])
+def test_the_unchecked_gram_kernel_gives_the_same_bits_and_nan_instead_of_an_error(shape, kw):
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(*shape, generator=g, dtype=F64)
+    R = torch.randn(shape[0], generator=g, dtype=F64)
+    want = gram_solve(M, R, 4, 1e-3, **kw)
+    with SyncCounter() as c:
+        got = gram_solve_unchecked(M, R, 4, 1e-3, **kw)
+    assert c.total == 0
+    for key in ("direction", "kept_rank", "sigma_max", "sigma_min", "linearized_reduction"):
+        assert torch.equal(getattr(got, key), getattr(want, key)), key
+    bad = M.clone()
+    bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match="Invalid M: contains NaN or Inf"):
+        gram_solve(bad, R, 4, 1e-3, **kw)
+    with SyncCounter() as c:
+        nan = gram_solve_unchecked(bad, R, 4, 1e-3, **kw)
+    assert c.total == 0 and torch.isnan(nan.direction).any()

@@ -40,6 +40,7 @@ __all__ = [
     "filter_factors",
     "gram_fitted",
     "gram_solve",
+    "gram_solve_unchecked",
     "gram_spectrum",
     "keep_mask",
     "solve_record",
@@ -198,18 +199,39 @@ def gram_solve(
     check_rows("R", R, M.shape[0], f"M is {tuple(M.shape)}")
     check_rank(rank)
     check_rtol_damping(rtol, damping)
+    try:
+        return _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean=False)
+    except torch.linalg.LinAlgError as err:  # only when it fails: no check on the way
+        if not bool(torch.isfinite(M).all()):
+            raise ValueError("Invalid M: contains NaN or Inf") from err
+        raise
+
+
+def gram_solve_unchecked(
+    M: torch.Tensor,
+    R: torch.Tensor,
+    rank: int,
+    rtol: float,
+    gram_dtype: torch.dtype | None = None,
+    damping: float = 0.0,
+) -> TruncatedSolution:
+    """:func:`gram_solve` without its checks and without host reads (what Sven calls): the
+    caller guarantees the shapes and settings. NaN/Inf entries of the Gram matrix are set to
+    0 before ``eigh`` (B x B numbers, so that ``eigh`` does not fail on them), so NaN/Inf in
+    M or R shows as NaN in ``d`` instead of an error; a finite Gram matrix is unchanged."""
+    return _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean=True)
+
+
+def _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean: bool) -> TruncatedSolution:
     B, P = M.shape
     dtype = M.dtype
     work = M if gram_dtype is None else M.to(gram_dtype)
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
-    try:
-        vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
-    except torch.linalg.LinAlgError as err:  # only when it fails: no check on the way
-        if not bool(torch.isfinite(M).all()):
-            raise ValueError("Invalid M: contains NaN or Inf") from err
-        raise
+    if clean:
+        G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
     if wide:
         c = vecs.mT @ Rw
         d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)

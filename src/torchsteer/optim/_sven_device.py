@@ -61,16 +61,16 @@ def masked_solve(M, losses, kappa: float, config, solver, generator):
     """The direction of ``(M, R(losses))`` from ``solver`` (e.g. ``solve_dense``) and the
     verdict ``flags`` (``float`` 0/1: finite losses, a negative loss, finite M, finite step).
 
-    ``M`` (B, P) is the residual Jacobian ``diag(D) J``; it is scaled in place, its NaN/Inf
-    entries set to 0 first (so that ``eigh`` does not fail on them: they show in ``flags``,
-    and a finite M is left as it is). No host read: a NaN/Inf loss or Jacobian shows in
-    ``flags`` only, and the step must be masked by it.
+    ``M`` (B, P) is the residual Jacobian ``diag(D) J``; it is scaled in place. No host read
+    (with a solver that reads none: ``solve_dense`` on the exact path cleans NaN/Inf out of
+    the B x B Gram matrix so that ``eigh`` does not fail): a NaN/Inf loss or Jacobian shows
+    in ``flags`` only, and the step must be masked by it.
     """
     R, _ = residuals(losses, kappa)
     scale_r = scale_to_unit(max_abs(R))
     m_max = max_abs(M)
     scale_m = scale_to_unit(m_max)
-    M.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(scale_m)  # NaN/Inf: in flags
+    M.mul_(scale_m)
     sol = solver(M, R * scale_r, config, generator)
     sol = Solution(
         sol.direction * (scale_m / scale_r),

@@ -42,7 +42,7 @@ import torch
 
 from torchsteer.linalg import randomized_svd
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
-from torchsteer.linalg.truncated import gram_solve, truncated_solve_unchecked
+from torchsteer.linalg.truncated import gram_solve_unchecked, truncated_solve_unchecked
 
 __all__ = [
     "CheckedOperator",
@@ -207,10 +207,12 @@ def residuals(losses: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.T
 def solve_dense(
     M: torch.Tensor, R: torch.Tensor, config: SolveConfig, generator: torch.Generator | None
 ) -> Solution:
-    """The truncated minimum-norm direction for a dense M (B, P)."""
+    """The truncated minimum-norm direction for a dense M (B, P), through the unchecked
+    kernels (Sven checks its settings): the exact path reads nothing on the host, and NaN/Inf
+    in M or R shows as NaN in ``d``; :func:`~torchsteer.linalg.randomized_svd` checks M."""
     cfg = config
     if cfg.exact_svd:
-        return gram_solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
+        return gram_solve_unchecked(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
     U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
     return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
