@@ -8,6 +8,7 @@ step body for the compiled one. Syncs are counted by ``tests/_sync.py`` (what a 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -289,3 +290,29 @@ def test_the_step_body_compiles_with_fullgraph_and_matches_eager(nan):
         d = Vh[:6].mT @ ((U[:, :6].mT @ losses) / S[:6])
         torch.testing.assert_close(want[1], 0.9 * buf + d, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(want[0], theta - 0.1 * (0.9 * buf + d), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+def test_a_run_resumed_after_masked_steps_continues_bit_for_bit(how):
+    data = list(batches(torch.float32, n=8, nan_at=2))
+    model = mlp(torch.float32)
+    opt = build(model, True, nonfinite="skip", momentum=0.5)
+    for x, y in data:
+        opt.step(batch=(x, y))
+    model2 = mlp(torch.float32)
+    opt2 = build(model2, True, nonfinite="skip", momentum=0.5)
+    for x, y in data[:5]:
+        opt2.step(batch=(x, y))
+    if how == "state_dict":
+        model3 = copy.deepcopy(model2)
+        opt3 = build(model3, True, nonfinite="skip", momentum=0.5)
+        opt3.load_state_dict(opt2.state_dict())
+    else:
+        model3, opt3 = copy.deepcopy((model2, opt2))
+    for x, y in data[5:]:
+        opt3.step(batch=(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model3.parameters()))
+    first, first3 = next(model.parameters()), next(model3.parameters())
+    for key in ("step", "skipped_steps", "kept_rank", "sigma_max"):
+        assert float(opt.state[first][key]) == float(opt3.state[first3][key]), key
+    assert float(opt3.state[first3]["skipped_steps"]) == 1.0
