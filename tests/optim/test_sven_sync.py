@@ -22,6 +22,7 @@ from torchsteer.optim._sven_device import masked_solve, masked_update, scale_to_
 from torchsteer.optim._sven_step import SolveConfig, power_of_two_scale, solve_dense
 from torchsteer.optim.sven import SKIP_WARNING
 
+from ._sven_scaled_oracle import SCALED
 from ._sven_sync_oracle import ORACLE
 
 CONFIGS = {
@@ -316,3 +317,76 @@ def test_a_run_resumed_after_masked_steps_continues_bit_for_bit(how):
     for key in ("step", "skipped_steps", "kept_rank", "sigma_max"):
         assert float(opt.state[first][key]) == float(opt3.state[first3][key]), key
     assert float(opt3.state[first3]["skipped_steps"]) == 1.0
+
+
+# ---------------------------------------------------------------- "raise": the former fast path
+def scaled_trajectory(c, functional, nonfinite, n=12, **kwargs):
+    """12 float32 steps on the losses times ``c`` (how ``_sven_scaled_oracle`` was made)."""
+    model = mlp(torch.float32)
+    loss = lambda o, t: c * ce(o, t)  # noqa: E731
+    extra = dict(model=model, loss_fn=loss) if functional else {}
+    kwargs = dict(dict(lr=0.3, rank=12, rtol=0.05, jacobian="dense", svd="exact"), **kwargs)
+    opt = Sven(model.parameters(), seed=0, nonfinite=nonfinite, **kwargs, **extra)
+    g = torch.Generator().manual_seed(1)
+    losses, sigmas = [], []
+    for _ in range(n):
+        x = torch.randn(16, 4, generator=g).float()
+        y = torch.randint(0, 3, (16,), generator=g)
+        if functional:
+            out = opt.step(batch=(x, y))
+        else:
+            out = opt.step(lambda x=x, y=y: loss(model(x), y))
+        losses.append(float(out))
+        sigmas.append(float(opt.state[next(model.parameters())]["sigma_max"]))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return dict(losses=losses, sigma_max=sigmas, params=[float(v) for v in params.double()])
+
+
+@pytest.mark.parametrize("key", list(SCALED))
+def test_raise_at_loss_scales_1e_minus20_and_1e20_is_the_code_before_bit_for_bit(key):
+    # float32: the unscaled Gram over/underflows, so every step rescales M and solves again
+    functional = key.startswith("functional")
+    scale = 1e-20 if "1e-20" in key else 1e20
+    momentum = float(key.rsplit("-m", 1)[1])
+    got = scaled_trajectory(scale, functional, "raise", momentum=momentum)
+    assert got == SCALED[key]  # every float equal
+    skip = scaled_trajectory(scale, functional, "skip", momentum=momentum)  # the device path
+    for field in ("losses", "sigma_max", "params"):
+        torch.testing.assert_close(
+            torch.tensor(skip[field]), torch.tensor(SCALED[key][field]), rtol=1e-5, atol=0.0
+        )
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_raise_solves_m_unscaled_and_rescales_only_when_that_fails(functional, monkeypatch):
+    # the device path (max |M|, M scaled) is for "skip" only: "raise" must not call it
+    import torchsteer.optim.sven as sven_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("masked_solve called with nonfinite='raise'")
+
+    monkeypatch.setattr(sven_module, "masked_solve", refuse)
+    x, y = next(batches(torch.float32, nan_at=-1))
+    reads = {}
+    for c in (1.0, 1e20, 1e-20):
+        model = mlp(torch.float32)
+        loss = lambda o, t, c=c: c * ce(o, t)  # noqa: E731
+        extra = dict(model=model, loss_fn=loss) if functional else {}
+        opt = Sven(
+            model.parameters(), lr=0.3, rank=12, rtol=0.05, jacobian="dense", svd="exact",
+            nonfinite="raise", seed=0, **extra,
+        )  # fmt: skip
+
+        def run(opt=opt, model=model, loss=loss):
+            if functional:
+                return opt.step(batch=(x, y))
+            return opt.step(lambda: loss(model(x), y))
+
+        run()
+        with SyncCounter() as counter:
+            run()
+        reads[c] = dict(counter.counts)
+    # scale 1: one transfer (verdict, S_max, s_R); out of band: + max |M| + the rescaled
+    # step's finiteness, as at 06f44c7
+    assert reads[1.0] == {"tolist": 1}
+    assert reads[1e20] == reads[1e-20] == {"tolist": 1, "__float__": 1, "__bool__": 1}
