@@ -20,6 +20,12 @@ The verdict is the vector ``flags = (finite(l), any(l < 0), finite(M), finite(d,
 (:func:`masked_solve`); with ``nonfinite="skip"`` the update is written through
 ``torch.where(ok, new, old)`` (:func:`masked_update`), ``ok = flags_0 and flags_2 and
 flags_3``, so a rejected step leaves parameters and momentum as they were, bit for bit.
+
+A step that reads its verdict anyway (``nonfinite="raise"``, or any step that cannot be
+masked) takes the former path instead, :meth:`MaskedSteps._read_once_solve`: M solved as
+it is (no pass over M before the solve), then one transfer for the verdict and the rescale
+decision; the two passes ``max |M|`` and ``M <- s_M M`` are paid only by the rare step whose
+unscaled solve failed or was out of band.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ import torch
 
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.optim._sven_contract import RECORDS, SKIP_WARNING
-from torchsteer.optim._sven_step import NonFinite, max_abs, residuals
+from torchsteer.optim._sven_step import (
+    NonFinite,
+    max_abs,
+    power_of_two_scale,
+    residuals,
+    unscale,
+)
 
 __all__ = [
     "MaskedSteps",
@@ -176,6 +188,49 @@ class MaskedSteps:
             self._skips_in_row, self._skip_run, self._unread = round(values[-1]), None, 0
         if flags is not None:
             raise_verdict(values, kappa)
+
+    def _read_once_solve(self, M, losses, kappa: float, config, solver, generator):
+        """The step of 06f44c7 with its reads joined into one: ``M`` solved as it is with
+        ``R <- s_R R`` (:func:`scale_to_unit`, on the device), then ONE transfer of
+        ``(finite(l), any(l < 0), s_R, finite(d, S_max), S_max)`` (and the device run of
+        skips, if any). The verdict is raised (:class:`NonFinite`, or ``ValueError`` for a
+        negative loss under ``kappa != 2``); a solve that failed, or whose ``S_max`` is not
+        0 nor in ``[2^-30, 2^30]`` (:func:`~torchsteer.optim._sven_step.plausible`), is redone
+        from the same generator state on ``s_M M``, ``s_M = 2^-e(max |M|)`` (band 0), with
+        ``d = (s_M / s_R) d(s_M M, s_R R)``: two more reads (``max |M|``, a finite step)."""
+        R, _ = residuals(losses, kappa)
+        scale_r = scale_to_unit(max_abs(R))
+        R = R * scale_r  # a scale of 1 leaves every bit
+        start = generator.get_state()
+        try:
+            sol = solver(M, R, config, generator)
+        except (RuntimeError, ValueError):
+            sol = None  # looked at below: NaN/Inf in M, or the error again
+        parts = [torch.isfinite(losses).all(), (losses < 0).any(), scale_r]
+        if sol is not None:
+            smax = sol.sigma_max.reshape(())
+            parts += [torch.isfinite(sol.direction).all() & torch.isfinite(smax), smax]
+        if self._skip_run is not None:
+            parts.append(self._skip_run)
+        values = torch.stack([t.to(torch.float64).reshape(()) for t in parts]).tolist()  # one
+        if self._skip_run is not None:
+            self._skips_in_row, self._skip_run, self._unread = round(values.pop()), None, 0
+        finite_l, negative, s_r = values[:3]
+        if finite_l != 1.0:  # NaN/Inf in a loss shows in its micro-batch mean
+            raise NonFinite("per-sample losses")
+        if kappa != 2.0 and negative == 1.0:
+            raise ValueError(f"Invalid losses: kappa = {kappa} needs losses >= 0")
+        if sol is not None and values[3] == 1.0:
+            if values[4] == 0.0 or 2.0**-30 <= values[4] <= 2.0**30:
+                return unscale(sol, 1.0, s_r)
+        generator.set_state(start)
+        amax = float(torch.nan_to_num(max_abs(M), nan=math.inf))
+        scale_m = power_of_two_scale(amax, M.dtype, band=0)  # NaN/Inf: NonFinite
+        M.mul_(scale_m)
+        sol = unscale(solver(M, R, config, generator), scale_m, s_r)
+        if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
+            raise NonFinite("step")
+        return sol
 
     def _masked_step(self, sol, cols, flags: torch.Tensor) -> None:
         """Write the step through ``where(ok, new, old)`` and count it; no host read unless

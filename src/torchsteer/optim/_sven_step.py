@@ -42,7 +42,11 @@ import torch
 
 from torchsteer.linalg import randomized_svd
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
-from torchsteer.linalg.truncated import gram_solve_unchecked, truncated_solve_unchecked
+from torchsteer.linalg.truncated import (
+    gram_solve,
+    gram_solve_unchecked,
+    truncated_solve_unchecked,
+)
 
 __all__ = [
     "CheckedOperator",
@@ -205,14 +209,22 @@ def residuals(losses: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.T
 
 
 def solve_dense(
-    M: torch.Tensor, R: torch.Tensor, config: SolveConfig, generator: torch.Generator | None
+    M: torch.Tensor,
+    R: torch.Tensor,
+    config: SolveConfig,
+    generator: torch.Generator | None,
+    clean: bool = True,
 ) -> Solution:
     """The truncated minimum-norm direction for a dense M (B, P), through the unchecked
     kernels (Sven checks its settings): the exact path reads nothing on the host, and NaN/Inf
-    in M or R shows as NaN in ``d``; :func:`~torchsteer.linalg.randomized_svd` checks M."""
+    in M or R shows as NaN in ``d``; :func:`~torchsteer.linalg.randomized_svd` checks M.
+    ``clean=False``: the exact path is :func:`~torchsteer.linalg.gram_solve` as it is (an
+    over/underflowed Gram matrix fails in ``eigh``, a NaN/Inf M is a ``ValueError`` after
+    one read): the solve of 06f44c7, for a step that reads its verdict anyway."""
     cfg = config
     if cfg.exact_svd:
-        return gram_solve_unchecked(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
+        solve = gram_solve_unchecked if clean else gram_solve
+        return solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
     U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
     return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -318,12 +319,12 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         ``max |M| ~ 1`` (``d(M, R) = (s_M / s_R) d(s_M M, s_R R)``, see ``_sven_step``), from
         the same generator state; NaN/Inf in M raises :class:`NonFinite`, any other error of
         the solve propagates as it is. The dense path in one process is :meth:`_solve_local`
-        (no host read; M scaled by ``max |M|`` before the solve instead); the others return
-        ``None`` as their third value."""
+        (one read, or none for a masked step); the others return ``None`` as their third
+        value (no flags: the verdict was read)."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
         cols, dense = self._columns(gen, path.fraction), path.path == "dense"
         if dense and shard.world == 1:
-            return self._solve_local(losses, source, gen, cols)
+            return self._solve_local(losses, source, path, gen, cols)
         lg = group(shard, losses.to(alg), mb)
         R, D = residuals(lg, self.kappa)
         checks = [torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)]
@@ -371,23 +372,28 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
             raise NonFinite("step")
         return sol, cols, None
 
-    def _solve_local(self, losses, source, gen, cols):
-        """``_solve`` for the dense path in one process, with no host read
-        (:mod:`~torchsteer.optim._sven_device`): ``(sol, cols, (flags, uses_generator))``.
-        Only an error of the solve reads the verdict (NaN/Inf: :class:`NonFinite`)."""
+    def _solve_local(self, losses, source, path, gen, cols):
+        """``_solve`` for the dense path in one process: ``(sol, cols, flags)``. A step that
+        can be masked (:meth:`_maskable`) reads nothing (``masked_solve``; its ``flags``
+        returned, to be written through); any other reads once (``_read_once_solve``, the
+        path of 06f44c7; ``flags`` None). Only an error of the masked solve reads its verdict."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
         lg = group_rows(losses.to(alg), mb)
         M = group_rows(source("dense").to(alg), mb)
         M = M if cols is None else M[:, cols]
         M = M if self.kappa == 2.0 else M.mul_(residuals(lg, self.kappa)[1].unsqueeze(1))
         config = self._config(not self._randomized_dense(M.shape[0], M.shape[1]))
+        uses_gen = cols is not None or not config.exact_svd
+        if not self._maskable(self._first_state(), path, uses_gen):
+            solver = functools.partial(solve_dense, clean=False)  # the solve of 06f44c7
+            return self._read_once_solve(M, lg, self.kappa, config, solver, gen), cols, None
         try:
             sol, flags = masked_solve(M, lg, self.kappa, config, solve_dense, gen)
         except (RuntimeError, ValueError):
             checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
             raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
             raise
-        return sol, cols, (flags, cols is not None or not config.exact_svd)
+        return sol, cols, flags
 
     @staticmethod
     def _rows(shard: Shard) -> int:
@@ -500,11 +506,11 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         gen = torch.Generator()
         gen.set_state(state.get("generator_state", self._initial_generator()).to(torch.uint8))
         try:
-            sol, cols, local = self._solve(losses, source, path, gen, shard)
-            if local is not None and self._maskable(state, path, uses_generator=local[1]):
-                self._masked_step(sol, cols, local[0])  # the verdict stays on the device
+            sol, cols, flags = self._solve(losses, source, path, gen, shard)
+            if flags is not None:
+                self._masked_step(sol, cols, flags)  # the verdict stays on the device
                 return mean_loss
-            self._settle_run(None if local is None else local[0], self.kappa)  # one read
+            self._settle_run()  # a run of masked skips, if one is still unread
         except NonFinite as err:
             if self.nonfinite == "raise":
                 raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err
