@@ -1,8 +1,10 @@
 """CPU cost of Sven's sync-free dense step (issue 17) against the code before it.
 
-The sync-free step adds two passes over M (``max |M|`` and the multiplication by its
-power-of-two scale, 1 in the common case), a clean-up of the B x B Gram matrix and a masked
-write of the parameters; this measures what they cost on the CPU, where no sync is saved.
+With ``nonfinite="skip"`` the sync-free step adds two passes over M (``max |M|`` and the
+multiplication by its power-of-two scale, 1 in the common case), a clean-up of the B x B
+Gram matrix and a masked write of the parameters; with ``"raise"`` the step solves M
+unscaled and reads once, as 06f44c7 did (less one read). This measures what each costs on
+the CPU, where no sync is saved. Alternate the runs (before, after, before, after, ...).
 Times a dense functional-path step (``step(batch=...)``) on an MLP 1-256-256-1 (P = 66,561)
 and 1-16-16-16-1 (P = 593), GELU, B = 128, float32, rank 64, with ``nonfinite="raise"`` and
 ``"skip"``: 1 thread, ``time.process_time``, median of ``--repeats`` steps after 3 warm-up
