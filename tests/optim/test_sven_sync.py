@@ -392,3 +392,31 @@ def test_raise_solves_m_unscaled_and_rescales_only_when_that_fails(functional, m
     assert reads[1.0] == {"tolist": 1}
     assert reads[1e-20] == {"tolist": 1, "__float__": 1, "__bool__": 1}
     assert reads[1e20] == {"tolist": 1, "__float__": 1, "__bool__": 2}
+
+
+def test_an_unread_run_of_masked_skips_travels_with_the_read_once_verdict():
+    # 3 masked skips (run unread), then momentum is switched on: no buffers yet, so the
+    # next steps read once (the run with the verdict); the warning still comes at the 5th
+    x, y = next(batches(torch.float32, nan_at=-1))
+    xb = x.clone()
+    xb[0, 0] = float("nan")
+    model = mlp(torch.float32)
+    opt = build(model, True, nonfinite="skip")
+    for _ in range(2):
+        opt.step(batch=(x, y))
+    caught_at = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(6):
+            if i == 3:
+                opt.param_groups[0]["momentum"] = 0.5
+            with SyncCounter() as c:
+                opt.step(batch=(xb, y))
+            caught_at += [i] * len([w for w in caught if "skipped" in str(w.message)])
+            caught.clear()
+            # read-once: one transfer (the run with it: no read of its own), and the check
+            # of gram_solve whose eigh failed on the NaN Gram matrix (as at 06f44c7)
+            want = {} if i < 3 else {"tolist": 1, "__bool__": 1}
+            assert dict(c.counts) == want, i
+    assert caught_at == [SKIP_WARNING - 1]
+    assert float(opt.state[next(model.parameters())]["skipped_steps"]) == 6

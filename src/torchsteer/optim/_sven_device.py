@@ -175,19 +175,11 @@ class MaskedSteps:
             if p.requires_grad
         )
 
-    def _settle_run(self, flags: torch.Tensor | None = None, kappa: float = 2.0) -> None:
-        """Read the device run of skips (and ``flags``, raising their verdict) in one
-        transfer; afterwards the host knows the run again."""
-        parts = [] if flags is None else [flags]
+    def _settle_run(self) -> None:
+        """Read the device run of skips, if one is unread (one transfer); afterwards the
+        host knows the run again (a step off the dense one-process path)."""
         if self._skip_run is not None:
-            parts.append(self._skip_run.reshape(1))
-        if not parts:
-            return
-        values = torch.cat([t.to(torch.float64) for t in parts]).tolist()  # one transfer
-        if self._skip_run is not None:
-            self._skips_in_row, self._skip_run, self._unread = round(values[-1]), None, 0
-        if flags is not None:
-            raise_verdict(values, kappa)
+            self._skips_in_row, self._skip_run, self._unread = round(float(self._skip_run)), None, 0
 
     def _read_once_solve(self, M, losses, kappa: float, config, solver, generator):
         """The step of 06f44c7 with its reads joined into one: ``M`` solved as it is with
