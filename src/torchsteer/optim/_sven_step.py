@@ -29,8 +29,9 @@ non-finite Jacobian (:class:`NonFinite`), otherwise it is scaled to ``max |M|`` 
 by a power of two and solved again (:class:`CheckedOperator` for the matrix-free path), and
 ``d`` and the singular values are scaled back (:func:`unscale`). Powers of two are exact,
 and a well-scaled step pays nothing: it is bit for bit the unscaled one. (That is the
-matrix-free and the DDP path; the dense path in one process decides on ``max |M|`` on the
-device, with no host read: :mod:`torchsteer.optim._sven_device`.)
+matrix-free and the DDP path, and the dense path in one process when the step reads its
+verdict, e.g. ``nonfinite="raise"``; a masked step decides on ``max |M|`` on the device,
+with no host read: :mod:`torchsteer.optim._sven_device`.)
 """
 
 from __future__ import annotations
