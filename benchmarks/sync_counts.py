@@ -81,6 +81,23 @@ def parts():
     m3 = mlp()
     sven_c = Sven(m3.parameters(), lr=0.1, rank=8, jacobian="dense")
     out["Sven dense (closure)"] = lambda: sven_c.step(lambda: ce(m3(X), Y, reduction="none"))
+    for kind in ("functional", "closure"):  # nonfinite="skip": the masked step
+        m8 = mlp()
+        extra = dict(model=m8, loss_fn=lambda o, t: ce(o, t, reduction="none"))
+        sven_s = Sven(
+            m8.parameters(),
+            lr=0.1,
+            rank=8,
+            jacobian="dense",
+            nonfinite="skip",
+            **(extra if kind == "functional" else {}),
+        )
+        if kind == "functional":
+            out[f"Sven dense ({kind}, skip)"] = lambda o=sven_s: o.step(batch=(X, Y))
+        else:
+            out[f"Sven dense ({kind}, skip)"] = lambda o=sven_s, m=m8: o.step(
+                lambda: ce(m(X), Y, reduction="none")
+            )
     m4 = mlp()
     adam4 = torch.optim.Adam(m4.parameters(), lr=1e-3)
     lim = RadiusLimiter(m4, r_max=1.0)
@@ -168,6 +185,9 @@ def main() -> None:
         "iterates do not depend on it). The KL rows with `skip`: PID with `delay=1` (its delay",
         "line full from the first update). Baseline at 4394e63: limiter 6, DROWeighting 1, KL",
         "controllers 1, RegularizedNewton 27; MFAC 6 (__bool__ 1, __float__ 4, tolist 1).",
+        'Sven dense: the default `nonfinite="raise"` reads its verdict once per step; with',
+        '`"skip"` the step is masked (0), and one step in `SKIP_WARNING` (5) reads the run of',
+        "skips (docs/sven.md); 2 each at 06f44c7.",
     ]
     (RESULTS / "sync_counts.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,8 +1,10 @@
-"""Argument checks of the public truncated solves (shapes and scalar settings only).
+"""Argument checks of the public truncated solves.
 
-Every check reads shapes and Python numbers, never tensor values, so it costs no host
-synchronization; the solves' numbers are unchanged. A failure raises ``ValueError`` naming
-the argument (before: torch's "size mismatch, got input (6), mat (6x8), vec (5)").
+Every check but :func:`check_singular_values` reads shapes and Python numbers, never tensor
+values, so it costs no host synchronization; :func:`check_singular_values` reads S's verdict
+in one transfer (a public utility may; Sven calls the unchecked kernel). The solves' numbers
+are unchanged. A failure raises ``ValueError`` naming the argument (before: torch's "size
+mismatch, got input (6), mat (6x8), vec (5)", or a negative S accepted silently).
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import numbers
 
 import torch
 
-__all__ = ["check_matrix", "check_rank", "check_rtol_damping", "check_rows", "check_triplets"]
+__all__ = [
+    "check_matrix",
+    "check_rank",
+    "check_rows",
+    "check_rtol_damping",
+    "check_singular_values",
+    "check_triplets",
+]
 
 
 def check_matrix(name: str, A) -> None:
@@ -57,3 +66,17 @@ def check_triplets(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
         )
     if V.shape[1] != k:
         raise ValueError(f"Invalid V: shape {tuple(V.shape)}, expected (P, {k}) as U")
+
+
+def check_singular_values(S: torch.Tensor) -> None:
+    """``S`` finite and ``>= 0`` (singular values): one host read of both verdicts."""
+    if S.numel() == 0:
+        return
+    finite, low = torch.stack([torch.isfinite(S).all().to(S.dtype), S.min()]).tolist()
+    if finite != 1.0:
+        raise ValueError("Invalid S: contains NaN or Inf (singular values are finite, >= 0)")
+    if low < 0.0:
+        raise ValueError(
+            f"Invalid S: negative entries (min {low:.3g}); singular values are >= 0 (a sign "
+            "belongs in U or V)"
+        )

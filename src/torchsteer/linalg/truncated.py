@@ -31,6 +31,7 @@ from torchsteer.linalg._checks import (
     check_rank,
     check_rows,
     check_rtol_damping,
+    check_singular_values,
     check_triplets,
 )
 
@@ -39,10 +40,12 @@ __all__ = [
     "filter_factors",
     "gram_fitted",
     "gram_solve",
+    "gram_solve_unchecked",
     "gram_spectrum",
     "keep_mask",
     "solve_record",
     "truncated_solve",
+    "truncated_solve_unchecked",
 ]
 
 
@@ -107,14 +110,37 @@ def truncated_solve(
         damping: relative Levenberg-Marquardt ``mu >= 0`` (0: the truncated pseudoinverse).
         rank: keep at most the first ``rank`` triplets (None: all k).
 
+    Checked first: the shapes and settings (free), then S finite and ``>= 0`` (one host
+    read of S's verdict: a negative "singular value" would flip its direction's sign and a
+    NaN poison ``S_max``). :func:`truncated_solve_unchecked` is the same solve without any
+    check and without host reads (what Sven calls, on triplets of its own SVD).
+
     Raises:
-        ValueError: shapes that do not fit together, ``rtol``/``damping``/``rank`` out of range.
+        ValueError: shapes that do not fit together, ``rtol``/``damping``/``rank`` out of range,
+            or S holding NaN/Inf or a negative entry.
     """
     check_triplets(U, S, V)
     check_rows("R", R, U.shape[0], f"U is {tuple(U.shape)}")
     check_rtol_damping(rtol, damping)
     if rank is not None:
         check_rank(rank)
+    check_singular_values(S)
+    return truncated_solve_unchecked(U, S, V, R, rtol, damping, rank)
+
+
+def truncated_solve_unchecked(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    R: torch.Tensor,
+    rtol: float = 0.0,
+    damping: float = 0.0,
+    rank: int | None = None,
+) -> TruncatedSolution:
+    """:func:`truncated_solve` without its checks: no host synchronization. The caller
+    guarantees the shapes, ``0 <= rtol < 1``, ``damping >= 0``, ``rank >= 1`` and ``S >= 0``
+    (singular values of its own SVD); a NaN in S shows as NaN in the result."""
+    if rank is not None:
         U, S, V = U[:, :rank], S[:rank], V[:, :rank]
     keep = keep_mask(S, rtol)
     c = U.mT @ R
@@ -173,18 +199,39 @@ def gram_solve(
     check_rows("R", R, M.shape[0], f"M is {tuple(M.shape)}")
     check_rank(rank)
     check_rtol_damping(rtol, damping)
+    try:
+        return _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean=False)
+    except torch.linalg.LinAlgError as err:  # only when it fails: no check on the way
+        if not bool(torch.isfinite(M).all()):
+            raise ValueError("Invalid M: contains NaN or Inf") from err
+        raise
+
+
+def gram_solve_unchecked(
+    M: torch.Tensor,
+    R: torch.Tensor,
+    rank: int,
+    rtol: float,
+    gram_dtype: torch.dtype | None = None,
+    damping: float = 0.0,
+) -> TruncatedSolution:
+    """:func:`gram_solve` without its checks and without host reads (what Sven calls): the
+    caller guarantees the shapes and settings. NaN/Inf entries of the Gram matrix are set to
+    0 before ``eigh`` (B x B numbers, so that ``eigh`` does not fail on them), so NaN/Inf in
+    M or R shows as NaN in ``d`` instead of an error; a finite Gram matrix is unchanged."""
+    return _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean=True)
+
+
+def _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean: bool) -> TruncatedSolution:
     B, P = M.shape
     dtype = M.dtype
     work = M if gram_dtype is None else M.to(gram_dtype)
     Rw = R.to(work.dtype)
     wide = B <= P
     G = work @ work.mT if wide else work.mT @ work
-    try:
-        vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
-    except torch.linalg.LinAlgError as err:  # only when it fails: no check on the way
-        if not bool(torch.isfinite(M).all()):
-            raise ValueError("Invalid M: contains NaN or Inf") from err
-        raise
+    if clean:
+        G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
     if wide:
         c = vecs.mT @ Rw
         d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)

@@ -214,13 +214,17 @@ class SvenContract(GlobalStateMixin):
         """Count a skipped step; warn once when :data:`SKIP_WARNING` are skipped in a row."""
         self._skips_in_row += 1
         if self._skips_in_row == SKIP_WARNING:
-            warnings.warn(
-                f"Sven skipped {SKIP_WARNING} steps in a row (nonfinite='skip'): the {what} "
-                "keep holding NaN or Inf, so the parameters do not move; check the losses "
-                "and the model (nonfinite='raise' shows the first bad step)",
-                RuntimeWarning,
-                stacklevel=user_stacklevel(),
-            )
+            self._warn_skips(what)
+
+    def _warn_skips(self, what: str) -> None:
+        """The warning of :data:`SKIP_WARNING` skipped steps in a row."""
+        warnings.warn(
+            f"Sven skipped {SKIP_WARNING} steps in a row (nonfinite='skip'): the {what} "
+            "keep holding NaN or Inf, so the parameters do not move; check the losses "
+            "and the model (nonfinite='raise' shows the first bad step)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 for _name in GLOBAL:  # the global hyperparameters, read from the first group

@@ -13,10 +13,10 @@ filter ``1/S_i`` becomes ``S_i / (S_i^2 + mu S_max^2)``: ``d = M^T (M M^T + lam 
 restricted to the kept triplets, ``lam = mu S_max^2``; ``mu = 0`` is the step above.
 
 ``d`` is the step before the learning rate. The solve itself (keep rule, filter, records)
-is :mod:`torchsteer.linalg.truncated`; here it is fed: the dense exact solve uses the
-smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``, the randomized one
-:func:`torchsteer.linalg.randomized_svd` on the matrix or the operator. Every solver takes
-its settings as one :class:`SolveConfig`.
+is :mod:`torchsteer.linalg.truncated` (its unchecked kernel, no host read); here it is fed:
+the dense exact solve uses the smaller Gram matrix (``M M^T`` or ``M^T M``) and ``eigh``,
+the randomized one :func:`torchsteer.linalg.randomized_svd` on the matrix or the operator.
+Every solver takes its settings as one :class:`SolveConfig`.
 
 **Scale.** ``d = M^+ R`` is unchanged when M and R are scaled together, and scales as
 ``s_R / s_M`` when they are scaled apart (``(s_M M)^+ (s_R R) = (s_R / s_M) M^+ R``; the
@@ -28,7 +28,10 @@ M is solved as it is first; only when that solve fails, or gives a non-finite st
 non-finite Jacobian (:class:`NonFinite`), otherwise it is scaled to ``max |M|`` in [0.5, 1)
 by a power of two and solved again (:class:`CheckedOperator` for the matrix-free path), and
 ``d`` and the singular values are scaled back (:func:`unscale`). Powers of two are exact,
-and a well-scaled step pays nothing: it is bit for bit the unscaled one.
+and a well-scaled step pays nothing: it is bit for bit the unscaled one. (That is the
+matrix-free and the DDP path, and the dense path in one process when the step reads its
+verdict, e.g. ``nonfinite="raise"``; a masked step decides on ``max |M|`` on the device,
+with no host read: :mod:`torchsteer.optim._sven_device`.)
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ import torch
 
 from torchsteer.linalg import randomized_svd
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
-from torchsteer.linalg.truncated import gram_solve, truncated_solve
+from torchsteer.linalg.truncated import (
+    gram_solve,
+    gram_solve_unchecked,
+    truncated_solve_unchecked,
+)
 
 __all__ = [
     "CheckedOperator",
@@ -203,14 +210,24 @@ def residuals(losses: torch.Tensor, kappa: float) -> tuple[torch.Tensor, torch.T
 
 
 def solve_dense(
-    M: torch.Tensor, R: torch.Tensor, config: SolveConfig, generator: torch.Generator | None
+    M: torch.Tensor,
+    R: torch.Tensor,
+    config: SolveConfig,
+    generator: torch.Generator | None,
+    clean: bool = True,
 ) -> Solution:
-    """The truncated minimum-norm direction for a dense M (B, P)."""
+    """The truncated minimum-norm direction for a dense M (B, P), through the unchecked
+    kernels (Sven checks its settings): the exact path reads nothing on the host, and NaN/Inf
+    in M or R shows as NaN in ``d``; :func:`~torchsteer.linalg.randomized_svd` checks M.
+    ``clean=False``: the exact path is :func:`~torchsteer.linalg.gram_solve` as it is (an
+    over/underflowed Gram matrix fails in ``eigh``, a NaN/Inf M is a ``ValueError`` after
+    one read): the solve of 06f44c7, for a step that reads its verdict anyway."""
     cfg = config
     if cfg.exact_svd:
-        return gram_solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
+        solve = gram_solve_unchecked if clean else gram_solve
+        return solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
     U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
-    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
+    return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
 
 def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solution:
@@ -223,9 +240,9 @@ def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solut
     cfg = config
     if cfg.exact_svd:
         U, S, V = randomized_svd(op, min(op.shape), 0, 0, generator)
-        return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping, rank=cfg.rank)
+        return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping, rank=cfg.rank)
     U, S, V = randomized_svd(op, cfg.rank, cfg.oversample, cfg.power_iters, generator)
-    return truncated_solve(U, S, V, R, cfg.rtol, cfg.damping)
+    return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
 
 @dataclasses.dataclass

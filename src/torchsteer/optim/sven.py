@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,6 +24,7 @@ from torchsteer.optim._sven_contract import (
     explained,
 )
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
+from torchsteer.optim._sven_device import MaskedSteps, masked_solve, raise_verdict
 from torchsteer.optim._sven_step import (
     CheckedOperator,
     NonFinite,
@@ -44,7 +46,7 @@ from torchsteer.optim.sven_memory import Plan, plan
 __all__ = ["SKIP_WARNING", "Sven"]
 
 
-class Sven(SvenContract, torch.optim.Optimizer):
+class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
     r"""Sven (singular value descent): the minimum-norm step that zeroes the linearized residuals.
 
     With per-sample losses ``l_a(theta)``, ``a = 1..B`` (what the closure returns)::
@@ -316,9 +318,13 @@ class Sven(SvenContract, torch.optim.Optimizer):
         solve that fails or looks over/underflowed (``plausible``) is redone on M scaled to
         ``max |M| ~ 1`` (``d(M, R) = (s_M / s_R) d(s_M M, s_R R)``, see ``_sven_step``), from
         the same generator state; NaN/Inf in M raises :class:`NonFinite`, any other error of
-        the solve propagates as it is."""
+        the solve propagates as it is. The dense path in one process is :meth:`_solve_local`
+        (one read, or none for a masked step); the others return ``None`` as their third
+        value (no flags: the verdict was read)."""
         alg, mb = self._algebra_dtype(), self.microbatch_size
         cols, dense = self._columns(gen, path.fraction), path.path == "dense"
+        if dense and shard.world == 1:
+            return self._solve_local(losses, source, path, gen, cols)
         lg = group(shard, losses.to(alg), mb)
         R, D = residuals(lg, self.kappa)
         checks = [torch.isfinite(lg).all().to(alg), (lg < 0).any().to(alg), max_abs(R)]
@@ -336,9 +342,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
             M = M if cols is None else M[:, cols]
             M = M if self.kappa == 2.0 else M.mul_(D_local.unsqueeze(1))
             config = self._config(not self._randomized_dense(shard.total, M.shape[1]))
-            if shard.world == 1:
-                solver, system, extra = solve_dense, M, gen
-            elif config.exact_svd:
+            if config.exact_svd:
                 solver, system, extra = solve_gram_sharded, M, shard
             else:
                 solver, system, extra = solve_operator, RowShardedOperator(M, shard), gen
@@ -354,7 +358,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
         except (RuntimeError, ValueError):
             sol = None  # looked at below: NaN/Inf in M, or the error again
         if sol is not None and plausible(sol):  # every rank: the same global quantities
-            return unscale(sol, 1.0, scale_r), cols
+            return unscale(sol, 1.0, scale_r), cols, None
         gen.set_state(start)
         if dense:
             amax = dist.all_reduce_max(torch.nan_to_num(max_abs(M), nan=math.inf))
@@ -366,7 +370,30 @@ class Sven(SvenContract, torch.optim.Optimizer):
         sol = unscale(sol, scale_m if dense else (system.scale or 1.0), scale_r)
         if not bool(torch.isfinite(torch.cat([sol.direction, sol.sigma_max.reshape(1)])).all()):
             raise NonFinite("step")
-        return sol, cols
+        return sol, cols, None
+
+    def _solve_local(self, losses, source, path, gen, cols):
+        """``_solve`` for the dense path in one process: ``(sol, cols, flags)``. A step that
+        can be masked (:meth:`_maskable`) reads nothing (``masked_solve``; its ``flags``
+        returned, to be written through); any other reads once (``_read_once_solve``, the
+        path of 06f44c7; ``flags`` None). Only an error of the masked solve reads its verdict."""
+        alg, mb = self._algebra_dtype(), self.microbatch_size
+        lg = group_rows(losses.to(alg), mb)
+        M = group_rows(source("dense").to(alg), mb)
+        M = M if cols is None else M[:, cols]
+        M = M if self.kappa == 2.0 else M.mul_(residuals(lg, self.kappa)[1].unsqueeze(1))
+        config = self._config(not self._randomized_dense(M.shape[0], M.shape[1]))
+        uses_gen = cols is not None or not config.exact_svd
+        if not self._maskable(self._first_state(), path, uses_gen):
+            solver = functools.partial(solve_dense, clean=False)  # the solve of 06f44c7
+            return self._read_once_solve(M, lg, self.kappa, config, solver, gen), cols, None
+        try:
+            sol, flags = masked_solve(M, lg, self.kappa, config, solve_dense, gen)
+        except (RuntimeError, ValueError):
+            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
+            raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
+            raise
+        return sol, cols, flags
 
     @staticmethod
     def _rows(shard: Shard) -> int:
@@ -479,10 +506,15 @@ class Sven(SvenContract, torch.optim.Optimizer):
         gen = torch.Generator()
         gen.set_state(state.get("generator_state", self._initial_generator()).to(torch.uint8))
         try:
-            sol, cols = self._solve(losses, source, path, gen, shard)
+            sol, cols, flags = self._solve(losses, source, path, gen, shard)
+            if flags is not None:
+                self._masked_step(sol, cols, flags)  # the verdict stays on the device
+                return mean_loss
+            self._settle_run()  # a run of masked skips, if one is still unread
         except NonFinite as err:
             if self.nonfinite == "raise":
                 raise ValueError(f"Invalid {err.args[0]}: contains NaN or Inf") from err
+            self._settle_run()
             state = self.state[first]
             self._init_state(state)
             state["skipped_steps"] += 1
@@ -495,6 +527,7 @@ class Sven(SvenContract, torch.optim.Optimizer):
             raise clearer from err
         self._skips_in_row = 0
         self._apply(sol, cols)
+        self._host_path = (path.path, path.fraction)
         state = self.state[first]
         self._init_state(state)
         state["step"] += 1
@@ -510,36 +543,3 @@ class Sven(SvenContract, torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             state["skipped_steps"] = torch.tensor(0.0)
             state["generator_state"] = self._initial_generator().clone()
-
-    def _apply(self, sol: Solution, cols: torch.Tensor | None) -> None:
-        d = sol.direction
-        if cols is not None:
-            full = d.new_zeros(self._n_params())
-            full[cols] = d
-            d = full
-        if self.max_step_norm is not None:  # trust region on the step lr_g d_g (no momentum)
-            pieces, offset = [], 0
-            for group in self.param_groups:  # |lr_g d_g| per group: no P-sized temporary
-                n = sum(p.numel() for p in group["params"] if p.requires_grad)
-                pieces.append(group["lr"] * torch.linalg.vector_norm(d[offset : offset + n]))
-                offset += n
-            norm = torch.linalg.vector_norm(torch.stack(pieces))
-            d = d * torch.clamp(self.max_step_norm / norm, max=1.0)
-        offset = 0
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            sign = 1.0 if group["maximize"] else -1.0
-            for p in group["params"]:
-                if not p.requires_grad:  # frozen: skipped, as torch.optim does
-                    continue
-                n = p.numel()
-                dp = d[offset : offset + n].view_as(p)
-                offset += n
-                if momentum != 0.0:
-                    pstate = self.state[p]
-                    if "momentum_buffer" not in pstate:
-                        pstate["momentum_buffer"] = dp.clone()
-                    else:
-                        pstate["momentum_buffer"].mul_(momentum).add_(dp)
-                    dp = pstate["momentum_buffer"]
-                p.add_(dp.to(p.dtype), alpha=sign * lr)
