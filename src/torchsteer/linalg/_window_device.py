@@ -73,6 +73,7 @@ class DeviceStep:
         # a held step since the last read: [any flag, the Gram check]
         self.pending = torch.zeros(2, dtype=torch.bool, device=device)
         self._host: list[int | None] = [0, 0, 0]  # the ring as the host last knew it
+        self._ring_stale = False  # a host step moved _host, not ring (written when needed)
         self.since_bound = 0  # host upper bound on since_refresh (exact after a read)
         self.unchecked = 0  # steps since the last read
         self.repairs = 0  # diagnostics: reads that repaired the window after held steps
@@ -83,6 +84,13 @@ class DeviceStep:
         if self._host[i] is None:
             self._host[i] = int(self.ring[i])  # a sync: only outside an unread step
         return self._host[i]
+
+    def _device_ring(self) -> torch.Tensor:
+        """:attr:`ring`, first written from the host mirror after host steps (no read)."""
+        if self._ring_stale:
+            self.ring.copy_(torch.tensor(self._host, dtype=torch.int64))
+            self._ring_stale = False
+        return self.ring
 
     def _set(self, i: int, value: int) -> None:
         self.ring[i].fill_(int(value))
@@ -96,7 +104,8 @@ class DeviceStep:
         """``index``, ``count``, ``since_refresh``: views of :attr:`ring` (``on_device``:
         they follow the window without a read) or new CPU int64 tensors (the host values)."""
         if on_device:
-            return {k: self.ring[i] for i, k in enumerate(("index", "count", "since_refresh"))}
+            ring = self._device_ring()
+            return {k: ring[i] for i, k in enumerate(("index", "count", "since_refresh"))}
         return {"index": torch.tensor(self.index, dtype=torch.int64),
                 "count": torch.tensor(self.count, dtype=torch.int64),
                 "since_refresh": torch.tensor(self.since_refresh, dtype=torch.int64)}  # fmt: skip
@@ -122,7 +131,7 @@ class DeviceStep:
         """Write ``g`` where ``ok``; return ``(x, report, hold)`` (module docstring), no sync.
         ``g`` has shape ``(dim,)``; ``ok`` is :func:`finite` of the whole gradient."""
         m, shift, f64 = self.ngrads, self._shift, torch.float64
-        ring, gram, inv = self.ring, self.gram, self.inverse
+        ring, gram, inv = self._device_ring(), self.gram, self.inverse
         j1 = ring[0:1].clone()
         e = torch.arange(m, device=ring.device) == ring[0]
         new = self._row

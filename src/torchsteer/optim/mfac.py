@@ -418,6 +418,12 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                 return loss
             mask = None
             state["step"] += 1
+        elif not window.capturable:  # the host knows the ring: decide there, one read
+            x, mask = window.settle(window.host_add(flat).tolist()), None
+            if x is None:
+                self._nonfinite(nonfinite_error(window.dtype))  # window unchanged
+                return loss
+            state["step"] += 1
         else:
             x, report, mask = window.device_add(flat)  # no sync: every decision a tensor
             if (

@@ -1,0 +1,113 @@
+"""The default (not capturable) M-FAC window step: one read, host-decided repairs.
+
+:meth:`~torchsteer.linalg._window_device.DeviceStep.device_step` takes every decision on
+the device because a capturable step may not be read. A default step is read every time,
+so the host knows the ring position ``(j, count, since_refresh)`` exactly before it starts
+and the refresh schedule ``due = (since + 1 >= refresh_every)`` with it. :meth:`host_step`
+(mixed into :class:`~torchsteer.linalg.gradient_window.GradientWindow`) runs the
+host-decided step of :meth:`GradientWindow.add_and_coefficients` with its reads gathered
+into one: with ``ok = finite(g^T g)`` (a 0-d device bool) and ``k = G g``,
+
+.. math::
+
+    G_j \\leftarrow \\mathrm{where}(ok,\\ g,\\ G_j), \\qquad
+    K_{j\\cdot},\\ K_{\\cdot j} \\leftarrow \\mathrm{where}(ok,\\ k,\\ \\cdot), \\qquad
+    M \\leftarrow M + \\mathrm{where}(take,\\ [M e_j,\\ B b],\\ 0)\\,
+    \\mathrm{where}(take,\\ [M e_j / {-M_{jj}},\\ B b / \\max(s, m\\lambda)]^\\top,\\ 0),
+
+``take = ok ∧ M_jj > 0 ∧ s > m λ / 2`` (skipped on the host when ``due``), written in place
+at the host index ``j`` (views, no ``index_select``/``index_copy`` and no ring tensor
+arithmetic: the ring stays on the host and :attr:`ring` is written only when a capturable
+step needs it). The report is one float64 row ``(ok, M_jj, s, K_jj, x^T K x, g^T u, |r|,
+spread, spread2)`` -- the raw scalars of :func:`~torchsteer.linalg._window_checks.
+coefficients` rather than device flags -- and :meth:`settle` decides on the host exactly as
+the host-decided code: the robust refresh when ``M_jj <= 0`` or ``s <= m λ / 2``, the
+Cholesky refresh when due, else ``since += 1``; then checks 1-3 with the already computed
+coefficients where ``M`` did not change (``_checked_coefficients(first=...)``). Only the
+row write ``where(ok, g, G_j)`` touches ``d`` numbers, in one pass (the host-decided step
+copied ``g``); the window, the Gram and ``M`` of a non-finite step are left as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchsteer.linalg import _window_checks as checks
+
+__all__ = ["HostStep"]
+
+
+class HostStep:
+    """The one-read step of a window whose host ring mirror is exact (not capturable)."""
+
+    _staged: tuple[torch.Tensor, torch.Tensor] | None = None
+    _saved_row: torch.Tensor | None = None  # row j as it was before the step wrote g
+
+    def host_add(self, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`host_step` with ``ok`` the finiteness of ``g`` (its shape checked)."""
+        from torchsteer.linalg._window_device import finite
+
+        self._check_vector(g, "gradient")
+        return self.host_step(g, finite(g, self.dtype, self.compute_dtype))
+
+    def host_step(self, g: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Write ``g`` where ``ok``; return the report row (module docstring), unread."""
+        j, shift = self._host[0], self._shift
+        gram, inv = self.gram, self.inverse
+        row, saved = self.grads[j], self._saved_row
+        if saved is None or saved.dtype != self.dtype or saved.shape[0] != self.dim:
+            saved = self._saved_row = torch.empty_like(row)  # reused: no O(d) allocation
+        saved.copy_(row)  # put back by settle if g is not finite
+        row.copy_(g)
+        k = self._gram_row(row)
+        torch.where(ok, k, gram[j], out=gram[j])
+        torch.where(ok, k, gram[:, j], out=gram[:, j])
+        # the bordered-inverse update of GradientWindow._update_inverse
+        mcol = inv[:, j].clone()
+        mjj = mcol[j]
+        b = k.clone()
+        cjj = b[j] + shift
+        b[j] = 0.0
+        bb = torch.addcmul(torch.mv(inv, b), mcol, -torch.dot(mcol, b) / mjj)
+        bb[j] = 0.0
+        s = cjj - torch.dot(b, bb)
+        if self._host[2] + 1 < self.refresh_every:  # not due (due: settle refreshes)
+            take = ok & (mjj > 0.0) & (s > 0.5 * shift)
+            sc = s.clamp(min=shift)
+            left = torch.where(take, torch.stack((mcol, bb), dim=1), 0.0)
+            inv.addmm_(left, torch.where(take, torch.stack((mcol / -mjj, bb / sc)), 0.0))
+            v = bb * (-1.0 / sc)
+            v[j] = 1.0 / sc
+            torch.where(take, v, mcol, out=inv[:, j])
+            torch.where(take, v, inv[j], out=inv[j])
+        x, kx, values = checks.coefficient_values(self, j)
+        self._staged = (x, kx)
+        return torch.cat((torch.stack((ok.to(torch.float64), mjj, s)), values))
+
+    def settle(self, row: list[float]) -> torch.Tensor | None:
+        """The host-decided tail of the step after its report ``row`` was read: ``None``
+        for a non-finite gradient (nothing changed), else the step's ``x``."""
+        x, kx = self._staged
+        self._staged = None
+        if not row[0]:
+            self.grads[self._host[0]].copy_(self._saved_row)  # the window as it was
+            return None
+        mjj, s = row[1], row[2]
+        j, count, since = self._host
+        first = None  # refreshed: M changed, the coefficients with it
+        if not mjj > 0.0 or not s > 0.5 * self._shift:
+            self.refresh(robust=True)  # rounding broke M, or dominates the Schur complement
+        elif since + 1 >= self.refresh_every:
+            self.refresh()
+        else:
+            since, first = since + 1, (x, kx, checks.Checks(*row[3:]))
+        since = since if first is not None else 0
+        self._host = [(j + 1) % self.ngrads, min(count + 1, self.ngrads), since]
+        self._ring_stale = True
+        self.since_bound = since
+        x, c = self._checked_coefficients(j, first)
+        self.gram_error = checks.gram_error(self, c)
+        if self._gram_precision(self.gram_error):
+            x, c = self._checked_coefficients(j)
+        self.pass_error = checks.pass_error(self, c)
+        return x
