@@ -97,16 +97,17 @@ def coefficients(w: GradientWindow, j: int) -> tuple[torch.Tensor, torch.Tensor,
     return x, kx, Checks(*values.tolist())
 
 
-def coefficient_values(w: GradientWindow, j: int) -> tuple[torch.Tensor, ...]:
-    """:func:`coefficients` with the checks' scalars as an unread float64 device tensor."""
-    x = w.ngrads * w.inverse[:, j]
+def coefficient_values(w: GradientWindow, j: int, first=(), x=None) -> tuple[torch.Tensor, ...]:
+    """:func:`coefficients` with the checks' scalars as an unread float64 device tensor,
+    after the 0-d float64 tensors ``first``; ``x``: ``m M e_j`` if already known."""
+    x = w.ngrads * w.inverse[:, j] if x is None else x
     kx = torch.mv(w.gram, x)
     residual = kx + w._shift * x
     residual[j] -= w.ngrads
     norms = w.gram.diagonal().clamp(min=0.0).sqrt()
     spread, spread2 = torch.dot(x.abs(), norms), (x * norms).norm()
-    values = torch.stack([w.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread, spread2])
-    return x, kx, values
+    values = [w.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread, spread2]
+    return x, kx, torch.stack([*first, *values])
 
 
 def solved(w: GradientWindow, j: int, x: torch.Tensor, kx: torch.Tensor, c: Checks) -> bool:

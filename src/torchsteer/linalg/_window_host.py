@@ -15,7 +15,8 @@ into one: with ``ok = finite(g^T g)`` (a 0-d device bool) and ``k = G g``,
     M \\leftarrow M + \\mathrm{where}(take,\\ [M e_j,\\ B b],\\ 0)\\,
     \\mathrm{where}(take,\\ [M e_j / {-M_{jj}},\\ B b / \\max(s, m\\lambda)]^\\top,\\ 0),
 
-``take = ok ∧ M_jj > 0 ∧ s > m λ / 2`` (skipped on the host when ``due``), written in place
+``take = ok`` (where ``M_jj <= 0`` or ``s <= m λ / 2`` :meth:`settle` overwrites ``M``
+by the clamped eigh; skipped on the host when ``due``), written in place
 at the host index ``j`` (views, no ``index_select``/``index_copy`` and no ring tensor
 arithmetic: the ring stays on the host and :attr:`ring` is written only when a capturable
 step needs it). The report is one float64 row ``(ok, M_jj, s, K_jj, x^T K x, g^T u, |r|,
@@ -40,7 +41,7 @@ __all__ = ["HostStep"]
 class HostStep:
     """The one-read step of a window whose host ring mirror is exact (not capturable)."""
 
-    _staged: tuple[torch.Tensor, torch.Tensor] | None = None
+    _staged: tuple[torch.Tensor, ...] | None = None
     _saved_row: torch.Tensor | None = None  # row j as it was before the step wrote g
 
     def host_add(self, g: torch.Tensor) -> torch.Tensor:
@@ -60,8 +61,9 @@ class HostStep:
         saved.copy_(row)  # put back by settle if g is not finite
         row.copy_(g)
         k = self._gram_row(row)
-        torch.where(ok, k, gram[j], out=gram[j])
-        torch.where(ok, k, gram[:, j], out=gram[:, j])
+        gj, gcol = gram[j], gram[:, j]
+        torch.where(ok, k, gj, out=gj)
+        torch.where(ok, k, gcol, out=gcol)
         # the bordered-inverse update of GradientWindow._update_inverse
         mcol = inv[:, j].clone()
         mjj = mcol[j]
@@ -71,24 +73,24 @@ class HostStep:
         bb = torch.addcmul(torch.mv(inv, b), mcol, -torch.dot(mcol, b) / mjj)
         bb[j] = 0.0
         s = cjj - torch.dot(b, bb)
-        if self._host[2] + 1 < self.refresh_every:  # not due (due: settle refreshes)
-            take = ok & (mjj > 0.0) & (s > 0.5 * shift)
-            sc = s.clamp(min=shift)
-            left = torch.where(take, torch.stack((mcol, bb), dim=1), 0.0)
-            inv.addmm_(left, torch.where(take, torch.stack((mcol / -mjj, bb / sc)), 0.0))
-            v = bb * (-1.0 / sc)
-            v[j] = 1.0 / sc
-            torch.where(take, v, mcol, out=inv[:, j])
-            torch.where(take, v, inv[j], out=inv[j])
-        x, kx, values = checks.coefficient_values(self, j)
-        self._staged = (x, kx)
-        return torch.cat((torch.stack((ok.to(torch.float64), mjj, s)), values))
+        head = (ok.to(torch.float64), mjj, s)
+        if self._host[2] + 1 >= self.refresh_every:  # due: settle refreshes M
+            self._staged = None
+            return torch.cat((torch.stack(head), s.new_zeros(6)))  # rows of a blocked window
+        # column j of the updated M, v = (-B b / s, 1 / s), gives x = m M e_j and the
+        # checks before M is written (settle writes it where the step is taken)
+        r = s.clamp(min=shift).reciprocal()  # -1 / s and 1 / s as torch divides by a tensor
+        v = bb * r.neg()
+        v[j] = r
+        x = self.ngrads * v
+        x, kx, report = checks.coefficient_values(self, j, head, x)
+        self._staged = (x, kx, mcol, bb, v)
+        return report
 
     def settle(self, row: list[float]) -> torch.Tensor | None:
         """The host-decided tail of the step after its report ``row`` was read: ``None``
         for a non-finite gradient (nothing changed), else the step's ``x``."""
-        x, kx = self._staged
-        self._staged = None
+        staged, self._staged = self._staged, None
         if not row[0]:
             self.grads[self._host[0]].copy_(self._saved_row)  # the window as it was
             return None
@@ -99,7 +101,12 @@ class HostStep:
             self.refresh(robust=True)  # rounding broke M, or dominates the Schur complement
         elif since + 1 >= self.refresh_every:
             self.refresh()
-        else:
+        else:  # M <- B + (B b)(B b)^T / s, then column/row j <- v (_update_inverse)
+            x, kx, mcol, bb, v = staged
+            s, inv = max(s, self._shift), self.inverse
+            inv.addmm_(torch.stack((mcol, bb), dim=1), torch.stack((mcol / -mjj, bb / s)))
+            inv[:, j] = v
+            inv[j, :] = v
             since, first = since + 1, (x, kx, checks.Checks(*row[3:]))
         since = since if first is not None else 0
         self._host = [(j + 1) % self.ngrads, min(count + 1, self.ngrads), since]
