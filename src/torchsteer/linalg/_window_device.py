@@ -41,8 +41,9 @@ repairs the window (float64 Gram if the Gram check fired, then the clamped-eigh 
 (the host's upper bound on ``since_refresh``), the Gram is in float64 mode (its calm-step
 count), a check fired in one of the last ``m`` reads (:attr:`hot`: a window in trouble is
 read every step until ``m`` calm reads in a row), or ``check_every`` steps have gone unread.
-The written row goes through a reused ``(1, d)`` buffer (``index_select``/``where`` with
-``out=``; the row index is a device tensor, so no view of it can be taken on the host).
+The written row is picked from a reused ``(2, d)`` buffer ``[G_j, g]`` by ``index_select``
+with the index ``ok`` (plain copies: a ``where`` over ``d`` numbers costs 5-8 copies on the
+CPU); the row index is a device tensor, so no view of it can be taken on the host.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class DeviceStep:
         self.unchecked = 0  # steps since the last read
         self.repairs = 0  # diagnostics: reads that repaired the window after held steps
         self.hot = 0  # reads still to make every step after a check fired
-        self._row: torch.Tensor | None = None  # the written row, a reused (1, dim) buffer
+        self._row: torch.Tensor | None = None  # [row j, g], a reused (2, dim) buffer
 
     def _get(self, i: int) -> int:
         if self._host[i] is None:
@@ -134,11 +135,12 @@ class DeviceStep:
         ring, gram, inv = self._device_ring(), self.gram, self.inverse
         j1 = ring[0:1].clone()
         e = torch.arange(m, device=ring.device) == ring[0]
-        new = self._row
-        if new is None or new.dtype != self.dtype or new.shape[1] != self.dim:
-            new = self._row = self.grads.new_empty(1, self.dim)  # reused: no O(d) allocation
-        torch.index_select(self.grads, 0, j1, out=new)
-        torch.where(ok, g.to(self.dtype)[None], new, out=new)
+        pair = self._row  # [row j as it was, g]: the written row is one of them, by ok
+        if pair is None or pair.dtype != self.dtype or pair.shape[1] != self.dim:
+            pair = self._row = self.grads.new_empty(2, self.dim)  # reused: no O(d) allocation
+        torch.index_select(self.grads, 0, j1, out=pair[0:1])
+        pair[1].copy_(g)
+        new = pair.index_select(0, ok.to(torch.int64).reshape(1))  # copies (where is slower)
         self.grads.index_copy_(0, j1, new)
         k = self._gram_row(new[0])
         row = torch.where(ok, k, gram.index_select(0, j1)[0])
