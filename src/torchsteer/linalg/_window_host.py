@@ -10,23 +10,22 @@ into one: with ``ok = finite(g^T g)`` (a 0-d device bool) and ``k = G g``,
 
 .. math::
 
-    G_j \\leftarrow \\mathrm{where}(ok,\\ g,\\ G_j), \\qquad
+    G_j \\leftarrow g \\ (\\text{the old row kept}), \\qquad
     K_{j\\cdot},\\ K_{\\cdot j} \\leftarrow \\mathrm{where}(ok,\\ k,\\ \\cdot), \\qquad
-    M \\leftarrow M + \\mathrm{where}(take,\\ [M e_j,\\ B b],\\ 0)\\,
-    \\mathrm{where}(take,\\ [M e_j / {-M_{jj}},\\ B b / \\max(s, m\\lambda)]^\\top,\\ 0),
+    v = M' e_j = (-B b / s,\\ 1 / s), \\qquad x = m v,
 
-``take = ok`` (where ``M_jj <= 0`` or ``s <= m λ / 2`` :meth:`settle` overwrites ``M``
-by the clamped eigh; skipped on the host when ``due``), written in place
-at the host index ``j`` (views, no ``index_select``/``index_copy`` and no ring tensor
-arithmetic: the ring stays on the host and :attr:`ring` is written only when a capturable
-step needs it). The report is one float64 row ``(ok, M_jj, s, K_jj, x^T K x, g^T u, |r|,
-spread, spread2)`` -- the raw scalars of :func:`~torchsteer.linalg._window_checks.
-coefficients` rather than device flags -- and :meth:`settle` decides on the host exactly as
-the host-decided code: the robust refresh when ``M_jj <= 0`` or ``s <= m λ / 2``, the
-Cholesky refresh when due, else ``since += 1``; then checks 1-3 with the already computed
-coefficients where ``M`` did not change (``_checked_coefficients(first=...)``). Only the
-row write ``where(ok, g, G_j)`` touches ``d`` numbers, in one pass (the host-decided step
-copied ``g``); the window, the Gram and ``M`` of a non-finite step are left as they were.
+with ``B b``, the Schur complement ``s`` and ``M_jj`` of the bordered-inverse update, at the
+host index ``j`` (views: no ``index_select``/``index_copy``, no ring arithmetic on the
+device; :attr:`ring` is written only when a capturable step needs it). ``M`` itself is not
+written before the read. The report is one float64 row ``(ok, M_jj, s, K_jj, x^T K x,
+g^T u, |r|, spread, spread2)`` -- the raw scalars of
+:func:`~torchsteer.linalg._window_checks.coefficients`, computed from ``x`` -- and
+:meth:`settle` decides on the host exactly as the host-decided code: a non-finite ``g``
+puts the kept row back (the Gram was masked, ``M`` untouched); the clamped-eigh refresh
+when ``M_jj <= 0`` or ``s <= m λ / 2``; the Cholesky refresh when due; else
+``M <- B + (B b)(B b)^T / s`` with the host's numbers, column and row ``j <- v``, and
+checks 1-3 with the coefficients already computed (``_checked_coefficients(first=...)``).
+The only pass over ``d`` numbers beyond the host-decided step's is the copy of the kept row.
 """
 
 from __future__ import annotations
