@@ -44,6 +44,7 @@ __all__ = [
     "CheckedSteps",
     "NonFiniteGradientError",
     "check_gradient",
+    "coefficient_values",
     "coefficients",
     "gram_error",
     "nonfinite_error",
@@ -92,14 +93,21 @@ class Checks(NamedTuple):
 
 def coefficients(w: GradientWindow, j: int) -> tuple[torch.Tensor, torch.Tensor, Checks]:
     """``x = m M e_j``, ``K x`` and the checks' scalars (one host synchronization)."""
-    x = w.ngrads * w.inverse[:, j]
+    x, kx, values = coefficient_values(w, j)
+    return x, kx, Checks(*values.tolist())
+
+
+def coefficient_values(w: GradientWindow, j: int, first=(), x=None) -> tuple[torch.Tensor, ...]:
+    """:func:`coefficients` with the checks' scalars as an unread float64 device tensor,
+    after the 0-d float64 tensors ``first``; ``x``: ``m M e_j`` if already known."""
+    x = w.ngrads * w.inverse[:, j] if x is None else x
     kx = torch.mv(w.gram, x)
     residual = kx + w._shift * x
     residual[j] -= w.ngrads
     norms = w.gram.diagonal().clamp(min=0.0).sqrt()
     spread, spread2 = torch.dot(x.abs(), norms), (x * norms).norm()
-    values = torch.stack([w.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread, spread2])
-    return x, kx, Checks(*values.tolist())
+    values = [w.gram[j, j], torch.dot(x, kx), kx[j], residual.norm(), spread, spread2]
+    return x, kx, torch.stack([*first, *values])
 
 
 def solved(w: GradientWindow, j: int, x: torch.Tensor, kx: torch.Tensor, c: Checks) -> bool:
@@ -147,9 +155,10 @@ class CheckedSteps:
     """The host-decided checks of a window step, mixed into ``GradientWindow``: checks 1-2
     with their refreshes, and the Gram's precision mode (check 3)."""
 
-    def _checked_coefficients(self, j: int) -> tuple[torch.Tensor, Checks]:
-        """Checks 1 and 2 of :meth:`add_and_coefficients`, refreshing ``M`` as they ask."""
-        x, kx, c = coefficients(self, j)
+    def _checked_coefficients(self, j: int, first=None) -> tuple[torch.Tensor, Checks]:
+        """Checks 1 and 2 of :meth:`add_and_coefficients`, refreshing ``M`` as they ask;
+        ``first``: ``coefficients(self, j)`` already computed (``M`` unchanged since)."""
+        x, kx, c = coefficients(self, j) if first is None else first
         if not c.xkx <= c.kjj * (1.0 + 1e-3) / self.damp**2:
             self.refresh(robust=True)
             x, kx, c = coefficients(self, j)

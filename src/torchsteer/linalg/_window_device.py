@@ -41,8 +41,9 @@ repairs the window (float64 Gram if the Gram check fired, then the clamped-eigh 
 (the host's upper bound on ``since_refresh``), the Gram is in float64 mode (its calm-step
 count), a check fired in one of the last ``m`` reads (:attr:`hot`: a window in trouble is
 read every step until ``m`` calm reads in a row), or ``check_every`` steps have gone unread.
-The written row goes through a reused ``(1, d)`` buffer (``index_select``/``where`` with
-``out=``; the row index is a device tensor, so no view of it can be taken on the host).
+The written row is picked from a reused ``(2, d)`` buffer ``[G_j, g]`` by ``index_select``
+with the index ``ok`` (plain copies: a ``where`` over ``d`` numbers costs 5-8 copies on the
+CPU); the row index is a device tensor, so no view of it can be taken on the host.
 """
 
 from __future__ import annotations
@@ -73,16 +74,24 @@ class DeviceStep:
         # a held step since the last read: [any flag, the Gram check]
         self.pending = torch.zeros(2, dtype=torch.bool, device=device)
         self._host: list[int | None] = [0, 0, 0]  # the ring as the host last knew it
+        self._ring_stale = False  # a host step moved _host, not ring (written when needed)
         self.since_bound = 0  # host upper bound on since_refresh (exact after a read)
         self.unchecked = 0  # steps since the last read
         self.repairs = 0  # diagnostics: reads that repaired the window after held steps
         self.hot = 0  # reads still to make every step after a check fired
-        self._row: torch.Tensor | None = None  # the written row, a reused (1, dim) buffer
+        self._row: torch.Tensor | None = None  # [row j, g], a reused (2, dim) buffer
 
     def _get(self, i: int) -> int:
         if self._host[i] is None:
             self._host[i] = int(self.ring[i])  # a sync: only outside an unread step
         return self._host[i]
+
+    def _device_ring(self) -> torch.Tensor:
+        """:attr:`ring`, first written from the host mirror after host steps (no read)."""
+        if self._ring_stale:
+            self.ring.copy_(torch.tensor(self._host, dtype=torch.int64))
+            self._ring_stale = False
+        return self.ring
 
     def _set(self, i: int, value: int) -> None:
         self.ring[i].fill_(int(value))
@@ -96,7 +105,8 @@ class DeviceStep:
         """``index``, ``count``, ``since_refresh``: views of :attr:`ring` (``on_device``:
         they follow the window without a read) or new CPU int64 tensors (the host values)."""
         if on_device:
-            return {k: self.ring[i] for i, k in enumerate(("index", "count", "since_refresh"))}
+            ring = self._device_ring()
+            return {k: ring[i] for i, k in enumerate(("index", "count", "since_refresh"))}
         return {"index": torch.tensor(self.index, dtype=torch.int64),
                 "count": torch.tensor(self.count, dtype=torch.int64),
                 "since_refresh": torch.tensor(self.since_refresh, dtype=torch.int64)}  # fmt: skip
@@ -122,14 +132,15 @@ class DeviceStep:
         """Write ``g`` where ``ok``; return ``(x, report, hold)`` (module docstring), no sync.
         ``g`` has shape ``(dim,)``; ``ok`` is :func:`finite` of the whole gradient."""
         m, shift, f64 = self.ngrads, self._shift, torch.float64
-        ring, gram, inv = self.ring, self.gram, self.inverse
+        ring, gram, inv = self._device_ring(), self.gram, self.inverse
         j1 = ring[0:1].clone()
         e = torch.arange(m, device=ring.device) == ring[0]
-        new = self._row
-        if new is None or new.dtype != self.dtype or new.shape[1] != self.dim:
-            new = self._row = self.grads.new_empty(1, self.dim)  # reused: no O(d) allocation
-        torch.index_select(self.grads, 0, j1, out=new)
-        torch.where(ok, g.to(self.dtype)[None], new, out=new)
+        pair = self._row  # [row j as it was, g]: the written row is one of them, by ok
+        if pair is None or pair.dtype != self.dtype or pair.shape[1] != self.dim:
+            pair = self._row = self.grads.new_empty(2, self.dim)  # reused: no O(d) allocation
+        torch.index_select(self.grads, 0, j1, out=pair[0:1])
+        pair[1].copy_(g)
+        new = pair.index_select(0, ok.to(torch.int64).reshape(1))  # copies (where is slower)
         self.grads.index_copy_(0, j1, new)
         k = self._gram_row(new[0])
         row = torch.where(ok, k, gram.index_select(0, j1)[0])

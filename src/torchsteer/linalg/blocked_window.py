@@ -197,6 +197,23 @@ class BlockedGradientWindow:
         x, reports, apply = (torch.stack(t) for t in zip(*out))
         return x, reports, apply.amin()
 
+    def host_add(self, g: torch.Tensor) -> torch.Tensor:
+        """Every block's one-read step (``GradientWindow.host_step``, ``_window_host``) with
+        one finiteness test of ``g``: the reports ``(B, 9)``, unread."""
+        if g.shape != (self.dim,):
+            raise ValueError(f"Invalid gradient shape: {tuple(g.shape)}, expected ({self.dim},)")
+        ok = finite(g, self.dtype, self.compute_dtype)
+        return torch.stack([blk.host_step(g[lo:hi], ok) for blk, lo, hi in self._slices()])
+
+    def settle(self, rows: list[list[float]]) -> torch.Tensor | None:
+        """Each block's :meth:`GradientWindow.settle`: ``None`` (non-finite ``g``, nothing
+        changed) or the ``(B, m)`` coefficients."""
+        xs = [blk.settle(row) for blk, row in zip(self.blocks, rows)]
+        if xs[0] is None:
+            return None
+        self.pass_error = max(blk.pass_error for blk in self.blocks)
+        return torch.stack(xs)
+
     def must_check(self, check_every: int) -> bool:
         return any(blk.must_check(check_every) for blk in self.blocks)
 
@@ -255,7 +272,8 @@ class BlockedGradientWindow:
     def _ring_state(self) -> dict[str, torch.Tensor]:
         if self.capturable:  # device tensors, no read
             ring = self.blocks[0].ring_state(True)
-            return {**ring, "since_refresh": torch.stack([b.ring[2] for b in self.blocks])}
+            since = torch.stack([b._device_ring()[2] for b in self.blocks])
+            return {**ring, "since_refresh": since}
         return {"index": torch.tensor(self.index, dtype=torch.int64),
                 "count": torch.tensor(self.count, dtype=torch.int64),
                 "since_refresh": torch.tensor([b.since_refresh for b in self.blocks])}  # fmt: skip

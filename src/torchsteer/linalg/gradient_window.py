@@ -81,6 +81,7 @@ from torchsteer.linalg._window_checks import (
     nonfinite_error,
 )
 from torchsteer.linalg._window_device import DeviceStep
+from torchsteer.linalg._window_host import HostStep
 
 __all__ = ["PASS_TOLERANCE", "GradientWindow", "NonFiniteGradientError", "nonfinite_error"]
 
@@ -88,7 +89,7 @@ _STATE_KEYS = ("grads", "gram", "inverse", "index", "count", "since_refresh", "d
 _GRAM_KEYS = ("float64_gram", "calm_steps")  # optional: older saves computed in float32
 
 
-class GradientWindow(checks.CheckedSteps, DeviceStep):
+class GradientWindow(checks.CheckedSteps, DeviceStep, HostStep):
     """Ring buffer of ``m`` gradients with the inverse empirical Fisher products.
 
     ``F = damp * I + (1/m) G^T G`` with ``G`` the ``m x d`` window (empty rows are zeros).

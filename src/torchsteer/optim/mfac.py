@@ -98,12 +98,14 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
     checks -- is a device tensor (``torchsteer.linalg._window_device``): a NaN/Inf gradient
     masks every write (parameters, momentum, window, Gram, counters stay as they were).
     By default a step reads its verdict and the checks in **one** transfer and then runs,
-    on the host, exactly the original step's repairs where a check fired (so the steps and
-    ``nonfinite="raise"`` are as before). With ``capturable=True`` and ``nonfinite="skip"``
-    nothing is read: a steady-state step makes no host synchronization. A step whose checks
-    fire between reads (nearly dependent gradients) is *held*: its gradient enters the
-    window, the parameters do not move, and so on until the next read repairs the window
-    (float64 Gram, clamped-eigh refresh). Reads happen every ``check_every`` steps, on
+    on the host, exactly the original step's decisions and repairs (so the steps and
+    ``nonfinite="raise"`` are as before; ``torchsteer.linalg._window_host``: the host knows
+    the ring, so nothing over ``d`` numbers or ``M`` is masked). With ``capturable=True``
+    and ``nonfinite="skip"`` nothing is read: a steady-state step makes no host
+    synchronization. A step whose checks fire between reads (nearly dependent gradients)
+    is *held*: its gradient enters the window, the parameters do not move, and so on
+    until the next read repairs the window (float64 Gram, clamped-eigh refresh). Reads
+    happen every ``check_every`` steps, on
     steps where a Cholesky refresh may be due (every ``m`` updates), every step while the
     Gram is in float64 mode or for ``m`` reads after a check fired, and at ``state_dict()``
     (which repairs a held window first).
@@ -417,6 +419,12 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
                 self._nonfinite(error)  # raise, or count the step in skipped_steps
                 return loss
             mask = None
+            state["step"] += 1
+        elif not window.capturable:  # the host knows the ring: decide there, one read
+            x, mask = window.settle(window.host_add(flat).tolist()), None
+            if x is None:
+                self._nonfinite(nonfinite_error(window.dtype))  # window unchanged
+                return loss
             state["step"] += 1
         else:
             x, report, mask = window.device_add(flat)  # no sync: every decision a tensor
