@@ -122,3 +122,48 @@ def test_a_device_step_after_host_steps_sees_the_host_ring():
     xb, rb, _ = b.device_add(gs[11])
     assert torch.equal(a.ring, b.ring) and torch.equal(ra, rb) and torch.equal(xa, xb)
     assert a.ring.tolist()[:2] == [12 % 8, 8]
+
+
+def _bits(state):
+    """Every tensor of a state dict as its raw bits (so -0.0 and 0.0 differ), the rest as is."""
+    if isinstance(state, dict):
+        return {k: _bits(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return [_bits(v) for v in state]
+    if isinstance(state, torch.Tensor) and state.is_floating_point():
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[state.element_size()]
+        return state.detach().clone().view(ints).tolist()
+    return state.tolist() if isinstance(state, torch.Tensor) else state
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_refused_step_leaves_every_bit_of_the_state(policy):
+    """The attack's case (issue 18): one step on an almost empty window (its inverse holds
+    -0.0), then a NaN gradient; the state must keep every bit, signs of zero included (the
+    device-decided step had rewritten -0.0 as 0.0)."""
+    from torchsteer.linalg import NonFiniteGradientError
+    from torchsteer.optim import MFAC
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    opt = MFAC(model.parameters(), lr=1e-2, ngrads=4, nonfinite=policy)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    before = _bits([opt.state_dict(), model.state_dict()])
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError):
+            opt.step()
+    else:
+        opt.step()
+    after = _bits([opt.state_dict(), model.state_dict()])
+    if policy == "skip":  # a skipped step is counted, nothing else changes
+        for s_b, s_a in zip(before[0]["state"].values(), after[0]["state"].values()):
+            s_b.pop("skipped_steps", None), s_a.pop("skipped_steps", None)
+    assert after == before
