@@ -90,6 +90,26 @@ def _top_k_support(zs, zt, top_k, rows):
     return zs.gather(-1, idx), zt.detach().gather(-1, idx)
 
 
+def _bucket(zs, zt, kind, top_k, rows, temperature, mask, reduction, kind_args):
+    """``tail="bucket"``: S from the teacher's top-k, its log-probabilities from the full
+    log-softmax (rows checked first, so a bad teacher row is named as such), then
+    :func:`.sparse_kd` with the bucket."""
+    from .sparse import sparse_kd  # (sparse builds on this module)
+
+    if temperature != 1.0:
+        raise ValueError(f"Invalid temperature: {temperature} with tail='bucket' (T = 1 only)")
+    _top_k_support(zs, zt, top_k, rows)  # checks top_k and the student's rows
+    _check_row_max(zt.detach().amax(-1).reshape(-1).index_select(0, rows), "teacher_logits", rows)
+    cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
+    read = torch.zeros(zt.shape[:-1].numel(), dtype=torch.bool, device=zt.device)
+    read[rows] = True  # rows a mask drops are never read: zeros stand in for them
+    zt_read = torch.where(read.reshape(*zt.shape[:-1], 1), zt.detach().to(cdt), 0.0)
+    log_p = torch.log_softmax(zt_read, -1)
+    idx = log_p.topk(int(top_k), dim=-1).indices
+    lp = log_p.gather(-1, idx).clamp(max=0.0)  # (rounding may put log 1 a bit above 0)
+    return sparse_kd(zs, idx, lp, kind, tail="bucket", mask=mask, reduction=reduction, **kind_args)
+
+
 def _chunk(s, t, gen, temperature, tops, g=None, scale=1.0):
     """One chunk of logits (compute dtype): its row values and, when ``g`` (a buffer of the
     chunk's shape, compute dtype) is given, the student gradient times ``scale`` written
@@ -182,6 +202,7 @@ def f_divergence(
     reduction: str = "batchmean",
     chunk_size: int | None = None,
     top_k: int | None = None,
+    tail: str = "renormalize",
     **kind_args,
 ) -> torch.Tensor:
     """D_f(p || q) with q = softmax(student_logits / T) the student, p the teacher.
@@ -208,6 +229,11 @@ def f_divergence(
             p~ = softmax(z_t[S] / T) = p_S^{1/T} / sum_S p^{1/T}, q~ = softmax(z_s[S] / T),
             D_f(p~ || q~); tokens off S get gradient 0. Equal to ``sparse_kd(z_s, S,
             log_softmax(z_t)[S])``.
+        tail: with ``top_k``, ``"renormalize"`` (above) or ``"bucket"``: the mass off S kept
+            as one more entry on both sides, p~ = [p_S, 1 - sum_S p], q~ = [q_S, 1 - sum_S q]
+            with p, q the full softmaxes (T = 1 only); every student logit gets its gradient.
+            Equal to ``sparse_kd(z_s, S, log_softmax(z_t)[S], tail="bucket")``, which it
+            calls (``chunk_size`` is not used there).
 
     Compute is float32 (float64 if either input is), the loss float32/float64. Entries where
     both logits are -inf (a padded vocabulary) contribute nothing; an entry where only one is
@@ -217,7 +243,8 @@ def f_divergence(
     Raises:
         ValueError: shape or vocabulary mismatch, bad mask, T <= 0, unknown kind or bad kind
             argument, NaN/+inf logits or an all -inf row in an unmasked row, a teacher that
-            requires grad, ``top_k`` not an integer in [1, V].
+            requires grad, ``top_k`` not an integer in [1, V], an unknown ``tail``,
+            ``tail="bucket"`` without ``top_k`` or with T != 1.
     """
     gen = generator(kind, **kind_args)
     zs, zt = student_logits, teacher_logits
@@ -243,7 +270,13 @@ def f_divergence(
     lead, vocab = zs.shape[:-1], zs.shape[-1]
     n = math.prod(lead)
     rows, divisor = _rows_plan(mask, lead, zs.device, reduction, chunk_size)
+    if tail not in ("renormalize", "bucket"):
+        raise ValueError(f"Invalid tail: {tail!r} (expected 'renormalize' or 'bucket')")
+    if tail == "bucket" and top_k is None:
+        raise ValueError("Invalid tail: 'bucket' needs top_k (the support S it buckets)")
     if top_k is not None:
+        if tail == "bucket":
+            return _bucket(zs, zt, kind, top_k, rows, t, mask, reduction, kind_args)
         zs, zt = _top_k_support(zs, zt, top_k, rows)
         vocab = zs.shape[-1]
     chunk = int(chunk_size) if chunk_size is not None else max(1, (1 << 17) // max(vocab, 1))
