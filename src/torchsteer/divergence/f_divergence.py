@@ -75,10 +75,9 @@ def _rows_plan(mask, lead, device, reduction, chunk_size):
     return rows, divisor
 
 
-def _top_k_support(zs, zt, top_k, rows):
-    """(z_s[S], z_t[S]) with S the teacher's ``top_k`` largest logits per row (the top-k of
-    z_t / T and of log p are the same set). The student's unmasked rows are checked over the
-    whole vocabulary (a NaN off S would not reach the per-chunk check)."""
+def _check_top_k(zs, top_k, rows) -> None:
+    """``top_k`` an integer in [1, V]; the student's unmasked rows checked over the whole
+    vocabulary (a NaN off S would not reach the per-chunk check)."""
     vocab = zs.shape[-1]
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise ValueError(f"Invalid top_k: {top_k!r} (must be an integer in [1, {vocab}])")
@@ -86,6 +85,12 @@ def _top_k_support(zs, zt, top_k, rows):
         raise ValueError(f"Invalid top_k: {top_k!r} (must be in [1, V={vocab}])")
     top = zs.detach().amax(-1).reshape(-1).index_select(0, rows)
     _check_row_max(top, "student_logits", rows)
+
+
+def _top_k_support(zs, zt, top_k, rows):
+    """(z_s[S], z_t[S]) with S the teacher's ``top_k`` largest logits per row (the top-k of
+    z_t / T and of log p are the same set), after :func:`_check_top_k`."""
+    _check_top_k(zs, top_k, rows)
     idx = zt.detach().topk(int(top_k), dim=-1).indices
     return zs.gather(-1, idx), zt.detach().gather(-1, idx)
 
@@ -98,7 +103,7 @@ def _bucket(zs, zt, kind, top_k, rows, temperature, mask, reduction, kind_args):
 
     if temperature != 1.0:
         raise ValueError(f"Invalid temperature: {temperature} with tail='bucket' (T = 1 only)")
-    _top_k_support(zs, zt, top_k, rows)  # checks top_k and the student's rows
+    _check_top_k(zs, top_k, rows)
     _check_row_max(zt.detach().amax(-1).reshape(-1).index_select(0, rows), "teacher_logits", rows)
     cdt = torch.float64 if torch.float64 in (zs.dtype, zt.dtype) else torch.float32
     read = torch.zeros(zt.shape[:-1].numel(), dtype=torch.bool, device=zt.device)

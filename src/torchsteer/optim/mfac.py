@@ -428,11 +428,7 @@ class MFAC(GlobalStateMixin, torch.optim.Optimizer):
             state["step"] += 1
         else:
             x, report, mask = window.device_add(flat)  # no sync: every decision a tensor
-            if (
-                not self.capturable
-                or self.nonfinite == "raise"
-                or window.must_check(self.param_groups[0]["check_every"])
-            ):
+            if self.nonfinite == "raise" or window.must_check(self.param_groups[0]["check_every"]):
                 rows = report.tolist()  # the step's one host synchronization
                 if not (rows[0][0] if isinstance(rows[0], list) else rows[0]):
                     self._nonfinite(nonfinite_error(window.dtype))  # window unchanged
