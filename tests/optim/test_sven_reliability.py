@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-import torchsteer.optim.sven as sven_module
+import torchsteer.optim._sven_device as sven_device
 from torchsteer.optim.sven import SKIP_WARNING, Sven
 
 from .test_sven import F64, batch, flat, mlp, per_sample, residual_jacobian, truncated_step
@@ -81,7 +81,8 @@ def test_a_solver_error_on_a_finite_jacobian_keeps_its_type_and_is_not_skipped(m
     def fails(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
 
-    monkeypatch.setattr(sven_module, "solve_dense", fails)
+    monkeypatch.setattr(sven_device, "solve_dense", fails)  # the masked step's solve
+    monkeypatch.setattr(sven_device, "solve_rows", fails)  # the read-once step's
     x, y = batch(6)
     model = mlp()
     opt = Sven(model.parameters(), rank=4, jacobian="dense", nonfinite=mode)

@@ -360,12 +360,12 @@ def test_raise_at_loss_scales_1e_minus20_and_1e20_is_the_code_before_bit_for_bit
 @pytest.mark.parametrize("functional", [True, False])
 def test_raise_solves_m_unscaled_and_rescales_only_when_that_fails(functional, monkeypatch):
     # the device path (max |M|, M scaled) is for "skip" only: "raise" must not call it
-    import torchsteer.optim.sven as sven_module
+    import torchsteer.optim._sven_device as sven_device
 
     def refuse(*args, **kwargs):
         raise AssertionError("masked_solve called with nonfinite='raise'")
 
-    monkeypatch.setattr(sven_module, "masked_solve", refuse)
+    monkeypatch.setattr(sven_device, "masked_solve", refuse)
     x, y = next(batches(torch.float32, nan_at=-1))
     reads = {}
     for c in (1.0, 1e20, 1e-20):

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchsteer.jacobian.factored import FactoredRows, worth_factoring
+
 __all__ = ["GraphRowCapture"]
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
@@ -146,20 +148,13 @@ class GraphRowCapture:
                 )
         return ""
 
-    def rows(self, losses: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The (B, P) per-sample gradients of ``losses`` (B,), or ``None`` with ``reason``.
-
-        The graph is kept (``retain_graph=True``) so that a caller may still take the exact
-        path from it. ``out``: an optional (B, P) buffer written into.
-        """
+    def _output_grads(self, losses: torch.Tensor):
+        """The recorded calls whose output needs a gradient and ``dL/dy`` of each (one
+        backward, the graph kept), or ``None`` with ``reason``."""
         if not self.reason:
             self.reason = self._check(losses)
         if self.reason:
             return None
-        B = losses.shape[0]
-        P = sum(p.numel() for p in self.params)
-        first = self.params[0]
-        J = out if out is not None else torch.empty(B, P, dtype=first.dtype, device=first.device)
         calls = [c for c in self.calls if c.y.requires_grad]
         gys = []
         if calls:
@@ -167,8 +162,82 @@ class GraphRowCapture:
                 gys = torch.autograd.grad(
                     losses.sum(), [c.y for c in calls], retain_graph=True, allow_unused=True
                 )
-        blocks, start = {}, 0
+        return [(c, gy.detach()) for c, gy in zip(calls, gys) if gy is not None]
+
+    def rows(self, losses: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The (B, P) per-sample gradients of ``losses`` (B,), or ``None`` with ``reason``.
+
+        The graph is kept (``retain_graph=True``) so that a caller may still take the exact
+        path from it. ``out``: an optional (B, P) buffer written into.
+        """
+        grads = self._output_grads(losses)
+        if grads is None:
+            return None
+        B = losses.shape[0]
+        P = sum(p.numel() for p in self.params)
+        first = self.params[0]
+        J = out if out is not None else torch.empty(B, P, dtype=first.dtype, device=first.device)
+        self._write(grads, J, self.params)
+        return J
+
+    def factors(
+        self, losses: torch.Tensor, out: torch.Tensor | None = None
+    ) -> FactoredRows | torch.Tensor | None:
+        """The rows of :meth:`rows` as :class:`~torchsteer.jacobian.factored.FactoredRows`:
+        every ``nn.Linear`` weight called once and worth it
+        (:func:`~torchsteer.jacobian.factored.worth_factoring`) kept as its layer's inputs
+        and output gradients, all other coordinates as dense rows. When no weight is worth
+        it, the dense rows of :meth:`rows` themselves (into ``out``, if given); ``None`` with
+        ``reason`` when :meth:`rows` would refuse. The parameters must share one dtype."""
+        grads = self._output_grads(losses)
+        if grads is None:
+            return None
+        B = losses.shape[0]
+        uses = Counter(
+            id(p) for c in self.calls for p in dict.fromkeys(c.module._parameters.values())
+        )
+        first = self.params[0]
+        offsets, start = {}, 0
         for p in self.params:
+            offsets[id(p)], start = start, start + p.numel()
+        factors, factored = [], set()
+        for call, gy in grads:
+            w = getattr(call.module, "weight", None)
+            if not isinstance(call.module, nn.Linear) or id(w) not in offsets:
+                continue
+            if not w.requires_grad or uses[id(w)] != 1:
+                continue
+            T = call.x.numel() // (B * w.shape[1])
+            if worth_factoring(T, w.shape[1], w.shape[0]):
+                x = call.x.reshape(B, T, -1).to(first.dtype)
+                factors.append((offsets[id(w)], x, gy.reshape(B, T, -1).to(first.dtype)))
+                factored.add(id(w))
+        if not factors:
+            P = sum(p.numel() for p in self.params)
+            J = (
+                out
+                if out is not None
+                else torch.empty(B, P, dtype=first.dtype, device=first.device)
+            )
+            self._write(grads, J, self.params)
+            return J
+        rest = [p for p in self.params if id(p) not in factored]
+        dense = torch.empty(B, sum(p.numel() for p in rest), dtype=first.dtype, device=first.device)
+        self._write(grads, dense, rest)
+        slices, start = [], 0
+        for p in rest:
+            slices.append((offsets[id(p)], start, p.numel()))
+            start += p.numel()
+        P = sum(p.numel() for p in self.params)
+        return FactoredRows((B, P), factors, dense, slices)
+
+    @staticmethod
+    def _write(grads, J: torch.Tensor, params) -> None:
+        """Write the rows of ``params`` (in this order, the columns of J) from ``grads``
+        (other parameters' rows are not formed); a parameter that takes no row is zero."""
+        B = J.shape[0]
+        blocks, start = {}, 0
+        for p in params:
             blocks[id(p)] = J[:, start : start + p.numel()].view(B, *p.shape)
             start += p.numel()
         written: set[int] = set()
@@ -181,13 +250,11 @@ class GraphRowCapture:
             written.add(id(p))
             return blocks[id(p)], acc
 
-        for call, gy in zip(calls, gys):
-            if gy is not None:
-                _write_rows(call.module, call.x, gy.detach().to(J.dtype), block)
-        for p in self.params:
+        for call, gy in grads:
+            _write_rows(call.module, call.x, gy.to(J.dtype), block)
+        for p in params:
             if id(p) not in written:
                 blocks[id(p)].zero_()
-        return J
 
 
 def _graph_uses(root, index: dict[int, int]) -> Counter:

@@ -43,6 +43,7 @@ __all__ = [
     "gram_solve_unchecked",
     "gram_spectrum",
     "keep_mask",
+    "row_gram_solve",
     "solve_record",
     "truncated_solve",
     "truncated_solve_unchecked",
@@ -231,14 +232,39 @@ def _gram_solve(M, R, rank, rtol, gram_dtype, damping, clean: bool) -> Truncated
     G = work @ work.mT if wide else work.mT @ work
     if clean:
         G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
     if wide:
-        c = vecs.mT @ Rw
-        d = (work.mT @ (vecs @ (inv2 * c))).to(dtype)
-        fitted = gram_fitted(vecs, S, keep, inv2, c, damping)
-    else:
-        w = vecs.mT @ (work.mT @ Rw)
-        dw = vecs @ (inv2 * w)
-        fitted, d = work @ dw, dw.to(dtype)
+        return _row_gram_solve(G, Rw, lambda y: work.mT @ y, min(rank, B, P), rtol, damping, dtype)
+    vecs, S, keep, inv2 = gram_spectrum(G, min(rank, B, P), rtol, damping)
+    w = vecs.mT @ (work.mT @ Rw)
+    dw = vecs @ (inv2 * w)
+    fitted, d = work @ dw, dw.to(dtype)
     rec = solve_record(S, keep, Rw, fitted)
     return TruncatedSolution(d, *(t.to(dtype) for t in rec))
+
+
+def _row_gram_solve(G, Rw, rmatvec, rank, rtol, damping, dtype) -> TruncatedSolution:
+    """The wide solve from ``G = M M^T`` and the product ``y -> M^T y`` alone:
+    ``d = M^T U diag(inv2) U^T R``, the records from the eigen pairs (no product with M)."""
+    vecs, S, keep, inv2 = gram_spectrum(G, rank, rtol, damping)
+    c = vecs.mT @ Rw
+    d = rmatvec(vecs @ (inv2 * c)).to(dtype)
+    fitted = gram_fitted(vecs, S, keep, inv2, c, damping)
+    rec = solve_record(S, keep, Rw, fitted)
+    return TruncatedSolution(d, *(t.to(dtype) for t in rec))
+
+
+def row_gram_solve(
+    G: torch.Tensor,
+    R: torch.Tensor,
+    rmatvec,
+    rank: int,
+    rtol: float,
+    dtype: torch.dtype,
+    damping: float = 0.0,
+) -> TruncatedSolution:
+    """:func:`gram_solve` of a wide M (B <= P) given only ``G = M M^T`` (B, B, in the Gram
+    dtype) and ``rmatvec(y) = M^T y`` (for y of G's dtype): for an M that is never formed
+    (:class:`~torchsteer.jacobian.factored.FactoredRows`). ``d`` and the records come back in
+    ``dtype``. Unchecked, as :func:`gram_solve_unchecked` (the caller guarantees the shapes
+    and settings; no host read); NaN/Inf in G fails in ``eigh`` or shows as NaN in ``d``."""
+    return _row_gram_solve(G, R.to(G.dtype), rmatvec, min(rank, G.shape[0]), rtol, damping, dtype)

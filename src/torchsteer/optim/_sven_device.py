@@ -34,13 +34,17 @@ import math
 
 import torch
 
+from torchsteer.jacobian.factored import FactoredRows
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.optim._sven_contract import RECORDS, SKIP_WARNING
 from torchsteer.optim._sven_step import (
     NonFinite,
+    group_rows,
     max_abs,
     power_of_two_scale,
     residuals,
+    solve_dense,
+    solve_rows,
     unscale,
 )
 
@@ -181,6 +185,40 @@ class MaskedSteps:
         if self._skip_run is not None:
             self._skips_in_row, self._skip_run, self._unread = round(float(self._skip_run)), None, 0
 
+    def _solve_local(self, losses, source, path, gen, cols):
+        """``_solve`` for the dense path in one process: ``(sol, cols, flags)``. A step that
+        can be masked (:meth:`_maskable`) reads nothing (``masked_solve``; its ``flags``
+        returned, to be written through); any other reads once (``_read_once_solve``, the
+        path of 06f44c7; ``flags`` None). Only an error of the masked solve reads its
+        verdict. A read-once exact step on all coordinates with B <= P, no micro-batches,
+        asks ``source`` for factored rows (the closure path's
+        :class:`~torchsteer.jacobian.factored.FactoredRows`: M never formed); any other
+        source answers with the dense matrix."""
+        alg, mb = self._algebra_dtype(), self.microbatch_size
+        lg = group_rows(losses.to(alg), mb)
+        n_cols = self._n_params() if cols is None else cols.numel()
+        config = self._config(not self._randomized_dense(lg.shape[0], n_cols))
+        uses_gen = cols is not None or not config.exact_svd
+        maskable = self._maskable(self._first_state(), path, uses_gen)
+        factored = not (maskable or uses_gen) and (mb or 1) <= 1 and lg.shape[0] <= n_cols
+        M = source("factored" if factored else "dense")
+        D = None if self.kappa == 2.0 else residuals(lg, self.kappa)[1]
+        if isinstance(M, FactoredRows):
+            M = M if D is None else M.scaled(D)
+        else:
+            M = group_rows(M.to(alg), mb)
+            M = M if cols is None else M[:, cols]
+            M = M if D is None else M.mul_(D.unsqueeze(1))
+        if not maskable:  # the solve of 06f44c7 (on factors when it has them)
+            return self._read_once_solve(M, lg, self.kappa, config, solve_rows, gen), cols, None
+        try:
+            sol, flags = masked_solve(M, lg, self.kappa, config, solve_dense, gen)
+        except (RuntimeError, ValueError):
+            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
+            raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
+            raise
+        return sol, cols, flags
+
     def _read_once_solve(self, M, losses, kappa: float, config, solver, generator):
         """The step of 06f44c7 with its reads joined into one: ``M`` solved as it is with
         ``R <- s_R R`` (:func:`scale_to_unit`, on the device), then ONE transfer of
@@ -216,6 +254,7 @@ class MaskedSteps:
             if values[4] == 0.0 or 2.0**-30 <= values[4] <= 2.0**30:
                 return unscale(sol, 1.0, s_r)
         generator.set_state(start)
+        M = M.dense() if isinstance(M, FactoredRows) else M  # the rescale needs the entries
         amax = float(torch.nan_to_num(max_abs(M), nan=math.inf))
         scale_m = power_of_two_scale(amax, M.dtype, band=0)  # NaN/Inf: NonFinite
         M.mul_(scale_m)

@@ -41,11 +41,13 @@ import math
 
 import torch
 
+from torchsteer.jacobian.factored import FactoredRows
 from torchsteer.linalg import randomized_svd
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.linalg.truncated import (
     gram_solve,
     gram_solve_unchecked,
+    row_gram_solve,
     truncated_solve_unchecked,
 )
 
@@ -63,6 +65,7 @@ __all__ = [
     "reuse_buffer",
     "solve_dense",
     "solve_operator",
+    "solve_rows",
     "unscale",
 ]
 
@@ -228,6 +231,17 @@ def solve_dense(
         return solve(M, R, cfg.rank, cfg.rtol, cfg.gram_dtype, cfg.damping)
     U, S, V = randomized_svd(M, cfg.rank, cfg.oversample, cfg.power_iters, generator, exact=False)
     return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
+
+
+def solve_rows(M, R: torch.Tensor, config: SolveConfig, generator) -> Solution:
+    """:func:`solve_dense` with ``clean=False`` for a dense M; for a wide M held as
+    :class:`~torchsteer.jacobian.factored.FactoredRows` (exact SVD) the same solve from its
+    Gram matrix and ``M^T y``, M never formed
+    (:func:`~torchsteer.linalg.truncated.row_gram_solve`)."""
+    if not isinstance(M, FactoredRows):
+        return solve_dense(M, R, config, generator, clean=False)
+    G = M.gram(config.gram_dtype)
+    return row_gram_solve(G, R, M.rmatvec, config.rank, config.rtol, M.dtype, config.damping)
 
 
 def solve_operator(op, R: torch.Tensor, config: SolveConfig, generator) -> Solution:

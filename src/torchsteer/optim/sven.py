@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,7 +23,7 @@ from torchsteer.optim._sven_contract import (
     explained,
 )
 from torchsteer.optim._sven_ddp import RowShardedOperator, group, grouped, solve_gram_sharded
-from torchsteer.optim._sven_device import MaskedSteps, masked_solve, raise_verdict
+from torchsteer.optim._sven_device import MaskedSteps
 from torchsteer.optim._sven_step import (
     CheckedOperator,
     NonFinite,
@@ -37,7 +36,6 @@ from torchsteer.optim._sven_step import (
     power_of_two_scale,
     residuals,
     reuse_buffer,
-    solve_dense,
     solve_operator,
     unscale,
 )
@@ -372,29 +370,6 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
             raise NonFinite("step")
         return sol, cols, None
 
-    def _solve_local(self, losses, source, path, gen, cols):
-        """``_solve`` for the dense path in one process: ``(sol, cols, flags)``. A step that
-        can be masked (:meth:`_maskable`) reads nothing (``masked_solve``; its ``flags``
-        returned, to be written through); any other reads once (``_read_once_solve``, the
-        path of 06f44c7; ``flags`` None). Only an error of the masked solve reads its verdict."""
-        alg, mb = self._algebra_dtype(), self.microbatch_size
-        lg = group_rows(losses.to(alg), mb)
-        M = group_rows(source("dense").to(alg), mb)
-        M = M if cols is None else M[:, cols]
-        M = M if self.kappa == 2.0 else M.mul_(residuals(lg, self.kappa)[1].unsqueeze(1))
-        config = self._config(not self._randomized_dense(M.shape[0], M.shape[1]))
-        uses_gen = cols is not None or not config.exact_svd
-        if not self._maskable(self._first_state(), path, uses_gen):
-            solver = functools.partial(solve_dense, clean=False)  # the solve of 06f44c7
-            return self._read_once_solve(M, lg, self.kappa, config, solver, gen), cols, None
-        try:
-            sol, flags = masked_solve(M, lg, self.kappa, config, solve_dense, gen)
-        except (RuntimeError, ValueError):
-            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
-            raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
-            raise
-        return sol, cols, flags
-
     @staticmethod
     def _rows(shard: Shard) -> int:
         """Rows of the Jacobian this rank forms (the largest over ranks: the same decision)."""
@@ -405,15 +380,19 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         (:class:`~torchsteer.jacobian.captured.GraphRowCapture`), else a batched backward
         (B passes) with one warning that says why."""
         params = self._active()
+        first = params[0].dtype
 
         def source(kind):
             with torch.enable_grad():
-                if kind != "dense":
+                if kind == "matrix_free":
                     return JacobianOperator.from_graph(out, params)
                 if capture is not None:
                     one_dtype = len({p.dtype for p in params}) == 1
                     buf = self._jacobian_buffer(out.shape[0]) if one_dtype else None
-                    J = capture.rows(out, out=buf)
+                    if kind == "factored" and one_dtype and self._algebra_dtype() == first:
+                        J = capture.factors(out, out=buf)  # dense rows when none pays
+                    else:
+                        J = capture.rows(out, out=buf)
                     if J is not None:
                         return J
                     self._warn_exact_path(capture.reason)
