@@ -1,7 +1,8 @@
-"""Sven's closure path on factored rows (FactoredRows: the Gram matrix and M^T y without the
-(B, P) matrix) takes the functional path's steps (its Jacobian from torch.func, formed
-densely), with every setting the factored solve sees; the rare rescale falls back to the dense
-matrix; bad input is refused with nothing changed."""
+"""Sven on factored rows (FactoredRows: the Gram matrix and M^T y without the (B, P) matrix),
+on the closure path and the functional path, takes the steps of the dense solve of the
+functional path's torch.func Jacobian (factoring switched off: the oracle), with every
+setting the factored solve sees; the rare rescale falls back to the dense matrix; bad input
+is refused with nothing changed."""
 
 import pytest
 import torch
@@ -50,6 +51,7 @@ def run_both(settings, steps=4, dtype=DT, scale=1.0):
 
     a = Sven(m_closure.parameters(), **settings)
     b = Sven(m_functional.parameters(), **settings, model=m_functional, loss_fn=per_sample)
+    b._factored_ok = lambda rows, path: False  # the oracle: torch.func's dense Jacobian
     for _ in range(steps):
         a.step(lambda: per_sample(m_closure(x), y))
         b.step(batch=(x, y))
@@ -132,3 +134,45 @@ def test_a_factored_step_reads_the_host_once(monkeypatch):
     with SyncCounter() as counter:
         opt.step(lambda: (model(x).squeeze(-1) - y) ** 2)
     assert calls["gram"] == 2 and dict(counter.counts) == {"tolist": 1}  # the verdict only
+
+
+def test_the_functional_path_factors_too_and_takes_the_dense_steps(monkeypatch):
+    calls = counting(monkeypatch)
+    m_oracle, x, y = model_and_data()
+    m_factored, _, _ = model_and_data()
+
+    def per_sample(out, y):
+        return (out.squeeze(-1) - y) ** 2
+
+    a = Sven(m_factored.parameters(), lr=0.3, rank=8, model=m_factored, loss_fn=per_sample)
+    b = Sven(m_oracle.parameters(), lr=0.3, rank=8, model=m_oracle, loss_fn=per_sample)
+    b._factored_ok = lambda rows, path: False
+    for _ in range(3):
+        a.step(batch=(x, y))
+        b.step(batch=(x, y))
+    assert calls == {"gram": 3, "dense": 0}
+    for p, q in zip(m_factored.parameters(), m_oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_one_factored_step_is_the_truncated_pseudoinverse_step():
+    model, x, y = model_and_data()
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def losses_of(flat):
+        chunks, start = {}, 0
+        for name, p in model.named_parameters():
+            chunks[name] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        out = torch.func.functional_call(model, chunks, (x,))
+        return (out.squeeze(-1) - y) ** 2
+
+    J = torch.autograd.functional.jacobian(losses_of, theta)  # (B, P) float64
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    k = 8
+    expected = theta - 0.3 * (Vh[:k].T @ ((U[:, :k].T @ losses_of(theta)) / S[:k]))
+    opt = Sven(params, lr=0.3, rank=k, rtol=0.0)
+    opt.step(lambda: (model(x).squeeze(-1) - y) ** 2)
+    got = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)

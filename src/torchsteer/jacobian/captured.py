@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,14 +181,15 @@ class GraphRowCapture:
         return J
 
     def factors(
-        self, losses: torch.Tensor, out: torch.Tensor | None = None
+        self, losses: torch.Tensor, buffer: Callable[[], torch.Tensor] | None = None
     ) -> FactoredRows | torch.Tensor | None:
         """The rows of :meth:`rows` as :class:`~torchsteer.jacobian.factored.FactoredRows`:
         every ``nn.Linear`` weight called once and worth it
         (:func:`~torchsteer.jacobian.factored.worth_factoring`) kept as its layer's inputs
         and output gradients, all other coordinates as dense rows. When no weight is worth
-        it, the dense rows of :meth:`rows` themselves (into ``out``, if given); ``None`` with
-        ``reason`` when :meth:`rows` would refuse. The parameters must share one dtype."""
+        it, the dense rows of :meth:`rows` themselves (into ``buffer()``, if given: called
+        only then); ``None`` with ``reason`` when :meth:`rows` would refuse. The parameters
+        must share one dtype."""
         grads = self._output_grads(losses)
         if grads is None:
             return None
@@ -214,11 +215,7 @@ class GraphRowCapture:
                 factored.add(id(w))
         if not factors:
             P = sum(p.numel() for p in self.params)
-            J = (
-                out
-                if out is not None
-                else torch.empty(B, P, dtype=first.dtype, device=first.device)
-            )
+            J = buffer() if buffer is not None else first.new_empty(B, P)
             self._write(grads, J, self.params)
             return J
         rest = [p for p in self.params if id(p) not in factored]

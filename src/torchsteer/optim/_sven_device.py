@@ -33,8 +33,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from torchsteer.jacobian.factored import FactoredRows
+from torchsteer.jacobian import unwrap_model
+from torchsteer.jacobian.captured import GraphRowCapture
+from torchsteer.jacobian.factored import MIN_FACTORED, FactoredRows
 from torchsteer.linalg.truncated import TruncatedSolution as Solution
 from torchsteer.optim._sven_contract import RECORDS, SKIP_WARNING
 from torchsteer.optim._sven_step import (
@@ -185,6 +188,44 @@ class MaskedSteps:
         if self._skip_run is not None:
             self._skips_in_row, self._skip_run, self._unread = round(float(self._skip_run)), None, 0
 
+    def _factored_ok(self, rows: int, path) -> bool:
+        """Whether this step's dense solve may take factored rows (host facts only): one
+        process is the caller's to check; the exact solve on all coordinates, ``rows <= P``,
+        no micro-batches, a step that reads its verdict (not masked)."""
+        if path.path != "dense" or path.fraction != 1.0 or (self.microbatch_size or 1) > 1:
+            return False
+        n_params = self._n_params()
+        if rows > n_params or self._randomized_dense(rows, n_params):
+            return False
+        return not self._maskable(self._first_state(), path, False)
+
+    def _functional_factors(self, inputs, targets):
+        """``(values, source)`` of the functional path from one forward and one backward of
+        the module itself (:class:`~torchsteer.jacobian.captured.GraphRowCapture`, the
+        closure path's rows, factored where it pays), or None where that capture refuses or
+        the loss is not per-sample (then :func:`per_sample_jacobian` decides, as before)."""
+        params = self._active()
+        if len({p.dtype for p in params}) != 1 or params[0].dtype != self._algebra_dtype():
+            return None
+        ids = {id(p) for p in params}
+        if not any(  # a layer that could be factored: else the functional path as it was
+            isinstance(m, nn.Linear) and id(m.weight) in ids and m.weight.numel() >= MIN_FACTORED
+            for m in unwrap_model(self.model).modules()
+        ):
+            return None
+        n, capture = inputs.shape[0], GraphRowCapture(params)
+        with torch.enable_grad(), capture:
+            out = self.loss_fn(unwrap_model(self.model)(inputs), targets)
+        if out.dim() == 0 or out.shape[0] != n or not out.requires_grad:
+            return None
+        with torch.enable_grad():
+            out = out.reshape(n, -1).sum(1)
+            rows = capture.factors(out, lambda: self._jacobian_buffer(n))
+        if rows is None:
+            return None
+        factored = isinstance(rows, FactoredRows)
+        return out.detach(), lambda kind: rows.dense() if kind == "dense" and factored else rows
+
     def _solve_local(self, losses, source, path, gen, cols):
         """``_solve`` for the dense path in one process: ``(sol, cols, flags)``. A step that
         can be masked (:meth:`_maskable`) reads nothing (``masked_solve``; its ``flags``
@@ -200,8 +241,7 @@ class MaskedSteps:
         config = self._config(not self._randomized_dense(lg.shape[0], n_cols))
         uses_gen = cols is not None or not config.exact_svd
         maskable = self._maskable(self._first_state(), path, uses_gen)
-        factored = not (maskable or uses_gen) and (mb or 1) <= 1 and lg.shape[0] <= n_cols
-        M = source("factored" if factored else "dense")
+        M = source("factored" if self._factored_ok(losses.shape[0], path) else "dense")
         D = None if self.kappa == 2.0 else residuals(lg, self.kappa)[1]
         if isinstance(M, FactoredRows):
             M = M if D is None else M.scaled(D)

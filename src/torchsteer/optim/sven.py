@@ -388,10 +388,10 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
                     return JacobianOperator.from_graph(out, params)
                 if capture is not None:
                     one_dtype = len({p.dtype for p in params}) == 1
-                    buf = self._jacobian_buffer(out.shape[0]) if one_dtype else None
                     if kind == "factored" and one_dtype and self._algebra_dtype() == first:
-                        J = capture.factors(out, out=buf)  # dense rows when none pays
+                        J = capture.factors(out, lambda: self._jacobian_buffer(out.shape[0]))
                     else:
+                        buf = self._jacobian_buffer(out.shape[0]) if one_dtype else None
                         J = capture.rows(out, out=buf)
                     if J is not None:
                         return J
@@ -406,12 +406,15 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         self._jac_buf = reuse_buffer(self._jac_buf, rows, self._n_params(), first)
         return self._jac_buf[:rows]
 
-    def _functional(self, batch, dense: bool) -> tuple[torch.Tensor, Callable]:
+    def _functional(self, batch, dense: bool, factored: bool) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
             raise ValueError("Invalid batch: the functional path needs model= and loss_fn=")
         inputs, targets = batch
         named, model, loss_fn = self._named_params(), self.model, self.loss_fn
         n = inputs.shape[0]
+        got = self._functional_factors(inputs, targets) if dense and factored else None
+        if got is not None:
+            return got
         if dense:
             one_dtype = len({p.dtype for p in named.values()}) == 1
             values, jac = per_sample_jacobian(
@@ -470,7 +473,8 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
             shard = Shard.create(int(batch[0].shape[0]), first.device)
             self._check_not_empty(shard, "batch")
             path = self._plan(self._rows(shard))  # over budget: raised before any forward
-            losses, source = self._functional(batch, path.path == "dense")
+            factored = shard.world == 1 and self._factored_ok(shard.total, path)
+            losses, source = self._functional(batch, path.path == "dense", factored)
         else:
             losses, source, shard = self._graph_losses(closure, first.device)
             self._check_not_empty(shard, "per-sample losses")
