@@ -176,3 +176,47 @@ def test_one_factored_step_is_the_truncated_pseudoinverse_step():
     opt.step(lambda: (model(x).squeeze(-1) - y) ** 2)
     got = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_max_abs_bounds_the_entries_and_is_exact_for_one_position():
+    from ..jacobian.test_factored import captured
+
+    for name, exact in (("mlp", True), ("positions", False)):
+        cap, losses, J, _ = captured(name)
+        F = cap.factors(losses)
+        s = torch.linspace(-2.0, 3.0, J.shape[0], dtype=DT)
+        true = (s.unsqueeze(1) * J).abs().max()
+        bound = F.scaled(s).max_abs()
+        if exact:
+            torch.testing.assert_close(bound, true, rtol=1e-15, atol=0.0)
+        else:
+            assert true <= bound  # a bound: sum_t |g_t| |x_t|^T over T = 2 positions
+    F.factors[0][1][0, 0, 0] = float("nan")
+    assert torch.isnan(F.max_abs())
+
+
+def test_masked_skip_steps_on_factors_take_the_dense_steps_and_skip_a_nan_batch(monkeypatch):
+    calls = counting(monkeypatch)
+    m_closure, x, y = model_and_data()
+    m_oracle, _, _ = model_and_data()
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+
+    def per_sample(out, y):
+        return (out.squeeze(-1) - y) ** 2
+
+    a = Sven(m_closure.parameters(), lr=0.3, rank=8, nonfinite="skip")
+    b = Sven(m_oracle.parameters(), lr=0.3, rank=8, nonfinite="skip")
+    b._factored_ok = lambda rows, path: False
+    reads = []
+    for xs in (x, x, bad, x, x):
+        with SyncCounter() as counter:
+            a.step(lambda xs=xs: per_sample(m_closure(xs), y))
+        reads.append(sum(counter.counts.values()))
+        b.step(lambda xs=xs: per_sample(m_oracle(xs), y))
+    assert calls["gram"] == 5 and calls["dense"] == 0
+    assert reads[1:] == [0, 0, 0, 0]  # masked steps: no host read, the NaN batch included
+    first_a, first_b = next(m_closure.parameters()), next(m_oracle.parameters())
+    assert int(a.state[first_a]["skipped_steps"]) == 1 == int(b.state[first_b]["skipped_steps"])
+    for p, q in zip(m_closure.parameters(), m_oracle.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)

@@ -71,9 +71,24 @@ class FactoredRows:
         return self.rest.device
 
     def scaled(self, s: torch.Tensor) -> FactoredRows:
-        """``diag(s) M`` (rows scaled; the factors are shared, not copied)."""
+        """``diag(s) M`` (rows scaled; a 0-d ``s`` scales all; the factors are shared)."""
+        s = s.expand(self.shape[0]) if s.dim() == 0 else s
         scale = s if self.row_scale is None else self.row_scale * s
         return dataclasses.replace(self, row_scale=scale)
+
+    def max_abs(self) -> torch.Tensor:
+        """A bound of ``max |M_ai|`` (0-d), exact when every factor has one position:
+        ``|s_a| max(max_i |rest_ai|, max_W sum_t max|g_{a,t}| max|x_{a,t}|)``, as
+        ``|sum_t g_t x_t^T| <= sum_t |g_t| |x_t|^T`` entrywise. NaN/Inf in a factor or in
+        ``rest`` shows as NaN/Inf (max propagates NaN)."""
+        B = self.shape[0]
+        bound = self.rest.abs().amax(1) if self.rest.shape[1] else self.rest.new_zeros(B)
+        for _, x, g in self.factors:
+            per = (g.abs().amax(2) * x.abs().amax(2).to(g.dtype)).sum(1)
+            bound = torch.maximum(bound, per)
+        if self.row_scale is not None:
+            bound = bound * self.row_scale.abs().to(bound.dtype)
+        return bound.amax() if B else bound.new_zeros(())
 
     def gram(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``M M^T`` (B, B), formed in ``dtype`` (default M's)."""

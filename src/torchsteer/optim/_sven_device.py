@@ -46,7 +46,6 @@ from torchsteer.optim._sven_step import (
     max_abs,
     power_of_two_scale,
     residuals,
-    solve_dense,
     solve_rows,
     unscale,
 )
@@ -76,6 +75,11 @@ def scale_to_unit(amax: torch.Tensor, band: int = _BAND) -> torch.Tensor:
     return torch.where(one, torch.ones_like(scale), scale)
 
 
+def solve_rows_clean(M, R, config, generator):
+    """:func:`~torchsteer.optim._sven_step.solve_rows` with ``clean=True`` (a masked step)."""
+    return solve_rows(M, R, config, generator, clean=True)
+
+
 def masked_solve(M, losses, kappa: float, config, solver, generator):
     """The direction of ``(M, R(losses))`` from ``solver`` (e.g. ``solve_dense``) and the
     verdict ``flags`` (``float`` 0/1: finite losses, a negative loss, finite M, finite step).
@@ -87,9 +91,10 @@ def masked_solve(M, losses, kappa: float, config, solver, generator):
     """
     R, _ = residuals(losses, kappa)
     scale_r = scale_to_unit(max_abs(R))
-    m_max = max_abs(M)
+    factored = isinstance(M, FactoredRows)  # its max |M| a bound: any power of two is exact
+    m_max = M.max_abs() if factored else max_abs(M)
     scale_m = scale_to_unit(m_max)
-    M.mul_(scale_m)
+    M = M.scaled(scale_m) if factored else M.mul_(scale_m)
     sol = solver(M, R * scale_r, config, generator)
     sol = Solution(
         sol.direction * (scale_m / scale_r),
@@ -191,13 +196,11 @@ class MaskedSteps:
     def _factored_ok(self, rows: int, path) -> bool:
         """Whether this step's dense solve may take factored rows (host facts only): one
         process is the caller's to check; the exact solve on all coordinates, ``rows <= P``,
-        no micro-batches, a step that reads its verdict (not masked)."""
+        no micro-batches."""
         if path.path != "dense" or path.fraction != 1.0 or (self.microbatch_size or 1) > 1:
             return False
         n_params = self._n_params()
-        if rows > n_params or self._randomized_dense(rows, n_params):
-            return False
-        return not self._maskable(self._first_state(), path, False)
+        return rows <= n_params and not self._randomized_dense(rows, n_params)
 
     def _functional_factors(self, inputs, targets):
         """``(values, source)`` of the functional path from one forward and one backward of
@@ -252,9 +255,10 @@ class MaskedSteps:
         if not maskable:  # the solve of 06f44c7 (on factors when it has them)
             return self._read_once_solve(M, lg, self.kappa, config, solve_rows, gen), cols, None
         try:
-            sol, flags = masked_solve(M, lg, self.kappa, config, solve_dense, gen)
+            sol, flags = masked_solve(M, lg, self.kappa, config, solve_rows_clean, gen)
         except (RuntimeError, ValueError):
-            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
+            m_max = M.max_abs() if isinstance(M, FactoredRows) else max_abs(M)
+            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(m_max).all()]
             raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
             raise
         return sol, cols, flags

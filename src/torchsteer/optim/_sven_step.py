@@ -233,14 +233,16 @@ def solve_dense(
     return truncated_solve_unchecked(U, S, V, R, cfg.rtol, cfg.damping)
 
 
-def solve_rows(M, R: torch.Tensor, config: SolveConfig, generator) -> Solution:
-    """:func:`solve_dense` with ``clean=False`` for a dense M; for a wide M held as
+def solve_rows(M, R: torch.Tensor, config: SolveConfig, generator, clean: bool = False):
+    """:func:`solve_dense` for a dense M; for a wide M held as
     :class:`~torchsteer.jacobian.factored.FactoredRows` (exact SVD) the same solve from its
     Gram matrix and ``M^T y``, M never formed
-    (:func:`~torchsteer.linalg.truncated.row_gram_solve`)."""
+    (:func:`~torchsteer.linalg.truncated.row_gram_solve`); ``clean`` as in
+    :func:`solve_dense` (NaN/Inf of the Gram matrix set to 0: no failure, no host read)."""
     if not isinstance(M, FactoredRows):
-        return solve_dense(M, R, config, generator, clean=False)
+        return solve_dense(M, R, config, generator, clean=clean)
     G = M.gram(config.gram_dtype)
+    G = G.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) if clean else G
     return row_gram_solve(G, R, M.rmatvec, config.rank, config.rtol, M.dtype, config.damping)
 
 
