@@ -84,7 +84,9 @@ def masked_solve(M, losses, kappa: float, config, solver, generator):
     """The direction of ``(M, R(losses))`` from ``solver`` (e.g. ``solve_dense``) and the
     verdict ``flags`` (``float`` 0/1: finite losses, a negative loss, finite M, finite step).
 
-    ``M`` (B, P) is the residual Jacobian ``diag(D) J``; it is scaled in place. No host read
+    ``M`` (B, P) is the residual Jacobian ``diag(D) J``; it is scaled in place (held as
+    :class:`~torchsteer.jacobian.factored.FactoredRows`: through its row scale, from the
+    bound :meth:`~torchsteer.jacobian.factored.FactoredRows.max_abs`). No host read
     (with a solver that reads none: ``solve_dense`` on the exact path cleans NaN/Inf out of
     the B x B Gram matrix so that ``eigh`` does not fail): a NaN/Inf loss or Jacobian shows
     in ``flags`` only, and the step must be masked by it.
