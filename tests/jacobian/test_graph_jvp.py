@@ -218,6 +218,12 @@ def test_one_reverse_pass_per_product_after_the_first(monkeypatch):
     for _ in range(2):  # the two-pass product: both passes every time
         _two_pass_jvp(out, params, _tangents(params, gen))
         assert count.take() == (2, 1)
+    v = _tangents(params, gen)
+    before = jvp(v)
+    count.take()
+    jvp.release()  # frees the kept graph; the next product builds it again, the same
+    assert jvp._linearization is None and count.take() == (0, 0)
+    assert torch.equal(jvp(v), before) and count.take() == (2, 1)
 
 
 @pytest.mark.parametrize("kind", ["gauss_newton", "empirical_fisher"])
@@ -291,10 +297,15 @@ def test_regularized_newton_trajectory_is_the_old_one_bit_for_bit(monkeypatch, k
     assert torch.equal(new_path, old_path)
 
 
-@pytest.mark.parametrize("kind", ["gauss_newton", "empirical_fisher"])
-def test_no_linearization_outlives_the_step(monkeypatch, kind):
+@pytest.mark.parametrize(
+    "kind,solver",
+    [("gauss_newton", "cg"), ("gauss_newton", "multishift"), ("empirical_fisher", "cg")],
+)
+def test_no_linearization_outlives_the_step_or_meets_a_trial_graph(monkeypatch, kind, solver):
     """The operator, its kept graph of g and its dummy cotangent are freed when the step
-    returns (RegularizedNewton builds one operator per step)."""
+    returns (RegularizedNewton builds one operator per step), and the kept graph is released
+    before every trial evaluation builds its own graph (so the trial's peak memory is what
+    it was before the linearization was kept)."""
     made, dummies = [], []
     make_curvature, linearize = rn_module.make_curvature, graph_module.GraphJVP._linearize
 
@@ -314,14 +325,24 @@ def test_no_linearization_outlives_the_step(monkeypatch, kind):
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     x = torch.randn(16, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (16,))
-    opt = RegularizedNewton(model.parameters(), curvature=kind, solver="cg")
+    opt = RegularizedNewton(model.parameters(), curvature=kind, solver=solver, gamma0=100.0)
+    alive_at_closure = []
 
     def closure():
+        alive_at_closure.append(sum(d() is not None for d in dummies))
         out = model(x)
         losses = ce(out, y)
         return (losses.mean(), out) if kind == "gauss_newton" else losses
 
-    for step in range(2):
+    for step in range(3):
         opt.step(closure)
-        assert len(made) == len(dummies) == step + 1  # one operator, linearized once
-        assert made[-1]() is None and dummies[-1]() is None  # freed without a gc pass
+        assert len(made) == step + 1 and dummies  # one operator per step, linearized
+        assert made[-1]() is None and all(d() is None for d in dummies)  # no gc pass needed
+    record = opt.state[next(iter(model.parameters()))]
+    assert record["tries"] > 3  # gamma0 = 100: rejected tries, so trials between solves
+    assert len(alive_at_closure) == record["closure_evals"]
+    assert not any(alive_at_closure)  # no kept graph while a closure builds its own
+    # at most one linearization per try (a retry that takes products builds it again)
+    assert 3 <= len(dummies) <= record["tries"]
+    if solver == "cg":  # every CG retry takes products
+        assert len(dummies) > 3

@@ -18,7 +18,9 @@ graph (:class:`~torchsteer.jacobian.graph.GraphJVP`): ``g(u) = J^T u`` is built 
 at the operator's first product and kept while the operator lives, so each product after
 the first costs one reverse pass for ``J v``, one for ``H_out`` (Gauss-Newton only) and one
 for ``J^T u``: 3 reverse passes for Gauss-Newton (4 at the first), 2 for the empirical Fisher
-(3 at the first), instead of 4 and 3 every time.
+(3 at the first), instead of 4 and 3 every time. ``release()`` frees the kept graph (about the
+size of the forward graph's saved activations) when products pause, e.g. before a caller builds
+another graph; the next product rebuilds it.
 
 Products and dense matrices are those of the one process that holds the graph; a caller that
 splits the batch over processes averages them itself (``RegularizedNewton`` does: the mean over
@@ -72,6 +74,9 @@ class CurvatureOperator:
     def dense(self) -> torch.Tensor:
         """The (P, P) matrix, in ``dtype``."""
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Free what the products keep between them (the next product rebuilds it)."""
 
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
         """``A @ v`` for a (P,) vector or ``A @ V`` column by column for a (P, k) matrix."""
@@ -155,6 +160,9 @@ class GGNOperator(CurvatureOperator):
         u = self._hout(jv)
         return flatten_like(graph_vjp(self.outputs, self.params, u), self.params, self.dtype)
 
+    def release(self) -> None:
+        self.jvp.release()
+
     @torch.enable_grad()
     def dense(self) -> torch.Tensor:
         J = graph_jacobian(self.outputs, self.params).to(self.dtype)
@@ -182,6 +190,9 @@ class EmpiricalFisherOperator(CurvatureOperator):
         gv = self.jvp(self._split(v))
         out = flatten_like(graph_vjp(self.losses, self.params, gv), self.params, self.dtype)
         return out / self.batch
+
+    def release(self) -> None:
+        self.jvp.release()
 
     @torch.enable_grad()
     def per_sample(self) -> torch.Tensor:

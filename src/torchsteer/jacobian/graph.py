@@ -92,7 +92,7 @@ class GraphJVP:
     Memory: the kept graph of g holds what g's derivative needs (about one cotangent per
     saved activation of the forward graph, the cotangents of ``u = 0`` flowing back through
     it); g's own values (P numbers) are not kept, only its gradient edges. It lives as long
-    as this object (and ``output``'s graph): drop the object to free it.
+    as this object (and ``output``'s graph), or until :meth:`release`.
 
     Args:
         output: the tensor the closure returned.
@@ -106,6 +106,10 @@ class GraphJVP:
         self.output = output
         self.params = list(params)
         self._linearization = None  # (u, edges of g, indices of the params g depends on)
+
+    def release(self) -> None:
+        """Free the kept graph of g (the next product builds it again: one pass more)."""
+        self._linearization = None
 
     def _linearize(self):
         with torch.enable_grad():
