@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -52,6 +53,7 @@ from torchsteer.bench.gpt import GPT, GPTConfig
 from torchsteer.jacobian import EmpiricalFisherOperator, GGNOperator, GraphJVP, flatten_like
 from torchsteer.jacobian import graph as graph_module
 from torchsteer.jacobian.graph import graph_vjp
+from torchsteer.optim import RegularizedNewton
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
@@ -69,6 +71,7 @@ def two_pass_jvp(output, params, v):
 @torch.enable_grad()
 def two_pass_ggn(op, v):
     """The old ``GGNOperator.matvec``."""
+    op.products += 1
     jv = two_pass_jvp(op.outputs, op.params, op._split(v))
     return flatten_like(graph_vjp(op.outputs, op.params, op._hout(jv)), op.params, op.dtype)
 
@@ -133,7 +136,35 @@ def gpt_case():
     return model, forward, lambda ps: torch.optim.AdamW(ps, lr=3e-4), [x]
 
 
-def measure(case, repeats):
+def rn_arms(case, solver):
+    """RegularizedNewton steps (Gauss-Newton, 10 CG/Krylov iterations) on two copies of the
+    model: one with the two-pass products patched in, one as it is (bit-identical steps)."""
+    model, forward, _, _ = case
+    arms, models, original = {}, {}, GGNOperator.matvec
+    for label, old in (("RN step two-pass", True), ("RN step kept", False)):
+        m = models[label] = copy.deepcopy(model)
+        opt = RegularizedNewton(
+            m.parameters(),
+            curvature="gauss_newton",
+            solver=solver,
+            cg_maxiter=10,
+            cg_tol=1e-8 if solver == "multishift" else None,
+            gamma0=0.1 if solver == "multishift" else 1.0,
+            max_tries=2 if solver == "multishift" else 40,
+        )
+
+        def step(opt=opt, m=m, old=old):
+            GGNOperator.matvec = two_pass_ggn if old else original
+            try:
+                opt.step(lambda: forward(m)[:2])
+            finally:
+                GGNOperator.matvec = original
+
+        arms[label] = step
+    return arms, models
+
+
+def measure(case, repeats, solver):
     model, forward, make_opt, inputs = case
     stepped = copy.deepcopy(model)  # the step arm's own copy: the products' graph stays valid
     opt = make_opt(stepped.parameters())
@@ -182,26 +213,35 @@ def measure(case, repeats):
         "EF product two-pass": lambda: two_pass_fisher(fisher, v),
         "EF product kept": lambda: fisher.matvec(v),
     }
-    med = interleaved(arms, repeats, time.process_time)
+    more, rn_models = rn_arms(case, solver)
+    arms.update(more)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # RN's all-rejected steps
+        med = interleaved(arms, repeats, time.process_time)
+    a, b = (list(m.parameters()) for m in rn_models.values())
+    rn_same = all(torch.equal(p, q) for p, q in zip(a, b))
     ms = {k: 1e3 * t for k, t in med.items()}
     return {
         "P": P,
         "ms": ms,
         "kept_over_two_pass": {
-            k: med[f"{k} kept"] / med[f"{k} two-pass"] for k in ("J v", "GGN product", "EF product")
+            k: med[f"{k} kept"] / med[f"{k} two-pass"]
+            for k in ("J v", "GGN product", "EF product", "RN step")
         },
         "product_over_step": {k: t / med["step"] for k, t in med.items() if k != "step"},
         "bitwise_equal": bool(same),
+        "rn_solver": solver,
+        "rn_steps_bitwise_equal": rn_same,
         "linearization_extra_bytes": extra,
         "forward_saved_bytes": sum(fwd.seen.values()),
         "g_values_bytes": 4 * P,
     }
 
 
-CASES = {
-    "MLP 1-16-16-16-1 (P = 593), B = 128": lambda: mlp_case((1, 16, 16, 16, 1)),
-    "MLP 1-256-256-1 (P = 66,561), B = 128": lambda: mlp_case((1, 256, 256, 1)),
-    "GPT 2 x 64, vocab 512, B x T = 8 x 128": gpt_case,
+CASES = {  # (case, RegularizedNewton's solver: closure_path's cg, newton_scale's multishift)
+    "MLP 1-16-16-16-1 (P = 593), B = 128": (lambda: mlp_case((1, 16, 16, 16, 1)), "cg"),
+    "MLP 1-256-256-1 (P = 66,561), B = 128": (lambda: mlp_case((1, 256, 256, 1)), "cg"),
+    "GPT 2 x 64, vocab 512, B x T = 8 x 128": (gpt_case, "multishift"),
 }
 
 
@@ -211,8 +251,8 @@ def main() -> None:
     args = ap.parse_args()
     out = {"repeats": args.repeats, "threads": 1, "clock": "process_time", "cases": {}}
     with sdpa_kernel([SDPBackend.MATH]):
-        for label, make in CASES.items():
-            out["cases"][label] = res = measure(make(), args.repeats)
+        for label, (make, solver) in CASES.items():
+            out["cases"][label] = res = measure(make(), args.repeats, solver)
             print(label, json.dumps(res))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ggn_products.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -230,7 +270,7 @@ def main() -> None:
     ]
     for label, res in out["cases"].items():
         ms, ps = res["ms"], res["product_over_step"]
-        for k in ("J v", "GGN product", "EF product"):
+        for k in ("J v", "GGN product", "EF product", "RN step"):
             lines.append(
                 f"| {label} | {res['P']:,} | {k} | {ms[k + ' two-pass']:.3f} "
                 f"| {ms[k + ' kept']:.3f} | {res['kept_over_two_pass'][k]:.2f} "
@@ -238,13 +278,15 @@ def main() -> None:
             )
     lines += [
         "",
-        "| model | step ms | kept products bit-identical | linearization's extra saved "
-        "bytes | forward graph's saved bytes | g's values (not kept) |",
-        "|---|---|---|---|---|---|",
+        "| model | step ms | kept products bit-identical | RN solver | RN steps bit-identical "
+        "| linearization's extra saved bytes | forward graph's saved bytes "
+        "| g's values (not kept) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, res in out["cases"].items():
         lines.append(
-            f"| {label} | {res['ms']['step']:.3f} | {res['bitwise_equal']} "
+            f"| {label} | {res['ms']['step']:.3f} | {res['bitwise_equal']} | {res['rn_solver']} "
+            f"| {res['rn_steps_bitwise_equal']} "
             f"| {res['linearization_extra_bytes']:,} | {res['forward_saved_bytes']:,} "
             f"| {res['g_values_bytes']:,} |"
         )
