@@ -22,7 +22,7 @@ from torchsteer.jacobian.functional import (
     model_fn,
     vjp,
 )
-from torchsteer.jacobian.graph import graph_jacobian, graph_jvp, graph_vjp
+from torchsteer.jacobian.graph import GraphJVP, graph_jacobian, graph_jvp, graph_vjp
 from torchsteer.jacobian.operator import JacobianOperator
 from torchsteer.jacobian.params import (
     check_finite,
@@ -39,6 +39,7 @@ __all__ = [
     "CurvatureOperator",
     "EmpiricalFisherOperator",
     "GGNOperator",
+    "GraphJVP",
     "HessianOperator",
     "JacobianOperator",
     "check_finite",

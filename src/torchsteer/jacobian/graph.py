@@ -9,6 +9,8 @@ and the parameter tensors and compute the same products as
   ``is_grads_batched=True``.
 - :func:`graph_jvp`: ``J v`` by the double-VJP trick: with ``g(u) = J^T u`` (linear in u,
   built with ``create_graph=True``), ``J v = d/du <g(u), v>``. Batched over columns of v.
+- :class:`GraphJVP`: the same products from one linearization: g's graph is built at the
+  first product and kept, so each later product is one reverse pass, not two.
 - :func:`graph_jacobian`: the dense (N, P) Jacobian, rows chunked.
 - :func:`~torchsteer.jacobian.curvature.graph_hvp` (in :mod:`.curvature`, the Hessian
   operator's one product): ``H v = d/dtheta <grad f, v>``.
@@ -22,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
-__all__ = ["graph_jacobian", "graph_jvp", "graph_vjp"]
+__all__ = ["GraphJVP", "graph_jacobian", "graph_jvp", "graph_vjp"]
 
 Tensors = Sequence[torch.Tensor]
 
@@ -74,10 +77,89 @@ def graph_vjp(
     return _zeros_for_none(grads, params, u.shape[0] if batched else None)
 
 
+class GraphJVP:
+    """``J v`` products from one linearization of a live graph (the double-VJP trick, the
+    first reverse pass taken once).
+
+    With ``g(u) = J^T u`` (linear in u), ``J v = d/du <g(u), v>``: the Jacobian-vector
+    product is the VJP of g with cotangent v. The first reverse pass, ``g(u)`` at a dummy
+    ``u = 0`` with ``create_graph=True``, does not depend on v; it is taken at the first
+    product and kept, so every product after it is one reverse pass through the kept graph
+    of g (``torch.autograd.grad(g, u, v, retain_graph=True)``), and a linearization that is
+    never multiplied costs nothing. Its results are bit for bit those of building g afresh
+    for each product (the same graph, the same cotangents).
+
+    Memory: the kept graph of g holds what g's derivative needs (about one cotangent per
+    saved activation of the forward graph, the cotangents of ``u = 0`` flowing back through
+    it); g's own values (P numbers) are not kept, only its gradient edges. It lives as long
+    as this object (and ``output``'s graph), or until :meth:`release`.
+
+    Args:
+        output: the tensor the closure returned.
+        params: the parameter tensors (leaves requiring grad).
+
+    Raises:
+        ValueError: at a product, if ``output`` has no graph or a tangent has the wrong shape.
+    """
+
+    def __init__(self, output: torch.Tensor, params: Tensors) -> None:
+        self.output = output
+        self.params = list(params)
+        self._linearization = None  # (u, edges of g, indices of the params g depends on)
+
+    def release(self) -> None:
+        """Free the kept graph of g (the next product builds it again: one pass more)."""
+        self._linearization = None
+
+    def _linearize(self):
+        with torch.enable_grad():
+            dummy = torch.zeros_like(self.output, requires_grad=True)
+            g = torch.autograd.grad(
+                self.output, self.params, dummy, create_graph=True, allow_unused=True
+            )
+        keep = [i for i, gi in enumerate(g) if gi is not None]
+        # the edges alone (not g's values); a g without a graph stays a tensor, and the
+        # product raises autograd's own error for it, as the two-pass product did
+        edges = [get_gradient_edge(g[i]) if g[i].requires_grad else g[i] for i in keep]
+        return dummy, edges, keep
+
+    def __call__(self, v: Tensors, batched: bool = False) -> torch.Tensor:
+        """``J v`` for one tangent per parameter (with a leading k when ``batched``): shaped
+        like ``output`` (``(k, *output.shape)`` when batched)."""
+        params, output = self.params, self.output
+        _check_graph(output)
+        if len(v) != len(params):
+            raise ValueError(f"Invalid v: {len(v)} tangents for {len(params)} parameters")
+        for i, (vi, p) in enumerate(zip(v, params)):
+            if tuple(vi.shape[1:] if batched else vi.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"Invalid v[{i}]: shape {tuple(vi.shape)}, its parameter {tuple(p.shape)}"
+                    + (" (with a leading batch dimension)" if batched else "")
+                )
+        if self._linearization is None:
+            self._linearization = self._linearize()
+        dummy, edges, keep = self._linearization
+        jv = None
+        if edges:
+            (jv,) = torch.autograd.grad(
+                edges,
+                dummy,
+                [v[i] for i in keep],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
+        if jv is None:  # the output does not depend on the parameters (differentiably)
+            shape = output.shape if not batched else (v[0].shape[0], *output.shape)
+            return torch.zeros(shape, dtype=output.dtype, device=output.device)
+        return jv
+
+
 def graph_jvp(
     output: torch.Tensor, params: Tensors, v: Tensors, batched: bool = False
 ) -> torch.Tensor:
-    """``J v`` by the double-VJP trick (two reverse passes, no forward mode needed).
+    """``J v`` by the double-VJP trick (two reverse passes, no forward mode needed): one
+    product of a fresh :class:`GraphJVP` (its first pass and the product's).
 
     Args:
         output: the tensor the closure returned.
@@ -87,29 +169,7 @@ def graph_jvp(
     Returns:
         ``J v`` shaped like ``output`` (``(k, *output.shape)`` when batched).
     """
-    _check_graph(output)
-    if len(v) != len(params):
-        raise ValueError(f"Invalid v: {len(v)} tangents for {len(params)} parameters")
-    for i, (vi, p) in enumerate(zip(v, params)):
-        if tuple(vi.shape[1:] if batched else vi.shape) != tuple(p.shape):
-            raise ValueError(
-                f"Invalid v[{i}]: shape {tuple(vi.shape)}, its parameter {tuple(p.shape)}"
-                + (" (with a leading batch dimension)" if batched else "")
-            )
-    dummy = torch.zeros_like(output, requires_grad=True)
-    g = torch.autograd.grad(output, params, dummy, create_graph=True, allow_unused=True)
-    pairs = [(gi, vi) for gi, vi in zip(g, v) if gi is not None]
-    if not pairs:
-        shape = output.shape if not batched else (v[0].shape[0], *output.shape)
-        return torch.zeros(shape, dtype=output.dtype, device=output.device)
-    gs, vs = zip(*pairs)
-    (jv,) = torch.autograd.grad(
-        gs, dummy, vs, retain_graph=True, allow_unused=True, is_grads_batched=batched
-    )
-    if jv is None:  # the output does not depend on the parameters through a differentiable path
-        shape = output.shape if not batched else (v[0].shape[0], *output.shape)
-        return torch.zeros(shape, dtype=output.dtype, device=output.device)
-    return jv
+    return GraphJVP(output, params)(v, batched)
 
 
 def graph_jacobian(

@@ -23,7 +23,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
-from torchsteer.jacobian.graph import graph_jvp, graph_vjp
+from torchsteer.jacobian.graph import GraphJVP, graph_vjp
 
 __all__ = ["JacobianOperator"]
 
@@ -133,14 +133,18 @@ class JacobianOperator:
     def from_graph(cls, output: torch.Tensor, params: Sequence[torch.Tensor]) -> JacobianOperator:
         """The Jacobian of a closure's output (flattened) from its live autograd graph.
 
-        ``matmat`` uses the double-VJP trick, ``rmatmat`` a batched backward; the graph is
-        retained, so the operator can be applied any number of times.
+        ``matmat`` uses the double-VJP trick on one linearization
+        (:class:`~torchsteer.jacobian.graph.GraphJVP`: the graph of ``g(u) = J^T u`` built at
+        the first ``matmat`` and kept while the operator lives, so each later ``matmat`` is one
+        batched reverse pass), ``rmatmat`` a batched backward; the graph is retained, so the
+        operator can be applied any number of times.
         """
         flat = output.reshape(-1)
         params = list(params)
+        jvp = GraphJVP(flat, params)
 
         def matmat(V):
-            return graph_jvp(flat, params, _columns_to_batched(V, params), batched=True).T
+            return jvp(_columns_to_batched(V, params), batched=True).T
 
         def rmatmat(U):
             grads = graph_vjp(flat, params, U.T.contiguous(), batched=True)

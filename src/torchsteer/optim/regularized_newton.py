@@ -348,8 +348,9 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             return WoodburySolver(curv, g)
         return CholeskySolver(curv, g)
 
-    def _search(self, start: SearchStart, group: dict, solver):
-        """The tries of one step; ``(TryRecord, scale of the last try, kept evaluation)``."""
+    def _search(self, start: SearchStart, group: dict, solver, release=lambda: None):
+        """The tries of one step; ``(TryRecord, scale of the last try, kept evaluation)``.
+        ``release`` frees the curvature's kept linearization before each trial graph."""
         params = start.params
         f0, gnorm, scale = start.loss, start.grad_norm, start.scale
         gns, curvature = group["regularization"] == "gns", group["curvature"]
@@ -371,6 +372,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
                 warm = None
             else:  # the trial's numbers in one transfer (_newton_trial)
                 x_new = x0 + sol.delta.to(x0.dtype)
+                release()  # the products' kept graph goes before the trial builds one
                 same, f_t, gn2, d_norm, x_norm, ev = evaluate_trial(
                     start, curvature, x_new, x0, sol.delta
                 )
@@ -490,7 +492,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         curv = make_curvature(group["curvature"], f, aux, grads, params, work)
         solver = self._make_solver(group, ScaledCurvature(curv, 1.0 / c), g_c, gnorm, state)
         start = SearchStart(fn, params, f0, gnorm, scale, keep, work, 1.0 / c, lr)
-        rec, scale, kept = self._search(start, group, solver)  # writes x only when it ends
+        rec, scale, kept = self._search(start, group, solver, curv.release)  # writes x at the end
         if kept is not None:
             versions = [(p._version, p.data_ptr()) for p in params]
             self._cache = dict(closure=closure, params=params, versions=versions, evaluation=kept)
