@@ -161,7 +161,7 @@ def make_step(arm: str, model, x, y, args):
         from torchsteer.control.radius import RadiusLimiter
 
         opt = torch.optim.Adam(params, lr=args.lr)
-        limiter = RadiusLimiter(model, r_max=1.0)
+        limiter = RadiusLimiter(model, r_max=1.0, method=args.limiter_method)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -278,7 +278,7 @@ def run_interleaved(args) -> list[dict]:
     out = []
     for arm in names:
         a = _arm_args(args, arm)
-        a.tag = "interleaved"
+        a.tag = "interleaved" + (f"-{args.tag}" if args.tag else "")
         res = summary(a, cfg, P, *rec[arm], baseline, None)
         res["interleaved_with"] = list(names)
         out.append(res)
@@ -361,7 +361,7 @@ def arm_options(arm: str) -> tuple[str, ...]:
     return {
         "adamw": ("lr",),
         "dro": ("lr", "temperature"),
-        "limiter": ("lr",),
+        "limiter": ("lr", "limiter_method"),
         "mfac": ("lr", "ngrads", "window_dtype", "block_size", "budget_gb"),
         "sven": ("lr", "rank", "oversample", "power_iters", "budget_gb", "fraction"),
         "newton": ("cg_iters", "cg_tol", "gamma0", "max_tries"),
@@ -461,6 +461,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cg-tol", type=float, default=1e-8, help="small: all cg_iters run")
     ap.add_argument("--gamma0", type=float, default=0.1)
     ap.add_argument("--max-tries", type=int, default=3)
+    ap.add_argument(
+        "--limiter-method",
+        default="jvp",
+        choices=("jvp", "fd1"),
+        help="RadiusLimiter measurement (jvp: exact; fd1: one-sided difference)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
         "--sdpa",
