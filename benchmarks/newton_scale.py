@@ -194,6 +194,7 @@ def run(args) -> dict:
         cg_tol=args.cg_tol,
         gamma0=args.gamma0,
         max_tries=args.max_tries,
+        output_hessian=args.output_hessian,
     )
 
     def closure():
@@ -260,6 +261,7 @@ def summary(args, P, times, records, sampler, error) -> dict:
             cg_tol=args.cg_tol,
             gamma0=args.gamma0,
             max_tries=args.max_tries,
+            output_hessian=args.output_hessian,
             lr_adamw=args.lr,
             batch=args.batch,
             context=args.context,
@@ -333,6 +335,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cg-tol", type=float, default=1e-8, help="small: all cg_iters run")
     ap.add_argument("--gamma0", type=float, default=0.1)
     ap.add_argument("--max-tries", type=int, default=2)
+    ap.add_argument("--output-hessian", default=None, choices=(None, "cross_entropy"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.report:

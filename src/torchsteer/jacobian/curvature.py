@@ -40,6 +40,7 @@ from collections.abc import Sequence
 import torch
 
 from torchsteer.jacobian.graph import GraphJVP, graph_jacobian, graph_vjp
+from torchsteer.jacobian.output_hessian import SoftmaxCrossEntropyHessian
 from torchsteer.jacobian.params import flatten_like, unflatten
 
 __all__ = [
@@ -124,18 +125,24 @@ class HessianOperator(CurvatureOperator):
 
 
 class GGNOperator(CurvatureOperator):
-    """``J^T H_out J`` for ``loss = l(outputs(theta))``.
+    """``J^T H_out J`` for ``loss = l(outputs(theta))``; ``H_out u`` by autograd (the double
+    backward of ``l``), or with ``output_hessian="cross_entropy"`` in closed form
+    (:class:`~torchsteer.jacobian.output_hessian.SoftmaxCrossEntropyHessian`, checked once).
 
     Raises:
-        ValueError: if the loss does not depend on the outputs.
+        ValueError: if the loss does not depend on the outputs, or is not the mean softmax
+            cross-entropy of the outputs under ``output_hessian="cross_entropy"``.
     """
 
     @torch.enable_grad()
-    def __init__(self, loss, outputs, params, dtype: torch.dtype) -> None:
+    def __init__(
+        self, loss, outputs, params, dtype: torch.dtype, output_hessian: str | None = None
+    ) -> None:
         super().__init__(params, dtype)
         self.outputs = outputs
+        closed = output_hessian == "cross_entropy"  # H_out in closed form: no double backward
         (g_out,) = torch.autograd.grad(
-            loss, outputs, create_graph=True, retain_graph=True, allow_unused=True
+            loss, outputs, create_graph=not closed, retain_graph=True, allow_unused=True
         )
         if g_out is None:
             raise ValueError(
@@ -143,13 +150,16 @@ class GGNOperator(CurvatureOperator):
                 "on the returned outputs; return (loss, outputs) with loss computed from outputs"
             )
         self.g_out = g_out
-        self.linear = not g_out.requires_grad  # the loss is linear in the outputs: H_out = 0
+        self.closed = SoftmaxCrossEntropyHessian(outputs, g_out) if closed else None
+        self.linear = not closed and not g_out.requires_grad  # linear in the outputs: H_out = 0
         self.jvp = GraphJVP(outputs, params)  # J v: linearized at the first product
 
     @torch.enable_grad()
     def _hout(self, u: torch.Tensor) -> torch.Tensor:
         if self.linear:
             return torch.zeros_like(u)
+        if self.closed is not None:
+            return self.closed(u)
         (h,) = torch.autograd.grad(self.g_out, self.outputs, u, retain_graph=True)
         return h
 
@@ -169,7 +179,12 @@ class GGNOperator(CurvatureOperator):
         self.products += J.shape[1]
         if self.linear:
             return torch.zeros(J.shape[1], J.shape[1], dtype=self.dtype, device=J.device)
-        H_out = graph_jacobian(self.g_out, [self.outputs]).to(self.dtype)
+        if self.closed is not None:
+            eye = torch.eye(self.outputs.numel(), dtype=self.outputs.dtype, device=J.device)
+            H_out = torch.stack([self._hout(e.view_as(self.outputs)).reshape(-1) for e in eye])
+        else:
+            H_out = graph_jacobian(self.g_out, [self.outputs])
+        H_out = H_out.to(self.dtype)
         G = J.T @ (0.5 * (H_out + H_out.T)) @ J
         return 0.5 * (G + G.T)
 

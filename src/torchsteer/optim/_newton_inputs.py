@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from torchsteer.jacobian.output_hessian import OUTPUT_HESSIANS
 from torchsteer.optim._contract import NONFINITE_POLICIES, check_choice, check_hyperparameter
 
 __all__ = [
@@ -93,6 +94,13 @@ def validate_group(group: dict[str, Any]) -> None:
         check_hyperparameter("cg_maxiter", group["cg_maxiter"], low=1, integer=True)
     if group.get("cg_check_every") is not None:
         check_hyperparameter("cg_check_every", group["cg_check_every"], low=1, integer=True)
+    closed = group.get("output_hessian")
+    check_choice("output_hessian", closed, (None, *OUTPUT_HESSIANS))
+    if closed is not None and group["curvature"] != "gauss_newton":
+        raise ValueError(
+            f"Invalid output_hessian: {closed!r} needs curvature='gauss_newton', "
+            f"got {group['curvature']!r}"
+        )
     check_hyperparameter("lr", group["lr"], low=0.0, tensor=True)
     check_choice("maximize", group["maximize"], (False, True))
     check_choice("nonfinite", group["nonfinite"], NONFINITE_POLICIES)

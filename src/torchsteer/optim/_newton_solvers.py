@@ -247,10 +247,12 @@ def evaluate_closure(closure, params, curvature: str, graph: bool):
     return f, aux, grads
 
 
-def make_curvature(curvature: str, f, aux, grads, params, dtype) -> CurvatureOperator:
-    """The curvature operator of ``curvature`` from one evaluation ``(f, aux, grads)``."""
+def make_curvature(curvature: str, f, aux, grads, params, dtype, group=None) -> CurvatureOperator:
+    """The curvature operator of ``curvature`` from one evaluation ``(f, aux, grads)``
+    (``group``: the hyperparameters, e.g. Gauss-Newton's ``output_hessian``)."""
     if curvature in ("hessian", "dense"):
         return HessianCurvature(grads, params, dtype)
     if curvature == "gauss_newton":
-        return GaussNewtonCurvature(f, aux, params, dtype)
+        closed = (group or {}).get("output_hessian")
+        return GaussNewtonCurvature(f, aux, params, dtype, output_hessian=closed)
     return EmpiricalFisherCurvature(aux, params, dtype)

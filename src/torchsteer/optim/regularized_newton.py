@@ -164,6 +164,10 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         cg_maxiter: CG iterations per solve (Lanczos: basis vectors per step); ``None``: ``10 P``.
         cg_check_every: the host reads CG's convergence test every this many iterations
             (the iterates do not depend on it); ``None``: 1 on CPU, 10 on accelerators.
+        output_hessian: Gauss-Newton's ``H_out u``: ``None`` by autograd (any loss), or
+            ``"cross_entropy"`` in closed form for a loss that is the mean softmax
+            cross-entropy of the outputs' last dimension (checked at every step; no double
+            backward: :mod:`~torchsteer.jacobian.output_hessian`).
         nonfinite: ``"raise"`` (``ValueError``, nothing changes) or ``"skip"`` (the step is
             skipped and counted in ``skipped_steps``) when the loss or gradient at ``x`` has
             NaN/Inf.
@@ -222,6 +226,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         cg_tol: float | None = None,
         cg_maxiter: int | None = None,
         cg_check_every: int | None = None,
+        output_hessian: str | None = None,
         nonfinite: str = "raise",
         reuse_trial: bool = False,
         lr: float | torch.Tensor = 1.0,
@@ -239,6 +244,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
             cg_tol=cg_tol,
             cg_maxiter=cg_maxiter,
             cg_check_every=cg_check_every,
+            output_hessian=output_hessian,
             lr=lr,
             maximize=maximize,
             nonfinite=nonfinite,
@@ -489,7 +495,7 @@ class RegularizedNewton(GlobalStateMixin, torch.optim.Optimizer):
         scale = state["gamma"] if gns else state["M"]
         if scale is None:  # the sqrt rule's M, so that the first try has gamma0
             scale = gnorm / group["gamma0"] ** 2
-        curv = make_curvature(group["curvature"], f, aux, grads, params, work)
+        curv = make_curvature(group["curvature"], f, aux, grads, params, work, group)
         solver = self._make_solver(group, ScaledCurvature(curv, 1.0 / c), g_c, gnorm, state)
         start = SearchStart(fn, params, f0, gnorm, scale, keep, work, 1.0 / c, lr)
         rec, scale, kept = self._search(start, group, solver, curv.release)  # writes x at the end
