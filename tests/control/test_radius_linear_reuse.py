@@ -259,3 +259,24 @@ def test_float64_norm_of_a_long_update_matches_a_long_double_sum():
         assert float(float64_norm(v)) == pytest.approx(ref, rel=1e-14)
     v = torch.randn(1000, generator=g)
     assert torch.equal(float64_norm(v), torch.linalg.vector_norm(v, dtype=torch.float64))
+
+
+def test_fd1_on_a_model_that_is_not_a_chain_measures_without_reuse():
+    # RadiusLimiter(method="fd1") on a GPT raised AttributeError at construction (the
+    # unsupported recorder was dropped, then its remove() registered); now it measures by
+    # one-sided differences as with reuse_forward=False, bit for bit
+    model, x, y = _gpt(dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    lims = [
+        RadiusLimiter(m, r_max=0.05, method="fd1", reuse_forward=r)
+        for m, r in ((model, True), (twin, False))
+    ]
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, twin)]
+    for _ in range(2):
+        for m, opt, lim in zip((model, twin), opts, lims):
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            lim.step(opt, x)
+    assert lims[0].reused == 0 and lims[0].limited >= 1
+    assert lims[0].signals["r"] == lims[1].signals["r"]
+    assert torch.equal(_flat(model), _flat(twin))

@@ -168,8 +168,8 @@ class RadiusLimiter(CopyableLimiter):
             if not self._recorder.supported:  # not a chain: the Linear primals only
                 self._recorder = LinearRecorder(root) if method == "jvp" else None
             if self._recorder is not None and not self._recorder.supported:
-                self._recorder = None
-            else:  # a dropped limiter leaves no hooks on the model (the callback: no ref here)
+                self._recorder = None  # (an unsupported recorder installs no hooks)
+            if self._recorder is not None:  # a dropped limiter leaves no hooks on the model
                 weakref.finalize(self, self._recorder.remove)
 
     @property
