@@ -278,7 +278,7 @@ def run_interleaved(args) -> list[dict]:
     out = []
     for arm in names:
         a = _arm_args(args, arm)
-        a.tag = "interleaved" + (f"-{args.tag}" if args.tag else "")
+        a.tag = args.tag
         res = summary(a, cfg, P, *rec[arm], baseline, None)
         res["interleaved_with"] = list(names)
         out.append(res)
@@ -485,9 +485,9 @@ def main(argv=None) -> None:
             ap.error(f"--interleave: distinct arms of {ARMS}, got {args.interleave!r}")
         args.interleave = arms
         args.steps = args.steps or 6
-        args.tag = "interleaved"
+        args.tag = "interleaved" + (f"-{args.tag}" if args.tag else "")
         for res in run_interleaved(args):
-            out = RESULTS / "scale" / f"{res['arm']}-interleaved.json"
+            out = RESULTS / "scale" / f"{res['arm']}-{res['tag']}.json"
             if not args.full:
                 out = out.with_name(out.stem + "-reduced.json")
             out.parent.mkdir(parents=True, exist_ok=True)
