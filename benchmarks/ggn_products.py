@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import sys
@@ -43,11 +42,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved
+from closure_path import mlp  # the MLPs of the closure-path benchmark (seed 0)
 
 from torchsteer.bench.gpt import GPT, GPTConfig
 from torchsteer.jacobian import EmpiricalFisherOperator, GGNOperator, GraphJVP, flatten_like
@@ -96,14 +95,6 @@ class SavedStorages:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-
-def mlp(widths):
-    torch.manual_seed(0)
-    layers = []
-    for a, b in itertools.pairwise(widths):
-        layers += [nn.Linear(a, b), nn.GELU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def mlp_case(widths):
