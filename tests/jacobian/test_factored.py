@@ -106,3 +106,37 @@ def test_refusals_stay_refusals():
     with cap:
         losses = model(torch.randn(5, 3, dtype=DT)).sum(1)
     assert cap.factors(losses) is None and "BatchNorm1d" in cap.reason
+
+
+class ZeroInput(nn.Module):
+    """A Linear with no inputs (weight 40 x 0) beside a factored 40 x 40 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.z, self.a = nn.Linear(0, 40), nn.Linear(3, 40)
+        self.b, self.c = nn.Linear(40, 40), nn.Linear(40, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x) + self.z(x[:, :0]))
+        return self.c(torch.tanh(self.b(h)))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_zero_size_linear_beside_a_factored_one():
+    # the positions T = numel(x) / (B in) were computed before the size test: 1 / 0
+    torch.manual_seed(0)
+    model = ZeroInput().to(DT)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=DT)
+    params = list(model.parameters())
+    cap = GraphRowCapture(params)
+
+    def losses_fn():
+        return (model(x).squeeze(-1) - 0.2) ** 2
+
+    with cap:
+        losses = losses_fn()
+    F = cap.factors(losses)
+    assert isinstance(F, FactoredRows) and len(F.factors) == 1
+    torch.testing.assert_close(
+        F.dense(), loop_rows(model, losses_fn, params), rtol=1e-12, atol=1e-13
+    )

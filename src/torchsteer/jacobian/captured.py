@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchsteer.jacobian.factored import FactoredRows, worth_factoring
+from torchsteer.jacobian.factored import MIN_FACTORED, FactoredRows, worth_factoring
 
 __all__ = ["GraphRowCapture"]
 
@@ -206,7 +206,7 @@ class GraphRowCapture:
             w = getattr(call.module, "weight", None)
             if not isinstance(call.module, nn.Linear) or id(w) not in offsets:
                 continue
-            if not w.requires_grad or uses[id(w)] != 1:
+            if not w.requires_grad or uses[id(w)] != 1 or w.numel() < MIN_FACTORED:
                 continue
             T = call.x.numel() // (B * w.shape[1])
             if worth_factoring(T, w.shape[1], w.shape[0]):
