@@ -26,14 +26,14 @@ class Tied(nn.Module):
 
 
 class Positions(nn.Module):
-    """Embedding -> Linear 32 x 32 over T = 2 positions (factored) -> LayerNorm -> head."""
+    """Embedding -> Linear 64 x 64 over T = 2 positions (factored) -> LayerNorm -> head."""
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(9, 32)
-        self.lin = nn.Linear(32, 32)
-        self.ln = nn.LayerNorm(32)
-        self.head = nn.Linear(32, 1)
+        self.emb = nn.Embedding(9, 64)
+        self.lin = nn.Linear(64, 64)
+        self.ln = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 1)
 
     def forward(self, idx):
         return self.head(self.ln(torch.tanh(self.lin(self.emb(idx))))).sum((1, 2))
@@ -96,7 +96,8 @@ def test_a_weight_called_twice_is_not_factored_and_none_worth_it_gives_the_dense
 
 def test_worth_factoring_weighs_positions_against_the_layer_area():
     assert worth_factoring(1, 32, 32) and not worth_factoring(1, 16, 16)  # area 1024 / 256
-    assert worth_factoring(4, 32, 32) and not worth_factoring(5, 32, 32)  # 16 * 64, 25 * 64
+    assert worth_factoring(2, 64, 64) and not worth_factoring(3, 64, 64)  # 8 * 4 / 9 * 128
+    assert not worth_factoring(2, 32, 32)  # 8 * 4 * 64 > 1024 (measured slower)
     assert not worth_factoring(128, 768, 768)  # GPT-2 small's layers at T = 128
 
 

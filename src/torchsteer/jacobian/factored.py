@@ -11,11 +11,15 @@ block itself (the "ghost norm" identity of per-sample gradient norms, Goodfellow
     J_W^T v          = sum_a v_a sum_t g_{a,t} x_{a,t}^T = (v g)^T x     (rows (a, t) flattened)
 
 The Gram block costs ``B^2 T^2 (in + out)`` multiply-adds and the transposed product
-``B T in out``, where forming the block costs ``B T in out`` and its Gram ``B^2 in out``; so a
-Linear is kept as factors when ``T^2 (in + out) <= in out`` (an MLP: always; GPT-2's
-768 x 768 layers at T = 128: never) and ``in out >= 1024``: below that the few small
-operations per factor cost more than they save (measured on MLPs of width 16 and 32, B = 128,
-one thread: slower at 16, 0.94x at 32, 0.53x at 64; ``benchmarks/results/closure_path.md``).
+``B T in out``, where forming the block costs ``B T in out`` and its Gram ``B^2 in out``. A
+Linear is kept as factors when ``in out >= 1024`` (below that the few small operations per
+factor cost more than they save: on MLPs of width 16 and 32, B = 128, one thread, slower at
+16, 0.94x at 32, 0.53x at 64; ``benchmarks/results/closure_path.md``) and, over T > 1
+positions, when ``8 T^2 (in + out) <= in out``: the (B T, B T) kernels' product and blocked
+sum cost far more than their multiply-adds (the Gram block alone, B = 128, one thread:
+T = 1, 32 x 32: 0.05 ms factored against 0.44 dense; T = 2, 32 x 32: 0.64 against 0.44;
+T = 2, 64 x 64: 0.74 against 1.66; T = 4, 64 x 64: 1.64 against 1.67). An MLP's layers are
+factored; GPT-2's 768 x 768 layers at T = 128 never.
 Every other block (biases, norms, embeddings, convolutions, a weight used twice, a Linear
 over too many positions) stays dense rows ``J_rest``, and
 
@@ -40,9 +44,13 @@ MIN_FACTORED = 1024  # in * out below which the factors' own few operations cost
 
 def worth_factoring(positions: int, fan_in: int, fan_out: int) -> bool:
     """Whether a Linear over ``positions`` per sample is cheaper as factors (see above):
-    ``T^2 (in + out) <= in out`` and ``in out >= MIN_FACTORED``."""
+    ``in out >= MIN_FACTORED`` and, over T > 1 positions, ``8 T^2 (in + out) <= in out``."""
     area = fan_in * fan_out
-    return area >= MIN_FACTORED and positions * positions * (fan_in + fan_out) <= area
+    if area < MIN_FACTORED:
+        return False
+    if positions == 1:
+        return fan_in + fan_out <= area
+    return 8 * positions * positions * (fan_in + fan_out) <= area
 
 
 @dataclasses.dataclass
