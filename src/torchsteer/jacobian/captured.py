@@ -137,6 +137,7 @@ class GraphRowCapture:
             for p in dict.fromkeys(call.module._parameters.values()):  # unique, as parameters()
                 if p is not None and id(p) in self._index and p.requires_grad:
                     uses[id(p)] += 1
+        self._uses = uses  # layer calls per parameter (factors() keeps weights called once)
         found = _graph_uses(losses.grad_fn, self._index)
         for p in self.params:
             n_found, n_calls = found.get(id(p), 0), uses.get(id(p), 0)
@@ -193,11 +194,7 @@ class GraphRowCapture:
         grads = self._output_grads(losses)
         if grads is None:
             return None
-        B = losses.shape[0]
-        uses = Counter(
-            id(p) for c in self.calls for p in dict.fromkeys(c.module._parameters.values())
-        )
-        first = self.params[0]
+        B, uses, first = losses.shape[0], self._uses, self.params[0]
         offsets, start = {}, 0
         for p in self.params:
             offsets[id(p)], start = start, start + p.numel()
@@ -206,26 +203,25 @@ class GraphRowCapture:
             w = getattr(call.module, "weight", None)
             if not isinstance(call.module, nn.Linear) or id(w) not in offsets:
                 continue
-            if not w.requires_grad or uses[id(w)] != 1 or w.numel() < MIN_FACTORED:
+            if uses[id(w)] != 1 or w.numel() < MIN_FACTORED:  # (counted if requires_grad)
                 continue
             T = call.x.numel() // (B * w.shape[1])
             if worth_factoring(T, w.shape[1], w.shape[0]):
                 x = call.x.reshape(B, T, -1).to(first.dtype)
                 factors.append((offsets[id(w)], x, gy.reshape(B, T, -1).to(first.dtype)))
                 factored.add(id(w))
+        P = sum(p.numel() for p in self.params)
         if not factors:
-            P = sum(p.numel() for p in self.params)
             J = buffer() if buffer is not None else first.new_empty(B, P)
             self._write(grads, J, self.params)
             return J
         rest = [p for p in self.params if id(p) not in factored]
-        dense = torch.empty(B, sum(p.numel() for p in rest), dtype=first.dtype, device=first.device)
+        dense = first.new_empty(B, sum(p.numel() for p in rest))
         self._write(grads, dense, rest)
         slices, start = [], 0
         for p in rest:
             slices.append((offsets[id(p)], start, p.numel()))
             start += p.numel()
-        P = sum(p.numel() for p in self.params)
         return FactoredRows((B, P), factors, dense, slices)
 
     @staticmethod

@@ -93,10 +93,9 @@ def masked_solve(M, losses, kappa: float, config, solver, generator):
     """
     R, _ = residuals(losses, kappa)
     scale_r = scale_to_unit(max_abs(R))
-    factored = isinstance(M, FactoredRows)  # its max |M| a bound: any power of two is exact
-    m_max = M.max_abs() if factored else max_abs(M)
+    m_max = max_abs(M)  # of FactoredRows a bound: the scale is a power of two either way
     scale_m = scale_to_unit(m_max)
-    M = M.scaled(scale_m) if factored else M.mul_(scale_m)
+    M = M.scaled(scale_m) if isinstance(M, FactoredRows) else M.mul_(scale_m)
     sol = solver(M, R * scale_r, config, generator)
     sol = Solution(
         sol.direction * (scale_m / scale_r),
@@ -198,8 +197,10 @@ class MaskedSteps:
     def _factored_ok(self, rows: int, path) -> bool:
         """Whether this step's dense solve may take factored rows (host facts only): one
         process is the caller's to check; the exact solve on all coordinates, ``rows <= P``,
-        no micro-batches."""
+        no micro-batches, every parameter in the algebra dtype."""
         if path.path != "dense" or path.fraction != 1.0 or (self.microbatch_size or 1) > 1:
+            return False
+        if {p.dtype for p in self._active()} != {self._algebra_dtype()}:
             return False
         n_params = self._n_params()
         return rows <= n_params and not self._randomized_dense(rows, n_params)
@@ -209,9 +210,7 @@ class MaskedSteps:
         the module itself (:class:`~torchsteer.jacobian.captured.GraphRowCapture`, the
         closure path's rows, factored where it pays), or None where that capture refuses or
         the loss is not per-sample (then :func:`per_sample_jacobian` decides, as before)."""
-        params = self._active()
-        if len({p.dtype for p in params}) != 1 or params[0].dtype != self._algebra_dtype():
-            return None
+        params = self._active()  # one dtype, the algebra's (_factored_ok)
         ids = {id(p) for p in params}
         if not any(  # a layer that could be factored: else the functional path as it was
             isinstance(m, nn.Linear) and id(m.weight) in ids and m.weight.numel() >= MIN_FACTORED
@@ -259,8 +258,7 @@ class MaskedSteps:
         try:
             sol, flags = masked_solve(M, lg, self.kappa, config, solve_rows_clean, gen)
         except (RuntimeError, ValueError):
-            m_max = M.max_abs() if isinstance(M, FactoredRows) else max_abs(M)
-            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(m_max).all()]
+            checks = [torch.isfinite(lg).all(), (lg < 0).any(), torch.isfinite(max_abs(M)).all()]
             raise_verdict([*torch.stack(checks).tolist(), 1.0], self.kappa)
             raise
         return sol, cols, flags

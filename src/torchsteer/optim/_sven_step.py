@@ -89,8 +89,12 @@ def power_of_two_scale(amax: float, dtype: torch.dtype, band: int = _BAND) -> fl
     return math.ldexp(1.0, max(-limit, min(limit, -math.frexp(amax)[1])))
 
 
-def max_abs(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` as a 0-d tensor (NaN if x holds one, 0 for an empty x); one fast pass."""
+def max_abs(x: torch.Tensor | FactoredRows) -> torch.Tensor:
+    """``max |x|`` as a 0-d tensor (NaN if x holds one, 0 for an empty x); one fast pass.
+    For :class:`~torchsteer.jacobian.factored.FactoredRows`, its bound
+    (:meth:`~torchsteer.jacobian.factored.FactoredRows.max_abs`)."""
+    if isinstance(x, FactoredRows):
+        return x.max_abs()
     if x.numel() == 0:
         return x.new_zeros(())
     low, high = torch.aminmax(x)

@@ -380,17 +380,16 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         (:class:`~torchsteer.jacobian.captured.GraphRowCapture`), else a batched backward
         (B passes) with one warning that says why."""
         params = self._active()
-        first = params[0].dtype
 
         def source(kind):
             with torch.enable_grad():
                 if kind == "matrix_free":
                     return JacobianOperator.from_graph(out, params)
                 if capture is not None:
-                    one_dtype = len({p.dtype for p in params}) == 1
-                    if kind == "factored" and one_dtype and self._algebra_dtype() == first:
+                    if kind == "factored":  # one dtype, the algebra's (_factored_ok)
                         J = capture.factors(out, lambda: self._jacobian_buffer(out.shape[0]))
                     else:
+                        one_dtype = len({p.dtype for p in params}) == 1
                         buf = self._jacobian_buffer(out.shape[0]) if one_dtype else None
                         J = capture.rows(out, out=buf)
                     if J is not None:
