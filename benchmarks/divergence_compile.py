@@ -7,7 +7,10 @@ wrapped in ``torch.compile`` (default mode; the row check's one host read is a g
 CPU time (``time.process_time``), 1 thread, arms interleaved, median of the repeats; the
 first compiled call (the compilation) is timed apart. Each compiled arm's value and gradient
 are compared with eager's, and both gradients with the float64 call's (max abs difference
-over the max abs gradient).
+over the max abs gradient). Two more arms for forward and reverse KL: the generic chunk
+(``gen.terms`` on two log-softmaxes, what both took before ``_kl_chunks``), and the floor
+of any exact eager form, one exp per entry of each logits tensor (``torch.exp(z, out=g)``
+twice: p and q both need every exp).
 
 Usage::
 
@@ -29,9 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved
 
 from torchsteer.divergence import f_divergence
+from torchsteer.divergence.f_divergence import _FDivergence
+from torchsteer.divergence.generators import KL, ReverseKL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = {"forward KL": ("kl", {}), "reverse KL": ("reverse_kl", {}), "JS": ("js", {})}
+
+
+class _GenericKL(KL):  # the generic chunk (the dispatch takes exact types only)
+    pass
+
+
+class _GenericReverseKL(ReverseKL):
+    pass
+
+
+GENERIC = {"forward KL": _GenericKL(), "reverse KL": _GenericReverseKL()}
+
+
+def generic_call(s, t, gen):
+    """f_divergence(s, t) with ``gen`` through the generic chunk (default chunk, batchmean)."""
+    n, v = s.shape
+    rows = torch.arange(n)
+    return _FDivergence.apply(s, t, gen, 1.0, rows, max(1, (1 << 17) // v), "batchmean", n, True)
 
 
 def main() -> None:
@@ -53,6 +76,12 @@ def main() -> None:
         return loss.detach(), s.grad
 
     arms = {"bound: read 2 logits, write 1": lambda: torch.add(zs, zt, out=out)}
+
+    def two_exps():
+        torch.exp(zs, out=out)
+        torch.exp(zt, out=out)
+
+    arms["floor: one exp per entry of each"] = two_exps
     compile_s, accuracy = {}, {}
     for name, (kind, kw) in KINDS.items():
 
@@ -77,15 +106,23 @@ def main() -> None:
         del s64, v_64, g_64
         arms[f"eager {name}"] = lambda fn=eager: run(fn)
         arms[f"compiled {name}"] = lambda fn=compiled: run(fn)
+        if name in GENERIC:
+            arms[f"generic {name}"] = lambda gen=GENERIC[name]: run(
+                lambda s, t: generic_call(s, t, gen)
+            )
     times = interleaved(arms, args.repeats, time.process_time)
     bound = times["bound: read 2 logits, write 1"]
     gbps = 3 * zs.numel() * zs.element_size() / bound / 1e9
+    floor = times["floor: one exp per entry of each"]
     rows = []
     for name in KINDS:
         e, c = times[f"eager {name}"], times[f"compiled {name}"]
+        generic = times.get(f"generic {name}")
         rows.append(
             {
                 "kind": name,
+                "generic_s": generic,
+                "eager_over_generic": None if generic is None else e / generic,
                 "eager_s": e,
                 "compiled_s": c,
                 "eager_over_bound": e / bound,
@@ -100,6 +137,7 @@ def main() -> None:
         "v": args.v,
         "repeats": args.repeats,
         "bound_s": bound,
+        "exp_floor_s": floor,
         "bandwidth_gbps": gbps,
         "rows": rows,
         "torch": torch.__version__,
@@ -112,16 +150,20 @@ def main() -> None:
         "1 thread",
         "",
         f"Bound (read both logits, write the gradient once: `torch.add(zs, zt, out=g)`): "
-        f"{bound:.4f} CPU s, {gbps:.1f} GB/s.",
+        f"{bound:.4f} CPU s, {gbps:.1f} GB/s. Floor of an exact eager form (one exp per "
+        f"entry of each logits tensor): {floor:.4f} CPU s = {floor / bound:.1f}x the bound.",
         "",
-        "| kind | eager CPU s | compiled CPU s | eager / bound | compiled / bound "
+        "| kind | eager CPU s | generic chunk CPU s | eager / generic | compiled CPU s "
+        "| eager / bound | compiled / bound "
         "| compiled / eager | compilation CPU s | value rel. diff | gradient rel. diff "
         "| eager gradient vs float64 | compiled gradient vs float64 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        gen_s = "-" if r["generic_s"] is None else f"{r['generic_s']:.3f}"
+        gen_r = "-" if r["generic_s"] is None else f"{r['eager_over_generic']:.2f}"
         lines.append(
-            f"| {r['kind']} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | "
+            f"| {r['kind']} | {r['eager_s']:.3f} | {gen_s} | {gen_r} | {r['compiled_s']:.3f} | "
             f"{r['eager_over_bound']:.1f} | {r['compiled_over_bound']:.1f} | "
             f"{r['compiled_over_eager']:.2f} | {r['compile_s']:.1f} | "
             f"{r['rel_diff_value']:.1e} | {r['rel_diff_gradient']:.1e} | "
