@@ -10,7 +10,7 @@ from torch import nn
 
 from tests._sync import SyncCounter
 from torchsteer.jacobian.factored import FactoredRows
-from torchsteer.optim import Sven
+from torchsteer.optim import Sven, _sven_device
 
 DT = torch.float64
 
@@ -127,6 +127,7 @@ def test_nan_is_refused_with_nothing_changed(monkeypatch, where):
 
 
 def test_a_factored_step_reads_the_host_once(monkeypatch):
+    monkeypatch.setattr(_sven_device, "FREE_READS", ())  # the device path's reads, on the CPU
     calls = counting(monkeypatch)
     model, x, y = model_and_data(dtype=torch.float32)
     opt = Sven(model.parameters(), lr=0.3, rank=8)

@@ -17,13 +17,21 @@ import torch
 import torch.nn.functional as F
 
 from tests._sync import SyncCounter
-from torchsteer.optim import Sven
+from torchsteer.optim import Sven, _sven_device
 from torchsteer.optim._sven_device import masked_solve, masked_update, scale_to_unit
 from torchsteer.optim._sven_step import SolveConfig, power_of_two_scale, solve_dense
 from torchsteer.optim.sven import SKIP_WARNING
 
 from ._sven_scaled_oracle import SCALED
 from ._sven_sync_oracle import ORACLE
+
+
+@pytest.fixture(autouse=True)
+def _device_reads(monkeypatch):
+    """These tests count the host reads of a device: the CPU's read-as-it-goes step
+    (``_sven_device.FREE_READS``) is off, so that they run the device path on the CPU."""
+    monkeypatch.setattr(_sven_device, "FREE_READS", ())
+
 
 CONFIGS = {
     "functional-f64-momentum": dict(dtype=torch.float64, functional=True, momentum=0.5),

@@ -163,7 +163,7 @@ class GraphRowCapture:
                 gys = torch.autograd.grad(
                     losses.sum(), [c.y for c in calls], retain_graph=True, allow_unused=True
                 )
-        return [(c, gy.detach()) for c, gy in zip(calls, gys) if gy is not None]
+        return [(c, gy) for c, gy in zip(calls, gys) if gy is not None]  # no graph: grads
 
     def rows(self, losses: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The (B, P) per-sample gradients of ``losses`` (B,), or ``None`` with ``reason``.

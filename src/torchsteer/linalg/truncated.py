@@ -87,7 +87,8 @@ def solve_record(S, keep, R, fitted) -> tuple[torch.Tensor, ...]:
     smin = torch.where(kept_rank > 0, smin, torch.zeros_like(smin))
     rest = (R - fitted).norm()
     rnorm = R.norm()
-    red = torch.where(rnorm > 0, 1 - rest / torch.where(rnorm > 0, rnorm, 1), 0 * rnorm)
+    pos = rnorm > 0
+    red = torch.where(pos, 1 - rest / torch.where(pos, rnorm, 1), 0 * rnorm)
     return kept_rank, smax, smin, red
 
 
@@ -167,7 +168,7 @@ def gram_spectrum(G: torch.Tensor, rank: int, rtol: float, damping: float = 0.0)
     floor = 2.0 * torch.finfo(G.dtype).eps ** 0.5
     keep = keep_mask(S, max(rtol, floor))
     shifted = evals if damping == 0.0 else evals + damping * evals.max()
-    inv2 = torch.where(keep, 1.0 / torch.where(keep, shifted, torch.ones_like(evals)), 0 * evals)
+    inv2 = torch.where(keep, shifted.reciprocal(), 0 * evals)  # 1/0 = inf is never picked
     return vecs, S, keep, inv2
 
 

@@ -403,7 +403,7 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         """The reused (rows, P) buffer of the dense functional Jacobian (not state)."""
         first = self._active()[0]
         self._jac_buf = reuse_buffer(self._jac_buf, rows, self._n_params(), first)
-        return self._jac_buf[:rows]
+        return self._jac_buf if self._jac_buf.shape[0] == rows else self._jac_buf[:rows]
 
     def _functional(self, batch, dense: bool, factored: bool) -> tuple[torch.Tensor, Callable]:
         if self.model is None or self.loss_fn is None:
@@ -509,15 +509,17 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
             raise clearer from err
         self._skips_in_row = 0
         self._apply(sol, cols)
-        self._host_path = (path.path, path.fraction)
         state = self.state[first]
         self._init_state(state)
         state["step"] += 1
         state["generator_state"] = gen.get_state()
-        for key in RECORDS:
-            state[key] = getattr(sol, key).detach().clone()
-        state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
-        state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
+        for key in RECORDS:  # the solve's own 0-d results (a view, if any, is copied)
+            record = getattr(sol, key)
+            state[key] = record if record._base is None else record.clone()
+        if PATH[0] not in state or self._host_path != (path.path, path.fraction):
+            state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
+            state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
+        self._host_path = (path.path, path.fraction)
         return mean_loss
 
     def _init_state(self, state: dict) -> None:
