@@ -516,9 +516,9 @@ class Sven(MaskedSteps, SvenContract, torch.optim.Optimizer):
         for key in RECORDS:  # the solve's own 0-d results (a view, if any, is copied)
             record = getattr(sol, key)
             state[key] = record if record._base is None else record.clone()
-        if PATH[0] not in state or self._host_path != (path.path, path.fraction):
-            state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
-            state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
+        # written every step: a state loaded from another run may hold another path
+        state[PATH[0]] = torch.tensor(float(path.path == "matrix_free"))
+        state[PATH[1]] = torch.tensor(path.fraction, dtype=torch.float64)
         self._host_path = (path.path, path.fraction)
         return mean_loss
 
